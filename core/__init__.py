@@ -1,0 +1,28 @@
+"""lamina: daemonless container image and layer storage with pluggable storage drivers.
+
+The public names are imported lazily so that ``lamina --version`` and ``import lamina`` stay cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from lamina.errors import LaminaError
+    from lamina.service import ImageService
+
+__all__ = ["ImageService", "LaminaError", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImageService":
+        from lamina.service import ImageService
+
+        return ImageService
+    if name == "LaminaError":
+        from lamina.errors import LaminaError
+
+        return LaminaError
+    raise AttributeError(f"module 'lamina' has no attribute {name!r}")

@@ -1,0 +1,329 @@
+"""The safe apply engine: unpack a layer diff into a directory.
+
+The tar stream is parsed by :mod:`lamina.tarformat`; every filesystem operation goes through
+:class:`lamina.fsops.Root`, relative to directory fds, so no entry -- whatever its name, link target or the
+symlinks already in the tree -- can write outside the layer root.
+
+Rules, in the order a demanding user expects them:
+
+- existing paths are unlinked and recreated; directories are merged;
+- hard links may only point at files inside the tree being applied;
+- ownership is numeric (names are ignored); ``chmod`` comes after ``chown`` so set-id bits survive;
+- extended attributes are applied (``security.capability`` included) except overlay's private
+  ``trusted.overlay.*``/``user.overlay.*``, which an archive may never set;
+- device nodes are skipped with a warning when the caller may not create them;
+- modification times are set last, directories after their contents;
+- OCI whiteouts are handed to the driver's :class:`WhiteoutStrategy`; malformed ones are rejected.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from lamina.compression import DiffStream
+from lamina.errors import ArchiveError, UnsafePathError
+from lamina.fsops import Root, lstat_at, normalize, remove_at
+from lamina.tarformat import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
+
+WHITEOUT_PREFIX = ".wh."
+WHITEOUT_META_PREFIX = ".wh..wh."
+WHITEOUT_OPAQUE = ".wh..wh..opq"
+_PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class WhiteoutStrategy(Protocol):
+    """How a driver represents OCI whiteouts on disk."""
+
+    def whiteout(self, parent_fd: int, name: str) -> None:
+        """``name`` in the directory ``parent_fd`` is deleted by this layer."""
+
+    def opaque(self, dir_fd: int, keep: set[str]) -> None:
+        """The directory ``dir_fd`` hides everything below it from lower layers.
+
+        ``keep`` holds the names this layer itself has already put in the directory.
+        """
+
+
+class DeleteWhiteouts:
+    """Whiteouts for drivers whose layer directories hold the full tree (vfs): delete the paths."""
+
+    def whiteout(self, parent_fd: int, name: str) -> None:
+        remove_at(parent_fd, name)
+
+    def opaque(self, dir_fd: int, keep: set[str]) -> None:
+        from lamina.fsops import clear_dir
+
+        clear_dir(dir_fd, keep)
+
+
+@dataclass
+class ApplyResult:
+    size: int
+    entries: int
+
+
+def check_whiteout_name(name: str, full: str) -> str | None:
+    """For a basename starting with ``.wh.``: the whited-out name, or None for the opaque marker."""
+    if name == WHITEOUT_OPAQUE:
+        return None
+    target = name[len(WHITEOUT_PREFIX) :]
+    if target in ("", ".", "..") or "/" in target:
+        raise UnsafePathError(f"invalid whiteout entry {full!r}")
+    return target
+
+
+class _Applier:
+    def __init__(
+        self,
+        root: Root,
+        whiteouts: WhiteoutStrategy,
+        warn: Callable[[str], None],
+        reader: TarReader,
+    ) -> None:
+        self.root = root
+        self.wo = whiteouts
+        self.warn = warn
+        self.reader = reader
+        self.is_root = os.geteuid() == 0
+        self.can_mknod = self.is_root
+        self.dirs: list[tuple[str, Entry]] = []  # directory metadata applied at the end
+        self.added: dict[str, set[str]] = {}  # real parent path -> names added by this layer
+        self.files: set[str] = set()  # regular files written by this layer (real paths)
+        self.size = 0
+        self.warned_devices = False
+
+    def _note(self, parent_real: str, name: str) -> None:
+        s = self.added.get(parent_real)
+        if s is None:
+            s = self.added[parent_real] = set()
+        s.add(name)
+
+    def _clear(self, pfd: int, base: str, real: str, keep_dir: bool) -> None:
+        st = lstat_at(pfd, base)
+        if st is None:
+            return
+        if keep_dir and stat.S_ISDIR(st.st_mode):
+            return
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            self.root.invalidate()
+        if real in self.files:
+            self._supersede(pfd, base, real)
+        remove_at(pfd, base, st)
+
+    def _supersede(self, pfd: int, base: str, real: str) -> None:
+        # A file this layer wrote earlier is being replaced: its payload must stay in the record.
+        rec = getattr(self.reader, "_rec", None)
+        keep = getattr(rec, "supersede", None)
+        if keep is not None:
+            fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                with os.fdopen(fd, "rb", closefd=False) as f:
+                    keep(real, f)
+            finally:
+                os.close(fd)
+        self.files.discard(real)
+
+    def _owner(self, e: Entry, name: str, pfd: int, fd: int | None) -> None:
+        if not self.is_root:
+            return
+        try:
+            if fd is not None:
+                os.fchown(fd, e.uid, e.gid)
+            else:
+                os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
+        except OSError as err:
+            if err.errno == errno.EINVAL:
+                raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is not mapped here") from err
+            raise
+
+    def _xattrs(self, e: Entry, fd: int | None, pfd: int, name: str) -> None:
+        for key, value in e.xattrs.items():
+            if key.startswith(_PRIVATE_XATTR_PREFIXES):
+                continue
+            try:
+                if fd is not None:
+                    os.setxattr(fd, key, value)
+                else:
+                    import xattr
+
+                    xattr.setxattr(f"/proc/self/fd/{pfd}/{name}", key, value, symlink=True)
+            except OSError as err:
+                if err.errno in (errno.ENOTSUP, errno.EPERM) and not key.startswith(("user.", "security.")):
+                    self.warn(f"{e.name}: extended attribute {key} not applied ({err.strerror})")
+                    continue
+                raise
+
+    def apply(self, e: Entry) -> None:
+        path = normalize(e.name)
+        head, _, base = path.rpartition("/")
+        if base.startswith(WHITEOUT_PREFIX):
+            self._whiteout(path, head, base, e)
+            return
+        if path == "":
+            if e.type == DIR:
+                self.dirs.append(("", e))
+                return
+            raise UnsafePathError(f"entry {e.name!r} would replace the layer root")
+        try:
+            pfd, _, preal = self.root.parent(path, create=True)
+        except NotADirectoryError as err:
+            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+        real = f"{preal}/{base}" if preal else base
+        t = e.type
+        if t == DIR:
+            self._clear(pfd, base, real, keep_dir=True)
+            if lstat_at(pfd, base) is None:
+                os.mkdir(base, 0o700, dir_fd=pfd)
+            self.dirs.append((real, e))
+        elif t == REG:
+            self._clear(pfd, base, real, keep_dir=False)
+            self._write_file(e, pfd, base, real)
+        elif t == SYM:
+            self._clear(pfd, base, real, keep_dir=False)
+            os.symlink(e.linkname, base, dir_fd=pfd)
+            self._owner(e, base, pfd, None)
+            self._xattrs(e, None, pfd, base)
+            os.utime(base, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        elif t == LNK:
+            self._hardlink(e, pfd, base, real)
+        elif t in (CHR, BLK, FIFO) and not self._special(e, pfd, base, real):
+            return
+        self._note(preal, base)
+
+    def _write_file(self, e: Entry, pfd: int, base: str, real: str) -> None:
+        fd = os.open(base, _WRITE_FLAGS, 0o600, dir_fd=pfd)
+        try:
+            for chunk in self.reader.payload_chunks():
+                view = memoryview(chunk)
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            self.reader.record_file(real, e.size)
+            self.size += e.size
+            self._owner(e, base, pfd, fd)
+            os.fchmod(fd, e.mode)
+            self._xattrs(e, fd, pfd, base)
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            os.close(fd)
+        self.files.add(real)
+
+    def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
+        target = normalize(e.linkname)
+        if target == "":
+            raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
+        try:
+            tfd, tbase, _ = self.root.parent(target)
+        except (FileNotFoundError, NotADirectoryError) as err:
+            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}") from err
+        st = lstat_at(tfd, tbase)
+        if st is None:
+            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafePathError(f"hard link {e.name!r} points at a directory")
+        if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
+            self._clear(pfd, base, real, keep_dir=False)
+            # _clear may have invalidated cached fds: resolve the target again.
+            tfd, tbase, _ = self.root.parent(target)
+            pfd, _, _ = self.root.parent(normalize(e.name))
+            os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
+
+    def _special(self, e: Entry, pfd: int, base: str, real: str) -> bool:
+        if e.type == FIFO:
+            kind = stat.S_IFIFO
+            dev = 0
+        else:
+            if not self.can_mknod:
+                if not self.warned_devices:
+                    self.warn("device nodes skipped: creating them needs privileges (first: " + e.name + ")")
+                    self.warned_devices = True
+                return False
+            kind = stat.S_IFCHR if e.type == CHR else stat.S_IFBLK
+            dev = os.makedev(e.devmajor, e.devminor)
+        self._clear(pfd, base, real, keep_dir=False)
+        try:
+            os.mknod(base, kind | 0o600, dev, dir_fd=pfd)
+        except PermissionError:
+            if kind == stat.S_IFIFO:
+                raise
+            self.can_mknod = False
+            self.warn(f"device nodes skipped: not permitted here (first: {e.name})")
+            self.warned_devices = True
+            return False
+        self._owner(e, base, pfd, None)
+        self._chmod_special(e, pfd, base)
+        self._xattrs(e, None, pfd, base)
+        os.utime(base, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        return True
+
+    def _chmod_special(self, e: Entry, pfd: int, base: str) -> None:
+        # A device or FIFO cannot be opened safely for fchmod; chmod through the fd's /proc path after
+        # checking it is still the node just created (no symlink can be there: we created it).
+        os.chmod(f"/proc/self/fd/{pfd}/{base}", e.mode)
+
+    def _whiteout(self, path: str, head: str, base: str, e: Entry) -> None:
+        target = check_whiteout_name(base, e.name)
+        if target is None:
+            try:
+                dfd, dreal = self.root.dir(head, create=True)
+            except NotADirectoryError as err:
+                raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            self.wo.opaque(dfd, self.added.get(dreal, set()))
+            self.root.invalidate()
+            return
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return  # other AUFS metadata: ignored
+        try:
+            pfd, preal = self.root.dir(head, create=True)
+        except NotADirectoryError as err:
+            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+        real = f"{preal}/{target}" if preal else target
+        if real in self.files:
+            self._supersede(pfd, target, real)
+        self.wo.whiteout(pfd, target)
+        self.root.invalidate()
+
+    def finish(self) -> None:
+        # Directories: ownership, mode, xattrs and times, deepest first so a parent's mtime is final.
+        for real, e in reversed(self.dirs):
+            fd, _ = self.root.dir(real)
+            self._owner(e, "", fd, fd)
+            os.fchmod(fd, e.mode)
+            self._xattrs(e, fd, fd, "")
+            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+
+
+def apply_tar(
+    stream: DiffStream,
+    target: str | os.PathLike[str] | int,
+    *,
+    whiteouts: WhiteoutStrategy | None = None,
+    recorder: Recorder | None = None,
+    max_entries: int = 0,
+    warn: Callable[[str], None] | None = None,
+) -> ApplyResult:
+    """Apply the tar in ``stream`` to the directory ``target``; read the stream to its end.
+
+    Raises :class:`~lamina.errors.FormatError` subclasses for bad input; the caller owns cleanup of
+    ``target`` on failure.
+    """
+    reader = TarReader(stream, recorder, max_entries=max_entries)
+    with Root(target) as root:
+        ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader)
+        try:
+            while True:
+                e = reader.next()
+                if e is None:
+                    break
+                ap.apply(e)
+            ap.finish()
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
+            raise ArchiveError(f"cannot apply layer: {err.strerror or err}{where}") from err
+    return ApplyResult(size=ap.size, entries=reader.entries)

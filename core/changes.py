@@ -1,0 +1,260 @@
+"""Naive diffs: compare a layer's full tree with its parent's, and write the differences as a tar.
+
+This is the generic fallback every driver can use (vfs always does; overlay when its native diff is
+unsafe). Deletions become OCI whiteouts. Output is deterministic: entries sorted by path, times truncated
+to whole seconds, no user or group names, whiteouts dated at the epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lamina.driver import Change
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SKIP_XATTR = ("trusted.overlay.", "user.overlay.")
+
+
+@dataclass(frozen=True)
+class _Node:
+    st: os.stat_result
+
+
+def _xattrs_of(dfd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    try:
+        if stat.S_ISLNK(st.st_mode):
+            import xattr
+
+            p = f"/proc/self/fd/{dfd}/{name}"
+            for n in xattr.listxattr(p, symlink=True):
+                if not n.startswith(_SKIP_XATTR):
+                    out[n] = xattr.getxattr(p, n, symlink=True)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            flags = _DIR if stat.S_ISDIR(st.st_mode) else os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(name, flags, dir_fd=dfd) if name else os.dup(dfd)
+            try:
+                for n in os.listxattr(fd):
+                    if not n.startswith(_SKIP_XATTR):
+                        out[n] = os.getxattr(fd, n)
+            finally:
+                os.close(fd)
+        else:
+            p = f"/proc/self/fd/{dfd}/{name}"
+            import xattr
+
+            for n in xattr.listxattr(p, symlink=True):
+                if not n.startswith(_SKIP_XATTR):
+                    out[n] = xattr.getxattr(p, n, symlink=True)
+    except OSError:
+        return out
+    return out
+
+
+def _differs(a: os.stat_result, b: os.stat_result, afd: int, bfd: int, name: str) -> bool:
+    if a.st_mode != b.st_mode or a.st_uid != b.st_uid or a.st_gid != b.st_gid or a.st_rdev != b.st_rdev:
+        return True
+    if not stat.S_ISDIR(a.st_mode):
+        if a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns:
+            return True
+        if stat.S_ISLNK(a.st_mode) and os.readlink(name, dir_fd=afd) != os.readlink(name, dir_fd=bfd):
+            return True
+    return _xattrs_of(afd, name, a) != _xattrs_of(bfd, name, b)
+
+
+def _listing(fd: int) -> dict[str, os.stat_result]:
+    with os.scandir(fd) as it:
+        return {e.name: e.stat(follow_symlinks=False) for e in it}
+
+
+def tree_changes(layer_dir: str, parent_dir: str | None) -> list[Change]:
+    """Changes of ``layer_dir`` against ``parent_dir`` (None: everything is added), sorted by path."""
+    out: list[Change] = []
+    lfd = os.open(layer_dir, _DIR)
+    try:
+        if parent_dir is None:
+            _all(lfd, "", out, "A")
+        else:
+            pfd = os.open(parent_dir, _DIR)
+            try:
+                _compare(lfd, pfd, "", out)
+            finally:
+                os.close(pfd)
+    finally:
+        os.close(lfd)
+    out.sort(key=lambda c: c.path)
+    return out
+
+
+def _all(fd: int, rel: str, out: list[Change], kind: str) -> None:
+    for name, st in _listing(fd).items():
+        path = f"{rel}/{name}"
+        out.append(Change(path, kind))  # type: ignore[arg-type]
+        if stat.S_ISDIR(st.st_mode):
+            cfd = os.open(name, _DIR, dir_fd=fd)
+            try:
+                _all(cfd, path, out, kind)
+            finally:
+                os.close(cfd)
+
+
+def _compare(lfd: int, pfd: int, rel: str, out: list[Change]) -> bool:
+    """Append changes below ``rel``; return whether there were any."""
+    start = len(out)
+    mine = _listing(lfd)
+    theirs = _listing(pfd)
+    for name, st in mine.items():
+        path = f"{rel}/{name}"
+        old = theirs.get(name)
+        if old is None:
+            out.append(Change(path, "A"))
+            if stat.S_ISDIR(st.st_mode):
+                cfd = os.open(name, _DIR, dir_fd=lfd)
+                try:
+                    _all(cfd, path, out, "A")
+                finally:
+                    os.close(cfd)
+            continue
+        if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(old.st_mode):
+            changed = _differs(st, old, lfd, pfd, name)
+            idx = len(out)
+            cl = os.open(name, _DIR, dir_fd=lfd)
+            cp = os.open(name, _DIR, dir_fd=pfd)
+            try:
+                inner = _compare(cl, cp, path, out)
+            finally:
+                os.close(cl)
+                os.close(cp)
+            if changed or inner:
+                out.insert(idx, Change(path, "C"))
+            continue
+        if stat.S_ISDIR(old.st_mode) != stat.S_ISDIR(st.st_mode):
+            # Replaced by another kind: a deletion of the old subtree and a new entry.
+            out.append(Change(path, "C"))
+            if stat.S_ISDIR(st.st_mode):
+                cfd = os.open(name, _DIR, dir_fd=lfd)
+                try:
+                    _all(cfd, path, out, "A")
+                finally:
+                    os.close(cfd)
+            continue
+        if _differs(st, old, lfd, pfd, name):
+            out.append(Change(path, "C"))
+    for name in theirs:
+        if name not in mine:
+            out.append(Change(f"{rel}/{name}", "D"))
+    return len(out) > start
+
+
+# -- tar writing --------------------------------------------------------------------------------------
+
+
+def _header(name: str, st: os.stat_result, linkname: str, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    mode = st.st_mode
+    ti.mode = stat.S_IMODE(mode)
+    ti.uid, ti.gid = st.st_uid, st.st_gid
+    ti.uname = ti.gname = ""
+    ti.mtime = st.st_mtime_ns // 1_000_000_000
+    ti.size = 0
+    if stat.S_ISREG(mode):
+        ti.type = tarfile.REGTYPE
+        ti.size = st.st_size
+    elif stat.S_ISDIR(mode):
+        ti.type = tarfile.DIRTYPE
+        ti.name = name + "/"
+    elif stat.S_ISLNK(mode):
+        ti.type = tarfile.SYMTYPE
+        ti.linkname = linkname
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    elif stat.S_ISFIFO(mode):
+        ti.type = tarfile.FIFOTYPE
+    if xattrs:
+        ti.pax_headers = {"SCHILY.xattr." + k: v.decode("utf-8", "surrogateescape") for k, v in sorted(xattrs.items())}
+    return ti
+
+
+def header_bytes(ti: tarfile.TarInfo) -> bytes:
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def whiteout_header(path: str) -> bytes:
+    head, _, base = path.rpartition("/")
+    ti = tarfile.TarInfo((head + "/" if head else "") + ".wh." + base)
+    ti.mode = 0
+    ti.mtime = 0
+    ti.uname = ti.gname = ""
+    return header_bytes(ti)
+
+
+def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
+    """Yield a tar stream carrying ``changes`` (as returned by :func:`tree_changes` on ``layer_dir``)."""
+    from lamina.fsops import Root
+
+    seen_inodes: dict[tuple[int, int], str] = {}
+    with Root(layer_dir) as root:
+        for ch in sorted(changes, key=lambda c: c.path):
+            rel = ch.path.lstrip("/")
+            if ch.kind == "D":
+                yield whiteout_header(rel)
+                continue
+            try:
+                pfd, base, _ = root.parent(rel)
+                st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                continue
+            linkname = os.readlink(base, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else ""
+            ti = _header(rel, st, linkname, _xattrs_of(pfd, base, st))
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                key = (st.st_dev, st.st_ino)
+                first = seen_inodes.get(key)
+                if first is not None:
+                    ti.type = tarfile.LNKTYPE
+                    ti.linkname = first
+                    ti.size = 0
+                    yield header_bytes(ti)
+                    continue
+                seen_inodes[key] = rel
+            yield header_bytes(ti)
+            if ti.type == tarfile.REGTYPE and ti.size:
+                fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    left = ti.size
+                    while left:
+                        chunk = os.read(fd, min(left, 1 << 20))
+                        if not chunk:
+                            chunk = bytes(min(left, 1 << 20))  # file shrank while being read
+                        left -= len(chunk)
+                        yield chunk
+                finally:
+                    os.close(fd)
+                pad = (512 - ti.size % 512) % 512
+                if pad:
+                    yield bytes(pad)
+    yield bytes(1024)
+
+
+def diff_size(layer_dir: str, changes: list[Change]) -> int:
+    from lamina.fsops import Root
+
+    total = 0
+    with Root(layer_dir) as root:
+        for ch in changes:
+            if ch.kind == "D":
+                continue
+            try:
+                pfd, base, _ = root.parent(ch.path.lstrip("/"))
+                st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total

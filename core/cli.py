@@ -1,0 +1,299 @@
+"""The ``lamina`` command line: a thin click layer over :class:`lamina.ImageService`.
+
+Heavy modules (the store, drivers, compression libraries) are imported inside the commands, so
+``lamina --version`` and ``lamina --help`` stay fast. Errors print one line; ``--debug`` adds the
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+from lamina import __version__
+
+if TYPE_CHECKING:
+    from lamina.service import ImageService
+
+
+@dataclass
+class Globals:
+    config: str | None
+    root: str | None
+    runroot: str | None
+    driver: str | None
+    format: str
+    debug: bool
+
+    def open(self) -> ImageService:
+        from lamina.service import ImageService
+
+        return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.3g}{unit}"
+        size /= 1000
+    return str(n)
+
+
+def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    for r in [headers, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+def _emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
+    if g.format == "json":
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        table()
+
+
+def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--format`` on a command too (``lamina info --format json``), overriding the global one."""
+
+    def set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None and isinstance(ctx.obj, Globals):
+            ctx.obj.format = value
+
+    return click.option("--format", "fmt_local", type=click.Choice(["table", "json"]), default=None,
+                        expose_value=False, callback=set_format, help="Output format.")(f)
+
+
+class LaminaGroup(click.Group):
+    """Turns lamina's errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from lamina.errors import LaminaError
+
+        debug = "--debug" in sys.argv or os.environ.get("LAMINA_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except LaminaError as e:
+            if debug:
+                traceback.print_exc()
+            _fail(e.message)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except BrokenPipeError:
+            sys.exit(141)
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            _fail(f"internal error: {type(e).__name__}: {e} (run with --debug for details)", 2)
+
+
+@click.group(cls=LaminaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="lamina")
+@click.option("--config", "config", metavar="FILE", help="Configuration file (default: $LAMINA_CONFIG, "
+              "/etc/lamina/storage.toml, $XDG_CONFIG_HOME/lamina/storage.toml).")
+@click.option("--root", metavar="DIR", help="Store root directory.")
+@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts).")
+@click.option("--driver", metavar="NAME", help="Storage driver (also $LAMINA_DRIVER).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, root: str | None, runroot: str | None, driver: str | None,
+        fmt: str, debug: bool) -> None:
+    """lamina: container image and layer storage with pluggable drivers."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    ctx.obj = Globals(config, root, runroot, driver, fmt, debug)
+
+
+@cli.command()
+@format_option
+@click.pass_obj
+def info(g: Globals) -> None:
+    """Show the store, its driver's status and per-operation timings."""
+    with g.open() as svc:
+        status = svc.layer_store_status()
+        caps = svc.capabilities().as_dict()
+        svc_usage = svc.layer_disk_usage()
+        data = {
+            "store": dict(status),
+            "capabilities": caps,
+            "disk_usage": svc_usage,
+            "timings": svc.layer_store.recorded_timings(),
+            "version": __version__,
+        }
+
+    def table() -> None:
+        for k, v in status:
+            click.echo(f"{k}: {v}")
+        click.echo("Capabilities: " + ", ".join(k for k, v in caps.items() if v))
+        click.echo(f"Disk usage: {_human(svc_usage)}")
+
+    _emit(g, data, table)
+
+
+@cli.command()
+@format_option
+@click.pass_obj
+def drivers(g: Globals) -> None:
+    """List the storage drivers installed, where they come from and whether they work here."""
+    from lamina.config import load_config
+    from lamina.errors import DriverUnsupported
+    from lamina.plugins import discover
+
+    cfg = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot)
+    cat = discover()
+    rows: list[dict[str, Any]] = []
+    for name, info_ in sorted(cat.drivers.items()):
+        reason = ""
+        try:
+            info_.cls.probe(cfg.root / name, cfg.options_for(name))
+            ok = True
+        except DriverUnsupported as e:
+            ok, reason = False, e.message
+        rows.append({"name": name, "source": info_.source, "supported": ok, "reason": reason,
+                     "description": info_.cls.description})
+    for b in cat.broken:
+        rows.append({"name": ",".join(b.names) or "?", "source": b.source, "supported": False,
+                     "reason": b.error, "description": "broken plugin"})
+
+    _emit(g, rows, lambda: _table(
+        [[r["name"], r["source"], "yes" if r["supported"] else "no", r["reason"]] for r in rows],
+        ["NAME", "SOURCE", "SUPPORTED", "WHY NOT"]))
+
+
+@cli.command()
+@click.option("-q", "--quiet", is_flag=True, help="Print ChainIDs only.")
+@format_option
+@click.pass_obj
+def layers(g: Globals, quiet: bool) -> None:
+    """List the committed layers."""
+    from lamina.digest import short
+
+    with g.open() as svc:
+        items = svc.layers()
+    if quiet and g.format == "table":
+        for layer in items:
+            click.echo(layer.chain_id)
+        return
+    _emit(g, [x.as_dict() for x in items], lambda: _table(
+        [[short(x.chain_id), short(x.diff_id), short(x.parent) if x.parent else "-", _human(x.size),
+          str(x.refs)] for x in items],
+        ["CHAIN ID", "DIFF ID", "PARENT", "SIZE", "REFS"]))
+
+
+@cli.group()
+def layer() -> None:
+    """Add, export and remove single layers."""
+
+
+@layer.command("add")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--parent", metavar="CHAIN", help="ChainID (or unique prefix) of the parent layer.")
+@click.option("--diff-id", metavar="DIGEST", help="Fail unless the uncompressed tar has this digest.")
+@format_option
+@click.pass_obj
+def layer_add(g: Globals, file: str, parent: str | None, diff_id: str | None) -> None:
+    """Register FILE (a tar, gzip/zstd/xz/bzip2 or plain; - for stdin) as a layer."""
+    from lamina.digest import parse_digest
+    from lamina.errors import FormatError
+
+    if diff_id is not None:
+        parse_digest(diff_id)
+    with g.open() as svc:
+        parent_chain = svc.get_layer(parent).chain_id if parent else None
+        if file == "-":
+            new = svc.register_layer(sys.stdin.buffer, parent_chain, expected_diff_id=diff_id)
+        else:
+            try:
+                f = open(file, "rb")  # noqa: SIM115 - closed below; only the open itself is translated
+            except OSError as e:
+                raise FormatError(f"cannot open {file}: {e.strerror}") from e
+            with f:
+                new = svc.register_layer(f, parent_chain, expected_diff_id=diff_id)
+    _emit(g, new.as_dict(), lambda: click.echo(new.chain_id))
+
+
+@layer.command("export")
+@click.argument("ref", metavar="CHAIN")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="Output file (- for stdout).")
+@format_option
+@click.pass_obj
+def layer_export(g: Globals, ref: str, output: str) -> None:
+    """Write the exact tar stream of a layer (its sha256 is the layer's DiffID)."""
+    from lamina.errors import ExportError
+
+    with g.open() as svc:
+        stream = svc.export_layer(ref)
+        if output == "-":
+            out = sys.stdout.buffer
+            while chunk := stream.read(1 << 20):
+                out.write(chunk)
+            out.flush()
+            return
+        tmp = f"{output}.lamina-tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                while chunk := stream.read(1 << 20):
+                    f.write(chunk)
+            os.replace(tmp, output)
+        except OSError as e:
+            raise ExportError(f"cannot write {output}: {e.strerror}") from e
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@layer.command("rm")
+@click.argument("refs", metavar="CHAIN...", nargs=-1, required=True)
+@format_option
+@click.pass_obj
+def layer_rm(g: Globals, refs: tuple[str, ...]) -> None:
+    """Release a reference on each layer; a layer nothing else uses is deleted."""
+    removed: list[str] = []
+    with g.open() as svc:
+        for ref in refs:
+            removed.extend(svc.release_layer(ref))
+    _emit(g, {"removed": removed}, lambda: _lines(f"removed {c}" for c in removed))
+
+
+@layer.command("diff")
+@click.argument("ref", metavar="CHAIN")
+@format_option
+@click.pass_obj
+def layer_diff(g: Globals, ref: str) -> None:
+    """List what a layer adds (A), changes (C) and deletes (D) relative to its parent."""
+    with g.open() as svc:
+        changes = svc.layer_changes(ref)
+    _emit(g, [{"kind": c.kind, "path": c.path} for c in changes],
+          lambda: _lines(str(c) for c in changes))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli.main(args=list(argv) if argv is not None else None, prog_name="lamina")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Decompress-and-verify streams.
+
+:func:`open_diff_stream` sniffs the compression of a layer blob by its magic bytes (gzip, zstd, xz,
+bzip2 or none) and returns a :class:`DiffStream`: a reader of the *uncompressed* tar that hashes what
+passes through it (the DiffID), optionally hashes the *compressed* bytes too (the blob digest), and stops
+at the configured byte limit. Errors of the underlying decompressors are translated into
+:class:`~lamina.errors.ArchiveError` so no raw ``EOFError``/``OSError`` escapes.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import lzma
+from collections.abc import Callable
+from typing import BinaryIO, Protocol
+
+from lamina.digest import DiffID, Digest
+from lamina.errors import ArchiveError, DigestMismatch, LimitExceeded
+
+CHUNK = 1 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+BZIP2_MAGIC = b"BZh"
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def detect(prefix: bytes) -> str:
+    if prefix.startswith(GZIP_MAGIC):
+        return "gzip"
+    if prefix.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if prefix.startswith(XZ_MAGIC):
+        return "xz"
+    if prefix.startswith(BZIP2_MAGIC):
+        return "bzip2"
+    return "none"
+
+
+class _HashingRaw:
+    """The compressed side: counts and optionally hashes bytes read from the source."""
+
+    def __init__(self, src: Readable, prefix: bytes, hashed: bool) -> None:
+        self._src = src
+        self._prefix = prefix
+        self._hash = hashlib.sha256() if hashed else None
+        self.count = 0
+        if prefix and self._hash is not None:
+            self._hash.update(prefix)
+        self.count = len(prefix)
+
+    def read(self, n: int = -1) -> bytes:
+        if self._prefix:
+            if n < 0 or n >= len(self._prefix):
+                out, self._prefix = self._prefix, b""
+                rest = self._read_src(n - len(out) if n >= 0 else -1) if n != len(out) else b""
+                return out + rest
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        return self._read_src(n)
+
+    def _read_src(self, n: int) -> bytes:
+        try:
+            data = self._src.read(n)
+        except OSError as e:
+            raise ArchiveError(f"cannot read layer data: {e.strerror or e}") from e
+        if data:
+            self.count += len(data)
+            if self._hash is not None:
+                self._hash.update(data)
+        return data
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def digest(self) -> Digest | None:
+        return Digest("sha256:" + self._hash.hexdigest()) if self._hash is not None else None
+
+
+def _gzip_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
+    from isal import igzip
+
+    try:
+        f = igzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
+    except OSError as e:
+        raise ArchiveError(f"corrupt gzip stream: {e}") from e
+
+    def read() -> bytes:
+        try:
+            return bytes(f.read(CHUNK))
+        except EOFError as e:
+            raise ArchiveError("truncated gzip stream: it ends before its end-of-stream marker") from e
+        except (OSError, ValueError) as e:
+            raise ArchiveError(f"corrupt gzip stream: {e}") from e
+
+    return read
+
+
+def _zstd_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    state: dict[str, object] = {"obj": dctx.decompressobj(), "pending": b"", "started": False}
+
+    def read() -> bytes:
+        while True:
+            obj = state["obj"]
+            assert isinstance(obj, zstandard.ZstdDecompressionObj)
+            pending = state["pending"]
+            assert isinstance(pending, bytes)
+            if pending:
+                data, state["pending"] = pending, b""
+            else:
+                data = raw.read(CHUNK)
+            if not data:
+                if state["started"] and not obj.eof:
+                    raise ArchiveError("truncated zstd stream: a frame ends early")
+                return b""
+            state["started"] = True
+            try:
+                out = obj.decompress(data)
+            except zstandard.ZstdError as e:
+                raise ArchiveError(f"corrupt zstd stream: {e}") from e
+            if obj.eof:
+                rest = obj.unused_data
+                state["obj"] = dctx.decompressobj()
+                state["started"] = False
+                state["pending"] = rest
+            if out:
+                return bytes(out)
+
+    return read
+
+
+def _stdlib_chunks(raw: _HashingRaw, kind: str) -> Callable[[], bytes]:
+    f: lzma.LZMAFile | bz2.BZ2File = (
+        lzma.LZMAFile(raw) if kind == "xz" else bz2.BZ2File(raw)  # type: ignore[arg-type,call-overload]  # noqa: SIM115
+    )
+
+    def read() -> bytes:
+        try:
+            return f.read(CHUNK)
+        except EOFError as e:
+            raise ArchiveError(f"truncated {kind} stream") from e
+        except (OSError, ValueError, lzma.LZMAError) as e:
+            raise ArchiveError(f"corrupt {kind} stream: {e}") from e
+
+    return read
+
+
+def _plain_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
+    return lambda: raw.read(CHUNK)
+
+
+class DiffStream:
+    """A read-once view of a layer's uncompressed tar stream that computes its DiffID as it goes."""
+
+    def __init__(
+        self,
+        src: Readable,
+        *,
+        max_bytes: int | None = None,
+        hash_compressed: bool = False,
+    ) -> None:
+        try:
+            prefix = src.read(8)
+        except OSError as e:
+            raise ArchiveError(f"cannot read layer data: {e.strerror or e}") from e
+        self.compression = detect(prefix)
+        self._raw = _HashingRaw(src, prefix, hash_compressed)
+        if self.compression == "gzip":
+            self._next = _gzip_chunks(self._raw)
+        elif self.compression == "zstd":
+            self._next = _zstd_chunks(self._raw)
+        elif self.compression in ("xz", "bzip2"):
+            self._next = _stdlib_chunks(self._raw, self.compression)
+        else:
+            self._next = _plain_chunks(self._raw)
+        self._hash = hashlib.sha256()
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        self.size = 0
+        self._max = max_bytes
+
+    def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = self._next()
+        if not chunk:
+            self._eof = True
+            return False
+        self.size += len(chunk)
+        if self._max is not None and self.size > self._max:
+            raise LimitExceeded(f"layer expands beyond the limit of {self._max} bytes (storage.limits)")
+        self._hash.update(chunk)
+        rest = len(self._buf) - self._pos
+        self._buf = self._buf[self._pos :] + chunk if rest else chunk
+        self._pos = 0
+        return True
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the stream."""
+        while len(self._buf) - self._pos < n:
+            if not self._fill():
+                break
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def read_chunks(self, n: int) -> list[bytes] | None:
+        """Exactly ``n`` bytes as a list of slices (no joining), or None if the stream ends first."""
+        parts: list[bytes] = []
+        while n > 0:
+            avail = len(self._buf) - self._pos
+            if avail == 0:
+                if not self._fill():
+                    return None
+                continue
+            take = min(avail, n)
+            if self._pos == 0 and take == len(self._buf):
+                parts.append(self._buf)
+            else:
+                parts.append(self._buf[self._pos : self._pos + take])
+            self._pos += take
+            n -= take
+        return parts
+
+    def drain(self, sink: Callable[[bytes], object] | None = None) -> None:
+        """Read to the end of the stream, handing what was left to ``sink``."""
+        rest = self._buf[self._pos :]
+        self._buf, self._pos = b"", 0
+        if rest and sink is not None:
+            sink(rest)
+        while self._fill():
+            if sink is not None:
+                sink(self._buf)
+            self._buf, self._pos = b"", 0
+
+    @property
+    def diff_id(self) -> DiffID:
+        if not self._eof or self._pos != len(self._buf):
+            raise RuntimeError("DiffID requested before the stream was read to its end")
+        return DiffID("sha256:" + self._hash.hexdigest())
+
+    @property
+    def compressed_digest(self) -> Digest | None:
+        return self._raw.digest()
+
+    @property
+    def compressed_size(self) -> int:
+        return self._raw.count
+
+
+def open_diff_stream(src: BinaryIO | Readable, **kw: object) -> DiffStream:
+    return DiffStream(src, **kw)  # type: ignore[arg-type]
+
+
+def verify(actual: str, expected: str | None, what: str) -> None:
+    if expected is not None and actual != expected:
+        raise DigestMismatch(f"{what} digest mismatch: expected {expected}, got {actual}")

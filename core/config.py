@@ -1,0 +1,184 @@
+"""Configuration: a TOML file shaped like containers' storage.conf.
+
+::
+
+    [storage]
+    driver = "vfs"                      # empty: the store's own driver, else the first supported in priority
+    root = "/var/lib/lamina"
+    runroot = "/run/lamina"
+    driver_priority = ["overlay", "vfs"]
+
+    [storage.limits]                    # guards against decompression bombs while applying a layer
+    max_layer_bytes = 68719476736
+    max_layer_entries = 10000000
+
+    [storage.options.vfs]               # handed to the driver as is
+    copy = "auto"
+
+Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HOME/lamina/storage.toml``
+(the first that exists wins). Explicit arguments (CLI flags) beat ``$LAMINA_DRIVER``, which beats the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import ConfigError
+
+DEFAULT_PRIORITY = ("overlay", "vfs")
+SYSTEM_CONFIG = Path("/etc/lamina/storage.toml")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_layer_bytes: int = 64 * 1024**3
+    max_layer_entries: int = 10_000_000
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    runroot: Path
+    driver: str | None = None
+    driver_priority: tuple[str, ...] = DEFAULT_PRIORITY
+    driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    source: Path | None = None
+
+    def options_for(self, driver: str) -> dict[str, Any]:
+        return dict(self.driver_options.get(driver, {}))
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_root() -> Path:
+    if _is_root():
+        return Path("/var/lib/lamina")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "lamina" / "storage"
+
+
+def default_runroot() -> Path:
+    if _is_root():
+        return Path("/run/lamina")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "lamina"
+    return Path(f"/tmp/lamina-run-{os.geteuid()}")
+
+
+def find_config_file() -> Path | None:
+    env = os.environ.get("LAMINA_CONFIG")
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise ConfigError(f"LAMINA_CONFIG names {env}, which is not a readable file")
+        return p
+    if SYSTEM_CONFIG.is_file():
+        return SYSTEM_CONFIG
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    user = Path(xdg) / "lamina" / "storage.toml"
+    if user.is_file():
+        return user
+    return None
+
+
+def _expect(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where} must be a {names}, got {value!r}")
+    return value
+
+
+def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
+    where = str(source) if source else "configuration"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{where}: invalid TOML: {e}") from e
+    storage = data.get("storage", {})
+    _expect(storage, dict, f"{where}: [storage]")
+    known = {"driver", "root", "runroot", "driver_priority", "options", "limits"}
+    unknown = sorted(set(storage) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [storage]: {', '.join(unknown)}")
+    return dict(storage)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    driver: str | None = None,
+    root: str | os.PathLike[str] | None = None,
+    runroot: str | os.PathLike[str] | None = None,
+) -> Config:
+    """Build the effective configuration from file, environment and explicit overrides."""
+    source = Path(path) if path is not None else find_config_file()
+    storage: dict[str, Any] = {}
+    if source is not None:
+        try:
+            text = source.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read configuration {source}: {e}") from e
+        storage = parse_config(text, source)
+    where = str(source) if source else "configuration"
+
+    file_driver = storage.get("driver") or None
+    if file_driver is not None:
+        _expect(file_driver, str, f"{where}: storage.driver")
+    env_driver = os.environ.get("LAMINA_DRIVER") or None
+    chosen_driver = driver or env_driver or file_driver
+
+    root_v = root if root is not None else storage.get("root")
+    runroot_v = runroot if runroot is not None else storage.get("runroot")
+    if root_v is not None and not isinstance(root_v, (str, os.PathLike)):
+        raise ConfigError(f"{where}: storage.root must be a string")
+    if runroot_v is not None and not isinstance(runroot_v, (str, os.PathLike)):
+        raise ConfigError(f"{where}: storage.runroot must be a string")
+    root_p = Path(root_v) if root_v else default_root()
+    runroot_p = Path(runroot_v) if runroot_v else default_runroot()
+    if not root_p.is_absolute():
+        root_p = Path.cwd() / root_p
+    if not runroot_p.is_absolute():
+        runroot_p = Path.cwd() / runroot_p
+
+    prio = storage.get("driver_priority", list(DEFAULT_PRIORITY))
+    _expect(prio, list, f"{where}: storage.driver_priority")
+    for p in prio:
+        _expect(p, str, f"{where}: storage.driver_priority entry")
+
+    options = storage.get("options", {})
+    _expect(options, dict, f"{where}: [storage.options]")
+    for name, table in options.items():
+        _expect(table, dict, f"{where}: [storage.options.{name}]")
+
+    limits_t = storage.get("limits", {})
+    _expect(limits_t, dict, f"{where}: [storage.limits]")
+    unknown = sorted(set(limits_t) - {"max_layer_bytes", "max_layer_entries"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [storage.limits]: {', '.join(unknown)}")
+    limits = Limits(
+        max_layer_bytes=_positive(limits_t.get("max_layer_bytes", Limits.max_layer_bytes), where),
+        max_layer_entries=_positive(limits_t.get("max_layer_entries", Limits.max_layer_entries), where),
+    )
+    return Config(
+        root=root_p,
+        runroot=runroot_p,
+        driver=chosen_driver,
+        driver_priority=tuple(prio),
+        driver_options={k: dict(v) for k, v in options.items()},
+        limits=limits,
+        source=source,
+    )
+
+
+def _positive(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{where}: limits must be positive integers, got {value!r}")
+    return value

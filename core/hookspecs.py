@@ -1,0 +1,181 @@
+"""The lamina driver contract, as pluggy hook specifications.
+
+There are two kinds of hooks.
+
+**Registration** -- implemented by *plugin modules* (built-in drivers and third-party packages found
+through the ``lamina.drivers`` entry-point group):
+
+* :func:`lamina_register_drivers` -- add driver classes to the registry by name.
+
+**Operations** -- implemented by *driver instances*. When a store opens, lamina instantiates exactly one
+driver class and registers the instance with the store's plugin manager, so each operation hook has one
+implementation: the active driver's. Every operation hook is ``firstresult``. Other plugins may wrap the
+operation hooks with ``@hookimpl(wrapper=True)`` to observe them (the built-in timing observer does so).
+
+Vocabulary: ``layer_id`` is the driver-owned *CacheID* of a layer (a random hex name); ``parent`` is the
+parent layer's CacheID or ``None`` for a base layer. Layers are either *committed* (read-only; created by
+applying a diff) or *read-write* (containers' layers, created with ``rw=True``).
+
+All paths lamina hands over are absolute; every error a driver raises on purpose should be a
+:class:`lamina.errors.LaminaError` subclass. See ``plugins.md`` for a walk-through.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, BinaryIO
+
+import pluggy
+
+if TYPE_CHECKING:
+    from lamina.compression import DiffStream
+    from lamina.driver import Capabilities, Change, DriverRegistry
+
+hookspec = pluggy.HookspecMarker("lamina")
+hookimpl = pluggy.HookimplMarker("lamina")
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def lamina_register_drivers(registry: DriverRegistry) -> None:
+    """Add driver classes: ``registry.add(MyDriver)``. Called once per plugin manager.
+
+    A name registered twice is an error naming both sources.
+    """
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations: description
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lamina_capabilities() -> Capabilities:
+    """What the driver can do (see :class:`lamina.driver.Capabilities`)."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_status() -> list[tuple[str, str]]:
+    """Human-readable key/value facts about the driver and its backing store (``lamina info``)."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_metadata(layer_id: str) -> dict[str, str]:
+    """Driver-specific facts about one layer (paths, mount state...)."""
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations: layer registration
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lamina_create(layer_id: str, parent: str | None, rw: bool) -> bool:
+    """Create an empty snapshot ``layer_id`` on ``parent``; ``rw`` for a container's writable layer.
+
+    Return True. Raise :class:`lamina.errors.OperationUnsupported` if ``rw`` is not supported.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_apply_diff(layer_id: str, parent: str | None, diff: DiffStream) -> int:
+    """Apply an uncompressed tar diff to the freshly created ``layer_id``; return the content size.
+
+    ``diff`` computes the DiffID as it is read. Use :func:`lamina.apply.apply_tar` to unpack it safely
+    (it also captures a record for exact re-export); never extract with ``tarfile``. The driver need
+    not read the stream to its end: lamina drains it afterwards.
+    """
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations: mounting (lamina keeps the reference counts; these run on the first get / last put)
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lamina_mount(layer_id: str, options: list[str]) -> str:
+    """Make the full filesystem of ``layer_id`` available; return its absolute path."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_unmount(layer_id: str) -> bool:
+    """Undo :func:`lamina_mount`. Return True."""
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations: diffs and tar streams
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lamina_changes(layer_id: str, parent: str | None) -> list[Change]:
+    """What ``layer_id`` adds, changes and deletes relative to ``parent``, sorted by path."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_diff(layer_id: str, parent: str | None) -> BinaryIO:
+    """A tar stream of the differences, with OCI whiteouts for deletions (for RW layers and commits)."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_diff_size(layer_id: str, parent: str | None) -> int:
+    """Bytes of file content the diff against ``parent`` carries."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_tar_stream(layer_id: str) -> BinaryIO:
+    """The exact tar stream a committed layer was applied from (its sha256 is the DiffID)."""
+    raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------
+# Operations: lifecycle
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def lamina_exists(layer_id: str) -> bool:
+    """Whether the driver holds anything for ``layer_id``."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_remove(layer_id: str) -> bool:
+    """Delete ``layer_id`` and everything the driver keeps for it; idempotent. Return True."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def lamina_cleanup() -> bool:
+    """The store is closing: release resources (unmount nothing lamina still counts). Return True."""
+    raise NotImplementedError
+
+
+OPERATION_HOOKS = (
+    "lamina_capabilities",
+    "lamina_status",
+    "lamina_metadata",
+    "lamina_create",
+    "lamina_apply_diff",
+    "lamina_mount",
+    "lamina_unmount",
+    "lamina_changes",
+    "lamina_diff",
+    "lamina_diff_size",
+    "lamina_tar_stream",
+    "lamina_exists",
+    "lamina_remove",
+    "lamina_cleanup",
+)

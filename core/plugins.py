@@ -1,0 +1,212 @@
+"""Plugin manager: built-in and third-party drivers, hook validation, the timing observer.
+
+Built-in driver modules are registered by import path, third-party ones through the ``lamina.drivers``
+entry-point group (skipped when ``LAMINA_DISABLE_PLUGIN_AUTOLOAD=1``); both then go through the same
+:func:`~lamina.hookspecs.lamina_register_drivers` hook. A plugin that fails to import, implements an unknown
+hook, or registers a malformed driver is recorded as *broken* with its distribution's name; other drivers
+keep working, and selecting a broken one reports why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+import pluggy
+from lamina import hookspecs
+from lamina.driver import Driver, DriverInfo, DriverRegistry
+from lamina.errors import DriverError, DriverNotFound, LaminaError, PluginError
+
+ENTRY_POINT_GROUP = "lamina.drivers"
+BUILTIN_DRIVERS = ("lamina.drivers.vfs", "lamina.drivers.overlay", "lamina.drivers.tarball")
+DISABLE_ENV = "LAMINA_DISABLE_PLUGIN_AUTOLOAD"
+
+
+@dataclass
+class BrokenPlugin:
+    source: str
+    error: str
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DriverCatalog:
+    drivers: dict[str, DriverInfo]
+    broken: list[BrokenPlugin]
+
+
+def new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("lamina")
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _spec_args(name: str) -> list[str] | None:
+    fn = getattr(hookspecs, name, None)
+    if fn is None or not name.startswith("lamina_"):
+        return None
+    return list(inspect.signature(fn).parameters)
+
+
+def validate_impls(obj: object, where: str) -> None:
+    """Check every ``@hookimpl`` on ``obj`` names a known hook and only known arguments."""
+    for attr in dir(obj):
+        if not attr.startswith("lamina_"):
+            continue
+        fn = getattr(obj, attr, None)
+        if fn is None or not hasattr(fn, "lamina_impl"):
+            continue
+        allowed = _spec_args(attr)
+        if allowed is None:
+            raise PluginError(f"{where}: implements unknown hook {attr!r}")
+        params = [p for p in inspect.signature(fn).parameters if p != "self"]
+        extra = [p for p in params if p not in allowed]
+        if extra:
+            raise PluginError(f"{where}: hook {attr} takes unknown argument(s) {', '.join(extra)}")
+
+
+def _register_module(pm: pluggy.PluginManager, module: ModuleType, source: str, registry: DriverRegistry) -> None:
+    validate_impls(module, source)
+    impl = getattr(module, "lamina_register_drivers", None)
+    if impl is None:
+        raise PluginError(f"{source}: module {module.__name__} has no lamina_register_drivers hook")
+    before = set(registry.drivers)
+    registry._current_source = source
+    try:
+        impl(registry=registry)
+    except LaminaError:
+        raise
+    except Exception as e:
+        raise PluginError(f"{source}: lamina_register_drivers failed: {type(e).__name__}: {e}") from e
+    for name in set(registry.drivers) - before:
+        validate_impls(registry.drivers[name].cls, f"{source} (driver {name!r})")
+
+
+def discover() -> DriverCatalog:
+    """All drivers known here: built-ins, then entry points (unless disabled)."""
+    pm = new_manager()
+    registry = DriverRegistry()
+    broken: list[BrokenPlugin] = []
+    for modname in BUILTIN_DRIVERS:
+        try:
+            module = importlib.import_module(modname)
+        except ModuleNotFoundError:
+            continue  # a driver not shipped yet
+        snapshot = dict(registry.drivers)
+        try:
+            _register_module(pm, module, "lamina", registry)
+        except LaminaError as e:
+            registry.drivers = snapshot
+            broken.append(BrokenPlugin("lamina", e.message))
+    if os.environ.get(DISABLE_ENV, "") not in ("1", "true", "yes"):
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else ep.value
+            if dist == "lamina":
+                continue
+            source = f"{dist} (entry point {ep.name!r})"
+            snapshot = dict(registry.drivers)
+            try:
+                try:
+                    module = ep.load()
+                except Exception as e:
+                    raise PluginError(f"{source}: cannot import {ep.value}: {type(e).__name__}: {e}") from e
+                if not isinstance(module, ModuleType):
+                    raise PluginError(f"{source}: entry point must name a module, not {ep.value}")
+                _register_module(pm, module, source, registry)
+            except LaminaError as e:
+                registry.drivers = snapshot
+                broken.append(BrokenPlugin(source, e.message, [ep.name]))
+    return DriverCatalog(registry.drivers, broken)
+
+
+def lookup(catalog: DriverCatalog, name: str) -> DriverInfo:
+    info = catalog.drivers.get(name)
+    if info is not None:
+        return info
+    for b in catalog.broken:
+        if name in b.names:
+            raise PluginError(f"driver {name!r} cannot be used: {b.error}")
+    known = ", ".join(sorted(catalog.drivers)) or "none"
+    raise DriverNotFound(f"unknown storage driver {name!r}; available drivers: {known}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The built-in timing observer: wraps every operation hook.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpStats:
+    calls: int = 0
+    errors: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "calls": self.calls,
+            "errors": self.errors,
+            "total_ms": round(self.total_s * 1000, 3),
+            "max_ms": round(self.max_s * 1000, 3),
+        }
+
+
+class TimingObserver:
+    """Records calls, errors and wall time per operation hook; shown by ``lamina info --format json``."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, OpStats] = {}
+
+    def _observe(self, hook: str) -> Generator[None, Any, Any]:
+        st = self.stats.setdefault(hook, OpStats())
+        t0 = time.perf_counter()
+        try:
+            return (yield)
+        except BaseException:
+            st.errors += 1
+            raise
+        finally:
+            dt = time.perf_counter() - t0
+            st.calls += 1
+            st.total_s += dt
+            st.max_s = max(st.max_s, dt)
+
+
+def _make_wrapper(hook: str) -> Any:
+    def wrapper(self: TimingObserver) -> Generator[None, Any, Any]:
+        return (yield from self._observe(hook))
+
+    wrapper.__name__ = hook
+    return hookspecs.hookimpl(wrapper=True)(wrapper)
+
+
+for _hook in hookspecs.OPERATION_HOOKS:
+    setattr(TimingObserver, _hook, _make_wrapper(_hook))
+
+
+def activate(info: DriverInfo, driver: Driver) -> tuple[pluggy.PluginManager, TimingObserver]:
+    """A plugin manager whose operation hooks run ``driver``, observed by a timing observer."""
+    pm = new_manager()
+    try:
+        pm.register(driver, name=f"driver:{info.cls.name}")
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"driver {info.cls.name!r} from {info.source} is malformed: {e}") from e
+    observer = TimingObserver()
+    pm.register(observer, name="lamina:timing")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise PluginError(f"driver {info.cls.name!r} from {info.source}: {e}") from e
+    missing = [h for h in ("lamina_capabilities", "lamina_create", "lamina_exists", "lamina_remove")
+               if not getattr(pm.hook, h).get_hookimpls() or all(
+                   i.plugin is observer for i in getattr(pm.hook, h).get_hookimpls())]
+    if missing:
+        raise DriverError(f"driver {info.cls.name!r} from {info.source} lacks required hooks: {', '.join(missing)}")
+    return pm, observer

@@ -1,0 +1,300 @@
+"""A streaming tar reader for layer diffs.
+
+``tarfile`` is used only to decode single 512-byte header blocks (``TarInfo.frombuf``: checksums, octal
+and base-256 numbers, the ustar prefix). Everything else -- PAX and GNU long-name records, payload
+framing, padding -- is handled here, so every byte of the stream is accounted for: header bytes and
+padding go to a :class:`Recorder` (for byte-exact re-export), payloads go wherever the consumer sends them.
+Nothing here touches the filesystem.
+"""
+
+from __future__ import annotations
+
+import base64
+import tarfile
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lamina.compression import DiffStream
+from lamina.errors import ArchiveError
+
+BLOCK = 512
+
+REG = "0"
+LNK = "1"
+SYM = "2"
+CHR = "3"
+BLK = "4"
+DIR = "5"
+FIFO = "6"
+_REGULAR_TYPES = {b"0", b"\0", b"7"}
+_KNOWN = {
+    b"0": REG, b"\0": REG, b"7": REG, b"1": LNK, b"2": SYM, b"3": CHR, b"4": BLK, b"5": DIR, b"6": FIFO,
+}
+
+
+class Recorder(Protocol):
+    """Receives the parts of the stream that are not file payloads stored in the layer."""
+
+    def raw(self, data: bytes) -> None: ...
+
+    def file(self, path: str, size: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Entry:
+    name: str
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    linkname: str = ""
+    uname: str = ""
+    gname: str = ""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+def _pad(n: int) -> int:
+    return (BLOCK - n % BLOCK) % BLOCK
+
+
+def _parse_mtime_ns(text: str) -> int:
+    try:
+        neg = text.startswith("-")
+        whole, _, frac = text.lstrip("-").partition(".")
+        ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
+        return -ns if neg else ns
+    except ValueError as e:
+        raise ArchiveError(f"bad PAX mtime {text!r}") from e
+
+
+def parse_pax(data: bytes) -> dict[str, bytes]:
+    """Decode PAX extended-header records (``"%d %s=%s\\n"``) into raw byte values."""
+    out: dict[str, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # trailing NUL padding some writers leave
+            break
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            raise ArchiveError("malformed PAX header: record without length")
+        try:
+            length = int(data[pos:sp])
+        except ValueError as e:
+            raise ArchiveError("malformed PAX header: bad record length") from e
+        end = pos + length
+        if length <= sp - pos + 1 or end > len(data) or data[end - 1 : end] != b"\n":
+            raise ArchiveError("malformed PAX header: record length does not match")
+        kv = data[sp + 1 : end - 1]
+        eq = kv.find(b"=")
+        if eq <= 0:
+            raise ArchiveError("malformed PAX header: record without key")
+        key = kv[:eq].decode("utf-8", "surrogateescape")
+        out[key] = kv[eq + 1 :]
+        pos = end
+    return out
+
+
+class TarReader:
+    """Iterate over the entries of an uncompressed tar stream, accounting for every byte."""
+
+    def __init__(self, stream: DiffStream, recorder: Recorder | None = None, max_entries: int = 0) -> None:
+        self._s = stream
+        self._rec = recorder
+        self._pending = 0  # payload bytes of the current entry not yet consumed
+        self._pending_pad = 0
+        self._global: dict[str, bytes] = {}
+        self._done = False
+        self.entries = 0
+        self._max_entries = max_entries
+
+    # -- raw access ---------------------------------------------------------------------------------
+    def _raw(self, data: bytes) -> None:
+        if self._rec is not None and data:
+            self._rec.raw(data)
+
+    def _read_exact(self, n: int, what: str) -> bytes:
+        data = self._s.read(n)
+        if len(data) != n:
+            raise ArchiveError(f"truncated tar stream: it ends inside {what}")
+        return data
+
+    def _finish_entry(self) -> None:
+        if self._pending:
+            # The consumer did not store this payload: keep it inline in the record.
+            parts = self._s.read_chunks(self._pending)
+            if parts is None:
+                raise ArchiveError("truncated tar stream: it ends inside a file's contents")
+            for p in parts:
+                self._raw(p)
+            self._pending = 0
+        if self._pending_pad:
+            self._raw(self._read_exact(self._pending_pad, "padding"))
+            self._pending_pad = 0
+
+    # -- payload ------------------------------------------------------------------------------------
+    def payload_chunks(self) -> list[bytes]:
+        """The whole payload of the current entry, as slices (recorded as stored in the layer)."""
+        n = self._pending
+        parts = self._s.read_chunks(n) if n else []
+        if parts is None:
+            raise ArchiveError("truncated tar stream: it ends inside a file's contents")
+        self._pending = 0
+        return parts
+
+    def record_file(self, path: str, size: int) -> None:
+        if self._rec is not None:
+            self._rec.file(path, size)
+
+    def payload_bytes(self, limit: int) -> bytes:
+        """The payload of a small entry (e.g. a PAX record), kept inline in the record."""
+        if self._pending > limit:
+            raise ArchiveError(f"tar entry payload of {self._pending} bytes exceeds {limit}")
+        data = b"".join(self.payload_chunks())
+        self._raw(data)
+        return data
+
+    # -- headers ------------------------------------------------------------------------------------
+    def _header(self) -> tarfile.TarInfo | None:
+        block = self._s.read(BLOCK)
+        if not block:
+            raise ArchiveError("truncated tar stream: no end-of-archive marker")
+        if len(block) != BLOCK:
+            raise ArchiveError("truncated tar stream: it ends inside a header")
+        self._raw(block)
+        if block == bytes(BLOCK):
+            return None
+        try:
+            return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise ArchiveError(f"bad tar header at entry {self.entries + 1}: {e}") from e
+
+    def next(self) -> Entry | None:
+        if self._done:
+            return None
+        self._finish_entry()
+        pax: dict[str, bytes] = dict(self._global)
+        longname: str | None = None
+        longlink: str | None = None
+        kind: str | None = None
+        while True:
+            ti = self._header()
+            if ti is None:
+                self._done = True
+                self._s.drain(self._raw)  # end-of-archive blocks and anything after them
+                return None
+            t = ti.type
+            size = ti.size
+            if size < 0:
+                raise ArchiveError("bad tar header: negative size")
+            if t in (b"x", b"g", b"L", b"K"):
+                self._pending = size
+                self._pending_pad = _pad(size)
+                data = self.payload_bytes(16 << 20)
+                self._finish_entry()
+                if t == b"x":
+                    pax.update(parse_pax(data))
+                elif t == b"g":
+                    g = parse_pax(data)
+                    self._global.update(g)
+                    pax.update(g)
+                elif t == b"L":
+                    longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                else:
+                    longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            if t == b"S" or any(k.startswith("GNU.sparse") for k in pax):
+                raise ArchiveError(f"sparse tar entries are not supported ({ti.name!r})")
+            if t == b"V":  # volume label: no content, nothing to apply
+                self._pending = size
+                self._pending_pad = _pad(size)
+                self._finish_entry()
+                continue
+            kind = _KNOWN.get(t)
+            if kind is None:
+                raise ArchiveError(f"unsupported tar entry type {t!r} for {ti.name!r}")
+            break
+        assert kind is not None
+        self.entries += 1
+        if self._max_entries and self.entries > self._max_entries:
+            from lamina.errors import LimitExceeded
+
+            raise LimitExceeded(f"layer has more than {self._max_entries} entries (storage.limits)")
+        name = ti.name
+        linkname = ti.linkname
+        uid, gid = ti.uid, ti.gid
+        mtime_ns = int(ti.mtime) * 1_000_000_000
+        uname, gname = ti.uname, ti.gname
+        xattrs: dict[str, bytes] = {}
+        if pax:
+            for key, value in pax.items():
+                if key == "path":
+                    name = value.decode("utf-8", "surrogateescape")
+                elif key == "linkpath":
+                    linkname = value.decode("utf-8", "surrogateescape")
+                elif key == "size":
+                    size = _pax_int(key, value)
+                elif key == "uid":
+                    uid = _pax_int(key, value)
+                elif key == "gid":
+                    gid = _pax_int(key, value)
+                elif key == "mtime":
+                    mtime_ns = _parse_mtime_ns(value.decode("ascii", "replace"))
+                elif key == "uname":
+                    uname = value.decode("utf-8", "surrogateescape")
+                elif key == "gname":
+                    gname = value.decode("utf-8", "surrogateescape")
+                elif key.startswith("SCHILY.xattr."):
+                    xattrs[key[len("SCHILY.xattr.") :]] = value
+                elif key.startswith("LIBARCHIVE.xattr."):
+                    xname = urllib.parse.unquote(key[len("LIBARCHIVE.xattr.") :])
+                    if xname not in xattrs:
+                        try:
+                            xattrs[xname] = base64.b64decode(value + b"==", validate=False)
+                        except ValueError as e:
+                            raise ArchiveError(f"bad LIBARCHIVE xattr value for {xname!r}") from e
+        if longname is not None:
+            name = longname
+        if longlink is not None:
+            linkname = longlink
+        if "\0" in name or "\0" in linkname:
+            raise ArchiveError("tar entry name contains a NUL byte")
+        if kind == DIR or (kind == REG and name.endswith("/") and ti.type == b"\0"):
+            kind = DIR
+        if kind == REG:
+            self._pending = size
+            self._pending_pad = _pad(size)
+        else:
+            # Header-only types: links, directories, devices and FIFOs have no data blocks, whatever
+            # their size field says.
+            self._pending = 0
+            self._pending_pad = 0
+        return Entry(
+            name=name,
+            type=kind,
+            mode=ti.mode & 0o7777,
+            uid=uid,
+            gid=gid,
+            size=size if kind == REG else 0,
+            mtime_ns=mtime_ns,
+            linkname=linkname,
+            uname=uname,
+            gname=gname,
+            devmajor=ti.devmajor,
+            devminor=ti.devminor,
+            xattrs=xattrs,
+        )
+
+
+def _pax_int(key: str, value: bytes) -> int:
+    try:
+        v = int(value.split(b".")[0])
+    except ValueError as e:
+        raise ArchiveError(f"bad PAX {key} {value[:32]!r}") from e
+    if v < 0:
+        raise ArchiveError(f"bad PAX {key}: negative")
+    return v

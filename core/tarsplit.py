@@ -1,0 +1,211 @@
+"""Byte-exact re-export of an applied layer.
+
+While a layer is applied, a :class:`RecordWriter` keeps every byte of the tar stream that is *not* a file
+payload stored in the layer (headers, PAX records, padding, the end-of-archive blocks and anything after
+them), plus, for each stored payload, the file's layer-relative path and size. :func:`assemble` replays the
+record, reading payloads back from the layer directory through :class:`lamina.fsops.Root`, and so
+reproduces the original stream exactly; :class:`ExactTarStream` checks the result against the DiffID.
+
+Record format (gzip-compressed): a magic line, then operations ``R <len> <bytes>`` (raw bytes) and
+``F <pathlen> <path> <size>`` (payload from a file). A payload the same layer later replaced is kept in a
+side file ``<record>.sup`` keyed by the operation's index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from lamina.errors import ExportError
+from lamina.fsops import Root
+
+MAGIC = b"LAMINA-TARSPLIT-1\n"
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_READ = 1 << 20
+
+
+class RecordWriter:
+    """A :class:`lamina.tarformat.Recorder` that writes the record file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from isal import igzip
+
+        self.path = os.fspath(path)
+        self._f: BinaryIO = igzip.open(self.path, "wb", compresslevel=1)  # type: ignore[no-untyped-call]
+        self._f.write(MAGIC)
+        self._raw = bytearray()
+        self._files: dict[str, int] = {}  # path -> index of its latest F operation
+        self._index = 0
+        self._superseded: dict[int, bytes] = {}
+
+    def raw(self, data: bytes) -> None:
+        self._raw += data
+        if len(self._raw) >= _READ:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._raw:
+            self._f.write(b"R" + _U32.pack(len(self._raw)))
+            self._f.write(self._raw)
+            self._raw = bytearray()
+
+    def file(self, path: str, size: int) -> None:
+        self._flush()
+        p = path.encode("utf-8", "surrogateescape")
+        self._f.write(b"F" + _U32.pack(len(p)) + p + _U64.pack(size))
+        self._files[path] = self._index
+        self._index += 1
+
+    def supersede(self, path: str, f: BinaryIO) -> None:
+        """The file at ``path`` written earlier by this layer is about to be replaced: keep its bytes."""
+        idx = self._files.pop(path, None)
+        if idx is not None:
+            self._superseded[idx] = f.read()
+
+    def close(self) -> None:
+        self._flush()
+        self._f.close()
+        if self._superseded:
+            with open(self.path + ".sup", "wb") as s:
+                for idx, data in sorted(self._superseded.items()):
+                    s.write(_U32.pack(idx) + _U64.pack(len(data)))
+                    s.write(data)
+
+    def abort(self) -> None:
+        try:
+            self._f.close()
+        finally:
+            for p in (self.path, self.path + ".sup"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+
+
+def _read_superseded(path: str) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    if not os.path.exists(path + ".sup"):
+        return out
+    with open(path + ".sup", "rb") as f:
+        while True:
+            head = f.read(12)
+            if not head:
+                break
+            idx = _U32.unpack(head[:4])[0]
+            n = _U64.unpack(head[4:])[0]
+            out[idx] = f.read(n)
+    return out
+
+
+def _exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ExportError("layer record is truncated")
+    return data
+
+
+def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] | int) -> Iterator[bytes]:
+    """Yield the original tar stream of a layer from its record and its directory."""
+    from isal import igzip
+
+    rpath = os.fspath(record)
+    try:
+        f = igzip.open(rpath, "rb")  # type: ignore[no-untyped-call]
+    except OSError as e:
+        raise ExportError(f"layer record {rpath} unreadable: {e}") from e
+    sup = _read_superseded(rpath)
+    with f, Root(layer_dir) as root:
+        try:
+            if f.read(len(MAGIC)) != MAGIC:
+                raise ExportError(f"{rpath} is not a lamina layer record")
+            index = 0
+            while True:
+                op = f.read(1)
+                if not op:
+                    return
+                if op == b"R":
+                    n = _U32.unpack(_exact(f, 4))[0]
+                    yield _exact(f, n)
+                elif op == b"F":
+                    n = _U32.unpack(_exact(f, 4))[0]
+                    path = _exact(f, n).decode("utf-8", "surrogateescape")
+                    size = _U64.unpack(_exact(f, 8))[0]
+                    if index in sup:
+                        data = sup[index]
+                        if len(data) != size:
+                            raise ExportError(f"kept payload of {path!r} has the wrong size")
+                        yield data
+                    else:
+                        yield from _payload(root, path, size)
+                    index += 1
+                else:
+                    raise ExportError(f"layer record {rpath} is corrupt")
+        except (EOFError, OSError) as e:
+            if isinstance(e, OSError) and e.filename:
+                raise ExportError(f"cannot read {e.filename} back from the layer: {e.strerror}") from e
+            raise ExportError(f"layer record {rpath} is corrupt: {e}") from e
+
+
+def _payload(root: Root, path: str, size: int) -> Iterator[bytes]:
+    try:
+        fd = root.open_file(path)
+    except OSError as e:
+        raise ExportError(f"file {path!r} of the layer is missing or changed: {e.strerror}") from e
+    try:
+        left = size
+        while left:
+            chunk = os.read(fd, min(left, _READ))
+            if not chunk:
+                raise ExportError(f"file {path!r} of the layer is shorter than when it was applied")
+            left -= len(chunk)
+            yield chunk
+    finally:
+        os.close(fd)
+
+
+class ExactTarStream:
+    """A readable file object over an iterator of tar chunks, verified against a DiffID at the end."""
+
+    def __init__(self, chunks: Iterator[bytes], diff_id: str | None) -> None:
+        self._it = chunks
+        self._buf = b""
+        self._hash = hashlib.sha256()
+        self._expected = diff_id
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buf) < n) and not self._done:
+            try:
+                chunk = next(self._it)
+            except StopIteration:
+                self._done = True
+                actual = "sha256:" + self._hash.hexdigest()
+                if self._expected is not None and actual != self._expected:
+                    raise ExportError(
+                        f"layer content no longer matches its DiffID {self._expected} (got {actual})"
+                    ) from None
+                break
+            self._hash.update(chunk)
+            self._buf += chunk
+        if n < 0:
+            out, self._buf = self._buf, b""
+        else:
+            out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> ExactTarStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,171 @@
+"""Copy a directory tree with all its metadata, fd-relative, cloning file data where the filesystem can.
+
+Used by copy-based drivers (vfs) to create a snapshot on a parent. Hard links inside the tree stay hard
+links; symlinks are copied, never followed; ownership, modes, extended attributes and nanosecond times
+are kept (directory times are set after their contents).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+FICLONE = 0x40049409
+_RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class CopyStats:
+    def __init__(self) -> None:
+        self.method = "reflink"
+
+
+def _copy_data(src: int, dst: int, size: int, stats: CopyStats) -> None:
+    if stats.method == "reflink":
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+                raise
+            stats.method = "copy_file_range"
+    if stats.method == "copy_file_range":
+        try:
+            left = size
+            while left > 0:
+                n = os.copy_file_range(src, dst, min(left, 1 << 30))
+                if n == 0:
+                    break
+                left -= n
+            return
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            stats.method = "read/write"
+            os.lseek(src, 0, os.SEEK_SET)
+            os.lseek(dst, 0, os.SEEK_SET)
+            os.ftruncate(dst, 0)
+    while True:
+        buf = os.read(src, 1 << 20)
+        if not buf:
+            break
+        os.write(dst, buf)
+
+
+def _xattrs(src: int | str, dst: int | str, *, src_dir: int | None = None, dst_dir: int | None = None) -> None:
+    if isinstance(src, int):
+        names = os.listxattr(src)
+        for n in names:
+            os.setxattr(dst, n, os.getxattr(src, n))
+        return
+    import xattr
+
+    sp = f"/proc/self/fd/{src_dir}/{src}"
+    dp = f"/proc/self/fd/{dst_dir}/{dst}"
+    for n in xattr.listxattr(sp, symlink=True):
+        try:
+            xattr.setxattr(dp, n, xattr.getxattr(sp, n, symlink=True), symlink=True)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP):
+                raise
+
+
+def copy_tree(src_path: str, dst_path: str) -> str:
+    """Copy the contents of directory ``src_path`` into the existing directory ``dst_path``.
+
+    Returns the data-copy method that was used (``reflink``, ``copy_file_range`` or ``read/write``).
+    """
+    stats = CopyStats()
+    is_root = os.geteuid() == 0
+    links: dict[tuple[int, int], tuple[str, str]] = {}  # (dev, ino) -> (dst dir path, name)
+    sfd = os.open(src_path, _DIR)
+    dfd = os.open(dst_path, _DIR)
+    try:
+        _copy_dir(sfd, dfd, "", stats, is_root, links, dst_path)
+        _meta_dir(sfd, dfd, is_root)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    return stats.method
+
+
+def _meta_dir(sfd: int, dfd: int, is_root: bool) -> None:
+    st = os.fstat(sfd)
+    if is_root:
+        os.fchown(dfd, st.st_uid, st.st_gid)
+    os.fchmod(dfd, stat.S_IMODE(st.st_mode))
+    _xattrs(sfd, dfd)
+    os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_dir(
+    sfd: int,
+    dfd: int,
+    rel: str,
+    stats: CopyStats,
+    is_root: bool,
+    links: dict[tuple[int, int], tuple[str, str]],
+    dst_root: str,
+) -> None:
+    with os.scandir(sfd) as it:
+        entries = list(it)
+    for ent in entries:
+        name = ent.name
+        st = ent.stat(follow_symlinks=False)
+        mode = st.st_mode
+        child_rel = f"{rel}/{name}" if rel else name
+        if stat.S_ISDIR(mode):
+            os.mkdir(name, 0o700, dir_fd=dfd)
+            csfd = os.open(name, _DIR, dir_fd=sfd)
+            cdfd = os.open(name, _DIR, dir_fd=dfd)
+            try:
+                _copy_dir(csfd, cdfd, child_rel, stats, is_root, links, dst_root)
+                _meta_dir(csfd, cdfd, is_root)
+            finally:
+                os.close(csfd)
+                os.close(cdfd)
+            continue
+        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+            key = (st.st_dev, st.st_ino)
+            first = links.get(key)
+            if first is not None:
+                lfd = os.open(os.path.join(dst_root, first[0]) if first[0] else dst_root, _DIR)
+                try:
+                    os.link(first[1], name, src_dir_fd=lfd, dst_dir_fd=dfd, follow_symlinks=False)
+                finally:
+                    os.close(lfd)
+                continue
+            links[key] = (rel, name)
+        if stat.S_ISREG(mode):
+            fs = os.open(name, _RD, dir_fd=sfd)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+                try:
+                    if st.st_size:
+                        _copy_data(fs, fd, st.st_size, stats)
+                    if is_root:
+                        os.fchown(fd, st.st_uid, st.st_gid)
+                    os.fchmod(fd, stat.S_IMODE(mode))
+                    _xattrs(fs, fd)
+                    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(fs)
+            continue
+        if stat.S_ISLNK(mode):
+            os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            if stat.S_ISSOCK(mode):
+                continue  # sockets are not layer content
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dfd)
+        else:
+            continue
+        if is_root:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=dfd, follow_symlinks=False)
+        if not stat.S_ISLNK(mode):
+            os.chmod(f"/proc/self/fd/{dfd}/{name}", stat.S_IMODE(mode))
+        _xattrs(name, name, src_dir=sfd, dst_dir=dfd)
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)

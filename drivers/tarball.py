@@ -1,0 +1,191 @@
+"""tarball: layers kept only as their archives.
+
+Each layer is its uncompressed tar stream, stored byte for byte as it was read (so its sha256 is the
+DiffID), plus a listing of its entries. Nothing is ever unpacked: the driver cannot mount and has no
+read-write layers. Use it for CI caches and mirrors, where layers are only stored and streamed back.
+
+On-disk layout under the driver's home: ``layers/<cache-id>.tar``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lamina.compression import DiffStream
+from lamina.driver import Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
+from lamina.hookspecs import hookimpl
+from lamina.tarsplit import ExactTarStream
+
+CANNOT_MOUNT = "tarball driver cannot mount; use vfs or overlay"
+
+
+class _Tee:
+    """Writes every chunk of the stream to the archive file as the listing reader consumes it."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+
+    def raw(self, data: bytes) -> None:
+        self.out.write(data)
+
+    def file(self, path: str, size: int) -> None:  # payloads are written by the applier loop
+        pass
+
+
+class TarballDriver(Driver):
+    name = "tarball"
+    description = "layers stored only as their tar archives; cannot mount (CI caches, mirrors)"
+
+    def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
+        super().__init__(home, runhome, options)
+        self.layers = home / "layers"
+        self.layers.mkdir(exist_ok=True)
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, Any]) -> None:
+        if options:
+            raise DriverUnsupported(f"unknown tarball option(s): {', '.join(sorted(options))}")
+        base = existing_ancestor(home)
+        if not os.access(base, os.W_OK):
+            raise DriverUnsupported(f"{base} is not writable")
+
+    def _tar(self, layer_id: str) -> Path:
+        if not layer_id or "/" in layer_id or layer_id.startswith("."):
+            raise LayerNotFound(f"bad layer id {layer_id!r}")
+        return self.layers / f"{layer_id}.tar"
+
+    @hookimpl
+    def lamina_capabilities(self) -> Capabilities:
+        return Capabilities(can_mount=False, native_diff=True, exact_tar=True, supports_rw_layers=False)
+
+    @hookimpl
+    def lamina_status(self) -> list[tuple[str, str]]:
+        return [("Layers on disk", str(sum(1 for _ in os.scandir(self.layers))))]
+
+    @hookimpl
+    def lamina_metadata(self, layer_id: str) -> dict[str, str]:
+        return {"archive": str(self._tar(layer_id))}
+
+    @hookimpl
+    def lamina_create(self, layer_id: str, parent: str | None, rw: bool) -> bool:
+        if rw:
+            raise OperationUnsupported("tarball driver has no read-write layers; use vfs or overlay")
+        with open(self._tar(layer_id), "xb"):
+            pass
+        return True
+
+    @hookimpl
+    def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
+        # Validate the archive while storing it: the same reader the apply engine uses, so a stream
+        # that would be refused on vfs is refused here too.
+        from lamina.apply import check_whiteout_name
+        from lamina.fsops import normalize
+        from lamina.tarformat import LNK, TarReader
+
+        size = 0
+        with open(self._tar(layer_id), "wb") as out:
+            tee = _Tee(out)
+            reader = TarReader(diff, tee)
+            while True:
+                e = reader.next()
+                if e is None:
+                    break
+                path = normalize(e.name)
+                base = path.rpartition("/")[2]
+                if base.startswith(".wh."):
+                    check_whiteout_name(base, e.name)
+                if e.type == LNK:
+                    normalize(e.linkname)
+                for chunk in reader.payload_chunks():
+                    out.write(chunk)
+                size += e.size
+            diff.drain(out.write)
+            out.flush()
+            os.fsync(out.fileno())
+        return size
+
+    @hookimpl
+    def lamina_mount(self, layer_id: str, options: list[str]) -> str:
+        raise OperationUnsupported(CANNOT_MOUNT)
+
+    @hookimpl
+    def lamina_unmount(self, layer_id: str) -> bool:
+        raise OperationUnsupported(CANNOT_MOUNT)
+
+    @hookimpl
+    def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        from lamina.compression import DiffStream as _DS
+        from lamina.fsops import normalize
+        from lamina.tarformat import TarReader
+
+        out: dict[str, Change] = {}
+        with open(self._tar(layer_id), "rb") as f:
+            reader = TarReader(_DS(f))
+            while True:
+                e = reader.next()
+                if e is None:
+                    break
+                path = normalize(e.name)
+                head, _, base = path.rpartition("/")
+                if base == ".wh..wh..opq":
+                    continue
+                if base.startswith(".wh."):
+                    p = "/" + (f"{head}/" if head else "") + base[4:]
+                    out[p] = Change(p, "D")
+                elif path:
+                    out["/" + path] = Change("/" + path, "A" if parent is None else "C")
+        return sorted(out.values())
+
+    @hookimpl
+    def lamina_diff(self, layer_id: str, parent: str | None) -> BinaryIO:
+        return self.lamina_tar_stream(layer_id)
+
+    @hookimpl
+    def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
+        from lamina.compression import DiffStream as _DS
+        from lamina.tarformat import TarReader
+
+        total = 0
+        with open(self._tar(layer_id), "rb") as f:
+            reader = TarReader(_DS(f))
+            while (e := reader.next()) is not None:
+                total += e.size
+        return total
+
+    @hookimpl
+    def lamina_tar_stream(self, layer_id: str) -> BinaryIO:
+        path = self._tar(layer_id)
+        if not path.exists():
+            raise LayerNotFound(f"tarball layer {layer_id} has no archive")
+
+        def chunks() -> Any:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return ExactTarStream(chunks(), None)  # type: ignore[return-value]
+
+    @hookimpl
+    def lamina_exists(self, layer_id: str) -> bool:
+        return self._tar(layer_id).exists()
+
+    @hookimpl
+    def lamina_remove(self, layer_id: str) -> bool:
+        self._tar(layer_id).unlink(missing_ok=True)
+        return True
+
+    @hookimpl
+    def lamina_cleanup(self) -> bool:
+        return True
+
+
+@hookimpl
+def lamina_register_drivers(registry: DriverRegistry) -> None:
+    registry.add(TarballDriver)
+
+
+
