@@ -106,40 +106,40 @@ def _gzip_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
     return read
 
 
-def _zstd_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
-    import zstandard
+class _ZstdChunks:
+    """Multi-frame zstd decoding that notices a stream cut inside a frame."""
 
-    dctx = zstandard.ZstdDecompressor()
-    state: dict[str, object] = {"obj": dctx.decompressobj(), "pending": b"", "started": False}
+    def __init__(self, raw: _HashingRaw) -> None:
+        import zstandard
 
-    def read() -> bytes:
+        self._zstd = zstandard
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._raw = raw
+        self._pending = b""
+        self._in_frame = False
+
+    def __call__(self) -> bytes:
         while True:
-            obj = state["obj"]
-            assert isinstance(obj, zstandard.ZstdDecompressionObj)
-            pending = state["pending"]
-            assert isinstance(pending, bytes)
-            if pending:
-                data, state["pending"] = pending, b""
+            if self._pending:
+                data, self._pending = self._pending, b""
             else:
-                data = raw.read(CHUNK)
+                data = self._raw.read(CHUNK)
             if not data:
-                if state["started"] and not obj.eof:
+                if self._in_frame:
                     raise ArchiveError("truncated zstd stream: a frame ends early")
                 return b""
-            state["started"] = True
+            self._in_frame = True
             try:
-                out = obj.decompress(data)
-            except zstandard.ZstdError as e:
+                out = self._obj.decompress(data)
+            except self._zstd.ZstdError as e:
                 raise ArchiveError(f"corrupt zstd stream: {e}") from e
-            if obj.eof:
-                rest = obj.unused_data
-                state["obj"] = dctx.decompressobj()
-                state["started"] = False
-                state["pending"] = rest
+            if self._obj.eof:
+                self._pending = self._obj.unused_data
+                self._obj = self._dctx.decompressobj()
+                self._in_frame = False
             if out:
                 return bytes(out)
-
-    return read
 
 
 def _stdlib_chunks(raw: _HashingRaw, kind: str) -> Callable[[], bytes]:
@@ -181,7 +181,7 @@ class DiffStream:
         if self.compression == "gzip":
             self._next = _gzip_chunks(self._raw)
         elif self.compression == "zstd":
-            self._next = _zstd_chunks(self._raw)
+            self._next = _ZstdChunks(self._raw)
         elif self.compression in ("xz", "bzip2"):
             self._next = _stdlib_chunks(self._raw, self.compression)
         else:

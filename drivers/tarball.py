@@ -4,7 +4,9 @@ Each layer is its uncompressed tar stream, stored byte for byte as it was read (
 DiffID), plus a listing of its entries. Nothing is ever unpacked: the driver cannot mount and has no
 read-write layers. Use it for CI caches and mirrors, where layers are only stored and streamed back.
 
-On-disk layout under the driver's home: ``layers/<cache-id>.tar``.
+On-disk layout under the driver's home: ``layers/<cache-id>.tar`` (the stream) and
+``layers/<cache-id>.paths`` (NUL-separated paths of the layer's full tree, parents included: hard links
+are checked against it and changes tell additions from modifications with it).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_status(self) -> list[tuple[str, str]]:
-        return [("Layers on disk", str(sum(1 for _ in os.scandir(self.layers))))]
+        return [("Layers on disk", str(sum(1 for e in os.scandir(self.layers) if e.name.endswith(".tar"))))]
 
     @hookimpl
     def lamina_metadata(self, layer_id: str) -> dict[str, str]:
@@ -78,34 +80,63 @@ class TarballDriver(Driver):
             pass
         return True
 
+    def _listing(self, layer_id: str) -> Path:
+        return self.layers / f"{layer_id}.paths"
+
+    def _tree(self, layer_id: str | None) -> set[str]:
+        """Every path of a layer's full tree (parents included), from its listing file."""
+        if layer_id is None:
+            return set()
+        data = self._listing(layer_id).read_bytes()
+        return {p.decode("utf-8", "surrogateescape") for p in data.split(b"\0") if p}
+
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        # Validate the archive while storing it: the same reader the apply engine uses, so a stream
-        # that would be refused on vfs is refused here too.
-        from lamina.apply import check_whiteout_name
+        # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
+        # so hard links can only point at files that exist in it.
+        from lamina.apply import WHITEOUT_PREFIX, check_whiteout_name
+        from lamina.errors import ArchiveError, UnsafePathError
         from lamina.fsops import normalize
         from lamina.tarformat import LNK, TarReader
 
+        tree = self._tree(parent)
+        mine: set[str] = set()
         size = 0
         with open(self._tar(layer_id), "wb") as out:
-            tee = _Tee(out)
-            reader = TarReader(diff, tee)
-            while True:
-                e = reader.next()
-                if e is None:
-                    break
+            reader = TarReader(diff, _Tee(out))
+            while (e := reader.next()) is not None:
                 path = normalize(e.name)
-                base = path.rpartition("/")[2]
-                if base.startswith(".wh."):
-                    check_whiteout_name(base, e.name)
+                head, _, base = path.rpartition("/")
+                if base.startswith(WHITEOUT_PREFIX):
+                    target = check_whiteout_name(base, e.name)
+                    prefix = f"{head}/" if head else ""
+                    if target is None:
+                        tree = {p for p in tree if not p.startswith(prefix) or p in mine}
+                    else:
+                        gone = prefix + target
+                        tree = {p for p in tree if p != gone and not p.startswith(gone + "/")}
+                    continue
+                if path == "":
+                    continue
                 if e.type == LNK:
-                    normalize(e.linkname)
+                    target = normalize(e.linkname)
+                    if target not in tree:
+                        raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
+                    if target == "":
+                        raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
+                parts = path.split("/")
+                for i in range(1, len(parts) + 1):
+                    tree.add("/".join(parts[:i]))
+                    mine.add("/".join(parts[:i]))
                 for chunk in reader.payload_chunks():
                     out.write(chunk)
                 size += e.size
             diff.drain(out.write)
             out.flush()
             os.fsync(out.fileno())
+        self._listing(layer_id).write_bytes(
+            b"\0".join(p.encode("utf-8", "surrogateescape") for p in sorted(tree))
+        )
         return size
 
     @hookimpl
@@ -122,22 +153,20 @@ class TarballDriver(Driver):
         from lamina.fsops import normalize
         from lamina.tarformat import TarReader
 
+        before = self._tree(parent)
         out: dict[str, Change] = {}
         with open(self._tar(layer_id), "rb") as f:
             reader = TarReader(_DS(f))
-            while True:
-                e = reader.next()
-                if e is None:
-                    break
+            while (e := reader.next()) is not None:
                 path = normalize(e.name)
                 head, _, base = path.rpartition("/")
                 if base == ".wh..wh..opq":
                     continue
                 if base.startswith(".wh."):
-                    p = "/" + (f"{head}/" if head else "") + base[4:]
-                    out[p] = Change(p, "D")
+                    p = (f"{head}/" if head else "") + base[4:]
+                    out[p] = Change("/" + p, "D")
                 elif path:
-                    out["/" + path] = Change("/" + path, "A" if parent is None else "C")
+                    out[path] = Change("/" + path, "C" if path in before else "A")
         return sorted(out.values())
 
     @hookimpl
@@ -176,6 +205,7 @@ class TarballDriver(Driver):
     @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         self._tar(layer_id).unlink(missing_ok=True)
+        self._listing(layer_id).unlink(missing_ok=True)
         return True
 
     @hookimpl
