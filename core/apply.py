@@ -7,7 +7,8 @@ symlinks already in the tree -- can write outside the layer root.
 Rules, in the order a demanding user expects them:
 
 - existing paths are unlinked and recreated; directories are merged;
-- hard links may only point at files inside the tree being applied;
+- hard links may only point at files inside the tree being applied; a relative symlink may not lead
+  above the root (absolute targets are read as relative to the root);
 - ownership is numeric (names are ignored); ``chmod`` comes after ``chown`` so set-id bits survive;
 - extended attributes are applied (``security.capability`` included) except overlay's private
   ``trusted.overlay.*``/``user.overlay.*``, which an archive may never set;
@@ -66,6 +67,21 @@ class DeleteWhiteouts:
 class ApplyResult:
     size: int
     entries: int
+
+
+def check_symlink(path: str, linkname: str, name: str) -> None:
+    """Reject a relative symlink whose target climbs above the layer root.
+
+    Absolute targets are fine: they are always interpreted inside the root. A relative one is joined
+    with the link's directory and must stay inside, as container engines require.
+    """
+    if linkname.startswith("/"):
+        return
+    head = path.rpartition("/")[0]
+    try:
+        normalize(f"{head}/{linkname}" if head else linkname)
+    except UnsafePathError:
+        raise UnsafePathError(f"symlink {name!r} -> {linkname!r} leads out of the layer root") from None
 
 
 def check_whiteout_name(name: str, full: str) -> str | None:
@@ -185,6 +201,7 @@ class _Applier:
             self._clear(pfd, base, real, keep_dir=False)
             self._write_file(e, pfd, base, real)
         elif t == SYM:
+            check_symlink(path, e.linkname, e.name)
             self._clear(pfd, base, real, keep_dir=False)
             os.symlink(e.linkname, base, dir_fd=pfd)
             self._owner(e, base, pfd, None)

@@ -94,10 +94,10 @@ class TarballDriver(Driver):
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
         # so hard links can only point at files that exist in it.
-        from lamina.apply import WHITEOUT_PREFIX, check_whiteout_name
+        from lamina.apply import WHITEOUT_PREFIX, check_symlink, check_whiteout_name
         from lamina.errors import ArchiveError, UnsafePathError
         from lamina.fsops import normalize
-        from lamina.tarformat import LNK, TarReader
+        from lamina.tarformat import LNK, SYM, TarReader
 
         tree = self._tree(parent)
         mine: set[str] = set()
@@ -118,6 +118,8 @@ class TarballDriver(Driver):
                     continue
                 if path == "":
                     continue
+                if e.type == SYM:
+                    check_symlink(path, e.linkname, e.name)
                 if e.type == LNK:
                     target = normalize(e.linkname)
                     if target not in tree:

@@ -152,8 +152,8 @@ class DriverConformance:
         self.need_mount(caps)
         outside = tmp_path / "outside"
         outside.mkdir()
-        tb = (TarBuilder().symlink("abs", str(outside)).symlink("rel", "../../../../" + str(outside))
-              .file("abs/escape1", b"1").file("rel/escape2", b"2"))
+        tb = (TarBuilder().symlink("abs", str(outside)).dir("d").symlink("d/up", "../" + str(outside))
+              .file("abs/escape1", b"1").file("d/up/escape2", b"2"))
         layer = self.add(svc, tb)
         assert list(outside.iterdir()) == []
         with svc.mounted_layer(layer.chain_id) as path:
@@ -161,6 +161,14 @@ class DriverConformance:
             inside = Path(path) / str(outside).lstrip("/")
             assert (inside / "escape1").read_bytes() == b"1"
             assert (inside / "escape2").read_bytes() == b"2"
+
+    def test_symlink_leading_out_of_root_rejected(self, svc: ImageService) -> None:
+        for tb in (TarBuilder().symlink("out", "../x"),
+                   TarBuilder().dir("a").symlink("a/out", "../../etc").file("a/out/passwd", b"x"),
+                   TarBuilder().dir("a").dir("a/b").symlink("a/b/l", "../../../../../../../tmp")):
+            with pytest.raises(FormatError, match="leads out of the layer root"):
+                self.add(svc, tb)
+        assert svc.layers() == []
 
     def test_traversal_rejected_store_unchanged(self, svc: ImageService) -> None:
         ok = self.add(svc, TarBuilder().file("ok", b"ok"))
