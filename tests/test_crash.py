@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import lamina_cli
-
 from lamina.service import ImageService
 from lamina.testing import TarBuilder
 
