@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
 from lamina import __version__
 
 if TYPE_CHECKING:

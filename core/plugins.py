@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 import pluggy
+
 from lamina import hookspecs
 from lamina.driver import Driver, DriverInfo, DriverRegistry
 from lamina.errors import DriverError, DriverNotFound, LaminaError, PluginError

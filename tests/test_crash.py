@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import lamina_cli
 from lamina.service import ImageService
 from lamina.testing import TarBuilder

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+
 from lamina.driver import Capabilities
 from lamina.errors import DriverUnsupported, FormatError, LaminaError, OperationUnsupported
 from lamina.service import ImageService
