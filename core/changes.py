@@ -24,7 +24,7 @@ class _Node:
     st: os.stat_result
 
 
-def _xattrs_of(dfd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
+def xattrs_of(dfd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     try:
         if stat.S_ISLNK(st.st_mode):
@@ -55,15 +55,20 @@ def _xattrs_of(dfd: int, name: str, st: os.stat_result) -> dict[str, bytes]:
     return out
 
 
-def _differs(a: os.stat_result, b: os.stat_result, afd: int, bfd: int, name: str) -> bool:
+def entry_differs(a: os.stat_result, afd: int, aname: str, b: os.stat_result, bfd: int, bname: str) -> bool:
+    """Whether two entries differ as a layer diff sees it (directory times and sizes do not count)."""
     if a.st_mode != b.st_mode or a.st_uid != b.st_uid or a.st_gid != b.st_gid or a.st_rdev != b.st_rdev:
         return True
     if not stat.S_ISDIR(a.st_mode):
         if a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns:
             return True
-        if stat.S_ISLNK(a.st_mode) and os.readlink(name, dir_fd=afd) != os.readlink(name, dir_fd=bfd):
+        if stat.S_ISLNK(a.st_mode) and os.readlink(aname, dir_fd=afd) != os.readlink(bname, dir_fd=bfd):
             return True
-    return _xattrs_of(afd, name, a) != _xattrs_of(bfd, name, b)
+    return xattrs_of(afd, aname, a) != xattrs_of(bfd, bname, b)
+
+
+def _differs(a: os.stat_result, b: os.stat_result, afd: int, bfd: int, name: str) -> bool:
+    return entry_differs(a, afd, name, b, bfd, name)
 
 
 def _listing(fd: int) -> dict[str, os.stat_result]:
@@ -212,7 +217,7 @@ def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
             if stat.S_ISSOCK(st.st_mode):
                 continue
             linkname = os.readlink(base, dir_fd=pfd) if stat.S_ISLNK(st.st_mode) else ""
-            ti = _header(rel, st, linkname, _xattrs_of(pfd, base, st))
+            ti = _header(rel, st, linkname, xattrs_of(pfd, base, st))
             if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                 key = (st.st_dev, st.st_ino)
                 first = seen_inodes.get(key)

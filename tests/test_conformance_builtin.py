@@ -9,3 +9,7 @@ class TestVfs(DriverConformance):
 
 class TestTarball(DriverConformance):
     driver = "tarball"
+
+
+class TestOverlay(DriverConformance):
+    driver = "overlay"

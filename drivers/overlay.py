@@ -1,0 +1,772 @@
+"""overlay: layers as Linux overlayfs snapshots.
+
+Creating a layer on a parent costs the same whatever the image size: a new layer is an empty upper
+directory over its parents' directories. Diffs read only the upper directory ("native diff") when a probe
+shows the kernel keeps it self-contained.
+
+On-disk layout under the driver's home::
+
+    l/<short>                 symlink -> ../<cache-id>/diff  (short names keep mount data small)
+    <cache-id>/diff/          this layer's own content (the upper directory of a read-write layer)
+    <cache-id>/work/          overlayfs work directory
+    <cache-id>/merged/        mount point
+    <cache-id>/link           this layer's short name
+    <cache-id>/lower          parents' short names, nearest first: "l/AAAAAA:l/BBBBBB" (no file for a base)
+    <cache-id>/rw             present for read-write (container) layers
+    <cache-id>/tarsplit       record of the applied diff (exact re-export)
+    mode                      how this store mounts: kernel, userxattr (user namespace) or fuse
+
+``link`` and ``lower`` are written to a temporary file, synced and renamed, so a kill never leaves them
+empty. Whiteouts are character devices 0/0; opaque directories carry ``trusted.overlay.opaque=y`` (or
+``user.overlay.opaque`` with ``userxattr``). Exported diffs use OCI whiteouts only.
+
+A base layer (no parent) is never mounted: its read-only view is its ``diff`` directory. Chains too long
+for one page of mount data are mounted with the new mount API, one ``lowerdir+`` per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from lamina.apply import apply_tar
+from lamina.changes import diff_size, diff_tar, entry_differs, tree_changes
+from lamina.compression import DiffStream
+from lamina.driver import Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
+from lamina.fsops import remove_at
+from lamina.hookspecs import hookimpl
+from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
+
+log = logging.getLogger("lamina.drivers.overlay")
+
+_SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_KNOWN_OPTIONS = {"mountopt", "mount_program", "force_mask"}
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _in_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            lines = f.read().split()
+    except OSError:
+        return False
+    return lines != ["0", "0", "4294967295"]
+
+
+def _overlay_available() -> bool:
+    try:
+        with open("/proc/filesystems") as f:
+            if any(line.split()[-1:] == ["overlay"] for line in f):
+                return True
+    except OSError:
+        return False
+    # The module may simply not be loaded yet; a root caller can load it.
+    if os.geteuid() == 0 and shutil.which("modprobe"):
+        subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1:] == ["overlay"] for line in f)
+    return False
+
+
+def _write_atomic(path: Path, data: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+class OverlayWhiteouts:
+    """OCI whiteouts as overlayfs represents them in an upper directory."""
+
+    def __init__(self, opaque_xattr: str) -> None:
+        self.opaque_xattr = opaque_xattr
+
+    def whiteout(self, parent_fd: int, name: str) -> None:
+        remove_at(parent_fd, name)
+        os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent_fd)
+
+    def opaque(self, dir_fd: int, keep: set[str]) -> None:
+        os.setxattr(dir_fd, self.opaque_xattr, b"y")
+
+
+@dataclass
+class MountPlan:
+    lowers: list[str]
+    upper: str | None
+    work: str | None
+    target: str
+
+
+class OverlayDriver(Driver):
+    name = "overlay"
+    description = "Linux overlayfs snapshots: constant-time layer creation, native diffs"
+
+    def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
+        super().__init__(home, runhome, options)
+        (home / "l").mkdir(exist_ok=True, mode=0o700)
+        self.mode = self._choose_mode()
+        self.opaque_xattr = "user.overlay.opaque" if self.mode == "userxattr" else "trusted.overlay.opaque"
+        self.extra_opts = [o for o in str(options.get("mountopt", "")).split(",") if o]
+        self.features = self._features()
+
+    # -- probing ------------------------------------------------------------------------------------
+    @staticmethod
+    def _mount_program(options: Mapping[str, Any]) -> str | None:
+        prog = options.get("mount_program")
+        if prog:
+            return str(prog)
+        return None
+
+    @classmethod
+    def probe(cls, home: Path, options: Mapping[str, Any]) -> None:
+        unknown = sorted(set(options) - _KNOWN_OPTIONS)
+        if unknown:
+            raise DriverUnsupported(f"unknown overlay option(s): {', '.join(unknown)}")
+        if not sys.platform.startswith("linux"):
+            raise DriverUnsupported("overlay needs Linux; use vfs")
+        base = existing_ancestor(home)
+        from lamina.mounts import fs_type_of
+
+        fstype = fs_type_of(str(base))
+        if fstype in ("overlay", "fuse.fuse-overlayfs"):
+            raise DriverUnsupported(
+                f"the store's filesystem ({base}) is itself an overlay; put the root on a real filesystem or use vfs"
+            )
+        prog = cls._mount_program(options)
+        if prog is None and not _overlay_available():
+            raise DriverUnsupported("the kernel has no overlay filesystem (modprobe overlay), or use vfs")
+        if prog is None and os.geteuid() != 0:
+            found = shutil.which("fuse-overlayfs")
+            if not found or not os.access("/dev/fuse", os.R_OK | os.W_OK):
+                raise DriverUnsupported(
+                    "not root: run lamina inside a user namespace (unshare -rm), or install fuse-overlayfs "
+                    "with access to /dev/fuse, or use vfs"
+                )
+        if not _has_d_type(base):
+            raise DriverUnsupported(f"the filesystem of {base} does not report file types (d_type); use vfs")
+        err = _test_mount(base, cls._mode_for(options), prog)
+        if err:
+            raise DriverUnsupported(f"a test overlay mount failed: {err}; use vfs")
+
+    @staticmethod
+    def _mode_for(options: Mapping[str, Any]) -> str:
+        if options.get("mount_program"):
+            return "fuse"
+        if os.geteuid() == 0:
+            return "userxattr" if _in_user_namespace() else "kernel"
+        return "fuse"
+
+    def _choose_mode(self) -> str:
+        path = self.home / "mode"
+        wanted = self._mode_for(self.options)
+        try:
+            recorded = path.read_text().strip()
+        except FileNotFoundError:
+            recorded = ""
+        if recorded and recorded != wanted:
+            raise DriverUnsupported(
+                f"this overlay store mounts in {recorded!r} mode but this process can only use {wanted!r} "
+                "(a store made inside a user namespace must be used from one, and vice versa)"
+            )
+        if not recorded:
+            _write_atomic(path, wanted + "\n")
+        if wanted == "fuse" and not (self._mount_program(self.options) or shutil.which("fuse-overlayfs")):
+            raise DriverUnsupported("fuse mode needs fuse-overlayfs (mount_program)")
+        return wanted
+
+    def _features(self) -> dict[str, Any]:
+        """Probe once per kernel and mode, cached in the runroot."""
+        cache = self.runhome / "features.json"
+        key = f"{os.uname().release}/{self.mode}/{','.join(self.extra_opts)}"
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return dict(data)
+        except (OSError, ValueError):
+            pass
+        from lamina.mounts import has_new_mount_api
+
+        data = {
+            "key": key,
+            "new_mount_api": self.mode != "fuse" and has_new_mount_api(),
+            "index_param": os.path.exists("/sys/module/overlay/parameters/index"),
+        }
+        native, why = self._probe_native_diff(data)
+        data["native_diff"] = native
+        data["native_diff_reason"] = why
+        self.runhome.mkdir(parents=True, exist_ok=True)
+        _write_atomic(cache, json.dumps(data))
+        return data
+
+    def _probe_native_diff(self, feats: dict[str, Any]) -> tuple[bool, str]:
+        """Rename a directory and chmod a file through a test mount: the upper must hold full copies."""
+        if self.mode == "fuse":
+            return False, "fuse-overlayfs keeps its own metadata"
+        with tempfile.TemporaryDirectory(dir=self.home, prefix=".probe-") as td:
+            t = Path(td)
+            for d in ("lower", "upper", "work", "merged"):
+                (t / d).mkdir()
+            (t / "lower" / "dir").mkdir()
+            (t / "lower" / "dir" / "f").write_bytes(b"x" * 10000)
+            (t / "lower" / "g").write_bytes(b"y" * 10000)
+            plan = MountPlan([str(t / "lower")], str(t / "upper"), str(t / "work"), str(t / "merged"))
+            try:
+                self._do_mount(plan, feats, readonly=False)
+            except OSError as e:
+                return False, f"test mount failed: {e.strerror}"
+            try:
+                try:
+                    os.rename(t / "merged" / "dir", t / "merged" / "dir2")
+                except OSError as e:
+                    # EXDEV: redirect_dir is off, so tools copy the directory up whole: safe.
+                    if e.errno != errno.EXDEV:
+                        return False, f"rename of a lower directory failed unexpectedly ({e.strerror})"
+                os.chmod(t / "merged" / "g", 0o600)
+            finally:
+                self._do_unmount(str(t / "merged"))
+            names = os.listxattr(t / "upper" / "dir2") if (t / "upper" / "dir2").exists() else []
+            if any(n.endswith("overlay.redirect") for n in names):
+                return False, "the kernel records directory renames as redirects (redirect_dir)"
+            g = t / "upper" / "g"
+            if not g.exists() or g.stat().st_size != 10000 or any(
+                n.endswith("overlay.metacopy") for n in os.listxattr(g)
+            ):
+                return False, "the kernel copies up metadata only (metacopy)"
+        return True, "upper directories are self-contained"
+
+    # -- paths --------------------------------------------------------------------------------------
+    def _dir(self, layer_id: str) -> Path:
+        if not layer_id or "/" in layer_id or layer_id.startswith("."):
+            raise LayerNotFound(f"bad layer id {layer_id!r}")
+        return self.home / layer_id
+
+    def _lower_ids(self, layer_id: str) -> list[str]:
+        """Short names of the parents, nearest first."""
+        try:
+            text = (self._dir(layer_id) / "lower").read_text().strip()
+        except FileNotFoundError:
+            return []
+        return [p for p in text.split(":") if p]
+
+    def _lower_dirs(self, layer_id: str) -> list[str]:
+        out = []
+        for short in self._lower_ids(layer_id):
+            link = self.home / short
+            target = os.readlink(link)  # ../<id>/diff
+            out.append(os.path.normpath(os.path.join(self.home / "l", target)))
+        return out
+
+    # -- mounting -----------------------------------------------------------------------------------
+    def _options(self, feats: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+        strings: list[tuple[str, str]] = []
+        flags: list[str] = []
+        if feats.get("index_param") and self.mode != "fuse":
+            strings.append(("index", "off"))
+        if self.mode == "userxattr":
+            flags.append("userxattr")
+        for opt in self.extra_opts:
+            k, eq, v = opt.partition("=")
+            if eq:
+                strings.append((k, v))
+            else:
+                flags.append(k)
+        return strings, flags
+
+    def _do_mount(self, plan: MountPlan, feats: Mapping[str, Any], readonly: bool) -> None:
+        from lamina import mounts
+
+        strings, flags = self._options(feats)
+        if self.mode == "fuse":
+            prog = self._mount_program(self.options) or shutil.which("fuse-overlayfs") or "fuse-overlayfs"
+            opts = [f"lowerdir={':'.join(plan.lowers)}"]
+            if plan.upper:
+                opts += [f"upperdir={plan.upper}", f"workdir={plan.work}"]
+            opts += [f"{k}={v}" for k, v in strings] + flags
+            proc = subprocess.run([prog, "-o", ",".join(opts), plan.target], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise OSError(errno.EIO, f"{prog} failed: {proc.stderr.strip()}", plan.target)
+            return
+        if feats.get("new_mount_api"):
+            pairs = [("lowerdir+", d) for d in plan.lowers]
+            if plan.upper:
+                pairs += [("upperdir", plan.upper), ("workdir", str(plan.work))]
+            mounts.new_mount_api("overlay", plan.target, pairs + strings, flags, readonly=readonly)
+            return
+        # Classic mount(2): relative paths from the driver's home keep the data within a page.
+        rel = [os.path.relpath(d, self.home) for d in plan.lowers]
+        data = [f"lowerdir={':'.join(rel)}"]
+        if plan.upper:
+            data += [f"upperdir={os.path.relpath(plan.upper, self.home)}",
+                     f"workdir={os.path.relpath(str(plan.work), self.home)}"]
+        data += [f"{k}={v}" for k, v in strings] + flags
+        text = ",".join(data)
+        if len(text) >= PAGE:
+            raise DriverError(f"overlay mount data for {len(plan.lowers)} layers exceeds one page on this kernel")
+        cwd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.chdir(self.home)
+            mounts.mount("overlay", plan.target, "overlay", mounts.MS_RDONLY if readonly else 0, text)
+        finally:
+            os.fchdir(cwd)
+            os.close(cwd)
+
+    def _do_unmount(self, target: str) -> None:
+        from lamina import mounts
+
+        try:
+            mounts.umount(target)
+        except OSError as e:
+            if e.errno == errno.EPERM and self.mode == "fuse" and shutil.which("fusermount3"):
+                subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, check=True)
+                return
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                raise
+
+    def _plan(self, layer_id: str) -> MountPlan | None:
+        d = self._dir(layer_id)
+        lowers = self._lower_dirs(layer_id)
+        if not lowers:
+            return None
+        if (d / "rw").exists():
+            return MountPlan(lowers, str(d / "diff"), str(d / "work"), str(d / "merged"))
+        return MountPlan([str(d / "diff"), *lowers], None, None, str(d / "merged"))
+
+    # -- hooks: description -------------------------------------------------------------------------
+    @hookimpl
+    def lamina_capabilities(self) -> Capabilities:
+        return Capabilities(can_mount=True, native_diff=bool(self.features.get("native_diff")),
+                            exact_tar=True, supports_rw_layers=True)
+
+    @hookimpl
+    def lamina_status(self) -> list[tuple[str, str]]:
+        from lamina.mounts import fs_type_of
+
+        prog = self._mount_program(self.options) or (shutil.which("fuse-overlayfs") if self.mode == "fuse" else None)
+        native = "yes" if self.features.get("native_diff") else "no"
+        return [
+            ("Backing filesystem", fs_type_of(str(self.home))),
+            ("Kernel", os.uname().release),
+            ("Mount mode", self.mode),
+            ("Native diff", f"{native} ({self.features.get('native_diff_reason')})"),
+            ("Userxattr", "yes" if self.mode == "userxattr" else "no"),
+            ("Mount program", prog or "none (kernel)"),
+            ("Mount API", "fsopen/lowerdir+" if self.features.get("new_mount_api") else "mount(2)"),
+        ]
+
+    @hookimpl
+    def lamina_metadata(self, layer_id: str) -> dict[str, str]:
+        d = self._dir(layer_id)
+        return {"diff": str(d / "diff"), "merged": str(d / "merged"), "work": str(d / "work"),
+                "lower": ":".join(self._lower_ids(layer_id))}
+
+    # -- hooks: registration ------------------------------------------------------------------------
+    @hookimpl
+    def lamina_create(self, layer_id: str, parent: str | None, rw: bool) -> bool:
+        d = self._dir(layer_id)
+        d.mkdir(mode=0o700)
+        (d / "diff").mkdir(mode=0o755)
+        (d / "work").mkdir(mode=0o700)
+        (d / "merged").mkdir(mode=0o700)
+        if rw:
+            (d / "rw").touch()
+        while True:
+            short = "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(6))
+            link = self.home / "l" / short
+            if not link.is_symlink():
+                break
+        _write_atomic(d / "link", short + "\n")  # before the symlink: remove() can always find it
+        os.symlink(f"../{layer_id}/diff", link)
+        if parent is not None:
+            pd = self._dir(parent)
+            pshort = (pd / "link").read_text().strip()
+            lowers = [f"l/{pshort}", *self._lower_ids(parent)]
+            _write_atomic(d / "lower", ":".join(lowers) + "\n")
+        return True
+
+    @hookimpl
+    def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
+        d = self._dir(layer_id)
+        rec = RecordWriter(d / "tarsplit")
+        try:
+            result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), recorder=rec,
+                               warn=log.warning)
+        except BaseException:
+            rec.abort()
+            raise
+        diff.drain(rec.raw)
+        rec.close()
+        return result.size
+
+    # -- hooks: mounting ----------------------------------------------------------------------------
+    @hookimpl
+    def lamina_mount(self, layer_id: str, options: list[str]) -> str:
+        d = self._dir(layer_id)
+        if not d.exists():
+            raise LayerNotFound(f"overlay layer {layer_id} does not exist")
+        plan = self._plan(layer_id)
+        if plan is None:
+            return str(d / "diff")  # a base layer: its own directory is the whole tree
+        from lamina.mounts import is_mountpoint
+
+        if is_mountpoint(plan.target):
+            return plan.target
+        try:
+            self._do_mount(plan, self.features, readonly=plan.upper is None)
+        except OSError as e:
+            raise DriverError(f"cannot mount overlay for layer {layer_id[:12]}: {e.strerror or e}") from e
+        return plan.target
+
+    @hookimpl
+    def lamina_unmount(self, layer_id: str) -> bool:
+        d = self._dir(layer_id)
+        target = str(d / "merged")
+        from lamina.mounts import is_mountpoint
+
+        while is_mountpoint(target):
+            self._do_unmount(target)
+        return True
+
+    # -- hooks: diffs -------------------------------------------------------------------------------
+    def _native_ok(self, layer_id: str, parent: str | None) -> bool:
+        if not self.features.get("native_diff"):
+            return False
+        ids = self._lower_ids(layer_id)
+        if parent is None:
+            return not ids
+        pshort = (self._dir(parent) / "link").read_text().strip()
+        return bool(ids) and ids[0] == f"l/{pshort}"
+
+    @hookimpl
+    def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        if self._native_ok(layer_id, parent):
+            return _NativeDiff(str(self._dir(layer_id) / "diff"), self._lower_dirs(layer_id),
+                               self.opaque_xattr).changes()
+        with self._view(layer_id) as mine, self._view(parent) as theirs:
+            return tree_changes(mine, theirs)
+
+    @contextlib.contextmanager
+    def _view(self, layer_id: str | None) -> Any:
+        """A read-only view of a layer's whole tree, mounted for the block if it was not."""
+        if layer_id is None:
+            yield None
+            return
+        plan = self._plan(layer_id)
+        if plan is None:
+            yield str(self._dir(layer_id) / "diff")
+            return
+        from lamina.mounts import is_mountpoint
+
+        if is_mountpoint(plan.target):
+            yield plan.target
+            return
+        self._do_mount(plan, self.features, readonly=plan.upper is None)
+        try:
+            yield plan.target
+        finally:
+            self._do_unmount(plan.target)
+
+    @hookimpl
+    def lamina_diff(self, layer_id: str, parent: str | None) -> BinaryIO:
+        changes = self.lamina_changes(layer_id, parent)
+        if self._native_ok(layer_id, parent):
+            return ExactTarStream(diff_tar(str(self._dir(layer_id) / "diff"), changes), None)  # type: ignore[return-value]
+
+        def chunks() -> Any:
+            with self._view(layer_id) as mine:
+                yield from diff_tar(mine, changes)
+
+        return ExactTarStream(chunks(), None)  # type: ignore[return-value]
+
+    @hookimpl
+    def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
+        changes = self.lamina_changes(layer_id, parent)
+        if self._native_ok(layer_id, parent):
+            return diff_size(str(self._dir(layer_id) / "diff"), changes)
+        with self._view(layer_id) as mine:
+            return diff_size(mine, changes)
+
+    @hookimpl
+    def lamina_tar_stream(self, layer_id: str) -> BinaryIO:
+        d = self._dir(layer_id)
+        record = d / "tarsplit"
+        if not record.exists():
+            raise LayerNotFound(f"overlay layer {layer_id} has no tar record (a read-write layer?)")
+        return ExactTarStream(assemble(record, d / "diff"), None)  # type: ignore[return-value]
+
+    # -- hooks: lifecycle ---------------------------------------------------------------------------
+    @hookimpl
+    def lamina_exists(self, layer_id: str) -> bool:
+        return self._dir(layer_id).exists()
+
+    @hookimpl
+    def lamina_remove(self, layer_id: str) -> bool:
+        d = self._dir(layer_id)
+        trash = self.home / f".removing-{layer_id}"
+        if d.exists():
+            self.lamina_unmount(layer_id)
+            try:
+                short = (d / "link").read_text().strip()
+            except FileNotFoundError:
+                short = ""
+            if short:
+                (self.home / "l" / short).unlink(missing_ok=True)
+            os.replace(d, trash)
+        if trash.exists():
+            shutil.rmtree(trash)
+        return True
+
+    @hookimpl
+    def lamina_cleanup(self) -> bool:
+        return True
+
+
+class _NativeDiff:
+    """Changes of an upper directory against the stack of lower directories below it.
+
+    Reports exactly what a tree comparison of the merged views would: directories count as changed when
+    their metadata differs or something below them changed; opaque directories are expanded into
+    deletions of the lower entries they hide.
+    """
+
+    def __init__(self, upper: str, lowers: list[str], opaque_xattr: str) -> None:
+        self.upper = upper
+        self.lowers = lowers
+        self.opaque = opaque_xattr
+        self.out: list[Change] = []
+
+    def _is_opaque(self, fd: int) -> bool:
+        try:
+            return os.getxattr(fd, self.opaque) == b"y"
+        except OSError:
+            return False
+
+    def _lower_lookup(self, rel: str) -> tuple[str, os.stat_result] | None:
+        """The lower directory that provides ``rel`` in the merged view, with its stat."""
+        parts = rel.split("/")
+        for low in self.lowers:
+            blocked = False
+            for i in range(1, len(parts)):
+                st = lstat_path(os.path.join(low, *parts[:i]))
+                if st is None:
+                    continue
+                if _is_whiteout(st) or not stat.S_ISDIR(st.st_mode):
+                    return None
+                if self._path_opaque(os.path.join(low, *parts[:i])):
+                    blocked = True
+            st = lstat_path(os.path.join(low, rel))
+            if st is not None:
+                return None if _is_whiteout(st) else (low, st)
+            if blocked:
+                return None
+        return None
+
+    def _path_opaque(self, path: str) -> bool:
+        try:
+            return os.getxattr(path, self.opaque, follow_symlinks=False) == b"y"
+        except OSError:
+            return False
+
+    def _lower_children(self, rel: str) -> set[str]:
+        names: set[str] = set()
+        hidden: set[str] = set()
+        for low in self.lowers:
+            path = os.path.join(low, rel) if rel else low
+            st = lstat_path(path)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            for name in os.listdir(path):
+                cst = lstat_path(os.path.join(path, name))
+                if name in hidden or name in names:
+                    continue
+                if cst is not None and _is_whiteout(cst):
+                    hidden.add(name)
+                else:
+                    names.add(name)
+            if self._path_opaque(path):
+                break
+        return names
+
+    def changes(self) -> list[Change]:
+        fd = os.open(self.upper, _DIR)
+        try:
+            self._walk(fd, "", opaque=self._is_opaque(fd))
+        finally:
+            os.close(fd)
+        self.out.sort(key=lambda c: c.path)
+        return self.out
+
+    def _added_tree(self, fd: int, rel: str) -> None:
+        with os.scandir(fd) as it:
+            entries = list(it)
+        for e in entries:
+            st = e.stat(follow_symlinks=False)
+            if _is_whiteout(st):
+                continue
+            path = f"{rel}/{e.name}"
+            self.out.append(Change(path, "A"))
+            if stat.S_ISDIR(st.st_mode):
+                cfd = os.open(e.name, _DIR, dir_fd=fd)
+                try:
+                    self._added_tree(cfd, path)
+                finally:
+                    os.close(cfd)
+
+    def _walk(self, fd: int, rel: str, opaque: bool) -> bool:
+        start = len(self.out)
+        with os.scandir(fd) as it:
+            entries = {e.name: e.stat(follow_symlinks=False) for e in it}
+        for name, st in entries.items():
+            path = f"{rel}/{name}"
+            key = path[1:]
+            low = self._lower_lookup(key)
+            if _is_whiteout(st):
+                if low is not None and not opaque:
+                    self.out.append(Change(path, "D"))
+                continue
+            if low is None:
+                self.out.append(Change(path, "A"))
+                if stat.S_ISDIR(st.st_mode):
+                    cfd = os.open(name, _DIR, dir_fd=fd)
+                    try:
+                        self._added_tree(cfd, path)
+                    finally:
+                        os.close(cfd)
+                continue
+            ldir, lst = low
+            lparent = os.open(os.path.dirname(os.path.join(ldir, key)) or ldir, _DIR)
+            try:
+                differs = entry_differs(st, fd, name, lst, lparent, name)
+            finally:
+                os.close(lparent)
+            if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(lst.st_mode):
+                idx = len(self.out)
+                cfd = os.open(name, _DIR, dir_fd=fd)
+                try:
+                    inner = self._walk(cfd, path, opaque=self._is_opaque(cfd))
+                finally:
+                    os.close(cfd)
+                if differs or inner:
+                    self.out.insert(idx, Change(path, "C"))
+                continue
+            if stat.S_ISDIR(st.st_mode) != stat.S_ISDIR(lst.st_mode):
+                self.out.append(Change(path, "C"))
+                if stat.S_ISDIR(st.st_mode):
+                    cfd = os.open(name, _DIR, dir_fd=fd)
+                    try:
+                        self._added_tree(cfd, path)
+                    finally:
+                        os.close(cfd)
+                continue
+            if differs:
+                self.out.append(Change(path, "C"))
+        if opaque:
+            for name in sorted(self._lower_children(rel[1:]) - set(entries)):
+                self.out.append(Change(f"{rel}/{name}", "D"))
+        return len(self.out) > start
+
+
+def lstat_path(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _has_d_type(path: Path) -> bool:
+    """Whether readdir on this filesystem reports entry types (overlayfs needs it)."""
+    import ctypes
+
+    from lamina.mounts import libc
+
+    nr = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine)
+    if nr is None:
+        return True  # cannot check here; the test mount will tell
+    with tempfile.TemporaryDirectory(dir=path, prefix=".lamina-dtype-") as td:
+        os.mkdir(os.path.join(td, "d"))
+        fd = os.open(td, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            buf = ctypes.create_string_buffer(4096)
+            c = libc()
+            c.syscall.restype = ctypes.c_long
+            n = c.syscall(nr, fd, buf, 4096)
+            if n <= 0:
+                return True
+            raw = buf.raw[:n]
+            pos = 0
+            while pos < n:
+                reclen = int.from_bytes(raw[pos + 16 : pos + 18], "little")
+                dtype = raw[pos + 18]
+                name = raw[pos + 19 : pos + reclen].split(b"\0", 1)[0]
+                if name == b"d":
+                    return dtype != 0  # DT_UNKNOWN
+                pos += reclen
+        finally:
+            os.close(fd)
+    return True
+
+
+def _test_mount(base: Path, mode: str, prog: str | None) -> str | None:
+    """Mount a tiny overlay next to the store; return why it failed, or None."""
+    from lamina import mounts
+
+    try:
+        td = tempfile.mkdtemp(dir=base, prefix=".lamina-overlay-probe-")
+    except OSError as e:
+        return f"cannot create a probe directory in {base}: {e.strerror}"
+    try:
+        t = Path(td)
+        for d in ("lower1", "lower2", "upper", "work", "merged"):
+            (t / d).mkdir()
+        data = f"lowerdir={t / 'lower1'}:{t / 'lower2'},upperdir={t / 'upper'},workdir={t / 'work'}"
+        if mode == "userxattr":
+            data += ",userxattr"
+        try:
+            if mode == "fuse":
+                exe = prog or shutil.which("fuse-overlayfs")
+                if not exe:
+                    return "fuse-overlayfs not found"
+                proc = subprocess.run([exe, "-o", data, str(t / "merged")], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    return f"{exe}: {proc.stderr.strip() or proc.returncode}"
+            else:
+                mounts.mount("overlay", str(t / "merged"), "overlay", 0, data)
+        except OSError as e:
+            return f"{e.strerror} (mount overlay)"
+        try:
+            mounts.umount(str(t / "merged"))
+        except OSError:
+            if shutil.which("fusermount3"):
+                subprocess.run(["fusermount3", "-u", "-z", str(t / "merged")], capture_output=True, check=False)
+        return None
+    finally:
+        shutil.rmtree(td, ignore_errors=True)
+
+
+@hookimpl
+def lamina_register_drivers(registry: DriverRegistry) -> None:
+    registry.add(OverlayDriver)
