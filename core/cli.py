@@ -280,6 +280,29 @@ def layer_rm(g: Globals, refs: tuple[str, ...]) -> None:
     _emit(g, {"removed": removed}, lambda: _lines(f"removed {c}" for c in removed))
 
 
+@layer.command("mount")
+@click.argument("ref", metavar="CHAIN")
+@format_option
+@click.pass_obj
+def layer_mount(g: Globals, ref: str) -> None:
+    """Mount a layer's whole tree and print its path; it stays mounted until `layer umount`."""
+    with g.open() as svc:
+        path = svc.mount_layer(ref)
+    _emit(g, {"path": path}, lambda: click.echo(path))
+
+
+@layer.command("umount")
+@click.argument("ref", metavar="CHAIN")
+@click.option("-f", "--force", is_flag=True, help="Drop every mount reference and unmount.")
+@format_option
+@click.pass_obj
+def layer_umount(g: Globals, ref: str, force: bool) -> None:
+    """Drop one mount reference on a layer; the last one unmounts it."""
+    with g.open() as svc:
+        left = svc.unmount_layer(ref, force=force)
+    _emit(g, {"mounts_left": left}, lambda: None)
+
+
 @layer.command("diff")
 @click.argument("ref", metavar="CHAIN")
 @format_option

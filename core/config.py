@@ -49,6 +49,13 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     source: Path | None = None
 
+    def __post_init__(self) -> None:
+        # Accept plain strings from API callers; everything downstream works on absolute Paths.
+        for name in ("root", "runroot"):
+            value = Path(getattr(self, name))
+            object.__setattr__(self, name, value if value.is_absolute() else Path.cwd() / value)
+        object.__setattr__(self, "driver_priority", tuple(self.driver_priority))
+
     def options_for(self, driver: str) -> dict[str, Any]:
         return dict(self.driver_options.get(driver, {}))
 

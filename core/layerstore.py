@@ -131,7 +131,8 @@ class LayerStore:
         self._db = self._connect(self.root / "lamina.db")
         self._mdb = self._connect(self.runroot / "mounts.db")
         self._mdb.execute(
-            "CREATE TABLE IF NOT EXISTS mounts (id TEXT PRIMARY KEY, count INTEGER NOT NULL, path TEXT NOT NULL)"
+            "CREATE TABLE IF NOT EXISTS mount_refs (id TEXT NOT NULL, holder TEXT NOT NULL,"
+            " count INTEGER NOT NULL, path TEXT NOT NULL, PRIMARY KEY (id, holder))"
         )
         self._init_schema()
         self.catalog = catalog if catalog is not None else discover()
@@ -265,12 +266,34 @@ class LayerStore:
                     "DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid IS ?", (lid, pid)
                 )
             cleaned.append(lid)
-        # Mount counts of layers that no longer exist are meaningless.
-        with self._tx(self._mdb) as mdb:
-            for (mid,) in mdb.execute("SELECT id FROM mounts").fetchall():
-                if self._db.execute("SELECT 1 FROM layers WHERE id=?", (mid,)).fetchone() is None:
-                    mdb.execute("DELETE FROM mounts WHERE id=?", (mid,))
+        self._reclaim_mounts()
         return cleaned
+
+    def _reclaim_mounts(self) -> None:
+        """Drop mount references of processes that are gone; unmount what nobody holds any more."""
+        rows = self._mdb.execute("SELECT DISTINCT holder FROM mount_refs WHERE holder LIKE 'pid:%'").fetchall()
+        dead = []
+        for (holder,) in rows:
+            _, pid, start = holder.split(":", 2)
+            if not _owner_alive(int(pid), float(start) if start != "None" else None):
+                dead.append(holder)
+        gone = [
+            r[0] for r in self._mdb.execute("SELECT DISTINCT id FROM mount_refs").fetchall()
+            if self._db.execute("SELECT 1 FROM layers WHERE id=?", (r[0],)).fetchone() is None
+        ]
+        if not dead and not gone:
+            return
+        with self._mount_lock():
+            affected = set()
+            with self._tx(self._mdb) as mdb:
+                for holder in dead:
+                    affected |= {r[0] for r in mdb.execute("SELECT id FROM mount_refs WHERE holder=?", (holder,))}
+                    mdb.execute("DELETE FROM mount_refs WHERE holder=?", (holder,))
+                for lid in gone:
+                    mdb.execute("DELETE FROM mount_refs WHERE id=?", (lid,))
+            for lid in sorted(affected - set(gone)):
+                if self.mount_count(lid) == 0:
+                    self.hook.lamina_unmount(layer_id=lid)
 
     # -- queries --------------------------------------------------------------------------------------
     _COLS = "id, chain_id, diff_id, parent, size, tar_size, compressed_digest, compression, refs, depth, created"
@@ -397,7 +420,7 @@ class LayerStore:
         with self._tx() as db:
             if layer.refs <= 1 and self.children(layer.cache_id):
                 raise LayerInUse(f"layer {chain} has child layers; remove them first")
-            if self._mdb.execute("SELECT count FROM mounts WHERE id=?", (layer.cache_id,)).fetchone():
+            if self.mount_count(layer.cache_id):
                 raise LayerInUse(f"layer {chain} is mounted")
             db.execute("UPDATE layers SET refs=MAX(refs-1, 0) WHERE id=?", (layer.cache_id,))
         cur: Layer | None = layer
@@ -440,42 +463,62 @@ class LayerStore:
         finally:
             os.close(fd)
 
-    def mount(self, cache_id: str, options: list[str] | None = None) -> str:
+    def _holder(self, scoped: bool) -> str:
+        return f"pid:{self._me[0]}:{self._me[1]}" if scoped else "user"
+
+    def mount(self, cache_id: str, options: list[str] | None = None, *, scoped: bool = False) -> str:
+        """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
         caps = self.capabilities()
         if not caps.can_mount:
             raise OperationUnsupported(
                 f"{self.info.cls.name} driver cannot mount; use a driver that can (vfs or overlay)"
             )
+        holder = self._holder(scoped)
         with self._mount_lock():
-            row = self._mdb.execute("SELECT count, path FROM mounts WHERE id=?", (cache_id,)).fetchone()
-            if row is not None:
-                with self._tx(self._mdb) as mdb:
-                    mdb.execute("UPDATE mounts SET count=count+1 WHERE id=?", (cache_id,))
-                return str(row[1])
-            path = self.hook.lamina_mount(layer_id=cache_id, options=list(options or []))
+            # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
+            path = str(self.hook.lamina_mount(layer_id=cache_id, options=list(options or [])))
             with self._tx(self._mdb) as mdb:
-                mdb.execute("INSERT INTO mounts VALUES (?, 1, ?)", (cache_id, str(path)))
-            return str(path)
+                mdb.execute(
+                    "INSERT INTO mount_refs VALUES (?, ?, 1, ?) ON CONFLICT(id, holder) DO UPDATE SET"
+                    " count=count+1, path=excluded.path",
+                    (cache_id, holder, path),
+                )
+            return path
 
-    def unmount(self, cache_id: str, force: bool = False) -> int:
-        """Drop one mount reference (all with ``force``); return the count left."""
+    def unmount(self, cache_id: str, force: bool = False, *, scoped: bool = False) -> int:
+        """Drop one mount reference (every holder's with ``force``); return the count left."""
+        holder = self._holder(scoped)
         with self._mount_lock():
-            row = self._mdb.execute("SELECT count FROM mounts WHERE id=?", (cache_id,)).fetchone()
-            if row is None:
-                return 0
-            left = 0 if force else int(row[0]) - 1
-            if left <= 0:
-                self.hook.lamina_unmount(layer_id=cache_id)
-                with self._tx(self._mdb) as mdb:
-                    mdb.execute("DELETE FROM mounts WHERE id=?", (cache_id,))
-                return 0
             with self._tx(self._mdb) as mdb:
-                mdb.execute("UPDATE mounts SET count=? WHERE id=?", (left, cache_id))
+                if force:
+                    mdb.execute("DELETE FROM mount_refs WHERE id=?", (cache_id,))
+                else:
+                    row = mdb.execute(
+                        "SELECT count FROM mount_refs WHERE id=? AND holder=?", (cache_id, holder)
+                    ).fetchone()
+                    if row is None and not scoped:
+                        # an unscoped unmount may release a reference of any holder (the CLI's view)
+                        row = mdb.execute(
+                            "SELECT count, holder FROM mount_refs WHERE id=? ORDER BY holder DESC LIMIT 1",
+                            (cache_id,),
+                        ).fetchone()
+                        if row is not None:
+                            holder = row[1]
+                    if row is not None:
+                        if int(row[0]) <= 1:
+                            mdb.execute("DELETE FROM mount_refs WHERE id=? AND holder=?", (cache_id, holder))
+                        else:
+                            mdb.execute(
+                                "UPDATE mount_refs SET count=count-1 WHERE id=? AND holder=?", (cache_id, holder)
+                            )
+            left = self.mount_count(cache_id)
+            if left == 0:
+                self.hook.lamina_unmount(layer_id=cache_id)
             return left
 
     def mount_count(self, cache_id: str) -> int:
-        row = self._mdb.execute("SELECT count FROM mounts WHERE id=?", (cache_id,)).fetchone()
-        return int(row[0]) if row else 0
+        row = self._mdb.execute("SELECT SUM(count) FROM mount_refs WHERE id=?", (cache_id,)).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     # -- status ---------------------------------------------------------------------------------------
     def disk_usage(self) -> int:

@@ -141,13 +141,14 @@ class ImageService:
     def mounted_layer(self, ref: str) -> Iterator[str]:
         """Mount a layer's full tree read-only-by-convention for the duration of the block."""
         layer = self._layers.find(ref)
-        path = self._layers.mount(layer.cache_id)
+        path = self._layers.mount(layer.cache_id, scoped=True)
         try:
             yield path
         finally:
-            self._layers.unmount(layer.cache_id)
+            self._layers.unmount(layer.cache_id, scoped=True)
 
     def mount_layer(self, ref: str) -> str:
+        """Take a mount reference that outlives this process (``lamina mount``); see unmount_layer."""
         return self._layers.mount(self._layers.find(ref).cache_id)
 
     def unmount_layer(self, ref: str, force: bool = False) -> int:
