@@ -19,6 +19,7 @@ Rules, in the order a demanding user expects them:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lamina.compression import DiffStream
-from lamina.errors import ArchiveError, UnsafePathError
+from lamina.errors import ArchiveError, StoreError, UnsafePathError
 from lamina.fsops import Root, lstat_at, normalize, remove_at
 from lamina.tarformat import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
 
@@ -35,6 +36,7 @@ WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 _PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
+_STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -108,11 +110,22 @@ class _Applier:
         self.reader = reader
         self.is_root = os.geteuid() == 0
         self.can_mknod = self.is_root
-        self.dirs: list[tuple[str, Entry]] = []  # directory metadata applied at the end
+        self.dirs: list[tuple[str, Entry, tuple[int, int]]] = []  # directory metadata applied at the end
+        self.opened: dict[str, int] = {}  # non-root: read-only dirs made writable, with their modes
         self.added: dict[str, set[str]] = {}  # real parent path -> names added by this layer
         self.files: set[str] = set()  # regular files written by this layer (real paths)
         self.size = 0
         self.warned_devices = False
+
+    def _writable(self, fd: int, real: str) -> None:
+        """Without root, a read-only directory (a parent layer's 0555 /usr/lib) must be opened up to
+        write into it; its mode is put back at the end unless this layer sets one."""
+        if real in self.opened:
+            return
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & stat.S_IRWXU != stat.S_IRWXU:
+            self.opened[real] = mode
+            os.fchmod(fd, mode | stat.S_IRWXU)
 
     def _note(self, parent_real: str, name: str) -> None:
         s = self.added.get(parent_real)
@@ -128,9 +141,18 @@ class _Applier:
             return
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
             self.root.invalidate()
+        self._supersede_below(pfd, base, real, st)
+        remove_at(pfd, base, st)
+
+    def _supersede_below(self, pfd: int, base: str, real: str, st: os.stat_result | None) -> None:
+        """Before ``real`` goes: keep the payloads of this layer's files at or below it."""
         if real in self.files:
             self._supersede(pfd, base, real)
-        remove_at(pfd, base, st)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            prefix = real + "/"
+            for f in sorted(p for p in self.files if p.startswith(prefix)):
+                fpfd, fbase, _ = self.root.parent(f)
+                self._supersede(fpfd, fbase, f)
 
     def _supersede(self, pfd: int, base: str, real: str) -> None:
         # A file this layer wrote earlier is being replaced: its payload must stay in the record.
@@ -183,25 +205,29 @@ class _Applier:
             return
         if path == "":
             if e.type == DIR:
-                self.dirs.append(("", e))
+                st = os.fstat(self.root.fd)
+                self.dirs.append(("", e, (st.st_dev, st.st_ino)))
                 return
             raise UnsafePathError(f"entry {e.name!r} would replace the layer root")
         try:
             pfd, _, preal = self.root.parent(path, create=True)
         except NotADirectoryError as err:
             raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+        if not self.is_root:
+            self._writable(pfd, preal)
         real = f"{preal}/{base}" if preal else base
         t = e.type
         if t == DIR:
             self._clear(pfd, base, real, keep_dir=True)
             if lstat_at(pfd, base) is None:
                 os.mkdir(base, 0o700, dir_fd=pfd)
-            self.dirs.append((real, e))
+            st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+            self.dirs.append((real, e, (st.st_dev, st.st_ino)))
         elif t == REG:
             self._clear(pfd, base, real, keep_dir=False)
             self._write_file(e, pfd, base, real)
         elif t == SYM:
-            check_symlink(path, e.linkname, e.name)
+            check_symlink(real, e.linkname, e.name)  # where the link really is, after resolution
             self._clear(pfd, base, real, keep_dir=False)
             os.symlink(e.linkname, base, dir_fd=pfd)
             self._owner(e, base, pfd, None)
@@ -301,19 +327,40 @@ class _Applier:
         except NotADirectoryError as err:
             raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
         real = f"{preal}/{target}" if preal else target
-        if real in self.files:
-            self._supersede(pfd, target, real)
+        self._supersede_below(pfd, target, real, lstat_at(pfd, target))
         self.wo.whiteout(pfd, target)
         self.root.invalidate()
 
     def finish(self) -> None:
         # Directories: ownership, mode, xattrs and times, deepest first so a parent's mtime is final.
-        for real, e in reversed(self.dirs):
-            fd, _ = self.root.dir(real)
+        # A directory entry later replaced within the same layer (by a file, a symlink or a new
+        # directory) no longer owns that path: its metadata is dropped, as if applied in order.
+        done: set[str] = set()
+        for real, e, ident in reversed(self.dirs):
+            if real in done:
+                continue
+            fd = self._same_dir(real, ident)
+            if fd is None:
+                continue
+            done.add(real)
+            self.opened.pop(real, None)
             self._owner(e, "", fd, fd)
             os.fchmod(fd, e.mode)
             self._xattrs(e, fd, fd, "")
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        for real, mode in self.opened.items():
+            with contextlib.suppress(OSError):
+                os.fchmod(self.root.dir(real)[0], mode)
+
+    def _same_dir(self, real: str, ident: tuple[int, int]) -> int | None:
+        try:
+            fd, resolved = self.root.dir(real)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        st = os.fstat(fd)
+        if resolved != real or (st.st_dev, st.st_ino) != ident:
+            return None
+        return fd
 
 
 def apply_tar(
@@ -342,5 +389,8 @@ def apply_tar(
             ap.finish()
         except OSError as err:
             where = f" ({err.filename})" if err.filename else ""
+            if err.errno in _STORE_ERRNOS:
+                # the store's fault (full, read-only, not permitted), not the archive's
+                raise StoreError(f"cannot write the layer: {err.strerror or err}{where}") from err
             raise ArchiveError(f"cannot apply layer: {err.strerror or err}{where}") from err
     return ApplyResult(size=ap.size, entries=reader.entries)

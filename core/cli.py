@@ -316,7 +316,20 @@ def layer_diff(g: Globals, ref: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli.main(args=list(argv) if argv is not None else None, prog_name="lamina")
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="lamina", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(2)
+    except click.UsageError as e:
+        hint = f" (see 'lamina {e.ctx.command_path.partition(' ')[2]} --help')".replace("  ", " ") if e.ctx else ""
+        _fail(f"{e.format_message()}{hint}", 2)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 1)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -170,8 +170,10 @@ class DiffStream:
         src: Readable,
         *,
         max_bytes: int | None = None,
+        max_entries: int = 0,
         hash_compressed: bool = False,
     ) -> None:
+        self.max_entries = max_entries  # read by lamina.tarformat.TarReader
         try:
             prefix = src.read(8)
         except OSError as e:

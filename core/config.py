@@ -12,8 +12,8 @@
     max_layer_bytes = 68719476736
     max_layer_entries = 10000000
 
-    [storage.options.vfs]               # handed to the driver as is
-    copy = "auto"
+    [storage.options.overlay]           # handed to the driver as is
+    mountopt = "nodev"
 
 Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HOME/lamina/storage.toml``
 (the first that exists wins). Explicit arguments (CLI flags) beat ``$LAMINA_DRIVER``, which beats the file.
@@ -109,6 +109,9 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from e
+    unknown_tables = sorted(set(data) - {"storage"})
+    if unknown_tables:
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage]")
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
     known = {"driver", "root", "runroot", "driver_priority", "options", "limits"}
@@ -136,9 +139,10 @@ def load_config(
         storage = parse_config(text, source)
     where = str(source) if source else "configuration"
 
-    file_driver = storage.get("driver") or None
+    file_driver = storage.get("driver")
     if file_driver is not None:
         _expect(file_driver, str, f"{where}: storage.driver")
+    file_driver = file_driver or None
     env_driver = os.environ.get("LAMINA_DRIVER") or None
     chosen_driver = driver or env_driver or file_driver
 

@@ -6,9 +6,20 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
+from lamina.compression import DiffStream
 from lamina.errors import DriverError
+
+__all__ = ["ByteStream", "Capabilities", "Change", "DiffStream", "Driver", "DriverRegistry"]
+
+
+class ByteStream(Protocol):
+    """What stream-returning hooks return: a readable, closable byte stream (a file, an ExactTarStream)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,9 @@ import os
 import shutil
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 from lamina.errors import UnsafePathError
 
@@ -162,6 +165,31 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
+def _make_writable(
+    func: Callable[..., Any], path: str, exc_info: tuple[type[BaseException], BaseException, TracebackType]
+) -> None:
+    """rmtree error handler: a read-only directory blocks removal when not root; open it up, retry."""
+    exc = exc_info[1]
+    if not isinstance(exc, PermissionError):
+        raise exc
+    parent = os.path.dirname(path) or "."
+    os.chmod(parent, os.stat(parent, follow_symlinks=False).st_mode | stat.S_IRWXU)
+    if func in (os.rmdir, os.unlink):
+        func(path)
+    else:
+        shutil.rmtree(path, onerror=_make_writable)
+
+
+def rmtree(path: str | os.PathLike[str]) -> None:
+    """Remove a tree even when it holds read-only directories (a non-root store's layers may)."""
+    if os.geteuid() == 0:
+        shutil.rmtree(path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(path, os.stat(path, follow_symlinks=False).st_mode | stat.S_IRWXU)
+    shutil.rmtree(path, onerror=_make_writable)
+
+
 def remove_at(dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:
     """Remove ``name`` below ``dir_fd`` whatever it is (directories recursively, symlink-safe).
 
@@ -172,7 +200,10 @@ def remove_at(dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:
         if st is None:
             return False
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(name, dir_fd=dir_fd)
+        if os.geteuid() == 0:
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            rmtree(f"/proc/self/fd/{dir_fd}/{name}")
     else:
         os.unlink(name, dir_fd=dir_fd)
     return True

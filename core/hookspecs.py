@@ -9,8 +9,10 @@ through the ``lamina.drivers`` entry-point group):
 
 **Operations** -- implemented by *driver instances*. When a store opens, lamina instantiates exactly one
 driver class and registers the instance with the store's plugin manager, so each operation hook has one
-implementation: the active driver's. Every operation hook is ``firstresult``. Other plugins may wrap the
-operation hooks with ``@hookimpl(wrapper=True)`` to observe them (the built-in timing observer does so).
+implementation: the active driver's. Every operation hook is ``firstresult``. A plugin module (built-in or
+from the entry-point group) may wrap operation hooks with module-level ``@hookimpl(wrapper=True)``
+functions to observe them, as the built-in timing observer does; lamina registers such modules with every
+store it opens.
 
 Vocabulary: ``layer_id`` is the driver-owned *CacheID* of a layer (a random hex name); ``parent`` is the
 parent layer's CacheID or ``None`` for a base layer. Layers are either *committed* (read-only; created by
@@ -22,13 +24,13 @@ All paths lamina hands over are absolute; every error a driver raises on purpose
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from lamina.compression import DiffStream
-    from lamina.driver import Capabilities, Change, DriverRegistry
+    from lamina.driver import ByteStream, Capabilities, Change, DriverRegistry
 
 hookspec = pluggy.HookspecMarker("lamina")
 hookimpl = pluggy.HookimplMarker("lamina")
@@ -40,9 +42,10 @@ hookimpl = pluggy.HookimplMarker("lamina")
 
 @hookspec
 def lamina_register_drivers(registry: DriverRegistry) -> None:
-    """Add driver classes: ``registry.add(MyDriver)``. Called once per plugin manager.
+    """Add driver classes: ``registry.add(MyDriver)``. Called each time lamina discovers drivers.
 
-    A name registered twice is an error naming both sources.
+    A name registered twice is an error naming both sources. A driver class must implement at least
+    the hooks in :data:`lamina.plugins.REQUIRED_HOOKS`, or the plugin is reported as broken.
     """
 
 
@@ -95,19 +98,24 @@ def lamina_apply_diff(layer_id: str, parent: str | None, diff: DiffStream) -> in
 
 
 # --------------------------------------------------------------------------------------------------
-# Operations: mounting (lamina keeps the reference counts; these run on the first get / last put)
+# Operations: mounting. lamina keeps the reference counts; lamina_mount runs on every get (so a mount that
+# vanished is re-established: it must be idempotent) and lamina_unmount on the last put and when lamina
+# reclaims the mounts of processes that died (it must be idempotent too).
 # --------------------------------------------------------------------------------------------------
 
 
 @hookspec(firstresult=True)
 def lamina_mount(layer_id: str, options: list[str]) -> str:
-    """Make the full filesystem of ``layer_id`` available; return its absolute path."""
+    """Make the full filesystem of ``layer_id`` available; return its absolute path.
+
+    Called for every mount reference taken: when it is already mounted, return the same path.
+    """
     raise NotImplementedError
 
 
 @hookspec(firstresult=True)
 def lamina_unmount(layer_id: str) -> bool:
-    """Undo :func:`lamina_mount`. Return True."""
+    """Undo :func:`lamina_mount`; a no-op when not mounted. Return True."""
     raise NotImplementedError
 
 
@@ -123,7 +131,7 @@ def lamina_changes(layer_id: str, parent: str | None) -> list[Change]:
 
 
 @hookspec(firstresult=True)
-def lamina_diff(layer_id: str, parent: str | None) -> BinaryIO:
+def lamina_diff(layer_id: str, parent: str | None) -> ByteStream:
     """A tar stream of the differences, with OCI whiteouts for deletions (for RW layers and commits)."""
     raise NotImplementedError
 
@@ -135,7 +143,7 @@ def lamina_diff_size(layer_id: str, parent: str | None) -> int:
 
 
 @hookspec(firstresult=True)
-def lamina_tar_stream(layer_id: str) -> BinaryIO:
+def lamina_tar_stream(layer_id: str) -> ByteStream:
     """The exact tar stream a committed layer was applied from (its sha256 is the DiffID)."""
     raise NotImplementedError
 

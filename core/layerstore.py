@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import sqlite3
@@ -31,7 +32,7 @@ from typing import Any, BinaryIO
 from lamina.compression import DiffStream, Readable, verify
 from lamina.config import Config
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
-from lamina.driver import Capabilities, Change, Driver, DriverInfo
+from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverInfo
 from lamina.errors import (
     DriverConflict,
     DriverUnsupported,
@@ -45,6 +46,7 @@ from lamina.errors import (
 )
 from lamina.plugins import DriverCatalog, activate, discover, lookup
 
+log = logging.getLogger("lamina.layerstore")
 SCHEMA_VERSION = 1
 MAX_DEPTH = 1000
 _SCHEMA = """
@@ -131,15 +133,24 @@ class LayerStore:
         self._db = self._connect(self.root / "lamina.db")
         self._mdb = self._connect(self.runroot / "mounts.db")
         self._mdb.execute(
+            "CREATE TABLE IF NOT EXISTS timings (hook TEXT PRIMARY KEY, calls INTEGER, errors INTEGER,"
+            " total_s REAL, max_s REAL)"
+        )
+        self._mdb.execute(
             "CREATE TABLE IF NOT EXISTS mount_refs (id TEXT NOT NULL, holder TEXT NOT NULL,"
             " count INTEGER NOT NULL, path TEXT NOT NULL, PRIMARY KEY (id, holder))"
         )
-        self._init_schema()
-        self.catalog = catalog if catalog is not None else discover()
-        self.info, self.driver = self._select_driver()
-        self.pm, self.observer = activate(self.info, self.driver)
-        self._me = (os.getpid(), _proc_start(os.getpid()))
-        self.recover()
+        try:
+            self._init_schema()
+            self.catalog = catalog if catalog is not None else discover()
+            self.info, self.driver = self._select_driver()
+            self.pm, self.observer = activate(self.info, self.driver, self.catalog.observers)
+            self._me = (os.getpid(), _proc_start(os.getpid()))
+            self.recover()
+        except BaseException:
+            self._db.close()
+            self._mdb.close()
+            raise
 
     # -- setup ----------------------------------------------------------------------------------------
     @staticmethod
@@ -260,7 +271,12 @@ class LayerStore:
         for lid, pid, start in rows:
             if _owner_alive(pid, start):
                 continue
-            self.hook.lamina_remove(layer_id=lid)
+            try:
+                self.hook.lamina_remove(layer_id=lid)
+            except (OSError, LaminaError) as e:
+                # Leave the row for a later attempt; the store stays usable meanwhile.
+                log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
+                continue
             with self._tx() as db:
                 db.execute(
                     "DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid IS ?", (lid, pid)
@@ -354,7 +370,10 @@ class LayerStore:
         if depth > MAX_DEPTH:
             raise LayerLimitExceeded(f"layer chain deeper than {MAX_DEPTH} layers")
         stream = DiffStream(
-            src, max_bytes=self.config.limits.max_layer_bytes, hash_compressed=expected_digest is not None
+            src,
+            max_bytes=self.config.limits.max_layer_bytes,
+            max_entries=self.config.limits.max_layer_entries,
+            hash_compressed=expected_digest is not None,
         )
         lid = secrets.token_hex(32)
         pcache = parent_row.cache_id if parent_row else None
@@ -441,17 +460,20 @@ class LayerStore:
         return removed
 
     # -- content --------------------------------------------------------------------------------------
-    def export(self, chain: str) -> BinaryIO:
+    def export(self, chain: str) -> ByteStream:
         layer = self.get(chain)
-        stream = self.hook.lamina_tar_stream(layer_id=layer.cache_id)
+        stream: ByteStream | None = self.hook.lamina_tar_stream(layer_id=layer.cache_id)
         if stream is None:
             raise OperationUnsupported(f"driver {self.info.cls.name!r} cannot stream layers")
-        return stream  # type: ignore[no-any-return]
+        return stream
 
     def changes(self, chain: str) -> list[Change]:
         layer = self.get(chain)
         parent = self.get(layer.parent).cache_id if layer.parent else None
-        return list(self.hook.lamina_changes(layer_id=layer.cache_id, parent=parent))
+        changes = self.hook.lamina_changes(layer_id=layer.cache_id, parent=parent)
+        if changes is None:
+            raise OperationUnsupported(f"driver {self.info.cls.name!r} cannot list changes")
+        return list(changes)
 
     # -- mounts ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -523,12 +545,17 @@ class LayerStore:
     # -- status ---------------------------------------------------------------------------------------
     def disk_usage(self) -> int:
         total = 0
+        seen: set[tuple[int, int]] = set()
         for dirpath, dirnames, filenames in os.walk(self.root / self.info.cls.name):
             for n in filenames + dirnames:
                 try:
                     st = os.lstat(os.path.join(dirpath, n))
                 except FileNotFoundError:
                     continue
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
                 total += st.st_blocks * 512
         return total
 
@@ -546,10 +573,6 @@ class LayerStore:
         if not stats:
             return
         with self._tx(self._mdb) as mdb:
-            mdb.execute(
-                "CREATE TABLE IF NOT EXISTS timings (hook TEXT PRIMARY KEY, calls INTEGER, errors INTEGER,"
-                " total_s REAL, max_s REAL)"
-            )
             for hook, st in stats.items():
                 mdb.execute(
                     "INSERT INTO timings VALUES (?, ?, ?, ?, ?) ON CONFLICT(hook) DO UPDATE SET"

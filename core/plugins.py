@@ -23,7 +23,7 @@ import pluggy
 
 from lamina import hookspecs
 from lamina.driver import Driver, DriverInfo, DriverRegistry
-from lamina.errors import DriverError, DriverNotFound, LaminaError, PluginError
+from lamina.errors import DriverNotFound, LaminaError, PluginError
 
 ENTRY_POINT_GROUP = "lamina.drivers"
 BUILTIN_DRIVERS = ("lamina.drivers.vfs", "lamina.drivers.overlay", "lamina.drivers.tarball")
@@ -41,6 +41,11 @@ class BrokenPlugin:
 class DriverCatalog:
     drivers: dict[str, DriverInfo]
     broken: list[BrokenPlugin]
+    observers: list[tuple[ModuleType, str]] = field(default_factory=list)  # modules wrapping operation hooks
+
+
+REQUIRED_HOOKS = ("lamina_capabilities", "lamina_create", "lamina_apply_diff", "lamina_tar_stream",
+                  "lamina_exists", "lamina_remove")
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -73,10 +78,28 @@ def validate_impls(obj: object, where: str) -> None:
             raise PluginError(f"{where}: hook {attr} takes unknown argument(s) {', '.join(extra)}")
 
 
+def _operation_impls(obj: object) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for name in hookspecs.OPERATION_HOOKS:
+        fn = getattr(obj, name, None)
+        opts = getattr(fn, "lamina_impl", None)
+        if opts is not None:
+            out.append((name, opts))
+    return out
+
+
 def _register_module(pm: pluggy.PluginManager, module: ModuleType, source: str, registry: DriverRegistry) -> None:
     validate_impls(module, source)
+    for name, opts in _operation_impls(module):
+        if not (opts.get("wrapper") or opts.get("hookwrapper")):
+            raise PluginError(
+                f"{source}: module-level {name} must be a wrapper (@hookimpl(wrapper=True)); "
+                "operations belong to driver classes"
+            )
     impl = getattr(module, "lamina_register_drivers", None)
     if impl is None:
+        if _operation_impls(module):
+            return  # an observer-only plugin
         raise PluginError(f"{source}: module {module.__name__} has no lamina_register_drivers hook")
     before = set(registry.drivers)
     registry._current_source = source
@@ -87,7 +110,12 @@ def _register_module(pm: pluggy.PluginManager, module: ModuleType, source: str, 
     except Exception as e:
         raise PluginError(f"{source}: lamina_register_drivers failed: {type(e).__name__}: {e}") from e
     for name in set(registry.drivers) - before:
-        validate_impls(registry.drivers[name].cls, f"{source} (driver {name!r})")
+        cls = registry.drivers[name].cls
+        validate_impls(cls, f"{source} (driver {name!r})")
+        have = {n for n, _ in _operation_impls(cls)}
+        missing = [h for h in REQUIRED_HOOKS if h not in have]
+        if missing:
+            raise PluginError(f"{source}: driver {name!r} lacks required hook(s) {', '.join(missing)}")
 
 
 def discover() -> DriverCatalog:
@@ -95,17 +123,25 @@ def discover() -> DriverCatalog:
     pm = new_manager()
     registry = DriverRegistry()
     broken: list[BrokenPlugin] = []
+    observers: list[tuple[ModuleType, str]] = []
     for modname in BUILTIN_DRIVERS:
         try:
             module = importlib.import_module(modname)
-        except ModuleNotFoundError:
-            continue  # a driver not shipped yet
+        except ModuleNotFoundError as e:
+            if e.name == modname:
+                continue  # not shipped in this build
+            broken.append(BrokenPlugin("lamina", f"{modname}: missing dependency {e.name}",
+                                       [modname.rsplit(".", 1)[-1]]))
+            continue
         snapshot = dict(registry.drivers)
         try:
             _register_module(pm, module, "lamina", registry)
         except LaminaError as e:
             registry.drivers = snapshot
             broken.append(BrokenPlugin("lamina", e.message))
+            continue
+        if _operation_impls(module):
+            observers.append((module, "lamina"))
     if os.environ.get(DISABLE_ENV, "") not in ("1", "true", "yes"):
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             dist = ep.dist.name if ep.dist is not None else ep.value
@@ -124,7 +160,10 @@ def discover() -> DriverCatalog:
             except LaminaError as e:
                 registry.drivers = snapshot
                 broken.append(BrokenPlugin(source, e.message, [ep.name]))
-    return DriverCatalog(registry.drivers, broken)
+                continue
+            if _operation_impls(module):
+                observers.append((module, source))
+    return DriverCatalog(registry.drivers, broken, observers)
 
 
 def lookup(catalog: DriverCatalog, name: str) -> DriverInfo:
@@ -192,8 +231,11 @@ for _hook in hookspecs.OPERATION_HOOKS:
     setattr(TimingObserver, _hook, _make_wrapper(_hook))
 
 
-def activate(info: DriverInfo, driver: Driver) -> tuple[pluggy.PluginManager, TimingObserver]:
-    """A plugin manager whose operation hooks run ``driver``, observed by a timing observer."""
+def activate(
+    info: DriverInfo, driver: Driver, observers: list[tuple[ModuleType, str]] | None = None
+) -> tuple[pluggy.PluginManager, TimingObserver]:
+    """A plugin manager whose operation hooks run ``driver``, wrapped by the timing observer and by
+    every plugin module that wraps operation hooks."""
     pm = new_manager()
     try:
         pm.register(driver, name=f"driver:{info.cls.name}")
@@ -201,13 +243,13 @@ def activate(info: DriverInfo, driver: Driver) -> tuple[pluggy.PluginManager, Ti
         raise PluginError(f"driver {info.cls.name!r} from {info.source} is malformed: {e}") from e
     observer = TimingObserver()
     pm.register(observer, name="lamina:timing")
+    for module, source in observers or []:
+        try:
+            pm.register(module, name=f"observer:{source}:{module.__name__}")
+        except (ValueError, pluggy.PluginValidationError) as e:
+            raise PluginError(f"observer plugin {module.__name__} from {source}: {e}") from e
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as e:
         raise PluginError(f"driver {info.cls.name!r} from {info.source}: {e}") from e
-    missing = [h for h in ("lamina_capabilities", "lamina_create", "lamina_exists", "lamina_remove")
-               if not getattr(pm.hook, h).get_hookimpls() or all(
-                   i.plugin is observer for i in getattr(pm.hook, h).get_hookimpls())]
-    if missing:
-        raise DriverError(f"driver {info.cls.name!r} from {info.source} lacks required hooks: {', '.join(missing)}")
     return pm, observer

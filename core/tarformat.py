@@ -110,7 +110,7 @@ class TarReader:
         self._global: dict[str, bytes] = {}
         self._done = False
         self.entries = 0
-        self._max_entries = max_entries
+        self._max_entries = max_entries or stream.max_entries  # the store's limit unless told otherwise
 
     # -- raw access ---------------------------------------------------------------------------------
     def _raw(self, data: bytes) -> None:

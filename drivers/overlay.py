@@ -40,14 +40,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from lamina.apply import apply_tar
 from lamina.changes import diff_size, diff_tar, entry_differs, tree_changes
 from lamina.compression import DiffStream
-from lamina.driver import Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
-from lamina.fsops import remove_at
+from lamina.fsops import remove_at, rmtree
 from lamina.hookspecs import hookimpl
 from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
 
@@ -489,16 +489,16 @@ class OverlayDriver(Driver):
             self._do_unmount(plan.target)
 
     @hookimpl
-    def lamina_diff(self, layer_id: str, parent: str | None) -> BinaryIO:
+    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
         changes = self.lamina_changes(layer_id, parent)
         if self._native_ok(layer_id, parent):
-            return ExactTarStream(diff_tar(str(self._dir(layer_id) / "diff"), changes), None)  # type: ignore[return-value]
+            return ExactTarStream(diff_tar(str(self._dir(layer_id) / "diff"), changes), None)
 
         def chunks() -> Any:
             with self._view(layer_id) as mine:
                 yield from diff_tar(mine, changes)
 
-        return ExactTarStream(chunks(), None)  # type: ignore[return-value]
+        return ExactTarStream(chunks(), None)
 
     @hookimpl
     def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
@@ -509,12 +509,12 @@ class OverlayDriver(Driver):
             return diff_size(mine, changes)
 
     @hookimpl
-    def lamina_tar_stream(self, layer_id: str) -> BinaryIO:
+    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
         d = self._dir(layer_id)
         record = d / "tarsplit"
         if not record.exists():
             raise LayerNotFound(f"overlay layer {layer_id} has no tar record (a read-write layer?)")
-        return ExactTarStream(assemble(record, d / "diff"), None)  # type: ignore[return-value]
+        return ExactTarStream(assemble(record, d / "diff"), None)
 
     # -- hooks: lifecycle ---------------------------------------------------------------------------
     @hookimpl
@@ -535,7 +535,7 @@ class OverlayDriver(Driver):
                 (self.home / "l" / short).unlink(missing_ok=True)
             os.replace(d, trash)
         if trash.exists():
-            shutil.rmtree(trash)
+            rmtree(trash)
         return True
 
     @hookimpl

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.compression import DiffStream
-from lamina.driver import Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
 from lamina.hookspecs import hookimpl
 from lamina.tarsplit import ExactTarStream
@@ -172,7 +172,7 @@ class TarballDriver(Driver):
         return sorted(out.values())
 
     @hookimpl
-    def lamina_diff(self, layer_id: str, parent: str | None) -> BinaryIO:
+    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
         return self.lamina_tar_stream(layer_id)
 
     @hookimpl
@@ -188,7 +188,7 @@ class TarballDriver(Driver):
         return total
 
     @hookimpl
-    def lamina_tar_stream(self, layer_id: str) -> BinaryIO:
+    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
         path = self._tar(layer_id)
         if not path.exists():
             raise LayerNotFound(f"tarball layer {layer_id} has no archive")
@@ -198,7 +198,7 @@ class TarballDriver(Driver):
                 while chunk := f.read(1 << 20):
                     yield chunk
 
-        return ExactTarStream(chunks(), None)  # type: ignore[return-value]
+        return ExactTarStream(chunks(), None)
 
     @hookimpl
     def lamina_exists(self, layer_id: str) -> bool:

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from lamina.apply import DeleteWhiteouts, apply_tar
 from lamina.changes import diff_size, diff_tar, tree_changes
 from lamina.compression import DiffStream
-from lamina.driver import Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound
+from lamina.fsops import rmtree
 from lamina.hookspecs import hookimpl
 from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
 from lamina.treecopy import copy_tree
@@ -111,20 +111,20 @@ class VfsDriver(Driver):
         return tree_changes(str(self._dir(layer_id)), str(self._dir(parent)) if parent else None)
 
     @hookimpl
-    def lamina_diff(self, layer_id: str, parent: str | None) -> BinaryIO:
+    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
         changes = self.lamina_changes(layer_id, parent)
-        return ExactTarStream(diff_tar(str(self._dir(layer_id)), changes), None)  # type: ignore[return-value]
+        return ExactTarStream(diff_tar(str(self._dir(layer_id)), changes), None)
 
     @hookimpl
     def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
         return diff_size(str(self._dir(layer_id)), self.lamina_changes(layer_id, parent))
 
     @hookimpl
-    def lamina_tar_stream(self, layer_id: str) -> BinaryIO:
+    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
         record = self._record(layer_id)
         if not record.exists():
             raise LayerNotFound(f"vfs layer {layer_id} has no tar record (a read-write layer?)")
-        return ExactTarStream(assemble(record, self._dir(layer_id)), None)  # type: ignore[return-value]
+        return ExactTarStream(assemble(record, self._dir(layer_id)), None)
 
     @hookimpl
     def lamina_exists(self, layer_id: str) -> bool:
@@ -133,14 +133,11 @@ class VfsDriver(Driver):
     @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
-        if d.exists():
-            # Rename first so a half-removed tree is never mistaken for a layer.
-            trash = self.dirs / f".removing-{layer_id}"
-            os.replace(d, trash)
-            shutil.rmtree(trash)
         trash = self.dirs / f".removing-{layer_id}"
+        if d.exists():
+            os.replace(d, trash)  # first, so a half-removed tree is never mistaken for a layer
         if trash.exists():
-            shutil.rmtree(trash)
+            rmtree(trash)
         for p in (self._record(layer_id), Path(str(self._record(layer_id)) + ".sup")):
             p.unlink(missing_ok=True)
         return True
