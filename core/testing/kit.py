@@ -214,7 +214,7 @@ class DriverConformance:
             assert (st.st_uid, st.st_gid) == (7, 8)
 
     def test_deep_chain(self, svc: ImageService, caps: Capabilities) -> None:
-        depth = 130
+        depth = 200
         parent = None
         chains = []
         for i in range(depth):
