@@ -103,7 +103,9 @@ class _Applier:
         whiteouts: WhiteoutStrategy,
         warn: Callable[[str], None],
         reader: TarReader,
+        template: Callable[[str], os.stat_result | None] | None = None,
     ) -> None:
+        self.template = template
         self.root = root
         self.wo = whiteouts
         self.warn = warn
@@ -126,6 +128,30 @@ class _Applier:
         if mode & stat.S_IRWXU != stat.S_IRWXU:
             self.opened[real] = mode
             os.fchmod(fd, mode | stat.S_IRWXU)
+
+    def _denied(self, parent_fd: int, name: str, real: str) -> None:
+        """Without root, walking into an unreadable directory: open it up for this apply."""
+        if self.is_root or real in self.opened:
+            raise PermissionError(13, "Permission denied", real)
+        pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            mode = stat.S_IMODE(os.fstat(pfd).st_mode)
+            os.chmod(f"/proc/self/fd/{pfd}", mode | stat.S_IRWXU)
+        finally:
+            os.close(pfd)
+        self.opened[real] = mode
+
+    def _implicit_dir(self, parent_fd: int, name: str, real: str) -> None:
+        """A directory the archive needs but does not list: shaped like the one it shadows below, if any."""
+        os.mkdir(name, 0o700, dir_fd=parent_fd)
+        lower = self.template(real) if self.template is not None else None
+        if lower is None:
+            os.chmod(name, 0o755, dir_fd=parent_fd)  # explicit: the caller's umask must not shape layers
+            return
+        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        e = Entry(name=real, type=DIR, mode=stat.S_IMODE(lower.st_mode), uid=lower.st_uid, gid=lower.st_gid,
+                  size=0, mtime_ns=lower.st_mtime_ns)
+        self.dirs.append((real, e, (st.st_dev, st.st_ino)))
 
     def _note(self, parent_real: str, name: str) -> None:
         s = self.added.get(parent_real)
@@ -317,6 +343,8 @@ class _Applier:
                 dfd, dreal = self.root.dir(head, create=True)
             except NotADirectoryError as err:
                 raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            if not self.is_root:
+                self._writable(dfd, dreal)
             self.wo.opaque(dfd, self.added.get(dreal, set()))
             self.root.invalidate()
             return
@@ -327,6 +355,8 @@ class _Applier:
         except NotADirectoryError as err:
             raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
         real = f"{preal}/{target}" if preal else target
+        if not self.is_root:
+            self._writable(pfd, preal)
         self._supersede_below(pfd, target, real, lstat_at(pfd, target))
         self.wo.whiteout(pfd, target)
         self.root.invalidate()
@@ -371,15 +401,23 @@ def apply_tar(
     recorder: Recorder | None = None,
     max_entries: int = 0,
     warn: Callable[[str], None] | None = None,
+    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
 ) -> ApplyResult:
     """Apply the tar in ``stream`` to the directory ``target``; read the stream to its end.
+
+    ``implicit_dirs`` serves drivers whose layer directory holds only the diff (overlay): given the
+    layer-relative path of a directory the archive needs but does not list, it returns the stat of the
+    directory that path shadows in the layers below (or None), whose owner, mode and time the new
+    directory then takes, as a copy-up would. Without it such directories are 0755, owned by the caller.
 
     Raises :class:`~lamina.errors.FormatError` subclasses for bad input; the caller owns cleanup of
     ``target`` on failure.
     """
     reader = TarReader(stream, recorder, max_entries=max_entries)
     with Root(target) as root:
-        ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader)
+        ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, implicit_dirs)
+        root.on_denied = ap._denied
+        root.on_mkdir = ap._implicit_dir
         try:
             while True:
                 e = reader.next()

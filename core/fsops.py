@@ -15,8 +15,6 @@ import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Callable
-from types import TracebackType
-from typing import Any
 
 from lamina.errors import UnsafePathError
 
@@ -46,7 +44,17 @@ def normalize(name: str) -> str:
 class Root:
     """A directory tree addressed only through file descriptors."""
 
-    def __init__(self, path: str | os.PathLike[str] | int, cache_size: int = 256) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | int,
+        cache_size: int = 256,
+        on_denied: Callable[[int, str, str], None] | None = None,
+        on_mkdir: Callable[[int, str, str], None] | None = None,
+    ) -> None:
+        """``on_denied(parent_fd, name, real_path)`` may open up a directory a walk was refused; the
+        walk then retries once (used by non-root applies over read-only or unreadable directories)."""
+        self.on_denied = on_denied
+        self.on_mkdir = on_mkdir  # creates a missing directory (parent fd, name, real path) instead of mkdir
         if isinstance(path, int):
             self.fd = os.dup(path)
         else:
@@ -107,12 +115,21 @@ class Root:
                         os.close(stack.pop()[0])
                     continue
                 try:
-                    fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                    try:
+                        fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                    except PermissionError:
+                        if self.on_denied is None:
+                            raise
+                        self.on_denied(cur(), c, "/".join([n for _, n in stack] + [c]))
+                        fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
                 except FileNotFoundError:
                     if not create:
                         raise
                     with contextlib.suppress(FileExistsError):
-                        os.mkdir(c, mode, dir_fd=cur())
+                        if self.on_mkdir is not None:
+                            self.on_mkdir(cur(), c, "/".join([n for _, n in stack] + [c]))
+                        else:
+                            os.mkdir(c, mode, dir_fd=cur())
                     fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
@@ -165,29 +182,30 @@ def lstat_at(dir_fd: int, name: str) -> os.stat_result | None:
         return None
 
 
-def _make_writable(
-    func: Callable[..., Any], path: str, exc_info: tuple[type[BaseException], BaseException, TracebackType]
-) -> None:
-    """rmtree error handler: a read-only directory blocks removal when not root; open it up, retry."""
-    exc = exc_info[1]
-    if not isinstance(exc, PermissionError):
-        raise exc
-    parent = os.path.dirname(path) or "."
-    os.chmod(parent, os.stat(parent, follow_symlinks=False).st_mode | stat.S_IRWXU)
-    if func in (os.rmdir, os.unlink):
-        func(path)
-    else:
-        shutil.rmtree(path, onerror=_make_writable)
+def _open_up(path: str) -> None:
+    """Give the owner rwx on every directory of a tree, reaching unreadable ones through O_PATH."""
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        try:
+            pfd = os.open(p, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError, OSError):
+            continue
+        try:
+            mode = stat.S_IMODE(os.fstat(pfd).st_mode)
+            if mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(f"/proc/self/fd/{pfd}", mode | stat.S_IRWXU)
+        finally:
+            os.close(pfd)
+        with contextlib.suppress(OSError), os.scandir(p) as it:
+            stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
 
 
 def rmtree(path: str | os.PathLike[str]) -> None:
-    """Remove a tree even when it holds read-only directories (a non-root store's layers may)."""
-    if os.geteuid() == 0:
-        shutil.rmtree(path)
-        return
-    with contextlib.suppress(FileNotFoundError):
-        os.chmod(path, os.stat(path, follow_symlinks=False).st_mode | stat.S_IRWXU)
-    shutil.rmtree(path, onerror=_make_writable)
+    """Remove a tree even when it holds read-only or unreadable directories (a non-root store's may)."""
+    if os.geteuid() != 0:
+        _open_up(os.fspath(path))
+    shutil.rmtree(path)
 
 
 def remove_at(dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:

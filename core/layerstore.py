@@ -273,7 +273,7 @@ class LayerStore:
                 continue
             try:
                 self.hook.lamina_remove(layer_id=lid)
-            except (OSError, LaminaError) as e:
+            except Exception as e:
                 # Leave the row for a later attempt; the store stays usable meanwhile.
                 log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
                 continue

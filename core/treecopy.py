@@ -72,6 +72,25 @@ def _xattrs(src: int | str, dst: int | str, *, src_dir: int | None = None, dst_d
                 raise
 
 
+def _open_src_dir(name: str, dir_fd: int) -> tuple[int, int | None]:
+    """Open a source directory; without root, one its owner cannot read is opened up for the copy.
+
+    Returns the fd and the mode to restore (None when nothing was changed).
+    """
+    try:
+        return os.open(name, _DIR, dir_fd=dir_fd), None
+    except PermissionError:
+        if os.geteuid() == 0:
+            raise
+    pfd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        mode = stat.S_IMODE(os.fstat(pfd).st_mode)
+        os.chmod(f"/proc/self/fd/{pfd}", mode | stat.S_IRUSR | stat.S_IXUSR)
+        return os.open(name, _DIR, dir_fd=dir_fd), mode
+    finally:
+        os.close(pfd)
+
+
 def copy_tree(src_path: str, dst_path: str) -> str:
     """Copy the contents of directory ``src_path`` into the existing directory ``dst_path``.
 
@@ -118,10 +137,12 @@ def _copy_dir(
         child_rel = f"{rel}/{name}" if rel else name
         if stat.S_ISDIR(mode):
             os.mkdir(name, 0o700, dir_fd=dfd)
-            csfd = os.open(name, _DIR, dir_fd=sfd)
+            csfd, restore = _open_src_dir(name, sfd)
             cdfd = os.open(name, _DIR, dir_fd=dfd)
             try:
                 _copy_dir(csfd, cdfd, child_rel, stats, is_root, links, dst_root)
+                if restore is not None:
+                    os.fchmod(csfd, restore)
                 _meta_dir(csfd, cdfd, is_root)
             finally:
                 os.close(csfd)
