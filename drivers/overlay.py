@@ -410,9 +410,15 @@ class OverlayDriver(Driver):
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         d = self._dir(layer_id)
         rec = RecordWriter(d / "tarsplit")
+        lowers = _NativeDiff(str(d / "diff"), self._lower_dirs(layer_id), self.opaque_xattr)
+
+        def shadowed(rel: str) -> os.stat_result | None:
+            found = lowers._lower_lookup(rel)
+            return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
+
         try:
             result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), recorder=rec,
-                               warn=log.warning)
+                               warn=log.warning, implicit_dirs=shadowed)
         except BaseException:
             rec.abort()
             raise
