@@ -111,6 +111,10 @@ class _Applier:
         self.warn = warn
         self.reader = reader
         self.is_root = os.geteuid() == 0
+        self.euid, self.egid = os.geteuid(), os.getegid()
+        self.sgid: dict[str, bool] = {}  # parent directory -> set-gid (new files take its group)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
         self.can_mknod = self.is_root
         self.dirs: list[tuple[str, Entry, tuple[int, int]]] = []  # directory metadata applied at the end
         self.opened: dict[str, int] = {}  # non-root: read-only dirs made writable, with their modes
@@ -243,19 +247,25 @@ class _Applier:
             self._writable(pfd, preal)
         real = f"{preal}/{base}" if preal else base
         t = e.type
+        # Create first; only when the name is taken, look at what is there (one syscall in the usual case).
         if t == DIR:
-            self._clear(pfd, base, real, keep_dir=True)
-            if lstat_at(pfd, base) is None:
+            try:
                 os.mkdir(base, 0o700, dir_fd=pfd)
+            except FileExistsError:
+                self._clear(pfd, base, real, keep_dir=True)
+                if lstat_at(pfd, base) is None:
+                    os.mkdir(base, 0o700, dir_fd=pfd)
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
             self.dirs.append((real, e, (st.st_dev, st.st_ino)))
         elif t == REG:
-            self._clear(pfd, base, real, keep_dir=False)
             self._write_file(e, pfd, base, real)
         elif t == SYM:
             check_symlink(real, e.linkname, e.name)  # where the link really is, after resolution
-            self._clear(pfd, base, real, keep_dir=False)
-            os.symlink(e.linkname, base, dir_fd=pfd)
+            try:
+                os.symlink(e.linkname, base, dir_fd=pfd)
+            except FileExistsError:
+                self._clear(pfd, base, real, keep_dir=False)
+                os.symlink(e.linkname, base, dir_fd=pfd)
             self._owner(e, base, pfd, None)
             self._xattrs(e, None, pfd, base)
             os.utime(base, ns=(e.mtime_ns, e.mtime_ns), dir_fd=pfd, follow_symlinks=False)
@@ -266,7 +276,14 @@ class _Applier:
         self._note(preal, base)
 
     def _write_file(self, e: Entry, pfd: int, base: str, real: str) -> None:
-        fd = os.open(base, _WRITE_FLAGS, 0o600, dir_fd=pfd)
+        # Created with its final mode when the umask leaves it alone and no set-id bit needs chown first.
+        direct = e.mode & 0o7000 == 0 and e.mode & self.umask == 0
+        create_mode = e.mode if direct else 0o600
+        try:
+            fd = os.open(base, _WRITE_FLAGS, create_mode, dir_fd=pfd)
+        except FileExistsError:
+            self._clear(pfd, base, real, keep_dir=False)
+            fd = os.open(base, _WRITE_FLAGS, create_mode, dir_fd=pfd)
         try:
             for chunk in self.reader.payload_chunks():
                 view = memoryview(chunk)
@@ -275,13 +292,24 @@ class _Applier:
                     view = view[n:]
             self.reader.record_file(real, e.size)
             self.size += e.size
-            self._owner(e, base, pfd, fd)
-            os.fchmod(fd, e.mode)
-            self._xattrs(e, fd, pfd, base)
+            # A new file is ours already, unless a set-gid parent handed it its group.
+            if e.uid != self.euid or e.gid != self.egid or self._sgid_dir(pfd, real):
+                self._owner(e, base, pfd, fd)
+            if not direct:
+                os.fchmod(fd, e.mode)
+            if e.xattrs:
+                self._xattrs(e, fd, pfd, base)
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         finally:
             os.close(fd)
         self.files.add(real)
+
+    def _sgid_dir(self, pfd: int, real: str) -> bool:
+        parent = real.rpartition("/")[0]
+        known = self.sgid.get(parent)
+        if known is None:
+            known = self.sgid[parent] = bool(os.fstat(pfd).st_mode & stat.S_ISGID)
+        return known
 
     def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
         target = normalize(e.linkname)

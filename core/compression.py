@@ -13,7 +13,7 @@ import bz2
 import hashlib
 import lzma
 from collections.abc import Callable
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from lamina.digest import DiffID, Digest
 from lamina.errors import ArchiveError, DigestMismatch, LimitExceeded
@@ -162,6 +162,47 @@ def _plain_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
     return lambda: raw.read(CHUNK)
 
 
+class _BackgroundHash:
+    """sha256 on a helper thread: hashlib releases the GIL, so hashing overlaps parsing and writing.
+
+    At most 32 chunks wait (bounded memory). The thread ends at :meth:`hexdigest`, or when this object is
+    dropped unfinished (an apply that failed).
+    """
+
+    _DONE = b""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+        import weakref
+
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes] = queue.Queue(maxsize=32)
+        self._t = threading.Thread(target=_hash_worker, args=(self._q, self._h), name="lamina-sha256",
+                                   daemon=True)
+        self._t.start()
+        self._digest: str | None = None
+        weakref.finalize(self, self._q.put, self._DONE)
+
+    def update(self, chunk: bytes) -> None:
+        self._q.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._q.put(self._DONE)
+            self._t.join()
+            self._digest = self._h.hexdigest()
+        return self._digest
+
+
+def _hash_worker(q: Any, h: Any) -> None:
+    while True:
+        chunk = q.get()
+        if not chunk:
+            return
+        h.update(chunk)
+
+
 class DiffStream:
     """A read-once view of a layer's uncompressed tar stream that computes its DiffID as it goes."""
 
@@ -188,7 +229,7 @@ class DiffStream:
             self._next = _stdlib_chunks(self._raw, self.compression)
         else:
             self._next = _plain_chunks(self._raw)
-        self._hash = hashlib.sha256()
+        self._hash = _BackgroundHash()
         self._buf = b""
         self._pos = 0
         self._eof = False

@@ -1,16 +1,15 @@
 """A streaming tar reader for layer diffs.
 
-``tarfile`` is used only to decode single 512-byte header blocks (``TarInfo.frombuf``: checksums, octal
-and base-256 numbers, the ustar prefix). Everything else -- PAX and GNU long-name records, payload
-framing, padding -- is handled here, so every byte of the stream is accounted for: header bytes and
-padding go to a :class:`Recorder` (for byte-exact re-export), payloads go wherever the consumer sends them.
-Nothing here touches the filesystem.
+Everything is decoded here, without ``tarfile``: header blocks (checksums, octal and base-256 numbers,
+the ustar prefix), PAX and GNU long-name records, payload framing and padding. Every byte of the stream
+is accounted for: header bytes and padding go to a :class:`Recorder` (for byte-exact re-export),
+payloads go wherever the consumer sends them. Nothing here touches the filesystem.
 """
 
 from __future__ import annotations
 
 import base64
-import tarfile
+import struct
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,6 +18,7 @@ from lamina.compression import DiffStream
 from lamina.errors import ArchiveError
 
 BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
 
 REG = "0"
 LNK = "1"
@@ -56,6 +56,65 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+
+
+class Header:
+    """One decoded 512-byte header block (ustar, GNU or v7 layout)."""
+
+    __slots__ = ("devmajor", "devminor", "gid", "gname", "linkname", "mode", "mtime", "name", "size", "type",
+                 "uid", "uname")
+
+    def __init__(self, block: bytes) -> None:
+        (name, mode, uid, gid, size, mtime, chksum, typ, linkname, magic, _version, uname, gname, devmajor,
+         devminor, prefix) = _LAYOUT.unpack_from(block)
+        # Checksum first: the sum of all bytes with the checksum field read as spaces (some old
+        # writers summed signed bytes; accept that too).
+        stored = _num(chksum, "checksum")
+        if stored != sum(block) - sum(chksum) + 256:
+            signed = sum(b - 256 if b > 127 else b for b in block) - sum(
+                b - 256 if b > 127 else b for b in chksum) + 256
+            if stored != signed:
+                raise ArchiveError("bad tar header: checksum mismatch")
+        self.name = _str(name)
+        self.mode = _num(mode, "mode")
+        self.uid = _num(uid, "uid")
+        self.gid = _num(gid, "gid")
+        self.size = _num(size, "size")
+        self.mtime = _num(mtime, "mtime")
+        self.type = typ
+        self.linkname = _str(linkname) if linkname[0] else ""
+        self.uname = _str(uname) if uname[0] else ""
+        self.gname = _str(gname) if gname[0] else ""
+        if typ in (b"3", b"4"):
+            self.devmajor = _num(devmajor, "devmajor")
+            self.devminor = _num(devminor, "devminor")
+        else:
+            self.devmajor = self.devminor = 0
+        if magic == b"ustar\0" and prefix[0]:  # POSIX: a prefix completes the name (GNU uses it otherwise)
+            self.name = _str(prefix) + "/" + self.name
+
+
+_LAYOUT = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
+
+
+def _str(field: bytes) -> str:
+    end = field.find(b"\0")
+    return (field if end < 0 else field[:end]).decode("utf-8", "surrogateescape")
+
+
+def _num(field: bytes, what: str) -> int:
+    first = field[0]
+    if first in (0o200, 0o377):  # GNU base-256
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * (len(field) - 1))) if first == 0o377 else n
+    end = field.find(b"\0")
+    text = (field if end < 0 else field[:end]).strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ArchiveError(f"bad tar header: {what} field {field!r} is not a number") from None
 
 
 def _pad(n: int) -> int:
@@ -159,19 +218,19 @@ class TarReader:
         return data
 
     # -- headers ------------------------------------------------------------------------------------
-    def _header(self) -> tarfile.TarInfo | None:
+    def _header(self) -> Header | None:
         block = self._s.read(BLOCK)
         if not block:
             raise ArchiveError("truncated tar stream: no end-of-archive marker")
         if len(block) != BLOCK:
             raise ArchiveError("truncated tar stream: it ends inside a header")
         self._raw(block)
-        if block == bytes(BLOCK):
+        if block == _ZERO_BLOCK:
             return None
         try:
-            return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
-        except tarfile.HeaderError as e:
-            raise ArchiveError(f"bad tar header at entry {self.entries + 1}: {e}") from e
+            return Header(block)
+        except ArchiveError as e:
+            raise ArchiveError(f"entry {self.entries + 1}: {e.message}") from None
 
     def next(self) -> Entry | None:
         if self._done:

@@ -38,7 +38,8 @@ class RecordWriter:
         self.path = os.fspath(path)
         self._f: BinaryIO = igzip.open(self.path, "wb", compresslevel=1)  # type: ignore[no-untyped-call]
         self._f.write(MAGIC)
-        self._raw = bytearray()
+        self._raw = bytearray()  # raw bytes not yet framed
+        self._out = bytearray()  # framed operations not yet compressed
         self._files: dict[str, int] = {}  # path -> index of its latest F operation
         self._index = 0
         self._superseded: dict[int, bytes] = {}
@@ -46,18 +47,33 @@ class RecordWriter:
     def raw(self, data: bytes) -> None:
         self._raw += data
         if len(self._raw) >= _READ:
-            self._flush()
+            self._frame_raw()
+
+    def _frame_raw(self) -> None:
+        if self._raw:
+            self._out += b"R" + _U32.pack(len(self._raw))
+            self._out += self._raw
+            self._raw = bytearray()
+        if len(self._out) >= _READ:
+            self._f.write(self._out)
+            self._out = bytearray()
 
     def _flush(self) -> None:
-        if self._raw:
-            self._f.write(b"R" + _U32.pack(len(self._raw)))
-            self._f.write(self._raw)
-            self._raw = bytearray()
+        self._frame_raw()
+        if self._out:
+            self._f.write(self._out)
+            self._out = bytearray()
 
     def file(self, path: str, size: int) -> None:
-        self._flush()
+        if self._raw:
+            self._out += b"R" + _U32.pack(len(self._raw))
+            self._out += self._raw
+            self._raw = bytearray()
         p = path.encode("utf-8", "surrogateescape")
-        self._f.write(b"F" + _U32.pack(len(p)) + p + _U64.pack(size))
+        self._out += b"F" + _U32.pack(len(p)) + p + _U64.pack(size)
+        if len(self._out) >= _READ:
+            self._f.write(self._out)
+            self._out = bytearray()
         self._files[path] = self._index
         self._index += 1
 

@@ -547,3 +547,20 @@ def test_overlay_xattrs_in_libarchive_form_never_applied(svc: ImageService) -> N
         names = set(os.listxattr(Path(path, "f")))
         assert "trusted.fine" in names
         assert not [n for n in names if ".overlay." in n]
+
+
+def test_files_in_setgid_directories_keep_their_archived_group(tmp_path: Path) -> None:
+    """A new file in a set-gid directory inherits its group; the archive's group must still win."""
+    require_root()
+    from lamina.config import Config
+    from lamina.service import ImageService
+
+    with ImageService.open(Config(root=tmp_path / "r", runroot=tmp_path / "run", driver="vfs")) as svc:
+        base = svc.register_layer(io.BytesIO(TarBuilder().dir("var").dir("var/mail", mode=0o2775, gid=8).build()))
+        child = svc.register_layer(io.BytesIO(
+            TarBuilder().file("var/mail/root", b"x", uid=0, gid=0).file("var/mail/m", b"y", gid=8).build()),
+            base.chain_id)
+        with svc.mounted_layer(child.chain_id) as path:
+            assert os.stat(Path(path, "var/mail")).st_mode & 0o7777 == 0o2775
+            assert os.stat(Path(path, "var/mail/root")).st_gid == 0
+            assert os.stat(Path(path, "var/mail/m")).st_gid == 8
