@@ -12,6 +12,9 @@ from __future__ import annotations
 import bz2
 import hashlib
 import lzma
+import queue
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any, BinaryIO, Protocol
 
@@ -172,10 +175,6 @@ class _BackgroundHash:
     _DONE = b""
 
     def __init__(self) -> None:
-        import queue
-        import threading
-        import weakref
-
         self._h = hashlib.sha256()
         self._q: queue.Queue[bytes] = queue.Queue(maxsize=32)
         self._t = threading.Thread(target=_hash_worker, args=(self._q, self._h), name="lamina-sha256",
