@@ -158,7 +158,8 @@ def info(g: Globals) -> None:
 @format_option
 @click.pass_obj
 def drivers(g: Globals) -> None:
-    """List the storage drivers installed, where they come from and whether they work here."""
+    """List the storage drivers installed, where they come from, whether they work here and what their
+    probes found."""
     from lamina.config import load_config
     from lamina.errors import DriverUnsupported
     from lamina.plugins import discover
@@ -168,20 +169,25 @@ def drivers(g: Globals) -> None:
     rows: list[dict[str, Any]] = []
     for name, info_ in sorted(cat.drivers.items()):
         reason = ""
+        details: list[tuple[str, str]] = []
         try:
             info_.cls.probe(cfg.root / name, cfg.options_for(name))
             ok = True
+            details = info_.cls.probe_details(cfg.root / name, cfg.runroot / name, cfg.options_for(name))
         except DriverUnsupported as e:
             ok, reason = False, e.message
         rows.append({"name": name, "source": info_.source, "supported": ok, "reason": reason,
-                     "description": info_.cls.description})
+                     "description": info_.cls.description, "details": dict(details)})
     for b in cat.broken:
         rows.append({"name": ",".join(b.names) or "?", "source": b.source, "supported": False,
                      "reason": b.error, "description": "broken plugin"})
 
+    def findings(r: dict[str, Any]) -> str:
+        return str(r["reason"]) or "; ".join(f"{k}: {v}" for k, v in r.get("details", {}).items())
+
     _emit(g, rows, lambda: _table(
-        [[r["name"], r["source"], "yes" if r["supported"] else "no", r["reason"]] for r in rows],
-        ["NAME", "SOURCE", "SUPPORTED", "WHY NOT"]))
+        [[r["name"], r["source"], "yes" if r["supported"] else "no", findings(r)] for r in rows],
+        ["NAME", "SOURCE", "SUPPORTED", "WHY NOT / DETAILS"]))
 
 
 @cli.command()

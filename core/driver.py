@@ -76,6 +76,12 @@ class Driver:
         ``home`` may not exist yet; probe its nearest existing ancestor for filesystem features.
         """
 
+    @classmethod
+    def probe_details(cls, home: Path, runhome: Path, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Facts the probe found, for ``lamina drivers`` (kernel features, modes...). Must not create
+        anything; may read what an open store cached under ``runhome``."""
+        return []
+
 
 def existing_ancestor(path: Path) -> Path:
     p = path

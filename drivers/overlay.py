@@ -171,6 +171,24 @@ class OverlayDriver(Driver):
         if err:
             raise DriverUnsupported(f"a test overlay mount failed: {err}; use vfs")
 
+    @classmethod
+    def probe_details(cls, home: Path, runhome: Path, options: Mapping[str, Any]) -> list[tuple[str, str]]:
+        from lamina.mounts import has_new_mount_api
+
+        mode = cls._mode_for(options)
+        prog = cls._mount_program(options) or (shutil.which("fuse-overlayfs") if mode == "fuse" else None)
+        out = [("kernel", os.uname().release), ("mount mode", mode),
+               ("userxattr", "yes" if mode == "userxattr" else "no"),
+               ("mount program", prog or "none (kernel)"),
+               ("mount API", "fsopen/lowerdir+" if mode != "fuse" and has_new_mount_api() else "mount(2)")]
+        try:
+            feats = json.loads((runhome / "features.json").read_text())
+            native = f"{'yes' if feats.get('native_diff') else 'no'} ({feats.get('native_diff_reason')})"
+        except (OSError, ValueError):
+            native = "probed when a store is opened"
+        out.append(("native diff", native))
+        return out
+
     @staticmethod
     def _mode_for(options: Mapping[str, Any]) -> str:
         if options.get("mount_program"):

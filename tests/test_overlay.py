@@ -238,3 +238,23 @@ def test_fuse_overlayfs_mount_program(tmp_path: Path) -> None:
             assert sorted(os.listdir(path)) == ["d"] and sorted(os.listdir(Path(path, "d"))) == ["a", "b"]
         time.sleep(0.1)
         assert path not in _overlay_mounts()
+
+
+def test_probe_findings_and_nested_overlay_refused(tmp_path: Path) -> None:
+    require_root()
+    out = json.loads(lamina_cli("drivers", "--format", "json", root=tmp_path).stdout)
+    overlay = next(r for r in out if r["name"] == "overlay")
+    assert overlay["supported"] and overlay["details"]["kernel"] == os.uname().release
+    assert overlay["details"]["mount mode"] == "kernel" and overlay["details"]["userxattr"] == "no"
+    # a store whose root lies on an overlay mount is refused with a one-line reason
+    for d in ("lower", "upper", "work", "merged"):
+        (tmp_path / d).mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={tmp_path / 'lower'},upperdir={tmp_path / 'upper'},workdir={tmp_path / 'work'}",
+                    str(tmp_path / "merged")], check=True)
+    try:
+        proc = lamina_cli("--driver", "overlay", "layers", root=tmp_path / "merged", check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode != 0 and err.count("\n") == 1 and "itself an overlay" in err and "vfs" in err
+    finally:
+        subprocess.run(["umount", str(tmp_path / "merged")], check=True)
