@@ -421,6 +421,34 @@ class _Applier:
         return fd
 
 
+def apply_recorded(
+    stream: DiffStream,
+    target: str | os.PathLike[str],
+    record: str | os.PathLike[str],
+    *,
+    whiteouts: WhiteoutStrategy | None = None,
+    warn: Callable[[str], None] | None = None,
+    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+) -> ApplyResult:
+    """:func:`apply_tar`, keeping a :mod:`lamina.tarsplit` record at ``record`` for byte-exact export.
+
+    The stream is read to its end (trailing bytes go into the record too); on failure the record is
+    removed and the error propagates.
+    """
+    from lamina.tarsplit import RecordWriter
+
+    rec = RecordWriter(record)
+    try:
+        result = apply_tar(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn,
+                           implicit_dirs=implicit_dirs)
+        stream.drain(rec.raw)
+    except BaseException:
+        rec.abort()
+        raise
+    rec.close()
+    return result
+
+
 def apply_tar(
     stream: DiffStream,
     target: str | os.PathLike[str] | int,

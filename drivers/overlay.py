@@ -42,14 +42,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import apply_tar
+from lamina.apply import apply_recorded
 from lamina.changes import diff_size, diff_tar, entry_differs, tree_changes
 from lamina.compression import DiffStream
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
 from lamina.fsops import remove_at, rmtree
 from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
+from lamina.tarsplit import ExactTarStream, assemble
 
 log = logging.getLogger("lamina.drivers.overlay")
 
@@ -427,21 +427,14 @@ class OverlayDriver(Driver):
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         d = self._dir(layer_id)
-        rec = RecordWriter(d / "tarsplit")
         lowers = _NativeDiff(str(d / "diff"), self._lower_dirs(layer_id), self.opaque_xattr)
 
         def shadowed(rel: str) -> os.stat_result | None:
             found = lowers._lower_lookup(rel)
             return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
 
-        try:
-            result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), recorder=rec,
-                               warn=log.warning, implicit_dirs=shadowed)
-        except BaseException:
-            rec.abort()
-            raise
-        diff.drain(rec.raw)
-        rec.close()
+        result = apply_recorded(diff, d / "diff", d / "tarsplit", whiteouts=OverlayWhiteouts(self.opaque_xattr),
+                                warn=log.warning, implicit_dirs=shadowed)
         return result.size
 
     # -- hooks: mounting ----------------------------------------------------------------------------
@@ -644,6 +637,13 @@ class _NativeDiff:
         self.out.sort(key=lambda c: c.path)
         return self.out
 
+    def _added_subtree(self, parent_fd: int, name: str, path: str) -> None:
+        cfd = os.open(name, _DIR, dir_fd=parent_fd)
+        try:
+            self._added_tree(cfd, path)
+        finally:
+            os.close(cfd)
+
     def _added_tree(self, fd: int, rel: str) -> None:
         with os.scandir(fd) as it:
             entries = list(it)
@@ -654,11 +654,7 @@ class _NativeDiff:
             path = f"{rel}/{e.name}"
             self.out.append(Change(path, "A"))
             if stat.S_ISDIR(st.st_mode):
-                cfd = os.open(e.name, _DIR, dir_fd=fd)
-                try:
-                    self._added_tree(cfd, path)
-                finally:
-                    os.close(cfd)
+                self._added_subtree(fd, e.name, path)
 
     def _walk(self, fd: int, rel: str, opaque: bool) -> bool:
         start = len(self.out)
@@ -675,11 +671,7 @@ class _NativeDiff:
             if low is None:
                 self.out.append(Change(path, "A"))
                 if stat.S_ISDIR(st.st_mode):
-                    cfd = os.open(name, _DIR, dir_fd=fd)
-                    try:
-                        self._added_tree(cfd, path)
-                    finally:
-                        os.close(cfd)
+                    self._added_subtree(fd, name, path)
                 continue
             ldir, lst = low
             lparent = os.open(os.path.dirname(os.path.join(ldir, key)) or ldir, _DIR)
@@ -700,11 +692,7 @@ class _NativeDiff:
             if stat.S_ISDIR(st.st_mode) != stat.S_ISDIR(lst.st_mode):
                 self.out.append(Change(path, "C"))
                 if stat.S_ISDIR(st.st_mode):
-                    cfd = os.open(name, _DIR, dir_fd=fd)
-                    try:
-                        self._added_tree(cfd, path)
-                    finally:
-                        os.close(cfd)
+                    self._added_subtree(fd, name, path)
                 continue
             if differs:
                 self.out.append(Change(path, "C"))

@@ -18,14 +18,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import DeleteWhiteouts, apply_tar
+from lamina.apply import DeleteWhiteouts, apply_recorded
 from lamina.changes import diff_size, diff_tar, tree_changes
 from lamina.compression import DiffStream
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound
 from lamina.fsops import rmtree
 from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
+from lamina.tarsplit import ExactTarStream, assemble
 from lamina.treecopy import copy_tree
 
 log = logging.getLogger("lamina.drivers.vfs")
@@ -83,16 +83,8 @@ class VfsDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        rec = RecordWriter(self._record(layer_id))
-        try:
-            result = apply_tar(
-                diff, self._dir(layer_id), whiteouts=DeleteWhiteouts(), recorder=rec, warn=log.warning
-            )
-        except BaseException:
-            rec.abort()
-            raise
-        diff.drain(rec.raw)  # trailing bytes belong to the exact stream too
-        rec.close()
+        result = apply_recorded(diff, self._dir(layer_id), self._record(layer_id), whiteouts=DeleteWhiteouts(),
+                                warn=log.warning)
         return result.size
 
     @hookimpl

@@ -42,13 +42,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import DeleteWhiteouts, apply_tar
+from lamina.apply import DeleteWhiteouts, apply_recorded
 from lamina.changes import diff_size, diff_tar, tree_changes
 from lamina.driver import ByteStream, Capabilities, Change, DiffStream, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
 from lamina.fsops import rmtree
 from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, RecordWriter, assemble
+from lamina.tarsplit import ExactTarStream, assemble
 from lamina.treecopy import copy_tree
 
 __all__ = ["HardlinkDriver", "lamina_register_drivers"]
@@ -167,17 +167,9 @@ class HardlinkDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        rec = RecordWriter(self._record(layer_id))
-        try:
-            result = apply_tar(diff, self._dir(layer_id), whiteouts=DeleteWhiteouts(), recorder=rec,
-                               warn=log.warning)
-        except BaseException:
-            rec.abort()
-            raise
-        # apply_tar reads to the end of the stream and records the trailing bytes; whatever might still
-        # be unread belongs in the record too, or the export would not reproduce the DiffID.
-        diff.drain(rec.raw)
-        rec.close()
+        # Unpacks safely and keeps the tar-split record that makes the export byte-exact.
+        result = apply_recorded(diff, self._dir(layer_id), self._record(layer_id), whiteouts=DeleteWhiteouts(),
+                                warn=log.warning)
         return result.size
 
     # -- mounting -------------------------------------------------------------------------------------
