@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import struct
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from lamina.errors import ArchiveError
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
+_PIECE = 1 << 20
 
 REG = "0"
 LNK = "1"
@@ -196,14 +198,16 @@ class TarReader:
             self._pending_pad = 0
 
     # -- payload ------------------------------------------------------------------------------------
-    def payload_chunks(self) -> list[bytes]:
-        """The whole payload of the current entry, as slices (recorded as stored in the layer)."""
-        n = self._pending
-        parts = self._s.read_chunks(n) if n else []
-        if parts is None:
-            raise ArchiveError("truncated tar stream: it ends inside a file's contents")
-        self._pending = 0
-        return parts
+    def payload_chunks(self) -> Iterator[bytes]:
+        """The payload of the current entry, in pieces of at most 1 MiB read as they are consumed, so a
+        file of any size costs bounded memory. Consume it whole (it is then recorded as stored)."""
+        while self._pending:
+            parts = self._s.read_chunks(min(self._pending, _PIECE))
+            if parts is None:
+                raise ArchiveError("truncated tar stream: it ends inside a file's contents")
+            for part in parts:
+                self._pending -= len(part)
+                yield part
 
     def record_file(self, path: str, size: int) -> None:
         if self._rec is not None:
