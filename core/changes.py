@@ -11,17 +11,11 @@ import os
 import stat
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from lamina.driver import Change
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKIP_XATTR = ("trusted.overlay.", "user.overlay.")
-
-
-@dataclass(frozen=True)
-class _Node:
-    st: os.stat_result
 
 
 def xattrs_of(dfd: int, name: str, st: os.stat_result) -> dict[str, bytes]:

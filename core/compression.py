@@ -1,7 +1,7 @@
 """Decompress-and-verify streams.
 
-:func:`open_diff_stream` sniffs the compression of a layer blob by its magic bytes (gzip, zstd, xz,
-bzip2 or none) and returns a :class:`DiffStream`: a reader of the *uncompressed* tar that hashes what
+:class:`DiffStream` sniffs the compression of a layer blob by its magic bytes (gzip, zstd, xz,
+bzip2 or none) and is a reader of the *uncompressed* tar that hashes what
 passes through it (the DiffID), optionally hashes the *compressed* bytes too (the blob digest), and stops
 at the configured byte limit. Errors of the underlying decompressors are translated into
 :class:`~lamina.errors.ArchiveError` so no raw ``EOFError``/``OSError`` escapes.
@@ -16,7 +16,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from lamina.digest import DiffID, Digest
 from lamina.errors import ArchiveError, DigestMismatch, LimitExceeded
@@ -302,10 +302,6 @@ class DiffStream:
     @property
     def compressed_size(self) -> int:
         return self._raw.count
-
-
-def open_diff_stream(src: BinaryIO | Readable, **kw: object) -> DiffStream:
-    return DiffStream(src, **kw)  # type: ignore[arg-type]
 
 
 def verify(actual: str, expected: str | None, what: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +115,3 @@ class DriverRegistry:
             )
         self.drivers[name] = DriverInfo(cls, self._current_source)
 
-
-def running_as_root() -> bool:
-    return os.geteuid() == 0

@@ -232,11 +232,3 @@ def clear_dir(dir_fd: int, keep: set[str] | frozenset[str] = frozenset()) -> Non
     for name in os.listdir(dir_fd):
         if name not in keep:
             remove_at(dir_fd, name)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,7 +7,6 @@ says it cannot work here is skipped with the probe's reason.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import tarfile
@@ -322,6 +321,3 @@ class DriverConformance:
         with pytest.raises(LaminaError):
             export_bytes(svc, layer.chain_id)
 
-
-def content_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
