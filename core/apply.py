@@ -186,8 +186,7 @@ class _Applier:
 
     def _supersede(self, pfd: int, base: str, real: str) -> None:
         # A file this layer wrote earlier is being replaced: its payload must stay in the record.
-        rec = getattr(self.reader, "_rec", None)
-        keep = getattr(rec, "supersede", None)
+        keep = getattr(self.reader.recorder, "supersede", None)  # optional: tarsplit.RecordWriter has it
         if keep is not None:
             fd = os.open(base, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:

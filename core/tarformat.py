@@ -165,7 +165,7 @@ class TarReader:
 
     def __init__(self, stream: DiffStream, recorder: Recorder | None = None, max_entries: int = 0) -> None:
         self._s = stream
-        self._rec = recorder
+        self.recorder = recorder
         self._pending = 0  # payload bytes of the current entry not yet consumed
         self._pending_pad = 0
         self._global: dict[str, bytes] = {}
@@ -175,8 +175,8 @@ class TarReader:
 
     # -- raw access ---------------------------------------------------------------------------------
     def _raw(self, data: bytes) -> None:
-        if self._rec is not None and data:
-            self._rec.raw(data)
+        if self.recorder is not None and data:
+            self.recorder.raw(data)
 
     def _read_exact(self, n: int, what: str) -> bytes:
         data = self._s.read(n)
@@ -210,8 +210,8 @@ class TarReader:
                 yield part
 
     def record_file(self, path: str, size: int) -> None:
-        if self._rec is not None:
-            self._rec.file(path, size)
+        if self.recorder is not None:
+            self.recorder.file(path, size)
 
     def payload_bytes(self, limit: int) -> bytes:
         """The payload of a small entry (e.g. a PAX record), kept inline in the record."""

@@ -48,32 +48,25 @@ class RecordWriter:
         self._raw += data
         if len(self._raw) >= _READ:
             self._frame_raw()
+            self._spill(_READ)
 
     def _frame_raw(self) -> None:
         if self._raw:
             self._out += b"R" + _U32.pack(len(self._raw))
             self._out += self._raw
             self._raw = bytearray()
-        if len(self._out) >= _READ:
-            self._f.write(self._out)
-            self._out = bytearray()
 
-    def _flush(self) -> None:
-        self._frame_raw()
-        if self._out:
+    def _spill(self, at_least: int) -> None:
+        """Compress the framed operations once ``at_least`` bytes of them are waiting."""
+        if self._out and len(self._out) >= at_least:
             self._f.write(self._out)
             self._out = bytearray()
 
     def file(self, path: str, size: int) -> None:
-        if self._raw:
-            self._out += b"R" + _U32.pack(len(self._raw))
-            self._out += self._raw
-            self._raw = bytearray()
+        self._frame_raw()
         p = path.encode("utf-8", "surrogateescape")
         self._out += b"F" + _U32.pack(len(p)) + p + _U64.pack(size)
-        if len(self._out) >= _READ:
-            self._f.write(self._out)
-            self._out = bytearray()
+        self._spill(_READ)
         self._files[path] = self._index
         self._index += 1
 
@@ -84,7 +77,8 @@ class RecordWriter:
             self._superseded[idx] = f.read()
 
     def close(self) -> None:
-        self._flush()
+        self._frame_raw()
+        self._spill(1)
         self._f.close()
         if self._superseded:
             with open(self.path + ".sup", "wb") as s:

@@ -134,6 +134,8 @@ def _copy_dir(
         name = ent.name
         st = ent.stat(follow_symlinks=False)
         mode = st.st_mode
+        if stat.S_ISSOCK(mode):
+            continue  # sockets are not layer content
         child_rel = f"{rel}/{name}" if rel else name
         if stat.S_ISDIR(mode):
             os.mkdir(name, 0o700, dir_fd=dfd)
@@ -178,9 +180,7 @@ def _copy_dir(
             continue
         if stat.S_ISLNK(mode):
             os.symlink(os.readlink(name, dir_fd=sfd), name, dir_fd=dfd)
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-            if stat.S_ISSOCK(mode):
-                continue  # sockets are not layer content
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
             os.mknod(name, stat.S_IFMT(mode) | 0o600, st.st_rdev, dir_fd=dfd)
         else:
             continue
