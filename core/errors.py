@@ -18,13 +18,22 @@ traceback.
     │   ├── LayerNotFound
     │   ├── LayerInUse              removal refused: references or children remain
     │   ├── StoreLocked             could not take the store lock in time
-    │   └── LayerLimitExceeded      parent chain too deep
+    │   ├── LayerLimitExceeded      parent chain too deep
+    │   └── BlobNotFound            the content store lacks a blob
     ├── FormatError                 bad input data
     │   ├── ArchiveError            tar or compression stream is corrupt, truncated or hostile
     │   ├── UnsafePathError         a name escapes the layer root or is otherwise unacceptable
     │   ├── LimitExceeded           decompression bomb guard tripped
     │   └── DigestError             malformed digest
-    │       └── DigestMismatch      content does not hash to the expected digest
+    │   │   └── DigestMismatch      content does not hash to the expected digest
+    │   └── InvalidDocument         malformed, mistyped or oversized manifest/index/config
+    ├── ImageError                  images and their names
+    │   ├── InvalidReference        a name that breaks the reference grammar
+    │   ├── InvalidChange           a --change instruction that cannot be applied
+    │   ├── ImageNotFound
+    │   │   └── AmbiguousImage      a truncated ID matching several images
+    │   ├── ImageConflict           removal refused: something still needs the image
+    │   └── PlatformNotFound        no manifest for the requested platform
     └── ExportError                 a layer's stored content no longer reproduces its DiffID
 """
 
@@ -117,3 +126,39 @@ class DigestMismatch(DigestError):
 
 class ExportError(LaminaError):
     pass
+
+
+class InvalidDocument(FormatError):
+    """A manifest, index or config that is malformed, of the wrong media type, or too large."""
+
+
+class ImageError(LaminaError):
+    pass
+
+
+class InvalidReference(ImageError):
+    """A name, tag or digest reference that does not follow the reference grammar."""
+
+
+class InvalidChange(ImageError):
+    """A ``--change`` instruction lamina cannot apply to an image config."""
+
+
+class ImageNotFound(ImageError):
+    pass
+
+
+class AmbiguousImage(ImageNotFound):
+    """A truncated ID that matches more than one image."""
+
+
+class ImageConflict(ImageError):
+    """An image cannot be removed or untagged because something still needs it."""
+
+
+class PlatformNotFound(ImageError):
+    """No manifest in an index matches the requested platform."""
+
+
+class BlobNotFound(StoreError):
+    """The content store has no blob with the requested digest."""
