@@ -24,7 +24,7 @@ traceback.
     │   ├── ArchiveError            tar or compression stream is corrupt, truncated or hostile
     │   ├── UnsafePathError         a name escapes the layer root or is otherwise unacceptable
     │   ├── LimitExceeded           decompression bomb guard tripped
-    │   └── DigestError             malformed digest
+    │   ├── DigestError             malformed digest
     │   │   └── DigestMismatch      content does not hash to the expected digest
     │   └── InvalidDocument         malformed, mistyped or oversized manifest/index/config
     ├── ImageError                  images and their names
