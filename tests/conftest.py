@@ -17,6 +17,8 @@ import pytest
 
 from lamina.testing.helpers import in_ci
 
+pytest_plugins = ["image_fixtures"]  # fixtures of images written by umoci and skopeo
+
 _TOOL_SKIP_PREFIXES = ("requires root", "requires ")
 
 
