@@ -15,7 +15,7 @@ import lzma
 import queue
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from lamina.digest import DiffID, Digest
@@ -307,3 +307,24 @@ class DiffStream:
 def verify(actual: str, expected: str | None, what: str) -> None:
     if expected is not None and actual != expected:
         raise DigestMismatch(f"{what} digest mismatch: expected {expected}, got {actual}")
+
+
+GZIP_LEVEL = 1  # pinned: recompressed layers must come out byte-identical every time
+_GZIP_HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"  # no name, mtime 0, OS unknown
+
+
+def deterministic_gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Gzip a stream the same way every time: fixed header, pinned level (ISA-L deflate)."""
+    from isal import isal_zlib
+
+    comp = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, -15)
+    crc = 0
+    size = 0
+    yield _GZIP_HEADER
+    for chunk in chunks:
+        crc = isal_zlib.crc32(chunk, crc)
+        size += len(chunk)
+        out = comp.compress(chunk)
+        if out:
+            yield out
+    yield comp.flush() + crc.to_bytes(4, "little") + (size & 0xFFFFFFFF).to_bytes(4, "little")

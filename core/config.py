@@ -15,6 +15,11 @@
     [storage.options.overlay]           # handed to the driver as is
     mountopt = "nodev"
 
+    [images]
+    keep_layer_blobs = true             # false: drop compressed layer blobs after apply to save disk;
+                                        # saved images then get deterministically recompressed layers,
+                                        # so their compressed digests (and manifest digest) change
+
 Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HOME/lamina/storage.toml``
 (the first that exists wins). Explicit arguments (CLI flags) beat ``$LAMINA_DRIVER``, which beats the file.
 """
@@ -48,6 +53,7 @@ class Config:
     driver_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     source: Path | None = None
+    keep_layer_blobs: bool = True
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -109,16 +115,26 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from e
-    unknown_tables = sorted(set(data) - {"storage"})
+    unknown_tables = sorted(set(data) - {"storage", "images"})
     if unknown_tables:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage]")
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage] and [images]")
+    images = data.get("images", {})
+    _expect(images, dict, f"{where}: [images]")
+    unknown = sorted(set(images) - {"keep_layer_blobs"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [images]: {', '.join(unknown)}")
+    if "keep_layer_blobs" in images:
+        _expect(images["keep_layer_blobs"], bool, f"{where}: images.keep_layer_blobs")
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
     known = {"driver", "root", "runroot", "driver_priority", "options", "limits"}
     unknown = sorted(set(storage) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [storage]: {', '.join(unknown)}")
-    return dict(storage)
+    out = dict(storage)
+    if "keep_layer_blobs" in images:
+        out["keep_layer_blobs"] = images["keep_layer_blobs"]
+    return out
 
 
 def load_config(
@@ -186,6 +202,7 @@ def load_config(
         driver_options={k: dict(v) for k, v in options.items()},
         limits=limits,
         source=source,
+        keep_layer_blobs=bool(storage.get("keep_layer_blobs", True)),
     )
 
 

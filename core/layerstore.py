@@ -263,7 +263,7 @@ class LayerStore:
 
     # -- recovery -------------------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """Finish off operations of dead processes; return the CacheIDs cleaned."""
+        """Finish off operations of dead processes (and drop their leases); return the CacheIDs cleaned."""
         rows = self._db.execute(
             "SELECT id, owner_pid, owner_start FROM layers WHERE state != 'committed'"
         ).fetchall()
@@ -282,6 +282,15 @@ class LayerStore:
                     "DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid IS ?", (lid, pid)
                 )
             cleaned.append(lid)
+        dead = {
+            pid for pid, start in self._db.execute(
+                "SELECT DISTINCT owner_pid, owner_start FROM layers WHERE state='committed' AND owner_pid IS NOT NULL"
+            ).fetchall() if not _owner_alive(pid, start)
+        }
+        for pid in sorted(dead):
+            with self._tx() as db:
+                ids = self.clear_leases(db, pid)
+            self.collect(ids)
         self._reclaim_mounts()
         return cleaned
 
@@ -363,8 +372,14 @@ class LayerStore:
         *,
         expected_diff_id: str | None = None,
         expected_digest: str | None = None,
+        lease: bool = False,
     ) -> Layer:
-        """Apply a (possibly compressed) layer tar on ``parent`` and commit it; one new reference."""
+        """Apply a (possibly compressed) layer tar on ``parent`` and commit it; one new reference.
+
+        With ``lease`` the layer gets no reference but a lease held by this process instead (see
+        :meth:`end_leases`): image loads stack leased layers and then reference the top one, in the
+        same transaction that commits the image.
+        """
         parent_row = self.get(parent) if parent else None
         depth = parent_row.depth + 1 if parent_row else 1
         if depth > MAX_DEPTH:
@@ -400,14 +415,18 @@ class LayerStore:
                 existing = db.execute(
                     "SELECT id FROM layers WHERE chain_id=? AND state='committed'", (chain,)
                 ).fetchone()
+                owner = self._me if lease else (None, None)
                 if existing is None:
                     db.execute(
                         "UPDATE layers SET state='committed', chain_id=?, diff_id=?, size=?, tar_size=?,"
-                        " compression=?, compressed_digest=?, refs=1, owner_pid=NULL, owner_start=NULL"
+                        " compression=?, compressed_digest=?, refs=?, owner_pid=?, owner_start=?"
                         " WHERE id=?",
                         (chain, diff_id, int(size or 0), stream.size, stream.compression,
-                         stream.compressed_digest, lid),
+                         stream.compressed_digest, 0 if lease else 1, *owner, lid),
                     )
+                elif lease:
+                    self._lease(db, existing[0])
+                    db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
                 else:
                     db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (existing[0],))
                     db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
@@ -425,28 +444,61 @@ class LayerStore:
             with self._tx() as db:
                 db.execute("DELETE FROM layers WHERE id=? AND state != 'committed'", (lid,))
 
-    # -- references and removal -----------------------------------------------------------------------
-    def retain(self, chain: str) -> Layer:
-        layer = self.get(chain)
-        with self._tx() as db:
-            db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (layer.cache_id,))
-        return self.get(chain)
+    # -- leases ---------------------------------------------------------------------------------------
+    def _lease(self, db: sqlite3.Connection, lid: str) -> None:
+        db.execute(
+            "UPDATE layers SET owner_pid=?, owner_start=? WHERE id=? AND state='committed' AND refs=0",
+            (self._me[0], self._me[1], lid),
+        )
 
-    def release(self, chain: str) -> list[ChainID]:
-        """Drop one reference; delete the layer (and parents nobody needs) when none remain."""
+    def lease(self, chain: str) -> Layer:
+        """Keep an existing layer alive for this process until :meth:`end_leases`, without a reference."""
         layer = self.get(chain)
-        removed: list[ChainID] = []
         with self._tx() as db:
-            if layer.refs <= 1 and self.children(layer.cache_id):
-                raise LayerInUse(f"layer {chain} has child layers; remove them first")
-            if self.mount_count(layer.cache_id):
-                raise LayerInUse(f"layer {chain} is mounted")
-            db.execute("UPDATE layers SET refs=MAX(refs-1, 0) WHERE id=?", (layer.cache_id,))
-        cur: Layer | None = layer
+            self._lease(db, layer.cache_id)
+        return layer
+
+    def clear_leases(self, db: sqlite3.Connection, pid: int | None = None) -> list[str]:
+        """Inside a caller's transaction: drop the leases of ``pid`` (this process by default).
+
+        Returns the CacheIDs that are now unreferenced and childless; :meth:`collect` removes them.
+        """
+        pid = self._me[0] if pid is None else pid
+        rows = db.execute(
+            "SELECT id FROM layers WHERE state='committed' AND owner_pid=?", (pid,)
+        ).fetchall()
+        db.execute("UPDATE layers SET owner_pid=NULL, owner_start=NULL WHERE state='committed' AND owner_pid=?", (pid,))
+        return [r[0] for r in rows]
+
+    def end_leases(self) -> list[ChainID]:
+        """Drop this process's leases and remove the layers nothing else keeps."""
+        with self._tx() as db:
+            ids = self.clear_leases(db)
+        return self.collect(ids)
+
+    def collect(self, cache_ids: list[str]) -> list[ChainID]:
+        """Remove those of ``cache_ids`` (and then their parents) that have no reference, child or live lease."""
+        removed: list[ChainID] = []
+        for lid in cache_ids:
+            row = self._db.execute(
+                "SELECT chain_id FROM layers WHERE id=? AND state='committed'", (lid,)
+            ).fetchone()
+            if row is not None:
+                removed += self._remove_unused(self.get(row[0]))
+        return removed
+
+    def _remove_unused(self, layer: Layer | None) -> list[ChainID]:
+        removed: list[ChainID] = []
+        cur = layer
         while cur is not None:
             with self._tx() as db:
-                row = db.execute("SELECT refs, parent FROM layers WHERE id=?", (cur.cache_id,)).fetchone()
-                if row is None or row[0] > 0 or self.children(cur.cache_id):
+                row = db.execute(
+                    "SELECT refs, parent, owner_pid, owner_start FROM layers WHERE id=? AND state='committed'",
+                    (cur.cache_id,),
+                ).fetchone()
+                if row is None or row[0] > 0 or self.children(cur.cache_id) or self.mount_count(cur.cache_id):
+                    break
+                if row[2] is not None and _owner_alive(row[2], row[3]):
                     break
                 db.execute(
                     "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=?",
@@ -458,6 +510,39 @@ class LayerStore:
             removed.append(cur.chain_id)
             cur = self.get(cur.parent) if cur.parent else None
         return removed
+
+    # -- references and removal -----------------------------------------------------------------------
+    def retain(self, chain: str) -> Layer:
+        layer = self.get(chain)
+        with self._tx() as db:
+            db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (layer.cache_id,))
+        return self.get(chain)
+
+    def release(self, chain: str) -> list[ChainID]:
+        """Drop one reference; delete the layer (and parents nobody needs) when none remain."""
+        layer = self.get(chain)
+        with self._tx() as db:
+            if layer.refs <= 1 and self.children(layer.cache_id):
+                raise LayerInUse(f"layer {chain} has child layers; remove them first")
+            if self.mount_count(layer.cache_id):
+                raise LayerInUse(f"layer {chain} is mounted")
+            db.execute("UPDATE layers SET refs=MAX(refs-1, 0) WHERE id=?", (layer.cache_id,))
+        return self._remove_unused(layer)
+
+    def unreference(self, db: sqlite3.Connection, chain: str) -> str:
+        """Inside a caller's transaction: drop one reference without removing anything; returns the CacheID
+        to hand to :meth:`collect` once the transaction is committed."""
+        row = db.execute("SELECT id FROM layers WHERE chain_id=? AND state='committed'", (chain,)).fetchone()
+        if row is None:
+            raise LayerNotFound(f"layer {chain} not found")
+        db.execute("UPDATE layers SET refs=MAX(refs-1, 0) WHERE id=?", (row[0],))
+        return str(row[0])
+
+    def reference(self, db: sqlite3.Connection, chain: str) -> None:
+        """Inside a caller's transaction: take one reference on a committed layer."""
+        cur = db.execute("UPDATE layers SET refs=refs+1 WHERE chain_id=? AND state='committed'", (chain,))
+        if cur.rowcount != 1:
+            raise LayerNotFound(f"layer {chain} was removed")
 
     # -- content --------------------------------------------------------------------------------------
     def export(self, chain: str) -> ByteStream:

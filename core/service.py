@@ -1,7 +1,7 @@
 """``ImageService``: the public entry point to a lamina store.
 
-Method names follow Docker's ImageService in snake_case. This module covers the layer store; images,
-containers and registries build on it.
+Method names follow Docker's ImageService in snake_case. It covers the layer store and the image store
+(load, save, import, names, listing, deletion); containers and registries build on it.
 
     >>> from lamina import ImageService
     >>> with ImageService.open(root="/tmp/store", driver="vfs") as svc:      # doctest: +SKIP
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.compression import Readable
 from lamina.config import Config, load_config
@@ -22,10 +22,26 @@ from lamina.driver import Capabilities, Change
 from lamina.layerstore import Layer, LayerStore
 from lamina.plugins import DriverCatalog
 
+if TYPE_CHECKING:
+    from lamina.images import Image, ImageSummary
+    from lamina.imagestore import ImageStore
+    from lamina.oci import Platform
+    from lamina.transfer import Loaded, ProgressFn
+
 
 class ImageService:
     def __init__(self, store: LayerStore) -> None:
         self._layers = store
+        self._images_store: ImageStore | None = None
+
+    @property
+    def image_store(self) -> ImageStore:
+        """The image store (created on first use, so layer-only commands stay lean)."""
+        if self._images_store is None:
+            from lamina.imagestore import ImageStore
+
+            self._images_store = ImageStore(self._layers)
+        return self._images_store
 
     @classmethod
     def open(
@@ -114,8 +130,13 @@ class ImageService:
         return self._layers.retain(chain)
 
     def release_layer(self, ref: str) -> list[str]:
-        """Drop one reference; returns the ChainIDs removed as a result."""
+        """Drop one reference; returns the ChainIDs removed as a result. References images hold are refused."""
+        from lamina.errors import LayerInUse
+
         layer = self._layers.find(ref)
+        users = self.image_store.images_on(layer.chain_id)
+        if users and layer.refs <= len(users):
+            raise LayerInUse(f"layer {layer.chain_id} is used by image {users[0]}; remove the image instead")
         return list(self._layers.release(layer.chain_id))
 
     def export_layer(self, ref: str) -> BinaryIO:
@@ -160,3 +181,90 @@ class ImageService:
     @property
     def layer_store(self) -> LayerStore:
         return self._layers
+
+    # -- images ---------------------------------------------------------------------------------------
+    def get_image(self, ref: str) -> Image:
+        """An image by name (``busybox``, ``host/repo:tag``, ``repo@sha256:...``), ID or ID prefix (≥ 3 hex)."""
+        from lamina import images
+
+        return images.get_image(self.image_store, ref)
+
+    def images(self, filters: dict[str, list[str]] | None = None, all: bool = False) -> list[ImageSummary]:
+        """Image summaries, newest first; filters ``dangling``, ``label``, ``before``, ``since``, ``reference``."""
+        from lamina import images
+
+        return images.list_images(self.image_store, filters or {}, all)
+
+    def count_images(self) -> int:
+        return self.image_store.count()
+
+    def children(self, ref: str) -> list[str]:
+        return self.image_store.children(self.get_image(ref).id)
+
+    def inspect_image(self, ref: str) -> dict[str, Any]:
+        """Docker-inspect-like details of an image."""
+        from lamina import images
+
+        return images.inspect(self.image_store, self.get_image(ref))
+
+    def get_image_manifest(self, ref: str) -> dict[str, Any] | None:
+        """The descriptor of the manifest an image was loaded with (None when it came without one)."""
+        img = self.get_image(ref)
+        if not img.record.manifests:
+            return None
+        m = img.record.manifests[0]
+        return {"mediaType": m.media_type, "digest": m.digest, "size": self.image_store.content.size(m.digest)}
+
+    def image_history(self, ref: str) -> list[dict[str, Any]]:
+        from lamina import images
+
+        return images.history(self.image_store, self.get_image(ref))
+
+    def tag_image(self, ref: str, new_name: str) -> str:
+        """Give an image another name; returns the normalized name."""
+        from lamina import images
+
+        return images.tag(self.image_store, self.get_image(ref), new_name)
+
+    def untag_image(self, ref: str, name: str) -> list[dict[str, str]]:
+        """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
+        from lamina import images
+
+        return images.untag(self.image_store, self.get_image(ref), name)
+
+    def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
+        """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries."""
+        from lamina import images
+
+        return images.delete(self.image_store, ref, force=force, prune=prune)
+
+    def load_image(
+        self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None
+    ) -> list[Loaded]:
+        """Load every image of a docker-archive or OCI layout (directory or tar)."""
+        from lamina import transfer
+
+        return transfer.load(
+            self.image_store, path, platform=platform, keep_layer_blobs=self.config.keep_layer_blobs,
+            progress=progress,
+        )
+
+    def export_image(self, refs: list[str], path: str | os.PathLike[str], format: str = "docker-archive") -> None:
+        """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``."""
+        from lamina import images
+
+        images.save(self, refs, path, format)
+
+    def import_image(
+        self,
+        stream: BinaryIO | Readable,
+        ref: str | None = None,
+        *,
+        changes: list[str] | None = None,
+        message: str = "",
+        platform: Platform | None = None,
+    ) -> Image:
+        """A one-layer image from a root filesystem tar (any compression lamina reads)."""
+        from lamina import images
+
+        return images.import_rootfs(self.image_store, stream, ref, changes or [], message, platform)

@@ -1,0 +1,381 @@
+"""Where image archives are read from and written to: a directory or a tar file.
+
+Format modules (:mod:`lamina.ocilayout`, :mod:`lamina.dockerarchive`) see only :class:`Source` and
+:class:`Sink`; every filesystem decision lives here.
+
+Reading is safe against hostile archives: a tar is indexed once from its headers (members are never
+extracted; names with ``..`` or a leading ``/`` are refused, and only regular files can be opened), and a
+directory is walked component by component with ``O_NOFOLLOW`` relative to its own descriptor, so a
+symlinked ``manifest.json`` or blob cannot lead outside it. Writing goes to a temporary name beside the
+destination that is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from lamina.errors import ArchiveError, ExportError, UnsafePathError
+from lamina.tarformat import BLOCK, Header, parse_pax
+
+CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def check_member_name(name: str, what: str = "archive member") -> str:
+    """A relative, ``..``-free name with no empty components; returned normalized."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise UnsafePathError(f"{what} name {name!r} is not a valid relative path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts or not parts:
+        shown = name if len(name) <= 80 else name[:77] + "..."
+        raise UnsafePathError(f"{what} name {shown!r} leads outside the archive")
+    return "/".join(parts)
+
+
+class Source(Protocol):
+    description: str
+
+    def exists(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int: ...
+
+    def open(self, name: str) -> Readable: ...
+
+    def close(self) -> None: ...
+
+
+# -- directories ----------------------------------------------------------------------------------------
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DirSource:
+    def __init__(self, path: Path) -> None:
+        self.description = str(path)
+        try:
+            self._fd = os.open(path, _O_DIR)
+        except OSError as e:
+            raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+
+    def _open_fd(self, name: str) -> int:
+        parts = check_member_name(name).split("/")
+        fd = self._fd
+        opened: list[int] = []
+        try:
+            for comp in parts[:-1]:
+                fd = os.open(comp, _O_DIR, dir_fd=fd)
+                opened.append(fd)
+            leaf = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+        except FileNotFoundError:
+            raise ArchiveError(f"{self.description}: {name} is missing") from None
+        except OSError as e:
+            if e.errno in (40, 20):  # ELOOP, ENOTDIR: a symlink or a file where a directory should be
+                raise UnsafePathError(f"{self.description}: {name} is a symlink or crosses one; refused") from None
+            raise ArchiveError(f"{self.description}: cannot open {name}: {e.strerror}") from e
+        finally:
+            for o in opened:
+                os.close(o)
+        st = os.fstat(leaf)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(leaf)
+            raise UnsafePathError(f"{self.description}: {name} is not a regular file")
+        return leaf
+
+    def exists(self, name: str) -> bool:
+        try:
+            os.close(self._open_fd(name))
+        except ArchiveError:
+            return False
+        return True
+
+    def size(self, name: str) -> int:
+        fd = self._open_fd(name)
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+
+    def open(self, name: str) -> Readable:
+        return os.fdopen(self._open_fd(name), "rb", buffering=0)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# -- tar files ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Member:
+    type: bytes
+    offset: int
+    size: int
+
+
+class _Slice:
+    """A bounded reader over one member of a tar file."""
+
+    def __init__(self, path: str, offset: int, size: int, name: str) -> None:
+        self._f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed at the end of the member or by close()
+        self._f.seek(offset)
+        self._left = size
+        self._name = name
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._left <= 0:
+            self.close()
+            return b""
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._f.read(want)
+        if not data:
+            self.close()
+            raise ArchiveError(f"archive member {self._name} is truncated")
+        self._left -= len(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _pad(n: int) -> int:
+    return -n % BLOCK
+
+
+class TarSource:
+    """An uncompressed tar archive, indexed from its headers in one pass."""
+
+    MAX_MEMBERS = 100_000
+
+    def __init__(self, path: Path) -> None:
+        self.description = str(path)
+        self._path = str(path)
+        self._members: dict[str, _Member] = {}
+        try:
+            with open(path, "rb") as f:
+                self._index(f)
+        except OSError as e:
+            raise ArchiveError(f"cannot read {path}: {e.strerror}") from e
+
+    def _index(self, f: BinaryIO) -> None:
+        pos = 0
+        pax: dict[str, bytes] = {}
+        longname: str | None = None
+        while True:
+            block = f.read(BLOCK)
+            if len(block) == 0 and pos == 0:
+                raise ArchiveError(f"{self.description} is empty")
+            if len(block) != BLOCK:
+                raise ArchiveError(f"{self.description} is truncated inside a tar header")
+            if block == b"\0" * BLOCK:
+                return
+            h = Header(block)
+            if h.size < 0:
+                raise ArchiveError(f"{self.description}: negative member size")
+            pos += BLOCK
+            if h.type in (b"x", b"g", b"L"):
+                if h.size > 1 << 20:
+                    raise ArchiveError(f"{self.description}: oversized tar extension header")
+                data = f.read(h.size)
+                if len(data) != h.size:
+                    raise ArchiveError(f"{self.description} is truncated")
+                f.seek(_pad(h.size), os.SEEK_CUR)
+                pos += h.size + _pad(h.size)
+                if h.type == b"x":
+                    pax = parse_pax(data)
+                elif h.type == b"L":
+                    longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                continue
+            name = longname or h.name
+            if "path" in pax:
+                name = pax["path"].decode("utf-8", "surrogateescape")
+            size = int(pax["size"]) if "size" in pax else h.size
+            pax, longname = {}, None
+            stripped = name.rstrip("/")
+            if stripped not in ("", "."):
+                name = check_member_name(stripped)
+                if len(self._members) >= self.MAX_MEMBERS:
+                    raise ArchiveError(f"{self.description} has more than {self.MAX_MEMBERS} members")
+                self._members[name] = _Member(h.type, pos, size)
+            if h.type in (b"0", b"\0", b"7"):
+                f.seek(size + _pad(size), os.SEEK_CUR)
+                pos += size + _pad(size)
+
+    def _member(self, name: str) -> _Member:
+        m = self._members.get(check_member_name(name))
+        if m is None:
+            raise ArchiveError(f"{self.description}: {name} is missing")
+        if m.type not in (b"0", b"\0", b"7"):
+            raise UnsafePathError(f"{self.description}: {name} is not a regular file (links are refused)")
+        return m
+
+    def exists(self, name: str) -> bool:
+        try:
+            self._member(name)
+        except ArchiveError:
+            return False
+        return True
+
+    def size(self, name: str) -> int:
+        return self._member(name).size
+
+    def open(self, name: str) -> Readable:
+        m = self._member(name)
+        return _Slice(self._path, m.offset, m.size, name)
+
+    def close(self) -> None:
+        pass
+
+
+def open_source(path: str | os.PathLike[str]) -> Source:
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise ArchiveError(f"cannot open {p}: {e.strerror}") from e
+    if stat.S_ISDIR(st.st_mode):
+        return DirSource(p)
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchiveError(f"{p} is neither a directory nor a tar file")
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if head[:2] == b"\x1f\x8b" or head[:4] == b"\x28\xb5\x2f\xfd":
+        raise ArchiveError(f"{p} is compressed; decompress it first (lamina reads plain tar archives)")
+    if len(head) < 512 or head[257:262] != b"ustar":
+        raise ArchiveError(f"{p} is not a tar archive or an image directory")
+    return TarSource(p)
+
+
+# -- writing --------------------------------------------------------------------------------------------
+class Sink(Protocol):
+    def add_bytes(self, name: str, data: bytes) -> None: ...
+
+    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None: ...
+
+    def has(self, name: str) -> bool: ...
+
+    def commit(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def _temp_beside(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.lamina-{secrets.token_hex(6)}")
+
+
+class DirSink:
+    """Writes an image directory at ``dest`` (which must not exist, or be an empty directory)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise ExportError(f"{dest} already exists and is not an empty directory")
+        self._tmp = _temp_beside(dest)
+        try:
+            self._tmp.mkdir(mode=0o755)
+        except OSError as e:
+            raise ExportError(f"cannot write {dest}: {e.strerror}") from e
+        self._names: set[str] = set()
+
+    def _path(self, name: str) -> Path:
+        p = self._tmp / check_member_name(name)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._names.add(name)
+        return p
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._path(name).write_bytes(data)
+
+    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        written = 0
+        with open(self._path(name), "wb") as f:
+            for c in chunks:
+                f.write(c)
+                written += len(c)
+        if written != size:
+            raise ExportError(f"{name}: wrote {written} bytes, expected {size}")
+
+    def commit(self) -> None:
+        if self.dest.exists():
+            self.dest.rmdir()
+        os.rename(self._tmp, self.dest)
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class TarSink:
+    """Writes a deterministic tar archive (root-owned entries, mtime 0) at ``dest``."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        if dest.is_dir():
+            raise ExportError(f"{dest} is a directory; give a file name for the archive")
+        self._tmp = _temp_beside(dest)
+        try:
+            self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        except OSError as e:
+            raise ExportError(f"cannot write {dest}: {e.strerror}") from e
+        self._names: set[str] = set()
+        self._dirs: set[str] = set()
+
+    def _header(self, name: str, size: int, kind: bytes = tarfile.REGTYPE) -> None:
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        ti.type = kind
+        ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+        ti.mtime = 0
+        ti.uname = ti.gname = ""
+        self._f.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _parents(self, name: str) -> None:
+        parts = name.split("/")[:-1]
+        for i in range(1, len(parts) + 1):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self._dirs.add(d)
+                self._header(d + "/", 0, tarfile.DIRTYPE)
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self.add_stream(name, len(data), iter([data]))
+
+    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        name = check_member_name(name)
+        self._parents(name)
+        self._names.add(name)
+        self._header(name, size)
+        written = 0
+        for c in chunks:
+            written += len(c)
+            if written > size:
+                raise ExportError(f"{name}: more data than the {size} bytes announced")
+            self._f.write(c)
+        if written != size:
+            raise ExportError(f"{name}: wrote {written} bytes, expected {size}")
+        self._f.write(b"\0" * _pad(size))
+
+    def commit(self) -> None:
+        self._f.write(b"\0" * (2 * BLOCK))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.rename(self._tmp, self.dest)
+
+    def abort(self) -> None:
+        self._f.close()
+        self._tmp.unlink(missing_ok=True)

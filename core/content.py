@@ -1,0 +1,247 @@
+"""The content store: blobs kept byte-exact under their digest.
+
+Manifests, indexes, configs and (unless ``keep_layer_blobs = false``) compressed layer blobs live at
+``<root>/content/blobs/sha256/<hex>`` exactly as they were received, so saving an image reproduces every
+digest. A blob is written to ``content/ingest/`` first, hashed and sized while it streams, flushed, and
+renamed into place only when it matches what the caller expected: a blob that is visible is always whole
+and correct.
+
+Which blobs are alive is decided in the store database: images refer to blobs (``image_blobs``), and a
+process that is writing blobs for an image not yet committed holds *leases* on them (``content_leases``,
+with its pid and start time). :meth:`ContentStore.gc` removes every blob file that no image refers to
+and no live process leases; leases of dead processes are dropped by the image store's recovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from lamina.digest import Digest, parse_digest
+from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, LimitExceeded, StoreError
+
+CHUNK = 1 << 20
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class VerifyingReader:
+    """Reads exactly ``size`` bytes from ``src`` and checks they hash to ``digest``.
+
+    Raises :class:`DigestMismatch` on a wrong size or digest, :class:`ArchiveError` on a short read; the
+    check runs when the last byte has been read (a consumer that stops early must call :meth:`finish`).
+    Bytes read can be copied to ``tee`` (an open file) on the way.
+    """
+
+    def __init__(self, src: Readable, digest: str, size: int, what: str, tee: BinaryIO | None = None) -> None:
+        self._src = src
+        self.digest = parse_digest(digest)
+        algo = self.digest.split(":", 1)[0]
+        self._hash = hashlib.new(algo)
+        self._left = size
+        self.size = size
+        self._what = what
+        self._tee = tee
+        self._done = False
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._left <= 0:
+            self._check_end()
+            return b""
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        try:
+            data = self._src.read(want)
+        except OSError as e:
+            raise ArchiveError(f"cannot read {self._what}: {e.strerror or e}") from e
+        if not data:
+            raise ArchiveError(f"{self._what} is truncated: {self._left} of {self.size} bytes missing")
+        self._left -= len(data)
+        self._hash.update(data)
+        if self._tee is not None:
+            self._tee.write(data)
+        if self._left == 0:
+            self._check_end()
+        return data
+
+    def _check_end(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        extra = self._src.read(1)
+        if extra:
+            raise DigestMismatch(f"{self._what} is longer than its descriptor's size {self.size}")
+        actual = self._hash.name + ":" + self._hash.hexdigest()
+        if actual != self.digest:
+            raise DigestMismatch(f"{self._what} does not match its digest: expected {self.digest}, got {actual}")
+
+    def finish(self) -> None:
+        """Read whatever the consumer left and verify."""
+        while self._left > 0:
+            self.read(CHUNK)
+        self._check_end()
+
+
+def read_verified(src: Readable, digest: str, size: int, what: str, limit: int) -> bytes:
+    """A small document read whole, with its size bounded and its digest checked."""
+    if size > limit:
+        raise LimitExceeded(f"{what} is {size} bytes; documents are limited to {limit}")
+    reader = VerifyingReader(src, digest, size, what)
+    parts = []
+    while chunk := reader.read(CHUNK):
+        parts.append(chunk)
+    reader.finish()
+    return b"".join(parts)
+
+
+class ContentStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "content"
+        self.blobs = self.root / "blobs"
+        self.ingest = self.root / "ingest"
+        try:
+            for d in (self.root, self.blobs, self.blobs / "sha256", self.ingest):
+                d.mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create the content store at {self.root}: {e.strerror}") from e
+
+    def path(self, digest: str) -> Path:
+        algo, hexpart = parse_digest(digest).split(":", 1)
+        return self.blobs / algo / hexpart
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int:
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not in the content store") from None
+
+    def open(self, digest: str) -> BinaryIO:
+        try:
+            return open(self.path(digest), "rb")
+        except FileNotFoundError:
+            raise BlobNotFound(f"blob {digest} is not in the content store") from None
+
+    def read(self, digest: str) -> bytes:
+        with self.open(digest) as f:
+            return f.read()
+
+    def writer(self, digest: str) -> BlobWriter:
+        return BlobWriter(self, parse_digest(digest))
+
+    def put(self, data: bytes, digest: str) -> None:
+        """Store a small blob whose digest the caller has already checked (or computed)."""
+        if self.exists(digest):
+            return
+        with self.writer(digest) as w:
+            w.write(data)
+            w.commit()
+
+    def copy_in(self, src: Readable, digest: str, size: int, what: str) -> None:
+        """Stream a blob into the store, verifying it."""
+        if self.exists(digest):
+            return
+        with self.writer(digest) as w:
+            reader = VerifyingReader(src, digest, size, what, tee=w.file)
+            while reader.read(CHUNK):
+                pass
+            reader.finish()
+            w.commit()
+
+    def put_stream(self, chunks: Iterable[bytes], before_commit: Callable[[str], None]) -> tuple[str, int]:
+        """Store a stream whose digest is not known in advance; returns (digest, size).
+
+        ``before_commit(digest)`` runs just before the blob becomes visible (to lease it).
+        """
+        h = hashlib.sha256()
+        size = 0
+        tmp = self.ingest / f"{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            with open(tmp, "wb") as f:
+                for c in chunks:
+                    h.update(c)
+                    size += len(c)
+                    f.write(c)
+                f.flush()
+                os.fsync(f.fileno())
+            digest = "sha256:" + h.hexdigest()
+            before_commit(digest)
+            os.rename(tmp, self.path(digest))
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest, size
+
+    def walk(self) -> Iterator[Digest]:
+        for algo_dir in self.blobs.iterdir():
+            if not algo_dir.is_dir():
+                continue
+            for f in algo_dir.iterdir():
+                yield Digest(f"{algo_dir.name}:{f.name}")
+
+    def gc(self, alive: Iterable[str]) -> list[str]:
+        """Delete every blob not in ``alive``; return the digests removed."""
+        keep = set(alive)
+        removed: list[str] = []
+        for d in list(self.walk()):
+            if d not in keep:
+                try:
+                    self.path(d).unlink()
+                except FileNotFoundError:
+                    continue
+                removed.append(d)
+        return removed
+
+    def clean_ingest(self, alive: Callable[[int], bool]) -> None:
+        """Remove partial writes of processes that are gone (files are named ``<pid>-<random>``)."""
+        for f in self.ingest.iterdir():
+            pid = f.name.split("-", 1)[0]
+            if not pid.isdigit() or not alive(int(pid)):
+                f.unlink(missing_ok=True)
+
+
+class BlobWriter:
+    """A blob being written: ``with store.writer(d) as w: w.write(...); w.commit()``.
+
+    Leaving the block without :meth:`commit` removes the partial file.
+    """
+
+    def __init__(self, store: ContentStore, digest: Digest) -> None:
+        self._store = store
+        self.digest = digest
+        self._tmp = store.ingest / f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or __exit__
+        self._committed = False
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def commit(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.rename(self._tmp, self._store.path(self.digest))
+        self._committed = True
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._committed:
+            self.file.close()
+            self._tmp.unlink(missing_ok=True)
+
+
+__all__ = [
+    "BlobWriter",
+    "ContentStore",
+    "DigestMismatch",
+    "VerifyingReader",
+    "read_verified",
+]

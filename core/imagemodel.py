@@ -1,0 +1,69 @@
+"""The model the image formats read into and write from.
+
+A format reader (OCI layout, docker-archive, later a registry) produces :class:`ImageSource` objects: the
+verified config bytes, the manifest it came with (if the format has one), the names it carries, and one
+:class:`LayerSource` per layer. A layer is known by its *DiffID* (uncompressed) and, when the format
+describes the blob, by its *descriptor* (the digest and size of the blob as stored, usually compressed).
+Layer data is reached through a re-callable ``open``, so nothing is read before it is needed.
+
+Writers take :class:`ImageExport` objects, whose blobs come from the content store or from the driver's
+exact tar stream, as :class:`BlobSource` values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from lamina.digest import DiffID
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """What a descriptor says of a blob: its media type, digest and size."""
+
+    media_type: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    diff_id: DiffID
+    open: Callable[[], Readable]
+    blob: BlobRef | None = None  # None: the format does not describe the blob (docker-archive)
+    what: str = "layer"
+
+
+@dataclass
+class ImageSource:
+    config: bytes  # verified against config_digest by the reader
+    config_digest: str
+    layers: list[LayerSource]
+    names: list[str] = field(default_factory=list)  # normalized full references
+    manifest: bytes | None = None  # verified against manifest_ref.digest by the reader
+    manifest_ref: BlobRef | None = None
+    extra_blobs: dict[str, bytes] = field(default_factory=dict)  # indexes the manifest was selected from
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class BlobSource:
+    digest: str
+    size: int
+    chunks: Callable[[], Iterator[bytes]]
+
+
+@dataclass
+class ImageExport:
+    image_id: str
+    config: bytes
+    names: list[str]  # full references; the writer decides how to spell them
+    layers: list[BlobSource]  # in the format's form (compressed for OCI, uncompressed for docker-archive)
+    manifest: bytes | None = None
+    manifest_ref: BlobRef | None = None

@@ -1,0 +1,428 @@
+"""Image-level operations behind :class:`~lamina.service.ImageService`: lookup, listing and filters,
+history, tagging, untagging and deletion (Docker's ImageDelete rules), save and import.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from lamina import oci
+from lamina.digest import ChainID, DiffID, chain_ids, parse_digest, sha256_digest
+from lamina.errors import (
+    DigestError,
+    ImageConflict,
+    ImageError,
+    ImageNotFound,
+    InvalidReference,
+)
+from lamina.imagestore import ImageRecord, ImageStore, NewImage
+from lamina.reference import Reference, familiar_match, looks_like_id_prefix, parse_normalized
+
+if TYPE_CHECKING:
+    from lamina.compression import Readable
+    from lamina.service import ImageService
+
+FILTERS = ("dangling", "label", "before", "since", "reference")
+
+
+@dataclass(frozen=True)
+class Image:
+    record: ImageRecord
+    config: oci.ImageConfig
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def short_id(self) -> str:
+        return self.record.id.split(":", 1)[1][:12]
+
+    @property
+    def diff_ids(self) -> list[DiffID]:
+        return [DiffID(d) for d in self.config.diff_ids]
+
+    @cached_property
+    def chain(self) -> list[ChainID]:
+        return chain_ids(self.diff_ids)
+
+    @property
+    def repo_tags(self) -> list[str]:
+        return [parse_normalized(n).familiar() for n in self.record.tags]
+
+    @property
+    def repo_digests(self) -> list[str]:
+        return [parse_normalized(n).familiar() for n in self.record.digests]
+
+
+@dataclass
+class ImageSummary:
+    id: str
+    repo_tags: list[str]
+    repo_digests: list[str]
+    created: float | None
+    size: int
+    shared_size: int
+    labels: dict[str, str]
+    parent: str | None
+    layers: int
+    containers: int = -1
+    chain: list[ChainID] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "Id": self.id,
+            "ParentId": self.parent or "",
+            "RepoTags": self.repo_tags,
+            "RepoDigests": self.repo_digests,
+            "Created": int(self.created) if self.created is not None else None,
+            "Size": self.size,
+            "SharedSize": self.shared_size,
+            "Labels": self.labels,
+            "Layers": self.layers,
+            "Containers": self.containers,
+        }
+
+
+def load(store: ImageStore, record: ImageRecord) -> Image:
+    return Image(record, oci.parse_config(store.config_bytes(record.id)))
+
+
+# -- lookup ---------------------------------------------------------------------------------------------
+def _name_key(ref: Reference) -> str:
+    return str(ref if ref.digest else ref.with_default_tag())
+
+
+def find(store: ImageStore, ref: str) -> ImageRecord:
+    if not isinstance(ref, str) or not ref:
+        raise ImageNotFound("no image given")
+    text = ref
+    if text.startswith("sha256:"):
+        hexpart = text[7:]
+        if len(hexpart) == 64:
+            try:
+                parse_digest(text)
+            except DigestError:
+                raise ImageNotFound(f"image {ref!r} not found: not a valid image ID") from None
+            if store.exists(text):
+                return store.get(text)
+            raise ImageNotFound(f"image {text} not found")
+        text = hexpart
+        if not looks_like_id_prefix(text):
+            raise ImageNotFound(f"image {ref!r} not found: not a valid image ID prefix")
+    elif len(text) == 64 and looks_like_id_prefix(text):
+        full = "sha256:" + text
+        if store.exists(full):
+            return store.get(full)
+        raise ImageNotFound(f"image {text} not found")
+    else:
+        try:
+            named = parse_normalized(text)
+        except InvalidReference:
+            named = None
+        if named is not None:
+            rec = store.by_name(_name_key(named))
+            if rec is not None:
+                return rec
+        if not looks_like_id_prefix(text):
+            raise ImageNotFound(f"image {ref!r} not found")
+    rec = store.by_prefix(text)
+    if rec is None:
+        raise ImageNotFound(f"image {ref!r} not found")
+    return rec
+
+
+def get_image(store: ImageStore, ref: str) -> Image:
+    return load(store, find(store, ref))
+
+
+# -- listing --------------------------------------------------------------------------------------------
+def _check_filters(store: ImageStore, filters: dict[str, list[str]]) -> None:
+    for key, values in filters.items():
+        if key not in FILTERS:
+            raise ImageError(f"invalid filter {key!r}; filters are {', '.join(FILTERS)}")
+        if key == "dangling" and any(v not in ("true", "false", "1", "0") for v in values):
+            raise ImageError(f"invalid filter 'dangling={values[0]}': use true or false")
+
+
+def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
+    for w in wanted:
+        key, eq, value = w.partition("=")
+        if key not in labels or (eq and labels[key] != value):
+            return False
+    return True
+
+
+def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool) -> list[ImageSummary]:
+    _check_filters(store, filters)
+    dangling: bool | None = None
+    if "dangling" in filters:
+        dangling = filters["dangling"][-1] in ("true", "1")
+    before = get_image(store, filters["before"][-1]).record.created if "before" in filters else None
+    since = get_image(store, filters["since"][-1]).record.created if "since" in filters else None
+    patterns = filters.get("reference", [])
+    layers = {layer.chain_id: layer for layer in store.layers.all()}
+    out: list[ImageSummary] = []
+    refcount: dict[ChainID, int] = {}
+    for rec in store.all():
+        img = load(store, rec)
+        created = rec.created or 0.0
+        if before is not None and created >= before:
+            continue
+        if since is not None and created <= since:
+            continue
+        labels = img.config.labels
+        if "label" in filters and not _labels_match(labels, filters["label"]):
+            continue
+        tags: list[str] = []
+        digests: list[str] = []
+        for n in rec.names:
+            r = parse_normalized(n)
+            if patterns and not any(familiar_match(p, r) for p in patterns):
+                continue
+            (digests if r.digest else tags).append(r.familiar())
+        if not tags and not digests:
+            if patterns or dangling is False:
+                continue
+            if not all_images and store.children(rec.id) and dangling is None:
+                continue  # an intermediate image
+        elif dangling is True and tags:
+            continue
+        chain = img.chain
+        for c in chain:
+            refcount[c] = refcount.get(c, 0) + 1
+        size = sum(layers[c].size for c in chain if c in layers)
+        out.append(ImageSummary(
+            rec.id, tags, digests, rec.created, size, 0, labels, rec.parent, len(chain), chain=chain,
+        ))
+    for s in out:
+        s.shared_size = sum(layers[c].size for c in s.chain if refcount.get(c, 0) > 1 and c in layers)
+    out.sort(key=lambda s: s.created or 0.0, reverse=True)
+    return out
+
+
+def inspect(store: ImageStore, img: Image) -> dict[str, Any]:
+    rec = img.record
+    cfg = img.config
+    layers = {layer.chain_id: layer for layer in store.layers.all()}
+    size = sum(layers[c].size for c in img.chain if c in layers)
+    manifest_layers: list[str] = []
+    if rec.manifests and store.content.exists(rec.manifests[0].digest):
+        m = oci.parse_manifest(store.content.read(rec.manifests[0].digest), rec.manifests[0].media_type)
+        manifest_layers = [d.digest for d in m.layers]
+    return {
+        "Id": rec.id,
+        "Digest": rec.manifests[0].digest if rec.manifests else None,
+        "RepoTags": img.repo_tags,
+        "RepoDigests": img.repo_digests,
+        "Names": list(rec.names),
+        "Parent": rec.parent or "",
+        "Created": cfg.created,
+        "Author": cfg.author or "",
+        "Architecture": cfg.architecture,
+        "Os": cfg.os,
+        "Variant": cfg.variant or "",
+        "Config": cfg.config,
+        "Labels": cfg.labels,
+        "RootFS": {"Type": "layers", "Layers": list(cfg.diff_ids)},
+        "ChainIDs": list(img.chain),
+        "TopLayer": rec.top_layer,
+        "Layers": manifest_layers,
+        "Manifests": [{"digest": m.digest, "mediaType": m.media_type} for m in rec.manifests],
+        "Size": size,
+        "VirtualSize": size,
+        "History": list(cfg.history),
+        "Origin": rec.origin,
+        "Loaded": rec.loaded,
+        "LastUpdated": rec.last_updated,
+    }
+
+
+def history(store: ImageStore, img: Image) -> list[dict[str, Any]]:
+    """Newest first, like ``docker history``: the top entry carries the image ID, others ``<missing>``."""
+    sizes = []
+    for c in img.chain:
+        try:
+            sizes.append(store.layers.get(c).size)
+        except Exception:
+            sizes.append(0)
+    entries = list(img.config.history) or [{} for _ in img.chain]
+    out = []
+    layer_i = 0
+    for h in entries:
+        empty = bool(h.get("empty_layer", False))
+        size = 0
+        if not empty and layer_i < len(sizes):
+            size = sizes[layer_i]
+            layer_i += 1
+        out.append({
+            "Id": "<missing>",
+            "Created": h.get("created"),
+            "CreatedBy": h.get("created_by", ""),
+            "Comment": h.get("comment", ""),
+            "Author": h.get("author", ""),
+            "EmptyLayer": empty,
+            "Size": size,
+            "Tags": [],
+        })
+    out.reverse()
+    if out:
+        out[0]["Id"] = img.id
+        out[0]["Tags"] = img.repo_tags
+    return out
+
+
+# -- names ----------------------------------------------------------------------------------------------
+def tag(store: ImageStore, img: Image, new_name: str) -> str:
+    ref = parse_normalized(new_name)
+    if ref.digest is not None:
+        raise InvalidReference(f"cannot tag with a digest reference {new_name!r}; give name[:tag]")
+    name = str(ref.with_default_tag())
+    store.add_name(img.id, name)
+    return name
+
+
+def untag(store: ImageStore, img: Image, name: str) -> list[dict[str, str]]:
+    ref = parse_normalized(name)
+    key = _name_key(ref)
+    if key not in img.record.names:
+        raise InvalidReference(f"image {img.short_id} has no name {ref.familiar()}")
+    store.remove_name(key)
+    out = [{"Untagged": ref.familiar()}]
+    rec = store.get(img.id)
+    if not rec.names and not store.children(img.id):
+        store.delete(img.id)
+        out.append({"Deleted": img.id})
+    return out
+
+
+def _is_id_ref(store: ImageStore, ref: str) -> bool:
+    if ref.startswith("sha256:"):
+        return True
+    try:
+        named = parse_normalized(ref)
+    except InvalidReference:
+        return looks_like_id_prefix(ref)
+    if store.by_name(_name_key(named)) is not None:
+        return False
+    return looks_like_id_prefix(ref)
+
+
+def delete(store: ImageStore, ref: str, *, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
+    rec = find(store, ref)
+    out: list[dict[str, str]] = []
+    if not _is_id_ref(store, ref):
+        named = parse_normalized(ref)
+        key = _name_key(named)
+        store.remove_name(key)
+        out.append({"Untagged": named.familiar()})
+        rec = store.get(rec.id)
+        if not rec.tags:
+            # With no tag left, the image's digest names of that repository go too (as docker does).
+            for n in rec.digests:
+                if parse_normalized(n).name == named.name:
+                    store.remove_name(n)
+                    out.append({"Untagged": parse_normalized(n).familiar()})
+            rec = store.get(rec.id)
+        if rec.names:
+            return out
+        _delete_quietly(store, rec.id, out, prune)
+        return out
+    children = store.children(rec.id)
+    if children:
+        short = ", ".join(c.split(":")[1][:12] for c in children)
+        raise ImageConflict(f"image {rec.id.split(':')[1][:12]} has dependent child images ({short})")
+    repos = {parse_normalized(n).name for n in rec.names}
+    if len(repos) > 1 and not force:
+        raise ImageConflict(
+            f"image {rec.id.split(':')[1][:12]} is referenced in multiple repositories "
+            f"({', '.join(sorted(parse_normalized(n).familiar_name() for n in rec.names))}); "
+            "remove them by name or use --force"
+        )
+    for n in rec.names:
+        store.remove_name(n)
+        out.append({"Untagged": parse_normalized(n).familiar()})
+    _delete(store, rec.id, out, prune)
+    return out
+
+
+def _delete_quietly(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool) -> None:
+    if store.children(image_id):
+        return
+    _delete(store, image_id, out, prune)
+
+
+def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool) -> None:
+    parent = store.get(image_id).parent
+    store.delete(image_id)
+    out.append({"Deleted": image_id})
+    while prune and parent and store.exists(parent):
+        prec = store.get(parent)
+        if prec.names or store.children(parent):
+            break
+        nxt = prec.parent
+        store.delete(parent)
+        out.append({"Deleted": parent})
+        parent = nxt
+
+
+# -- save -----------------------------------------------------------------------------------------------
+def save(service: ImageService, refs: list[str], path: str | os.PathLike[str], fmt: str) -> None:
+    from lamina import transfer
+
+    if fmt not in transfer.SAVE_FORMATS:
+        raise ImageError(f"unknown format {fmt!r}; use one of {', '.join(transfer.SAVE_FORMATS)}")
+    if not refs:
+        raise ImageError("no image to save")
+    store = service.image_store
+    chosen: dict[str, tuple[ImageRecord, list[str]]] = {}
+    for ref in refs:
+        rec = find(store, ref)
+        rec_names = chosen.setdefault(rec.id, (rec, []))[1]
+        names = list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))]
+        rec_names.extend(n for n in names if n not in rec_names)
+
+    def export_layer(chain: ChainID) -> Readable:
+        return service.export_layer(chain)
+
+    transfer.save(store, list(chosen.values()), path, fmt, export_layer, service.config.keep_layer_blobs)
+
+
+# -- import ---------------------------------------------------------------------------------------------
+def import_rootfs(
+    store: ImageStore,
+    stream: Readable,
+    ref: str | None,
+    changes: list[str],
+    message: str,
+    platform: oci.Platform | None,
+) -> Image:
+    from lamina import transfer
+    from lamina.imageconfig import apply_changes
+
+    name = None
+    if ref:
+        named = parse_normalized(ref)
+        if named.digest is not None:
+            raise InvalidReference(f"cannot import to a digest reference {ref!r}")
+        name = str(named.with_default_tag())
+    apply_changes({}, changes)  # bad --change instructions fail before any layer is written
+    try:
+        layer = store.layers.register(stream, None, lease=True)
+        config = transfer.new_config(
+            [layer.diff_id], platform or oci.host_platform(), changes, message, created_by="lamina import"
+        )
+        image_id = sha256_digest(config)
+        store.lease_blob(image_id)
+        store.content.put(config, image_id)
+        rec, _ = store.create(NewImage(
+            id=image_id, diff_ids=[layer.diff_id], created=transfer.parse_time(oci.parse_config(config).created),
+            origin="import", names=[name] if name else [], blobs=[image_id],
+        ))
+    except BaseException:
+        store.abandon()
+        raise
+    return load(store, rec)

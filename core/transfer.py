@@ -1,0 +1,379 @@
+"""Moving images in and out of a store: load, save and import.
+
+Loading reads an archive through a format module into :class:`~lamina.imagemodel.ImageSource` objects,
+then, per image: stores the config and manifest byte-exact, applies every layer not already present (on
+its parent, leased, each blob's size and digest verified as it streams and its DiffID checked before the
+layer is committed) while copying the blob into the content store, and finally commits the image in one
+transaction. A failure anywhere drops this process's leases, so nothing half-loaded stays behind.
+
+Saving turns stored images into :class:`~lamina.imagemodel.ImageExport` objects: the kept manifest and
+blobs when the content store has them all (every digest reproduced), otherwise a manifest made anew with
+layers recompressed deterministically from the driver's exact tar streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lamina import oci
+from lamina.archivefs import DirSink, Sink, TarSink, open_source
+from lamina.compression import deterministic_gzip
+from lamina.content import CHUNK, VerifyingReader
+from lamina.digest import ChainID, DiffID, chain_ids, sha256_digest
+from lamina.errors import BlobNotFound, ExportError, FormatError, LayerNotFound
+from lamina.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource, Readable
+from lamina.imagestore import ImageRecord, ImageStore, ManifestRecord, NewImage
+
+ProgressFn = Callable[[dict[str, Any]], None]
+SAVE_FORMATS = ("docker-archive", "oci-dir", "oci-archive")
+
+
+def parse_time(value: object) -> float | None:
+    """Seconds since the epoch of an RFC 3339 timestamp (nanoseconds allowed), or None."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = "".join(c for c in rest if c.isdigit())
+        tz = rest[len(digits):]
+        text = f"{head}.{digits[:6].ljust(6, '0')}{tz}"
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        return None
+
+
+def format_time(ts: float) -> str:
+    return datetime.fromtimestamp(ts).astimezone().isoformat()
+
+
+def utc_now_rfc3339() -> str:
+    now = time.time_ns()
+    secs, ns = divmod(now, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"
+
+
+class _Counting:
+    def __init__(self, src: Readable, report: Callable[[int], None]) -> None:
+        self._src = src
+        self._report = report
+        self.done = 0
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._src.read(n)
+        if data:
+            self.done += len(data)
+            self._report(self.done)
+        return data
+
+
+@dataclass(frozen=True)
+class Loaded:
+    image: ImageRecord
+    moved: list[str]  # names taken from other images
+
+
+# -- load -----------------------------------------------------------------------------------------------
+def read_sources(path: str | os.PathLike[str], platform: oci.Platform | None = None) -> tuple[Any, list[ImageSource]]:
+    from lamina import dockerarchive, ocilayout
+
+    src = open_source(path)
+    try:
+        if ocilayout.is_layout(src):
+            return src, ocilayout.read_layout(src, platform)
+        if dockerarchive.is_docker_archive(src):
+            return src, dockerarchive.read_archive(src)
+    except BaseException:
+        src.close()
+        raise
+    src.close()
+    raise FormatError(
+        f"{path} is neither an OCI image layout (oci-layout + index.json) nor a docker-archive (manifest.json)"
+    )
+
+
+def load(
+    store: ImageStore,
+    path: str | os.PathLike[str],
+    *,
+    platform: oci.Platform | None = None,
+    keep_layer_blobs: bool = True,
+    progress: ProgressFn | None = None,
+) -> list[Loaded]:
+    src, sources = read_sources(path, platform)
+    out = []
+    try:
+        for img in sources:
+            out.append(load_source(store, img, keep_layer_blobs=keep_layer_blobs, progress=progress))
+    except BaseException:
+        store.abandon()
+        raise
+    finally:
+        src.close()
+    return out
+
+
+def load_source(
+    store: ImageStore, img: ImageSource, *, keep_layer_blobs: bool = True, progress: ProgressFn | None = None
+) -> Loaded:
+    """Store one image whose documents the format reader has verified; apply the layers it lacks."""
+    config = oci.parse_config(img.config)
+    diff_ids = [DiffID(d) for d in config.diff_ids]
+    chains = chain_ids(diff_ids)
+    content = store.content
+    blobs: list[str] = []
+
+    def keep_doc(digest: str, data: bytes) -> None:
+        store.lease_blob(digest)
+        content.put(data, digest)
+        blobs.append(digest)
+
+    keep_doc(img.config_digest, img.config)
+    manifests = []
+    names = list(img.names)
+    if img.manifest is not None and img.manifest_ref is not None:
+        keep_doc(img.manifest_ref.digest, img.manifest)
+        manifests.append(ManifestRecord(img.manifest_ref.digest, img.manifest_ref.media_type))
+        for n in img.names:
+            names.append(n.rsplit(":", 1)[0] + "@" + img.manifest_ref.digest if _tagged(n) else n)
+    for digest, data in img.extra_blobs.items():
+        keep_doc(digest, data)
+    parent: ChainID | None = None
+    for i, layer in enumerate(img.layers):
+        chain = chains[i]
+        keep = keep_layer_blobs and layer.blob is not None
+        event = {"event": "layer", "index": i + 1, "count": len(img.layers), "diff_id": layer.diff_id,
+                 "size": layer.blob.size if layer.blob else None}
+        try:
+            store.layers.lease(chain)
+            present = True
+        except LayerNotFound:
+            present = False
+        if present:
+            if keep and layer.blob is not None and not content.exists(layer.blob.digest):
+                store.lease_blob(layer.blob.digest)
+                content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
+            if progress:
+                progress({**event, "status": "exists"})
+        else:
+            _apply(store, layer, parent, keep, progress, event)
+        if keep and layer.blob is not None:
+            blobs.append(layer.blob.digest)
+        parent = chain
+    record, moved = store.create(NewImage(
+        id=img.config_digest,
+        diff_ids=diff_ids,
+        created=parse_time(config.created),
+        origin=img.origin,
+        names=_unique(names),
+        manifests=manifests,
+        blobs=blobs,
+    ))
+    return Loaded(record, moved)
+
+
+def _tagged(name: str) -> bool:
+    return "@" not in name and ":" in name.rsplit("/", 1)[-1]
+
+
+def _unique(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _apply(
+    store: ImageStore, layer: Any, parent: ChainID | None, keep: bool, progress: ProgressFn | None,
+    event: dict[str, Any],
+) -> None:
+    blob: BlobRef | None = layer.blob
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if keep and blob is not None and not store.content.exists(blob.digest):
+            store.lease_blob(blob.digest)
+            writer = stack.enter_context(store.content.writer(blob.digest))
+        raw: Readable = layer.open()
+        verifying = None
+        if blob is not None:
+            verifying = VerifyingReader(raw, blob.digest, blob.size, layer.what, tee=writer.file if writer else None)
+            raw = verifying
+        if progress:
+            last = [0.0]
+
+            def report(done: int) -> None:
+                now = time.monotonic()
+                if now - last[0] >= 0.1:
+                    last[0] = now
+                    progress({**event, "status": "applying", "done": done})
+
+            raw = _Counting(raw, report)
+        store.layers.register(raw, parent, expected_diff_id=layer.diff_id, lease=True)
+        if verifying is not None:
+            verifying.finish()
+        if writer is not None:
+            writer.commit()
+    if progress:
+        progress({**event, "status": "done"})
+
+
+# -- save -----------------------------------------------------------------------------------------------
+ExportLayer = Callable[[ChainID], Readable]
+
+
+def _stream_chunks(open_: Callable[[], Readable]) -> Callable[[], Iterator[bytes]]:
+    def chunks() -> Iterator[bytes]:
+        f = open_()
+        try:
+            while c := f.read(CHUNK):
+                yield c
+        finally:
+            close = getattr(f, "close", None)
+            if close is not None:
+                close()
+
+    return chunks
+
+
+def _kept_manifest(store: ImageStore, record: ImageRecord) -> tuple[bytes, ManifestRecord] | None:
+    """The first recorded manifest whose every blob is still in the content store."""
+    for m in record.manifests:
+        try:
+            raw = store.content.read(m.digest)
+        except BlobNotFound:
+            continue
+        manifest = oci.parse_manifest(raw, m.media_type)
+        if all(store.content.exists(d.digest) for d in manifest.layers) and store.content.exists(
+            manifest.config.digest
+        ):
+            return raw, m
+    return None
+
+
+def export_for(
+    store: ImageStore,
+    record: ImageRecord,
+    names: list[str],
+    fmt: str,
+    export_layer: ExportLayer,
+    keep_layer_blobs: bool,
+) -> ImageExport:
+    config_raw = store.config_bytes(record.id)
+    config = oci.parse_config(config_raw)
+    diff_ids = [DiffID(d) for d in config.diff_ids]
+    chains = chain_ids(diff_ids)
+    if fmt == "docker-archive":
+        layers = []
+        for chain, diff_id in zip(chains, diff_ids, strict=True):
+            size = store.layers.get(chain).tar_size
+            if store.content.exists(diff_id):  # a kept uncompressed blob is the exact stream
+                opener: Callable[[], Readable] = functools.partial(store.content.open, diff_id)
+            else:
+                opener = functools.partial(export_layer, chain)
+            layers.append(BlobSource(diff_id, size, _stream_chunks(opener)))
+        return ImageExport(record.id, config_raw, names, layers)
+    kept = _kept_manifest(store, record)
+    if kept is None:
+        kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs)
+    raw, mrec = kept
+    manifest = oci.parse_manifest(raw, mrec.media_type)
+    layers = [
+        BlobSource(d.digest, d.size, _stream_chunks(functools.partial(store.content.open, d.digest)))
+        for d in manifest.layers
+    ]
+    return ImageExport(record.id, config_raw, names, layers, raw, BlobRef(mrec.media_type, mrec.digest, len(raw)))
+
+
+def _remake_manifest(
+    store: ImageStore,
+    record: ImageRecord,
+    config_raw: bytes,
+    chains: list[ChainID],
+    export_layer: ExportLayer,
+    keep_layer_blobs: bool,
+) -> tuple[bytes, ManifestRecord]:
+    """An OCI manifest with every layer recompressed deterministically from the driver's exact tar."""
+    descs = []
+    for chain in chains:
+        digest, size = store.content.put_stream(
+            deterministic_gzip(_stream_chunks(functools.partial(export_layer, chain))()), store.lease_blob
+        )
+        descs.append(oci.Descriptor(oci.MEDIA_TYPE_LAYER_GZIP, digest, size))
+    config_desc = oci.Descriptor(oci.MEDIA_TYPE_CONFIG, record.id, len(config_raw))
+    raw = oci.build_manifest(config_desc, descs)
+    digest = sha256_digest(raw)
+    store.lease_blob(digest)
+    store.content.put(raw, digest)
+    mrec = ManifestRecord(digest, oci.MEDIA_TYPE_MANIFEST)
+    if keep_layer_blobs:
+        store.create(NewImage(
+            id=record.id, diff_ids=[], created=record.created, origin=record.origin, manifests=[mrec],
+            blobs=[digest, *(d.digest for d in descs)],
+        ))
+    return raw, mrec
+
+
+def save(
+    store: ImageStore,
+    exports: list[tuple[ImageRecord, list[str]]],
+    dest: str | os.PathLike[str],
+    fmt: str,
+    export_layer: ExportLayer,
+    keep_layer_blobs: bool = True,
+) -> None:
+    from lamina import dockerarchive, ocilayout
+
+    if fmt not in SAVE_FORMATS:
+        raise ExportError(f"unknown save format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}")
+    path = Path(dest)
+    sink: Sink = DirSink(path) if fmt == "oci-dir" else TarSink(path)
+    try:
+        items = [export_for(store, rec, names, fmt, export_layer, keep_layer_blobs) for rec, names in exports]
+        if fmt == "docker-archive":
+            dockerarchive.write_archive(sink, items)
+        else:
+            ocilayout.write_layout(sink, items)
+        sink.commit()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        with store.layers._tx() as db:
+            store.end_blob_leases(db)
+        if not keep_layer_blobs:
+            store.gc()
+
+
+# -- import ---------------------------------------------------------------------------------------------
+def new_config(
+    diff_ids: list[DiffID],
+    platform: oci.Platform,
+    changes: Sequence[str] = (),
+    message: str = "",
+    created_by: str = "lamina import",
+    base: dict[str, Any] | None = None,
+) -> bytes:
+    from lamina.imageconfig import apply_changes
+
+    created = utc_now_rfc3339()
+    doc: dict[str, Any] = {
+        "created": created,
+        "architecture": platform.architecture,
+        "os": platform.os,
+    }
+    if platform.variant:
+        doc["variant"] = platform.variant
+    doc["config"] = apply_changes(dict(base or {}), changes)
+    doc["rootfs"] = {"type": "layers", "diff_ids": list(diff_ids)}
+    entry: dict[str, Any] = {"created": created, "created_by": created_by}
+    if message:
+        entry["comment"] = message
+    doc["history"] = [entry]
+    return json.dumps(doc, separators=(",", ":")).encode()
