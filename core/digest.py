@@ -28,7 +28,7 @@ def parse_digest(value: str) -> Digest:
     """Validate ``algorithm:hex``; raise :class:`DigestError` on anything else."""
     if not isinstance(value, str):
         raise DigestError(f"digest must be a string, got {type(value).__name__}")
-    m = _DIGEST_RE.match(value)
+    m = _DIGEST_RE.fullmatch(value)
     if m is None or len(m.group(2)) != _ALGORITHMS[m.group(1)]:
         shown = value if len(value) <= 80 else value[:77] + "..."
         raise DigestError(f"invalid digest {shown!r}: expected sha256:<64 hex> or sha512:<128 hex>")

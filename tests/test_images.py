@@ -1,0 +1,388 @@
+"""Images end to end, checked against images other tools wrote (umoci, skopeo) and read back by them.
+
+skopeo and umoci are the oracles: what lamina loads must show the names, IDs and digests skopeo reports,
+and what lamina saves must inspect (skopeo) and unpack (umoci) to the same digests and trees.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import lamina_cli
+from image_fixtures import (
+    SMALL_DOCKER_NAME,
+    ImageFacts,
+    SkopeoImages,
+    inspect_image,
+    skopeo,
+    unpack_rootfs,
+)
+from lamina import ImageService
+from lamina.config import Config
+from lamina.errors import AmbiguousImage, ImageConflict, ImageError, ImageNotFound, InvalidChange, InvalidReference
+from lamina.testing import TarBuilder, require_root, tree_snapshot
+
+DRIVERS = ["vfs", "tarball", "overlay"]
+
+
+def _open(tmp: Path, driver: str, **kw: Any) -> ImageService:
+    if driver == "overlay":
+        require_root()
+    return ImageService.open(Config(root=tmp / "root", runroot=tmp / "run", driver=driver, **kw))
+
+
+def _blobs(root: Path) -> set[str]:
+    d = root / "content" / "blobs" / "sha256"
+    return {"sha256:" + p.name for p in d.iterdir()} if d.exists() else set()
+
+
+def _raw_digest(ref: str) -> str:
+    return "sha256:" + hashlib.sha256(skopeo("inspect", "--raw", ref)).hexdigest()
+
+
+# -- load: what other tools wrote ----------------------------------------------------------------------------
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_load_oci_layout_written_by_umoci(tmp_path: Path, driver: str, umoci_small_image: ImageFacts) -> None:
+    facts = umoci_small_image
+    with _open(tmp_path, driver) as svc:
+        [loaded] = svc.load_image(facts.path)
+        img = loaded.image
+        assert img.id == facts.config_digest
+        assert img.tags == ("docker.io/library/small:1",)
+        assert f"docker.io/library/small@{facts.manifest_digest}" in img.digests
+        got = svc.get_image("small:1")
+        assert got.diff_ids == list(facts.diff_ids)
+        assert svc.get_image_manifest("small:1") == {
+            "mediaType": facts.manifest_media_type, "digest": facts.manifest_digest,
+            "size": len(skopeo("inspect", "--raw", facts.ref())),
+        }
+        info = svc.inspect_image("small:1")
+        assert info["Layers"] == list(facts.layer_digests)
+        assert info["Config"]["Env"][-1] == "A=1" and info["Labels"] == {"k": "v"}
+        # every layer is there, in chain order, each holding the image's blobs byte-exact
+        assert [la.diff_id for la in svc.layers()] == list(facts.diff_ids)
+        assert _blobs(tmp_path / "root") == {facts.manifest_digest, facts.config_digest, *facts.layer_digests}
+        [summary] = svc.images()
+        assert summary.repo_tags == ["small:1"] and summary.size > (1 << 20)
+        if svc.capabilities().can_mount:
+            with svc.mounted_layer(got.chain[-1]) as path:
+                assert facts.rootfs is not None
+                assert tree_snapshot(path) == tree_snapshot(str(facts.rootfs))
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_load_formats_written_by_skopeo(tmp_path: Path, driver: str, skopeo_images: SkopeoImages) -> None:
+    with _open(tmp_path, driver) as svc:
+        for facts in (skopeo_images.zstd_oci, skopeo_images.docker_archive, skopeo_images.oci_archive):
+            [loaded] = svc.load_image(facts.path)
+            assert loaded.image.id == facts.config_digest
+        img = svc.get_image(SMALL_DOCKER_NAME)
+        assert img.diff_ids == list(skopeo_images.zstd_oci.diff_ids)
+        # one image, three sources: the layers were applied once
+        assert len(svc.layers()) == len(img.diff_ids)
+        assert sorted(svc.images()[0].repo_tags) == ["example.com/small:1", "small:1"]
+        assert skopeo_images.zstd_oci.layer_media_types[0].endswith("+zstd")
+        assert set(skopeo_images.zstd_oci.layer_digests) <= _blobs(tmp_path / "root")
+
+
+def test_two_names_in_one_layout(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        [loaded] = svc.load_image(skopeo_images.two_names_oci.path)
+        assert set(loaded.image.tags) == {"docker.io/library/small:1", "example.com/small:latest"}
+        assert svc.get_image("example.com/small").id == svc.get_image("small:1").id
+
+
+# -- save: read back by skopeo and umoci ----------------------------------------------------------------------
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_save_oci_reproduces_every_digest(tmp_path: Path, driver: str, umoci_small_image: ImageFacts) -> None:
+    facts = umoci_small_image
+    with _open(tmp_path, driver) as svc:
+        svc.load_image(facts.path)
+        svc.export_image(["small:1"], tmp_path / "out", "oci-dir")
+        svc.export_image(["small:1"], tmp_path / "out.tar", "oci-archive")
+    out = inspect_image("oci", tmp_path / "out", "1")
+    assert out.manifest_digest == facts.manifest_digest
+    assert out.config_digest == facts.config_digest
+    assert out.layer_digests == facts.layer_digests
+    assert _raw_digest(f"oci-archive:{tmp_path / 'out.tar'}:1") == facts.manifest_digest
+    rootfs = unpack_rootfs(tmp_path / "out", "1", tmp_path / "bundle")
+    assert facts.rootfs is not None
+    assert tree_snapshot(str(rootfs)) == tree_snapshot(str(facts.rootfs))
+
+
+@pytest.mark.parametrize("driver", ["vfs", "tarball"])
+def test_save_docker_archive(tmp_path: Path, driver: str, skopeo_images: SkopeoImages) -> None:
+    src = skopeo_images.docker_archive
+    with _open(tmp_path, driver) as svc:
+        svc.load_image(src.path)
+        svc.export_image([SMALL_DOCKER_NAME], tmp_path / "out.tar", "docker-archive")
+    out = inspect_image("docker-archive", tmp_path / "out.tar")
+    assert out.config_digest == src.config_digest
+    assert out.layer_digests == src.diff_ids  # docker-archive layers are the exact uncompressed streams
+    assert out.names == (SMALL_DOCKER_NAME,)
+    # and lamina reads its own archive back into the same image
+    with _open(tmp_path / "again", "vfs") as svc:
+        [loaded] = svc.load_image(tmp_path / "out.tar")
+        assert loaded.image.id == src.config_digest
+
+
+def test_docker_archive_origin_saved_as_oci_is_deterministic(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
+    src = skopeo_images.docker_archive
+    with _open(tmp_path, "vfs") as svc:
+        svc.load_image(src.path)
+        svc.export_image([SMALL_DOCKER_NAME], tmp_path / "a", "oci-dir")
+        svc.export_image([SMALL_DOCKER_NAME], tmp_path / "b", "oci-dir")
+    a = inspect_image("oci", tmp_path / "a", "1")
+    b = inspect_image("oci", tmp_path / "b", "1")
+    assert a.manifest_digest == b.manifest_digest
+    assert a.diff_ids == src.diff_ids and a.config_digest == src.config_digest
+
+
+def test_keep_layer_blobs_false_recompresses_deterministically(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    facts = umoci_small_image
+    with _open(tmp_path, "vfs", keep_layer_blobs=False) as svc:
+        svc.load_image(facts.path)
+        assert not (set(facts.layer_digests) & _blobs(tmp_path / "root"))  # compressed blobs dropped
+        svc.export_image(["small:1"], tmp_path / "a", "oci-dir")
+        svc.export_image(["small:1"], tmp_path / "b", "oci-dir")
+        assert not (_blobs(tmp_path / "root") - {facts.manifest_digest, facts.config_digest})
+    a = inspect_image("oci", tmp_path / "a", "1")
+    b = inspect_image("oci", tmp_path / "b", "1")
+    assert a.manifest_digest == b.manifest_digest != facts.manifest_digest
+    assert a.layer_digests != facts.layer_digests and a.config_digest == facts.config_digest
+    rootfs = unpack_rootfs(tmp_path / "a", "1", tmp_path / "bundle")
+    assert facts.rootfs is not None
+    assert tree_snapshot(str(rootfs)) == tree_snapshot(str(facts.rootfs))
+
+
+# -- the realistic image --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_debian_image_round_trip(
+    tmp_path: Path, driver: str, debian_image_oci: ImageFacts, debian_image_docker_archive: ImageFacts
+) -> None:
+    out = lamina_cli("--driver", driver, "load", "-i", str(debian_image_docker_archive.path), root=tmp_path)
+    assert out.stdout.decode().strip() == f"Loaded image: {debian_image_docker_archive.names[0]}"
+    lamina_cli("load", "-i", str(debian_image_oci.path), root=tmp_path)
+    listing = json.loads(lamina_cli("--format", "json", "images", root=tmp_path).stdout)
+    assert len(listing) == 1
+    assert listing[0]["Id"] == debian_image_oci.config_digest
+    assert sorted(listing[0]["RepoTags"]) == ["debian:bookworm", "example.com/debian:bookworm"]
+    lamina_cli("save", "--format", "oci-dir", "-o", str(tmp_path / "out"), "debian:bookworm", root=tmp_path)
+    assert _raw_digest(f"oci:{tmp_path / 'out'}:bookworm") == debian_image_oci.manifest_digest
+
+
+# -- import ----------------------------------------------------------------------------------------------------
+def test_import_with_changes(tmp_path: Path) -> None:
+    tar = TarBuilder().dir("bin").file("bin/sh", b"#!fake\n", mode=0o755).build()
+    (tmp_path / "rootfs.tar").write_bytes(tar)
+    out = lamina_cli("import", str(tmp_path / "rootfs.tar"), "example.com/imported:1",
+                     "--change", 'CMD ["sh"]', "--change", "ENV A=1", "-c", "WORKDIR /srv", "-c", "EXPOSE 80",
+                     "-m", "from a tarball", root=tmp_path)
+    image_id = out.stdout.decode().strip()
+    info = json.loads(lamina_cli("inspect", "example.com/imported:1", root=tmp_path).stdout)[0]
+    assert info["Id"] == image_id
+    assert info["Config"]["Cmd"] == ["sh"]
+    assert "A=1" in info["Config"]["Env"]
+    assert info["Config"]["WorkingDir"] == "/srv" and info["Config"]["ExposedPorts"] == {"80/tcp": {}}
+    assert info["RootFS"]["Layers"] == ["sha256:" + hashlib.sha256(tar).hexdigest()]
+    assert info["History"][0]["comment"] == "from a tarball"
+    assert info["Os"] == "linux" and info["Architecture"]
+    # skopeo reads what lamina made of it
+    lamina_cli("save", "--format", "oci-archive", "-o", str(tmp_path / "i.tar"), "example.com/imported:1",
+               root=tmp_path)
+    cfg = json.loads(skopeo("inspect", "--config", f"oci-archive:{tmp_path / 'i.tar'}:1"))
+    assert cfg["config"]["Cmd"] == ["sh"]
+
+
+def test_import_bad_change_stores_nothing(tmp_path: Path) -> None:
+    (tmp_path / "rootfs.tar").write_bytes(TarBuilder().file("a", b"x").build())
+    with _open(tmp_path, "vfs") as svc:
+        with pytest.raises(InvalidChange), open(tmp_path / "rootfs.tar", "rb") as f:
+            svc.import_image(f, "x:1", changes=["RUN rm -rf /"])
+        assert svc.layers() == [] and svc.images() == []
+    proc = lamina_cli("import", str(tmp_path / "rootfs.tar"), "x", "-c", "FROM scratch", root=tmp_path, check=False)
+    assert proc.returncode != 0 and b"Traceback" not in proc.stderr
+
+
+# -- names, lookup, filters, removal -------------------------------------------------------------------------
+def _import(svc: ImageService, name: str | None, content: bytes, label: str = "") -> str:
+    import io
+
+    tar = TarBuilder().file("f", content).build()
+    changes = [f"LABEL {label}"] if label else []
+    return svc.import_image(io.BytesIO(tar), name, changes=changes).id
+
+
+def test_lookup_by_id_prefix_and_ambiguity(tmp_path: Path) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        ids = [_import(svc, f"img{i}:1", str(i).encode()) for i in range(5)]
+        one = ids[0]
+        hexid = one.split(":")[1]
+        assert svc.get_image(hexid[:12]).id == one
+        assert svc.get_image(one).id == one and svc.get_image(hexid).id == one
+        assert svc.get_image("sha256:" + hexid[:8]).id == one
+        with pytest.raises(ImageNotFound):
+            svc.get_image(hexid[:2])  # fewer than 3 hex characters is no ID prefix
+        # import until two IDs share their first 3 hex characters (birthday bound: ~75 images)
+        seen = {i[7:10]: i for i in ids}
+        n = len(ids)
+        while True:
+            new = _import(svc, None, str(n).encode())
+            n += 1
+            if new[7:10] in seen:
+                break
+            seen[new[7:10]] = new
+        with pytest.raises(AmbiguousImage, match="ambiguous") as e:
+            svc.get_image(new[7:10])
+        assert new[7:19] in str(e.value) and seen[new[7:10]][7:19] in str(e.value)
+        assert svc.get_image(new[7:20]).id == new
+        with pytest.raises(ImageNotFound):
+            svc.get_image("nosuchimage")
+        with pytest.raises(ImageNotFound):
+            svc.get_image("sha256:" + "0" * 64)
+
+
+def test_bad_names_rejected(tmp_path: Path) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        _import(svc, "ok:1", b"x")
+        for bad in ["UPPER:1", "a/../b", "a:b:c", "x@sha256:zz", "a" * 64, "", "name:" + "t" * 200]:
+            with pytest.raises((InvalidReference, ImageError)):
+                svc.tag_image("ok:1", bad)
+        assert svc.images()[0].repo_tags == ["ok:1"]
+
+
+def test_filters(tmp_path: Path) -> None:
+    import time
+
+    with _open(tmp_path, "vfs") as svc:
+        a = _import(svc, "a:1", b"a", label="team=red")
+        time.sleep(0.01)
+        b = _import(svc, "b:1", b"b", label="team=blue")
+        time.sleep(0.01)
+        c = _import(svc, None, b"c")
+        assert [s.id for s in svc.images()] == [c, b, a]  # newest first
+        assert [s.id for s in svc.images({"dangling": ["true"]})] == [c]
+        assert [s.id for s in svc.images({"dangling": ["false"]})] == [b, a]
+        assert [s.id for s in svc.images({"label": ["team=red"]})] == [a]
+        assert [s.id for s in svc.images({"label": ["team"]})] == [b, a]
+        assert [s.id for s in svc.images({"before": ["b:1"]})] == [a]
+        assert [s.id for s in svc.images({"since": ["a:1"]})] == [c, b]
+        assert [s.id for s in svc.images({"reference": ["a*"]})] == [a]
+        assert [s.id for s in svc.images({"reference": ["docker.io/library/b:*"]})] == [b]
+        assert svc.images()[0].repo_tags == [] and svc.count_images() == 3
+        with pytest.raises(ImageError, match="invalid filter"):
+            svc.images({"color": ["red"]})
+        with pytest.raises(ImageError):
+            svc.images({"dangling": ["maybe"]})
+    proc = lamina_cli("images", "--filter", "nope=1", root=tmp_path, check=False)
+    assert proc.returncode != 0 and b"invalid filter" in proc.stderr and b"Traceback" not in proc.stderr
+
+
+def test_tag_moves_and_untag_deletes_last_name(tmp_path: Path) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        a = _import(svc, "app:1", b"a")
+        b = _import(svc, "other:1", b"b")
+        svc.tag_image("app:1", "app:latest")
+        svc.tag_image(b, "app:1")  # the tag moves to b
+        assert svc.get_image("app:1").id == b and svc.get_image("app").id == a
+        # cri-o UntagImage: removing a name that is not the last keeps the image
+        assert svc.untag_image("other:1", "other:1") == [{"Untagged": "other:1"}]
+        assert svc.get_image(b).id == b
+        # removing the last name deletes the image and releases its layers
+        layers_before = len(svc.layers())
+        out = svc.untag_image("app:1", "app:1")
+        assert out == [{"Untagged": "app:1"}, {"Deleted": b}]
+        assert len(svc.layers()) == layers_before - 1
+        with pytest.raises(InvalidReference):
+            svc.untag_image("app", "nosuch:tag")
+
+
+def test_rmi_semantics(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        [loaded] = svc.load_image(umoci_small_image.path)
+        iid = loaded.image.id
+        svc.tag_image("small:1", "example.com/other:2")
+        # by ID with names in two repositories: a soft conflict that --force overrides
+        with pytest.raises(ImageConflict, match="multiple repositories"):
+            svc.image_delete(iid[7:19])
+        # by name: untag only; the image keeps its other name
+        assert svc.image_delete("example.com/other:2") == [{"Untagged": "example.com/other:2"}]
+        # by name, last tag: the repository's digest name goes with it and the image is deleted
+        out = svc.image_delete("small:1")
+        assert out[0] == {"Untagged": "small:1"} and out[-1] == {"Deleted": iid}
+        assert any("small@sha256:" in v for d in out for v in d.values())
+        assert svc.images() == [] and svc.layers() == []
+        assert _blobs(tmp_path / "root") == set()  # garbage collected
+        svc.load_image(umoci_small_image.path)
+        svc.tag_image("small:1", "example.com/other:2")
+        out = svc.image_delete(iid, force=True)
+        assert {"Deleted": iid} in out and svc.images() == []
+
+
+def test_layer_rm_cannot_pull_a_layer_from_under_an_image(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        [loaded] = svc.load_image(umoci_small_image.path)
+        top = svc.get_image(loaded.image.id).chain[-1]
+    proc = lamina_cli("--driver", "vfs", "layer", "rm", top, root=tmp_path, check=False)
+    assert proc.returncode != 0 and b"used by image" in proc.stderr
+
+
+def test_cli_lifecycle(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
+    src = skopeo_images.oci_archive
+    lamina_cli("load", "-i", str(src.path), root=tmp_path)
+    lines = lamina_cli("images", root=tmp_path).stdout.decode().splitlines()
+    assert lines[0].split()[:3] == ["REPOSITORY", "TAG", "IMAGE"] and lines[1].split()[:2] == ["small", "1"]
+    short = src.config_digest[7:19]
+    assert lamina_cli("images", "-q", root=tmp_path).stdout.decode().split() == [short]
+    hist = json.loads(lamina_cli("history", "--format", "json", "small:1", root=tmp_path).stdout)
+    assert hist[0]["Id"] == src.config_digest
+    assert len([h for h in hist if not h["EmptyLayer"]]) == len(src.diff_ids)
+    lamina_cli("tag", "small:1", "example.com/x:9", root=tmp_path)
+    assert "example.com/x:9" in lamina_cli("images", root=tmp_path).stdout.decode().replace("  ", " ").replace(
+        "example.com/x 9", "example.com/x:9")
+    lamina_cli("untag", "small:1", "example.com/x:9", root=tmp_path)
+    lamina_cli("rmi", "small:1", root=tmp_path)
+    assert lamina_cli("images", "-q", root=tmp_path).stdout == b""
+    proc = lamina_cli("rmi", "small:1", root=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.decode().startswith("Error: image") and b"Traceback" not in proc.stderr
+
+
+def test_save_refuses_existing_output_and_leaves_nothing(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("keep me")
+    with _open(tmp_path, "vfs") as svc:
+        svc.load_image(umoci_small_image.path)
+        with pytest.raises(Exception) as e:
+            svc.export_image(["small:1"], tmp_path / "busy", "oci-dir")
+        assert "already exists" in str(e.value)
+        with pytest.raises(ImageNotFound):
+            svc.export_image(["small:1", "nosuch:1"], tmp_path / "o.tar", "docker-archive")
+    assert (tmp_path / "busy" / "x").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["busy", "root", "run"]
+
+
+def test_load_progress_events(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    events: list[dict[str, Any]] = []
+    with _open(tmp_path, "vfs") as svc:
+        svc.load_image(umoci_small_image.path, progress=events.append)
+        done = [e for e in events if e["status"] == "done"]
+        assert [e["index"] for e in done] == [1, 2, 3]
+        events.clear()
+        svc.load_image(umoci_small_image.path, progress=events.append)
+        assert {e["status"] for e in events} == {"exists"}
+
+
+def test_skopeo_can_copy_what_lamina_saved(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        svc.load_image(skopeo_images.zstd_oci.path)
+        svc.export_image(["small:1"], tmp_path / "out", "oci-dir")
+    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{tmp_path / 'out'}:1", f"oci:{tmp_path / 'copy'}:1"],
+                   check=True)
+    assert _raw_digest(f"oci:{tmp_path / 'copy'}:1") == skopeo_images.zstd_oci.manifest_digest
