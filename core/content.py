@@ -2,9 +2,10 @@
 
 Manifests, indexes, configs and (unless ``keep_layer_blobs = false``) compressed layer blobs live at
 ``<root>/content/blobs/sha256/<hex>`` exactly as they were received, so saving an image reproduces every
-digest. A blob is written to ``content/ingest/`` first, hashed and sized while it streams, flushed, and
-renamed into place only when it matches what the caller expected: a blob that is visible is always whole
-and correct.
+digest. A blob is written to ``content/ingest/`` first, hashed and sized while it streams, and renamed
+into place only when it matches what the caller expected: a blob that is visible is always whole and
+correct, whenever the writing process is killed. (Like layer contents, blobs are not fsynced: the store
+survives killed processes; a power cut may need the blob loaded again.)
 
 Which blobs are alive is decided in the store database: images refer to blobs (``image_blobs``), and a
 process that is writing blobs for an image not yet committed holds *leases* on them (``content_leases``,
@@ -224,7 +225,6 @@ class BlobWriter:
 
     def commit(self) -> None:
         self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
         os.rename(self._tmp, self._store.path(self.digest))
         self._committed = True
