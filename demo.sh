@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # lamina's main job, end to end, on a fresh machine: install into .venv, build a small root filesystem
 # from this host's own binaries, register it as a layer, stack a second layer on it, and export both
-# checking that each exported stream hashes to its DiffID.
+# checking that each exported stream hashes to its DiffID; then make an image of the root filesystem,
+# save it as an OCI archive, delete it, load it back and check that every digest survived.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
@@ -54,4 +55,19 @@ for chain in "$base" "$top"; do
     echo "export of ${chain:7:12} matches its DiffID ${diff_id:7:12}"
 done
 $LAMINA "${store[@]}" layers
+
+# 4. Images: import the root filesystem as an image, save it as an OCI archive, remove it, load it back.
+id=$($LAMINA "${store[@]}" import "$work/base.tar" demo/base:1 --change 'CMD ["/bin/sh"]' --change 'ENV GREETING=hello' -m "demo import")
+echo "imported image: ${id:7:12}"
+$LAMINA "${store[@]}" tag demo/base:1 demo/base:latest
+$LAMINA "${store[@]}" save --format oci-archive -o "$work/image.tar" demo/base:1
+$LAMINA "${store[@]}" rmi demo/base:1 demo/base:latest
+$LAMINA "${store[@]}" load -i "$work/image.tar"
+got=$($LAMINA "${store[@]}" images -q --no-trunc)
+if [ "$got" != "$id" ]; then
+    echo "MISMATCH: the image loaded back is $got, saved was $id" >&2
+    exit 1
+fi
+$LAMINA "${store[@]}" images
+$LAMINA "${store[@]}" history demo/base:1
 echo "demo: OK"

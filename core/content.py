@@ -171,7 +171,6 @@ class ContentStore:
                     size += len(c)
                     f.write(c)
                 f.flush()
-                os.fsync(f.fileno())
             digest = "sha256:" + h.hexdigest()
             before_commit(digest)
             os.rename(tmp, self.path(digest))

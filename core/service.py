@@ -92,6 +92,7 @@ class ImageService:
             ("Root", str(st.root)),
             ("Run Root", str(st.runroot)),
             ("Layers", str(len(st.all()))),
+            ("Images", str(self.count_images())),
         ]
         out.extend(st.hook.lamina_status() or [])
         return out
