@@ -386,3 +386,55 @@ def test_skopeo_can_copy_what_lamina_saved(tmp_path: Path, skopeo_images: Skopeo
     subprocess.run(["skopeo", "copy", "--quiet", f"oci:{tmp_path / 'out'}:1", f"oci:{tmp_path / 'copy'}:1"],
                    check=True)
     assert _raw_digest(f"oci:{tmp_path / 'copy'}:1") == skopeo_images.zstd_oci.manifest_digest
+
+
+def _multi_platform_layout(src: ImageFacts, dest: Path) -> tuple[str, str]:
+    """``src`` under an index with two platforms: the real manifest as the host's, an annotated copy of it as
+    linux/arm64 (the same config and layers, another digest). Returns both manifest digests."""
+    import shutil
+
+    from lamina import oci
+
+    shutil.copytree(src.path, dest)
+    raw = skopeo("inspect", "--raw", src.ref())
+    doc = json.loads(raw)
+    doc["annotations"] = {"example.platform": "arm64"}
+    other = json.dumps(doc, separators=(",", ":")).encode()
+    digests = []
+    for data in (raw, other):
+        d = "sha256:" + hashlib.sha256(data).hexdigest()
+        (dest / "blobs" / "sha256" / d[7:]).write_bytes(data)
+        digests.append(d)
+    host = oci.host_platform()
+    index = oci.build_index([
+        oci.Descriptor(oci.MEDIA_TYPE_MANIFEST, digests[0], len(raw), platform=host),
+        oci.Descriptor(oci.MEDIA_TYPE_MANIFEST, digests[1], len(other),
+                       platform=oci.Platform("linux", "arm64", "v8")),
+    ])
+    idx = "sha256:" + hashlib.sha256(index).hexdigest()
+    (dest / "blobs" / "sha256" / idx[7:]).write_bytes(index)
+    top = {"schemaVersion": 2, "manifests": [{"mediaType": oci.MEDIA_TYPE_INDEX, "digest": idx, "size": len(index),
+                                              "annotations": {"org.opencontainers.image.ref.name": "multi:1"}}]}
+    (dest / "index.json").write_text(json.dumps(top))
+    return digests[0], digests[1]
+
+
+def test_platform_selection_from_an_index(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    from lamina import oci
+    from lamina.errors import PlatformNotFound
+
+    host_digest, arm_digest = _multi_platform_layout(umoci_small_image, tmp_path / "multi")
+    with _open(tmp_path / "a", "vfs") as svc:
+        svc.load_image(tmp_path / "multi")
+        manifest = svc.get_image_manifest("multi:1")
+        assert manifest is not None and manifest["digest"] == host_digest
+    with _open(tmp_path / "b", "vfs") as svc:
+        svc.load_image(tmp_path / "multi", platform=oci.parse_platform("linux/arm64"))
+        manifest = svc.get_image_manifest("multi:1")
+        assert manifest is not None and manifest["digest"] == arm_digest
+        with pytest.raises(PlatformNotFound):
+            svc.load_image(tmp_path / "multi", platform=oci.parse_platform("linux/s390x"))
+    proc = lamina_cli("load", "-i", str(tmp_path / "multi"), "--platform", "linux/ppc64le", root=tmp_path / "c",
+                      check=False)
+    assert proc.returncode == 1 and b"no manifest for platform" in proc.stderr
+    assert lamina_cli("images", "-q", root=tmp_path / "c", check=False).stdout == b""
