@@ -438,3 +438,48 @@ def test_platform_selection_from_an_index(tmp_path: Path, umoci_small_image: Ima
                       check=False)
     assert proc.returncode == 1 and b"no manifest for platform" in proc.stderr
     assert lamina_cli("images", "-q", root=tmp_path / "c", check=False).stdout == b""
+
+
+def test_load_legacy_docker_save_layout(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
+    """Older ``docker save`` output: per-layer directories (``<id>/layer.tar``, ``VERSION``, ``json``) and a
+    ``repositories`` file beside ``manifest.json``."""
+    import tarfile
+
+    src = skopeo_images.docker_archive
+    with tarfile.open(src.path) as t:
+        manifest = json.loads(t.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}  # type: ignore[union-attr]
+    entry = manifest[0]
+    legacy_layers = []
+    out = tmp_path / "legacy.tar"
+    with tarfile.open(out, "w") as t:
+        def add(name: str, data: bytes) -> None:
+            import io
+
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+
+        for i, path in enumerate(entry["Layers"]):
+            v1 = hashlib.sha256(f"v1-{i}".encode()).hexdigest()
+            t.addfile(_dir_info(v1))
+            add(f"{v1}/VERSION", b"1.0")
+            add(f"{v1}/json", json.dumps({"id": v1}).encode())
+            add(f"{v1}/layer.tar", members[path])
+            legacy_layers.append(f"{v1}/layer.tar")
+        add(entry["Config"], members[entry["Config"]])
+        add("manifest.json", json.dumps([{**entry, "Layers": legacy_layers}]).encode())
+        add("repositories", json.dumps({"example.com/small": {"1": legacy_layers[-1].split("/")[0]}}).encode())
+    with _open(tmp_path, "tarball") as svc:
+        [loaded] = svc.load_image(out)
+        assert loaded.image.id == src.config_digest and loaded.image.tags == (SMALL_DOCKER_NAME,)
+        assert [la.diff_id for la in svc.layers()] == list(src.diff_ids)
+
+
+def _dir_info(name: str) -> Any:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    return info
