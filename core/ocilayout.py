@@ -86,6 +86,8 @@ def read_layout(src: Source, platform: oci.Platform | None = None) -> list[Image
             nested = oci.parse_index(raw, desc.media_type)
             extra[desc.digest] = raw
             mdesc = oci.select_manifest(nested, platform)
+        elif desc.media_type in oci.SCHEMA1_TYPES:
+            raise InvalidDocument(f"index.json: {desc.digest}: schema1 manifests are not supported")
         elif not oci.is_manifest_type(desc.media_type):
             continue  # artifacts and other documents are not images
         name = _name_of(desc)
