@@ -483,3 +483,28 @@ def _dir_info(name: str) -> Any:
     info.type = tarfile.DIRTYPE
     info.mode = 0o755
     return info
+
+
+def test_rmi_prunes_untagged_parents_and_refuses_parents_of_children(tmp_path: Path) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        base = _import(svc, None, b"base")
+        mid = _import(svc, None, b"mid")
+        child = _import(svc, "child:1", b"child")
+        other = _import(svc, "other:1", b"other")
+        db = svc.layer_store._db  # parents are recorded by commit (containers); set them here directly
+        db.execute("UPDATE images SET parent=? WHERE id=?", (base, mid))
+        db.execute("UPDATE images SET parent=? WHERE id=?", (mid, child))
+        db.execute("UPDATE images SET parent=? WHERE id=?", (base, other))
+        assert svc.children(base) == [mid, other]
+        # intermediate images are hidden unless --all
+        assert {s.id for s in svc.images()} == {child, other}
+        assert {s.id for s in svc.images(all=True)} == {base, mid, child, other}
+        with pytest.raises(ImageConflict, match="child"):
+            svc.image_delete(mid[7:19])
+        # removing the child prunes its untagged parent, but not base, which still has a child
+        out = svc.image_delete("child:1")
+        assert out == [{"Untagged": "child:1"}, {"Deleted": child}, {"Deleted": mid}]
+        assert {s.id for s in svc.images(all=True)} == {base, other}
+        out = svc.image_delete("other:1", prune=False)
+        assert out == [{"Untagged": "other:1"}, {"Deleted": other}]
+        assert [s.id for s in svc.images(all=True)] == [base]
