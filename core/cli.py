@@ -550,6 +550,139 @@ def rmi(g: Globals, refs: tuple[str, ...], force: bool, no_prune: bool) -> None:
     _emit(g, out, lambda: _lines(f"{k}: {v}" for d in out for k, v in d.items()))
 
 
+# -- containers -------------------------------------------------------------------------------------------
+def _labels(values: tuple[str, ...]) -> dict[str, str]:
+    from lamina.errors import ContainerError
+
+    out = {}
+    for v in values:
+        k, _, val = v.partition("=")
+        if not k:
+            raise ContainerError(f"bad label {v!r}: use key=value")
+        out[k] = val
+    return out
+
+
+@cli.command()
+@click.argument("image", metavar="IMAGE")
+@click.option("--name", metavar="NAME", help="A unique name for the container.")
+@click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="Container label; repeatable.")
+@format_option
+@click.pass_obj
+def create(g: Globals, image: str, name: str | None, labels: tuple[str, ...]) -> None:
+    """Create a container (an init layer and a read-write layer on IMAGE); prints its ID."""
+    with g.open() as svc:
+        c = svc.create_container(image, name=name, labels=_labels(labels))
+    _emit(g, c.as_dict(), lambda: click.echo(c.id))
+
+
+@cli.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Show all containers, not only running ones.")
+@click.option("-q", "--quiet", is_flag=True, help="Print container IDs only.")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate IDs.")
+@format_option
+@click.pass_obj
+def ps(g: Globals, all_: bool, quiet: bool, no_trunc: bool) -> None:
+    """List containers."""
+    from lamina.reference import parse_normalized
+
+    with g.open() as svc:
+        items = [c for c in svc.containers() if all_ or c.status == "running"]
+        names = {}
+        for c in items:
+            try:
+                tags = svc.image_store.get(c.image_id).tags
+            except Exception:  # an image removed with --force: show its ID
+                tags = ()
+            names[c.id] = parse_normalized(tags[0]).familiar() if tags else c.image_id.split(":")[1][:12]
+    if quiet and g.format == "table":
+        _lines(c.id if no_trunc else c.short_id for c in items)
+        return
+
+    def status(c: Any) -> str:
+        return f"Exited ({c.exit_code})" if c.status == "exited" and c.exit_code is not None else c.status.title()
+
+    _emit(g, [c.as_dict() for c in items], lambda: _table(
+        [[c.id if no_trunc else c.short_id, names[c.id], _ago(c.created), status(c), c.name or ""] for c in items],
+        ["CONTAINER ID", "IMAGE", "CREATED", "STATUS", "NAMES"]))
+
+
+@cli.command("mount")
+@click.argument("ref", metavar="CONTAINER")
+@format_option
+@click.pass_obj
+def mount_(g: Globals, ref: str) -> None:
+    """Mount a container's root filesystem and print its path; it stays mounted until `umount`."""
+    with g.open() as svc:
+        path = svc.mount(ref)
+    _emit(g, {"path": path}, lambda: click.echo(path))
+
+
+@cli.command("umount")
+@click.argument("ref", metavar="CONTAINER")
+@click.option("-f", "--force", is_flag=True, help="Drop every mount reference and unmount.")
+@format_option
+@click.pass_obj
+def umount_(g: Globals, ref: str, force: bool) -> None:
+    """Drop one mount reference on a container; the last one unmounts it."""
+    with g.open() as svc:
+        left = svc.unmount(ref, force=force)
+    _emit(g, {"mounts_left": left}, lambda: None)
+
+
+@cli.command("diff")
+@click.argument("ref", metavar="CONTAINER")
+@format_option
+@click.pass_obj
+def diff_(g: Globals, ref: str) -> None:
+    """List what a container added (A), changed (C) and deleted (D) in its image."""
+    with g.open() as svc:
+        changes = svc.changes(ref)
+    _emit(g, [{"kind": c.kind, "path": c.path} for c in changes], lambda: _lines(str(c) for c in changes))
+
+
+@cli.command()
+@click.argument("ref", metavar="CONTAINER")
+@click.argument("image", required=False, metavar="[IMAGE]")
+@click.option("-a", "--author", default="", help="Author of the new image.")
+@click.option("-m", "--message", default="", help="Commit message (the history entry's comment).")
+@click.option("-c", "--change", "changes", multiple=True, metavar="INSTRUCTION",
+              help="Dockerfile instruction to apply to the config (CMD, ENV, ...); repeatable.")
+@format_option
+@click.pass_obj
+def commit(g: Globals, ref: str, image: str | None, author: str, message: str, changes: tuple[str, ...]) -> None:
+    """Make a new image from a container's changes; prints the image ID."""
+    with g.open() as svc:
+        img = svc.commit_image(ref, image, author=author, message=message, changes=list(changes))
+    _emit(g, {"Id": img.id, "RepoTags": img.repo_tags}, lambda: click.echo(img.id))
+
+
+@cli.command()
+@click.argument("refs", metavar="CONTAINER...", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove mounted containers too (they are unmounted).")
+@format_option
+@click.pass_obj
+def rm(g: Globals, refs: tuple[str, ...], force: bool) -> None:
+    """Remove containers and their layers."""
+    removed = []
+    with g.open() as svc:
+        for r in refs:
+            removed.append(svc.remove_container(r, force=force))
+    _emit(g, {"removed": removed}, lambda: _lines(removed))
+
+
+@cli.command()
+@click.argument("ref", metavar="IMAGE")
+@click.argument("parent", required=False, metavar="[PARENT]")
+@format_option
+@click.pass_obj
+def squash(g: Globals, ref: str, parent: str | None) -> None:
+    """Make a new image with IMAGE's layers above PARENT (or all of them) merged into one; prints its ID."""
+    with g.open() as svc:
+        img = svc.squash_image(ref, parent)
+    _emit(g, {"Id": img.id}, lambda: click.echo(img.id))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="lamina", standalone_mode=False)

@@ -27,6 +27,9 @@ traceback.
     │   ├── DigestError             malformed digest
     │   │   └── DigestMismatch      content does not hash to the expected digest
     │   └── InvalidDocument         malformed, mistyped or oversized manifest/index/config
+    ├── ContainerError              containers and running them
+    │   ├── ContainerNotFound
+    │   └── RuntimeFailure          the OCI runtime is missing or failed to start a container
     ├── ImageError                  images and their names
     │   ├── InvalidReference        a name that breaks the reference grammar
     │   ├── InvalidChange           a --change instruction that cannot be applied
@@ -162,3 +165,15 @@ class PlatformNotFound(ImageError):
 
 class BlobNotFound(StoreError):
     """The content store has no blob with the requested digest."""
+
+
+class ContainerError(LaminaError):
+    pass
+
+
+class ContainerNotFound(ContainerError):
+    pass
+
+
+class RuntimeFailure(ContainerError):
+    """The OCI runtime (runc, crun) is missing or could not start the container."""

@@ -5,6 +5,7 @@ history, tagging, untagging and deletion (Docker's ImageDelete rules), save and 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -311,12 +312,29 @@ def _is_id_ref(store: ImageStore, ref: str) -> bool:
     return looks_like_id_prefix(ref)
 
 
-def delete(store: ImageStore, ref: str, *, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
+UsersOf = Callable[[str], list[str]]
+
+
+def _no_users(image_id: str) -> list[str]:
+    return []
+
+
+def delete(
+    store: ImageStore, ref: str, *, force: bool = False, prune: bool = True, users: UsersOf = _no_users
+) -> list[dict[str, str]]:
+    """Docker's ImageDelete. ``users(image_id)`` names the containers created from an image: they are a
+    conflict unless ``force``, and then only the image's names go (the containers keep the image)."""
     rec = find(store, ref)
     out: list[dict[str, str]] = []
+    short = rec.id.split(":", 1)[1][:12]
     if not _is_id_ref(store, ref):
         named = parse_normalized(ref)
         key = _name_key(named)
+        in_use = users(rec.id)
+        if in_use and len(rec.tags) <= 1 and not force:
+            raise ImageConflict(
+                f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0][:12]}"
+            )
         store.remove_name(key)
         out.append({"Untagged": named.familiar()})
         rec = store.get(rec.id)
@@ -327,10 +345,13 @@ def delete(store: ImageStore, ref: str, *, force: bool = False, prune: bool = Tr
                     store.remove_name(n)
                     out.append({"Untagged": parse_normalized(n).familiar()})
             rec = store.get(rec.id)
-        if rec.names:
+        if rec.names or users(rec.id):
             return out
         _delete_quietly(store, rec.id, out, prune)
         return out
+    in_use = users(rec.id)
+    if in_use and not force:
+        raise ImageConflict(f"unable to delete {short}: image is used by container {in_use[0][:12]}")
     children = store.children(rec.id)
     if children:
         short = ", ".join(c.split(":")[1][:12] for c in children)
@@ -345,6 +366,8 @@ def delete(store: ImageStore, ref: str, *, force: bool = False, prune: bool = Tr
     for n in rec.names:
         store.remove_name(n)
         out.append({"Untagged": parse_normalized(n).familiar()})
+    if in_use:
+        return out  # forced: the containers keep the (now nameless) image
     _delete(store, rec.id, out, prune)
     return out
 
@@ -426,3 +449,96 @@ def import_rootfs(
         store.abandon()
         raise
     return load(store, rec)
+
+
+# -- commit and squash ----------------------------------------------------------------------------------
+def _child_config(img: Image, diff_ids: list[str], history: list[dict[str, Any]], **top: Any) -> bytes:
+    import json
+
+    doc = dict(img.config.doc)
+    doc.update({k: v for k, v in top.items() if v is not None})
+    rootfs = dict(doc.get("rootfs") or {"type": "layers"})
+    rootfs["diff_ids"] = list(diff_ids)
+    doc["rootfs"] = rootfs
+    doc["history"] = history
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _store_image(store: ImageStore, raw: bytes, name: str | None, parent: str | None, origin: str) -> Image:
+    from lamina import transfer
+
+    cfg = oci.parse_config(raw)
+    image_id = sha256_digest(raw)
+    store.lease_blob(image_id)
+    store.content.put(raw, image_id)
+    rec, _ = store.create(NewImage(
+        id=image_id, diff_ids=[DiffID(d) for d in cfg.diff_ids], created=transfer.parse_time(cfg.created),
+        origin=origin, names=[name] if name else [], blobs=[image_id], parent=parent,
+    ))
+    return load(store, rec)
+
+
+def _target_name(ref: str | None) -> str | None:
+    if not ref:
+        return None
+    named = parse_normalized(ref)
+    if named.digest is not None:
+        raise InvalidReference(f"cannot name an image with a digest reference {ref!r}")
+    return str(named.with_default_tag())
+
+
+def commit(
+    store: ImageStore,
+    img: Image,
+    diff: Readable,
+    ref: str | None,
+    *,
+    author: str = "",
+    message: str = "",
+    changes: list[str] | None = None,
+) -> Image:
+    """A new image: ``img`` plus one layer made of ``diff`` (a container's changes), with a history entry."""
+    from lamina import transfer
+    from lamina.imageconfig import apply_changes
+
+    name = _target_name(ref)
+    config = apply_changes(dict(img.config.config), changes or [])
+    try:
+        layer = store.layers.register(diff, img.chain[-1] if img.chain else None, lease=True)
+        now = transfer.utc_now_rfc3339()
+        entry: dict[str, Any] = {"created": now, "created_by": "lamina commit"}
+        if author:
+            entry["author"] = author
+        if message:
+            entry["comment"] = message
+        raw = _child_config(
+            img, [*img.config.diff_ids, layer.diff_id], [*img.config.history, entry],
+            created=now, author=author or None, config=config,
+        )
+        return _store_image(store, raw, name, img.id, "commit")
+    except BaseException:
+        store.abandon()
+        raise
+
+
+def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) -> Image:
+    """Docker's SquashImage: ``parent``'s layers plus one layer holding ``diff`` (the image's tree against
+    the parent's, or the whole tree); history entries past the parent's are marked empty."""
+    from lamina import transfer
+
+    if parent is not None and img.diff_ids[: len(parent.diff_ids)] != parent.diff_ids:
+        raise ImageError(f"image {parent.short_id} is not an ancestor of {img.short_id}")
+    base = parent.chain[-1] if parent and parent.chain else None
+    try:
+        layer = store.layers.register(diff, base, lease=True)
+        keep = len(parent.config.history) if parent else 0
+        history = [dict(h) if i < keep else {**h, "empty_layer": True} for i, h in enumerate(img.config.history)]
+        now = transfer.utc_now_rfc3339()
+        comment = f"merge {img.id} to {parent.id}" if parent else f"create new from {img.id}"
+        history.append({"created": now, "comment": comment})
+        diff_ids = [*(parent.config.diff_ids if parent else ()), layer.diff_id]
+        raw = _child_config(img, diff_ids, history, created=now)
+        return _store_image(store, raw, None, None, "squash")
+    except BaseException:
+        store.abandon()
+        raise

@@ -357,7 +357,7 @@ class LayerStore:
 
     def all(self) -> list[Layer]:
         rows = self._db.execute(
-            f"SELECT {self._COLS} FROM layers WHERE state='committed' ORDER BY depth, created"
+            f"SELECT {self._COLS} FROM layers WHERE state='committed' AND rw=0 ORDER BY depth, created"
         ).fetchall()
         return [self._layer(r) for r in rows]
 
@@ -443,6 +443,72 @@ class LayerStore:
         finally:
             with self._tx() as db:
                 db.execute("DELETE FROM layers WHERE id=? AND state != 'committed'", (lid,))
+
+    # -- read-write layers (containers) ---------------------------------------------------------------
+    def create_rw(self, parent: str) -> str:
+        """Create a read-write layer on committed layer ``parent`` (a ChainID); returns its CacheID.
+
+        The row stays ``incomplete`` (owned by this process) until the caller commits it with
+        :meth:`commit_rw` inside the transaction that records its owner (a container).
+        """
+        if not self.capabilities().supports_rw_layers:
+            raise OperationUnsupported(f"driver {self.info.cls.name!r} has no read-write layers; use vfs or overlay")
+        prow = self.get(parent)
+        if prow.depth + 1 > MAX_DEPTH:
+            raise LayerLimitExceeded(f"layer chain deeper than {MAX_DEPTH} layers")
+        lid = secrets.token_hex(32)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO layers (id, parent, state, rw, owner_pid, owner_start, depth, created)"
+                " VALUES (?, ?, 'incomplete', 1, ?, ?, ?, ?)",
+                (lid, prow.cache_id, self._me[0], self._me[1], prow.depth + 1, time.time()),
+            )
+        try:
+            self.hook.lamina_create(layer_id=lid, parent=prow.cache_id, rw=True)
+        except BaseException:
+            self._discard(lid)
+            raise
+        return lid
+
+    def commit_rw(self, db: sqlite3.Connection, lid: str) -> None:
+        db.execute(
+            "UPDATE layers SET state='committed', owner_pid=NULL, owner_start=NULL WHERE id=? AND rw=1", (lid,)
+        )
+
+    def remove_rw(self, lid: str) -> None:
+        """Unmount (every holder) and remove a read-write layer."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=? AND rw=1",
+                (self._me[0], self._me[1], lid),
+            )
+        if self.mount_count(lid):
+            self.unmount(lid, force=True)
+        self.hook.lamina_unmount(layer_id=lid)
+        self.hook.lamina_remove(layer_id=lid)
+        with self._tx() as db:
+            db.execute("DELETE FROM layers WHERE id=?", (lid,))
+
+    def parent_of(self, cache_id: str) -> str | None:
+        row = self._db.execute("SELECT parent FROM layers WHERE id=?", (cache_id,)).fetchone()
+        return str(row[0]) if row and row[0] else None
+
+    def changes_of(self, cache_id: str, parent: str | None) -> list[Change]:
+        """Changes of a layer (committed or read-write) against ``parent`` (a CacheID, not necessarily the
+        direct parent; None: everything)."""
+        changes = self.hook.lamina_changes(layer_id=cache_id, parent=parent)
+        if changes is None:
+            raise OperationUnsupported(f"driver {self.info.cls.name!r} cannot list changes")
+        return list(changes)
+
+    def diff_of(self, cache_id: str, parent: str | None) -> ByteStream:
+        stream: ByteStream | None = self.hook.lamina_diff(layer_id=cache_id, parent=parent)
+        if stream is None:
+            raise OperationUnsupported(f"driver {self.info.cls.name!r} cannot produce diffs")
+        return stream
+
+    def diff_size_of(self, cache_id: str, parent: str | None) -> int:
+        return int(self.hook.lamina_diff_size(layer_id=cache_id, parent=parent) or 0)
 
     # -- leases ---------------------------------------------------------------------------------------
     def _lease(self, db: sqlite3.Connection, lid: str) -> None:

@@ -23,6 +23,7 @@ from lamina.layerstore import Layer, LayerStore
 from lamina.plugins import DriverCatalog
 
 if TYPE_CHECKING:
+    from lamina.containers import Container, ContainerStore
     from lamina.images import Image, ImageSummary
     from lamina.imagestore import ImageStore
     from lamina.oci import Platform
@@ -33,6 +34,15 @@ class ImageService:
     def __init__(self, store: LayerStore) -> None:
         self._layers = store
         self._images_store: ImageStore | None = None
+        self._container_store: ContainerStore | None = None
+
+    @property
+    def container_store(self) -> ContainerStore:
+        if self._container_store is None:
+            from lamina.containers import ContainerStore
+
+            self._container_store = ContainerStore(self._layers, self.image_store)
+        return self._container_store
 
     @property
     def image_store(self) -> ImageStore:
@@ -234,10 +244,17 @@ class ImageService:
         return images.untag(self.image_store, self.get_image(ref), name)
 
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
-        """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries."""
+        """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.
+
+        Child images are a hard conflict; containers using the image are one unless ``force``, which then
+        removes only the image's names.
+        """
         from lamina import images
 
-        return images.delete(self.image_store, ref, force=force, prune=prune)
+        def users(image_id: str) -> list[str]:
+            return [c.id for c in self.container_store.using_image(image_id)]
+
+        return images.delete(self.image_store, ref, force=force, prune=prune, users=users)
 
     def load_image(
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None
@@ -269,3 +286,109 @@ class ImageService:
         from lamina import images
 
         return images.import_rootfs(self.image_store, stream, ref, changes or [], message, platform)
+
+    # -- containers -----------------------------------------------------------------------------------
+    def create_container(
+        self, image_ref: str, name: str | None = None, labels: dict[str, str] | None = None
+    ) -> Container:
+        """A container from an image: an init layer (runtime placeholders) and a read-write layer on it."""
+        from lamina.containers import exists_in
+
+        img = self.get_image(image_ref)
+        top = img.chain[-1] if img.chain else None
+        if top is None:
+            from lamina.errors import ImageError
+
+            raise ImageError(f"image {img.short_id} has no layers")
+        with self.mounted_layer(top) as path:
+            return self.container_store.create(img.id, top, name, dict(labels or {}), exists_in(path))
+
+    create_layer = create_container
+
+    def containers(self) -> list[Container]:
+        return self.container_store.all()
+
+    def get_container(self, ref: str) -> Container:
+        """By ID, unique ID prefix (≥ 3 hex) or name."""
+        return self.container_store.find(ref)
+
+    def mount(self, ref: str) -> str:
+        """Mount a container's root filesystem until :meth:`unmount` (refcounted); returns the path."""
+        return self._layers.mount(self.get_container(ref).rw_layer)
+
+    def unmount(self, ref: str, force: bool = False) -> int:
+        return self._layers.unmount(self.get_container(ref).rw_layer, force=force)
+
+    @contextmanager
+    def perform_with_base_fs(self, ref: str) -> Iterator[str]:
+        """The container's root filesystem, mounted for the block (and for this process only)."""
+        c = self.get_container(ref)
+        path = self._layers.mount(c.rw_layer, scoped=True)
+        try:
+            yield path
+        finally:
+            self._layers.unmount(c.rw_layer, scoped=True)
+
+    def changes(self, ref: str) -> list[Change]:
+        """What the container changed (A/C/D), against its image (the init layer is not counted)."""
+        c = self.get_container(ref)
+        return self._layers.changes_of(c.rw_layer, c.init_layer)
+
+    def get_container_layer_size(self, ref: str) -> tuple[int, int]:
+        """(size of the read-write layer's changes, that plus the image's size)."""
+        c = self.get_container(ref)
+        rw = self._layers.diff_size_of(c.rw_layer, c.init_layer)
+        img = self.get_image(c.image_id)
+        layers = {layer.chain_id: layer for layer in self._layers.all()}
+        return rw, rw + sum(layers[ch].size for ch in img.chain if ch in layers)
+
+    def get_layer_folders(self, ref: str) -> list[str]:
+        """The CacheIDs of the container's layers, base first, read-write last."""
+        c = self.get_container(ref)
+        out = [c.rw_layer]
+        cur = self._layers.parent_of(c.rw_layer)
+        while cur:
+            out.append(cur)
+            cur = self._layers.parent_of(cur)
+        return out[::-1]
+
+    def remove_container(self, ref: str, force: bool = False) -> str:
+        """Remove a container and its layers; a mounted one only with ``force`` (it is unmounted)."""
+        c = self.get_container(ref)
+        self.container_store.remove(c, force=force)
+        return c.id
+
+    def commit_image(
+        self,
+        ref: str,
+        new_name: str | None = None,
+        *,
+        author: str = "",
+        message: str = "",
+        changes: list[str] | None = None,
+    ) -> Image:
+        """Docker's CommitImage: the container's changes become a layer on its image, in a new image."""
+        from lamina import images
+
+        c = self.get_container(ref)
+        img = self.get_image(c.image_id)
+        diff = self._layers.diff_of(c.rw_layer, c.init_layer)
+        try:
+            return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
+                                 changes=changes)
+        finally:
+            diff.close()
+
+    def squash_image(self, ref: str, parent: str | None = None) -> Image:
+        """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""
+        from lamina import images
+
+        img = self.get_image(ref)
+        pimg = self.get_image(parent) if parent else None
+        top = self._layers.get(img.chain[-1]).cache_id
+        base = self._layers.get(pimg.chain[-1]).cache_id if pimg and pimg.chain else None
+        diff = self._layers.diff_of(top, base)
+        try:
+            return images.squash(self.image_store, img, pimg, diff)
+        finally:
+            diff.close()

@@ -1,0 +1,322 @@
+"""Containers: a writable layer on an image, with an init layer between them.
+
+A container is an ID (64 hex), an optional unique name, the image it was created from, labels, and two
+layers: the *init layer*, a committed layer on the image's top layer holding the placeholders a runtime
+expects (``/proc``, ``/sys``, ``/dev/pts``, ``/dev/shm``, ``/dev/console``, ``/etc/hosts``,
+``/etc/hostname``, ``/etc/resolv.conf``, ``/etc/mtab -> /proc/mounts``; only those the image lacks), and
+the *read-write layer* on top of it. Diffs, changes and commits are taken against the init layer, so the
+placeholders never reach an image. Init layers are ordinary content-addressed layers, so containers of
+one image share one.
+
+Creation is crash-safe: the container row is written ``creating`` (with its owner's pid) before any
+layer work, the init layer is leased, the read-write layer row stays ``incomplete``, and one transaction
+makes all of it real. Removal marks the row ``removing`` first; the next command finishes off the work of
+a killed process either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import secrets
+import sqlite3
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from lamina.digest import ChainID
+from lamina.errors import ContainerNotFound, ImageError, InvalidReference, LayerInUse
+from lamina.layerstore import LayerStore, _owner_alive
+
+if TYPE_CHECKING:
+    from lamina.imagestore import ImageStore
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    image_id TEXT NOT NULL,
+    init_layer TEXT,
+    rw_layer TEXT,
+    created REAL NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL CHECK (state IN ('creating', 'created', 'removing')),
+    status TEXT NOT NULL DEFAULT 'created',
+    exit_code INTEGER,
+    run_pid INTEGER,
+    run_start REAL,
+    owner_pid INTEGER,
+    owner_start REAL
+);
+CREATE INDEX IF NOT EXISTS containers_image ON containers(image_id);
+"""
+
+_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
+
+# (path, kind, target): moby's initlayer placeholders
+INIT_ENTRIES: tuple[tuple[str, str, str], ...] = (
+    ("dev", "dir", ""),
+    ("dev/pts", "dir", ""),
+    ("dev/shm", "dir", ""),
+    ("proc", "dir", ""),
+    ("sys", "dir", ""),
+    ("etc", "dir", ""),
+    ("etc/hosts", "file", ""),
+    ("etc/hostname", "file", ""),
+    ("etc/resolv.conf", "file", ""),
+    ("dev/console", "file", ""),
+    ("etc/mtab", "symlink", "/proc/mounts"),
+)
+
+
+@dataclass(frozen=True)
+class Container:
+    id: str
+    name: str | None
+    image_id: str
+    init_layer: str
+    rw_layer: str
+    created: float
+    labels: dict[str, str] = field(default_factory=dict)
+    status: str = "created"
+    exit_code: int | None = None
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:12]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "Id": self.id,
+            "Name": self.name,
+            "Image": self.image_id,
+            "Created": self.created,
+            "Labels": self.labels,
+            "Status": self.status,
+            "ExitCode": self.exit_code,
+            "InitLayer": self.init_layer,
+            "RWLayer": self.rw_layer,
+        }
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or re.fullmatch(r"[0-9a-f]{64}", name):
+        shown = name if isinstance(name, str) and len(name) <= 80 else str(name)[:77] + "..."
+        raise InvalidReference(f"invalid container name {shown!r}: use [a-zA-Z0-9][a-zA-Z0-9_.-]*, at most 128")
+    return name
+
+
+def init_tar(exists: Any) -> bytes:
+    """The init layer's tar: the placeholders ``exists(path)`` says the image lacks (deterministic bytes)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for path, kind, target in INIT_ENTRIES:
+            if exists(path):
+                continue
+            info = tarfile.TarInfo(path)
+            info.mtime = 0
+            info.uname = info.gname = ""
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                t.addfile(info)
+            elif kind == "symlink":
+                info.type = tarfile.SYMTYPE
+                info.linkname = target
+                info.mode = 0o777
+                t.addfile(info)
+            else:
+                info.mode = 0o755
+                t.addfile(info, io.BytesIO(b""))
+    return buf.getvalue()
+
+
+class ContainerStore:
+    def __init__(self, layers: LayerStore, images: ImageStore) -> None:
+        self.layers = layers
+        self.images = images
+        self._db = layers._db
+        with layers._tx() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        self.recover()
+
+    # -- rows -----------------------------------------------------------------------------------------
+    _COLS = "id, name, image_id, init_layer, rw_layer, created, labels, status, exit_code, run_pid, run_start"
+
+    def _row(self, r: tuple[Any, ...]) -> Container:
+        status = r[7]
+        if status == "running" and not _owner_alive(r[9], r[10]):
+            status = "exited"
+        return Container(r[0], r[1], r[2], r[3] or "", r[4] or "", r[5], json.loads(r[6]), status, r[8])
+
+    def all(self) -> list[Container]:
+        rows = self._db.execute(
+            f"SELECT {self._COLS} FROM containers WHERE state='created' ORDER BY created DESC"
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def find(self, ref: str) -> Container:
+        """By full ID, unique ID prefix (≥ 3 hex characters) or name."""
+        if not isinstance(ref, str) or not ref:
+            raise ContainerNotFound("no container given")
+        row = self._db.execute(
+            f"SELECT {self._COLS} FROM containers WHERE state='created' AND (id=? OR name=?)", (ref, ref)
+        ).fetchone()
+        if row is not None:
+            return self._row(row)
+        if re.fullmatch(r"[0-9a-f]{3,63}", ref):
+            rows = self._db.execute(
+                f"SELECT {self._COLS} FROM containers WHERE state='created' AND id LIKE ? LIMIT 11", (ref + "%",)
+            ).fetchall()
+            if len(rows) == 1:
+                return self._row(rows[0])
+            if len(rows) > 1:
+                raise ContainerNotFound(
+                    f"container ID prefix {ref!r} is ambiguous: " + ", ".join(r[0][:12] for r in rows[:10])
+                )
+        raise ContainerNotFound(f"no container {ref!r}")
+
+    def using_image(self, image_id: str) -> list[Container]:
+        rows = self._db.execute(
+            f"SELECT {self._COLS} FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)
+        ).fetchall()
+        return [self._row(r) for r in rows]
+
+    # -- recovery -------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        rows = self._db.execute(
+            "SELECT id, state, rw_layer, init_layer, owner_pid, owner_start FROM containers"
+            " WHERE state != 'created'"
+        ).fetchall()
+        for cid, state, rw, init, pid, start in rows:
+            if _owner_alive(pid, start):
+                continue
+            if state == "creating":
+                with self.layers._tx() as db:
+                    db.execute("DELETE FROM containers WHERE id=? AND state='creating'", (cid,))
+            else:
+                self._finish_remove(cid, rw, init)
+
+    # -- create / remove ------------------------------------------------------------------------------
+    def create(
+        self, image_id: str, top: ChainID | None, name: str | None, labels: dict[str, str], exists: Any
+    ) -> Container:
+        """``exists(path)`` tells whether the image's tree has ``path`` (for the init layer)."""
+        if name is not None:
+            check_name(name)
+        if top is None:
+            raise ImageError(f"image {image_id} has no layers; a container needs at least one")
+        cid = secrets.token_hex(32)
+        me = self.layers._me
+        now = time.time()
+        try:
+            with self.layers._tx() as db:
+                db.execute(
+                    "INSERT INTO containers (id, name, image_id, created, labels, state, owner_pid, owner_start)"
+                    " VALUES (?, ?, ?, ?, ?, 'creating', ?, ?)",
+                    (cid, name, image_id, now, json.dumps(labels, sort_keys=True), me[0], me[1]),
+                )
+        except sqlite3.IntegrityError:
+            raise InvalidReference(f"the container name {name!r} is already in use") from None
+        rw = None
+        try:
+            init = self.layers.register(io.BytesIO(init_tar(exists)), top, lease=True)
+            rw = self.layers.create_rw(init.chain_id)
+            with self.layers._tx() as db:
+                self.layers.reference(db, init.chain_id)
+                self.layers.commit_rw(db, rw)
+                db.execute(
+                    "UPDATE containers SET state='created', init_layer=?, rw_layer=?, owner_pid=NULL,"
+                    " owner_start=NULL WHERE id=?",
+                    (init.cache_id, rw, cid),
+                )
+                leased = self.layers.clear_leases(db)
+            self.layers.collect(leased)
+        except BaseException:
+            if rw is not None:
+                with contextlib.suppress(Exception):  # recovery finishes it; the original error matters
+                    self.layers.remove_rw(rw)
+            with self.layers._tx() as db:
+                db.execute("DELETE FROM containers WHERE id=? AND state='creating'", (cid,))
+                leased = self.layers.clear_leases(db)
+            self.layers.collect(leased)
+            raise
+        return self.find(cid)
+
+    def remove(self, c: Container, force: bool = False) -> None:
+        if not force and self.layers.mount_count(c.rw_layer):
+            raise LayerInUse(f"container {c.short_id} is mounted; unmount it first or use --force")
+        if c.status == "running" and not force:
+            raise LayerInUse(f"container {c.short_id} is running; stop it first or use --force")
+        me = self.layers._me
+        with self.layers._tx() as db:
+            db.execute(
+                "UPDATE containers SET state='removing', owner_pid=?, owner_start=? WHERE id=?", (me[0], me[1], c.id)
+            )
+        self._finish_remove(c.id, c.rw_layer, c.init_layer)
+
+    def _finish_remove(self, cid: str, rw: str | None, init: str | None) -> None:
+        if rw and self._db.execute("SELECT 1 FROM layers WHERE id=?", (rw,)).fetchone():
+            self.layers.remove_rw(rw)
+        with self.layers._tx() as db:
+            init_chain = None
+            if init:
+                row = db.execute("SELECT chain_id FROM layers WHERE id=?", (init,)).fetchone()
+                init_chain = row[0] if row else None
+            if init_chain:
+                self.layers.unreference(db, init_chain)
+            db.execute("DELETE FROM containers WHERE id=?", (cid,))
+        if init_chain and init:
+            self.layers.collect([init])
+
+    # -- run state ------------------------------------------------------------------------------------
+    def set_running(self, cid: str) -> None:
+        me = self.layers._me
+        with self.layers._tx() as db:
+            db.execute(
+                "UPDATE containers SET status='running', run_pid=?, run_start=?, exit_code=NULL WHERE id=?",
+                (me[0], me[1], cid),
+            )
+
+    def set_exited(self, cid: str, code: int | None) -> None:
+        with self.layers._tx() as db:
+            db.execute(
+                "UPDATE containers SET status='exited', exit_code=?, run_pid=NULL WHERE id=?", (code, cid)
+            )
+
+
+def exists_in(root: str) -> Any:
+    """A predicate: does ``path`` exist inside the tree at ``root``? Never follows a symlink; a path that
+    crosses one counts as existing (the init layer then leaves it alone)."""
+    import os
+
+    def exists(path: str) -> bool:
+        fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            parts = path.split("/")
+            for comp in parts[:-1]:
+                try:
+                    nfd = os.open(comp, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except FileNotFoundError:
+                    return False
+                except OSError:
+                    return True  # a symlink or a file where a directory should be
+                os.close(fd)
+                fd = nfd
+            try:
+                os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            return True
+        finally:
+            os.close(fd)
+
+    return exists
+
+
+__all__ = ["Container", "ContainerStore", "check_name", "exists_in", "init_tar"]
