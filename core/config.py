@@ -20,6 +20,9 @@
                                         # saved images then get deterministically recompressed layers,
                                         # so their compressed digests (and manifest digest) change
 
+    [containers]
+    runtime = "runc"                    # the OCI runtime `lamina run` uses: runc, crun, or a path
+
 Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HOME/lamina/storage.toml``
 (the first that exists wins). Explicit arguments (CLI flags) beat ``$LAMINA_DRIVER``, which beats the file.
 """
@@ -54,6 +57,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     source: Path | None = None
     keep_layer_blobs: bool = True
+    runtime: str = "runc"
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -115,9 +119,20 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from e
-    unknown_tables = sorted(set(data) - {"storage", "images"})
+    unknown_tables = sorted(set(data) - {"storage", "images", "containers"})
     if unknown_tables:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage] and [images]")
+        raise ConfigError(
+            f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage], [images], [containers]"
+        )
+    containers = data.get("containers", {})
+    _expect(containers, dict, f"{where}: [containers]")
+    unknown = sorted(set(containers) - {"runtime"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in [containers]: {', '.join(unknown)}")
+    if "runtime" in containers:
+        _expect(containers["runtime"], str, f"{where}: containers.runtime")
+        if not containers["runtime"]:
+            raise ConfigError(f"{where}: containers.runtime must not be empty")
     images = data.get("images", {})
     _expect(images, dict, f"{where}: [images]")
     unknown = sorted(set(images) - {"keep_layer_blobs"})
@@ -134,6 +149,8 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
     out = dict(storage)
     if "keep_layer_blobs" in images:
         out["keep_layer_blobs"] = images["keep_layer_blobs"]
+    if "runtime" in containers:
+        out["runtime"] = containers["runtime"]
     return out
 
 
@@ -203,6 +220,7 @@ def load_config(
         limits=limits,
         source=source,
         keep_layer_blobs=bool(storage.get("keep_layer_blobs", True)),
+        runtime=str(storage.get("runtime", "runc")),
     )
 
 

@@ -372,3 +372,26 @@ def test_parse_config_returns_storage_table() -> None:
 def test_system_config_constant() -> None:
     # the documented system location
     assert str(cfgmod.SYSTEM_CONFIG) == "/etc/lamina/storage.toml"
+
+
+def test_images_and_containers_tables(env: FakeFilesystem) -> None:
+    env.create_file("/etc/lamina/storage.toml", contents='[images]\nkeep_layer_blobs = false\n'
+                    '[containers]\nruntime = "crun"\n')
+    cfg = load_config()
+    assert cfg.keep_layer_blobs is False and cfg.runtime == "crun"
+    defaults = Config(root=Path("/r"), runroot=Path("/rr"))
+    assert defaults.keep_layer_blobs is True and defaults.runtime == "runc"
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[images]\nkeep_layer_blobs = 'no'\n", "keep_layer_blobs"),
+    ("[images]\ncompress = true\n", "unknown key"),
+    ("[containers]\nruntime = 3\n", "containers.runtime"),
+    ("[containers]\nruntime = ''\n", "must not be empty"),
+    ("[containers]\nhooks = []\n", "unknown key"),
+    ("[registries]\n", "unknown table"),
+])
+def test_images_and_containers_tables_are_validated(env: FakeFilesystem, text: str, needle: str) -> None:
+    env.create_file("/etc/lamina/storage.toml", contents=text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config()
