@@ -683,6 +683,53 @@ def squash(g: Globals, ref: str, parent: str | None) -> None:
     _emit(g, {"Id": img.id}, lambda: click.echo(img.id))
 
 
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable."),
+        click.option("-w", "--workdir", metavar="DIR", help="Working directory inside the container."),
+        click.option("-u", "--user", metavar="USER[:GROUP]", help="User (name or uid), resolved in the image."),
+        click.option("--network", type=click.Choice(["none", "host"]), default="none", show_default=True,
+                     help="Network namespace: none (loopback only) or the host's."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("image", metavar="IMAGE")
+@click.argument("command", nargs=-1, metavar="[COMMAND [ARG...]]")
+@click.option("--rm", "remove", is_flag=True, help="Remove the container when it exits.")
+@click.option("--name", metavar="NAME", help="A unique name for the container.")
+@_run_options
+@click.pass_obj
+def run(g: Globals, image: str, command: tuple[str, ...], remove: bool, name: str | None, env: tuple[str, ...],
+        workdir: str | None, user: str | None, network: str) -> None:
+    """Run a command in a new container (through the OCI runtime, runc by default); exits with its code."""
+    with g.open() as svc:
+        _, code = svc.run_container(image, list(command) or None, name=name, remove=remove, env=list(env),
+                                    workdir=workdir, user=user, network=network)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("ref", metavar="CONTAINER")
+@click.argument("directory", type=click.Path(file_okay=False), metavar="DIR")
+@click.argument("command", nargs=-1, metavar="[COMMAND [ARG...]]")
+@_run_options
+@format_option
+@click.pass_obj
+def bundle(g: Globals, ref: str, directory: str, command: tuple[str, ...], env: tuple[str, ...],
+           workdir: str | None, user: str | None, network: str) -> None:
+    """Write an OCI runtime bundle for CONTAINER in DIR (config.json; root.path is the mounted container).
+
+    The container stays mounted for the runtime; `lamina umount CONTAINER` afterwards.
+    """
+    with g.open() as svc:
+        spec = svc.bundle(ref, directory, args=list(command) or None, env=list(env), workdir=workdir, user=user,
+                          network=network)
+    _emit(g, spec, lambda: click.echo(os.path.abspath(directory)))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="lamina", standalone_mode=False)

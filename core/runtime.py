@@ -31,7 +31,7 @@ import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any, Literal
 
-from lamina.errors import FormatError, ImageError, LaminaError, UnsafePathError
+from lamina.errors import ContainerError, FormatError, ImageError, RuntimeFailure, UnsafePathError
 
 __all__ = [
     "DEFAULT_CAPABILITIES",
@@ -42,10 +42,6 @@ __all__ = [
     "run_bundle",
     "write_bundle",
 ]
-
-
-class RuntimeFailure(LaminaError):
-    """The OCI runtime is missing, or failed before the container's process started."""
 
 
 OCI_VERSION = "1.0.2"
@@ -453,7 +449,7 @@ def write_bundle(bundle_dir: str, spec: Mapping[str, Any]) -> None:
         os.replace(tmp, os.path.join(bundle_dir, "config.json"))
         tmp = None
     except OSError as e:
-        raise LaminaError(f"cannot write the bundle's config.json in {bundle_dir}: {e.strerror or e}") from e
+        raise ContainerError(f"cannot write the bundle's config.json in {bundle_dir}: {e.strerror or e}") from e
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):

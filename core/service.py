@@ -392,3 +392,78 @@ class ImageService:
             return images.squash(self.image_store, img, pimg, diff)
         finally:
             diff.close()
+
+    # -- running --------------------------------------------------------------------------------------
+    def _spec(self, c: Container, rootfs: str, opts: dict[str, Any]) -> dict[str, Any]:
+        from lamina.runtime import build_spec
+
+        img = self.get_image(c.image_id)
+        return build_spec(rootfs, img.config.config, hostname=c.id[:12], **opts)
+
+    def bundle(self, ref: str, bundle_dir: str | os.PathLike[str], **opts: Any) -> dict[str, Any]:
+        """Write an OCI runtime bundle (``config.json``) for a container, for any runtime.
+
+        The container is mounted (a lasting reference, like :meth:`mount`) and ``root.path`` points at
+        its root filesystem; :meth:`unmount` it when the runtime is done. ``opts`` are
+        :func:`lamina.runtime.build_spec`'s keywords (args, env, workdir, user, network, ...).
+        """
+        from lamina.runtime import write_bundle
+
+        c = self.get_container(ref)
+        rootfs = self.mount(c.id)
+        try:
+            spec = self._spec(c, rootfs, opts)
+            write_bundle(str(bundle_dir), spec)
+        except BaseException:
+            self.unmount(c.id)
+            raise
+        return spec
+
+    def run_container(
+        self,
+        image_ref: str,
+        args: list[str] | None = None,
+        *,
+        name: str | None = None,
+        remove: bool = False,
+        stdin: Any = None,
+        stdout: Any = None,
+        stderr: Any = None,
+        **opts: Any,
+    ) -> tuple[Container, int]:
+        """Create a container, mount it, run it with the configured OCI runtime, unmount it.
+
+        Returns the container and its exit code (128+N for a signal). With ``remove`` the container is
+        removed afterwards; a container whose process never started is always removed.
+        """
+        import shutil
+
+        from lamina.runtime import run_bundle, write_bundle
+
+        c = self.create_container(image_ref, name=name)
+        started = False
+        code: int | None = None
+        bundle_dir = self._layers.runroot / "bundles" / c.id
+        try:
+            with self.perform_with_base_fs(c.id) as rootfs:
+                spec = self._spec(c, rootfs, {"args": args, **opts})
+                bundle_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                write_bundle(str(bundle_dir), spec)
+                self.container_store.set_running(c.id)
+                started = True
+                code = run_bundle(
+                    str(bundle_dir), c.id, runtime=self.config.runtime,
+                    runtime_root=str(self._layers.runroot / "runtime"), stdin=stdin, stdout=stdout, stderr=stderr,
+                )
+        except BaseException:
+            if started:
+                self.container_store.set_exited(c.id, code)
+            shutil.rmtree(bundle_dir, ignore_errors=True)
+            self.container_store.remove(self.get_container(c.id), force=True)
+            raise
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+        self.container_store.set_exited(c.id, code)
+        final = self.get_container(c.id)
+        if remove:
+            self.container_store.remove(final, force=True)
+        return final, int(code)
