@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
 # lamina's main job, end to end, on a fresh machine: install into .venv, build a small root filesystem
 # from this host's own binaries, register it as a layer, stack a second layer on it, and export both
-# checking that each exported stream hashes to its DiffID; then make an image of the root filesystem,
-# save it as an OCI archive, delete it, load it back and check that every digest survived.
+# checking that each exported stream hashes to its DiffID; then the image lifecycle: load the root
+# filesystem as an image, run commands in it (runc), change a file in a container, commit, run the new
+# image, save it as an OCI archive, load it back and list.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q -e . --config-settings editable_mode=strict 2>&1 | { grep -v "^WARNING: Location" || true; } >&2
 LAMINA=.venv/bin/lamina
+# runc runs the containers; install it (Debian) when it is missing and we may.
+if ! command -v runc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "demo: installing runc" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt-get install -y -qq --no-install-recommends runc >/dev/null
+    else
+        echo "demo: runc is needed (e.g. apt-get install runc)" >&2
+        exit 1
+    fi
+fi
+PYVENV=.venv/bin/python
 
 work=$(mktemp -d /tmp/lamina-demo.XXXXXX)
 trap 'rm -rf "$work"' EXIT
@@ -56,18 +68,57 @@ for chain in "$base" "$top"; do
 done
 $LAMINA "${store[@]}" layers
 
-# 4. Images: import the root filesystem as an image, save it as an OCI archive, remove it, load it back.
-id=$($LAMINA "${store[@]}" import "$work/base.tar" demo/base:1 --change 'CMD ["/bin/sh"]' --change 'ENV GREETING=hello' -m "demo import")
-echo "imported image: ${id:7:12}"
-$LAMINA "${store[@]}" tag demo/base:1 demo/base:latest
-$LAMINA "${store[@]}" save --format oci-archive -o "$work/image.tar" demo/base:1
-$LAMINA "${store[@]}" rmi demo/base:1 demo/base:latest
+# 4. The image lifecycle: a docker-archive made here from the root filesystem → load → run a command in
+#    it → change a file in a container → commit → run the new image → save as an OCI archive → list.
+$PYVENV - "$work/base.tar" "$work/image.tar" <<'PY'
+import hashlib, io, json, sys, tarfile
+from lamina.oci import host_platform
+layer = open(sys.argv[1], "rb").read()
+diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+config = json.dumps({
+    **{k: v for k, v in host_platform().to_json().items() if k in ("architecture", "os", "variant")},
+    "created": "2026-01-01T00:00:00Z",
+    "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
+    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    "history": [{"created": "2026-01-01T00:00:00Z", "created_by": "demo.sh"}],
+}).encode()
+config_name = hashlib.sha256(config).hexdigest() + ".json"
+manifest = json.dumps([{"Config": config_name, "RepoTags": ["demo/base:1"], "Layers": ["layer.tar"]}]).encode()
+with tarfile.open(sys.argv[2], "w") as t:
+    for name, data in (("layer.tar", layer), (config_name, config), ("manifest.json", manifest)):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+PY
 $LAMINA "${store[@]}" load -i "$work/image.tar"
-got=$($LAMINA "${store[@]}" images -q --no-trunc)
-if [ "$got" != "$id" ]; then
-    echo "MISMATCH: the image loaded back is $got, saved was $id" >&2
-    exit 1
-fi
+echo "run in it:"
+$LAMINA "${store[@]}" run --rm demo/base:1 cat /etc/os-release | sed 's/^/  /'
+set +e
+$LAMINA "${store[@]}" run --rm demo/base:1 sh -c 'exit 7'
+code=$?
+set -e
+[ "$code" = 7 ] || { echo "MISMATCH: exit code $code, expected 7" >&2; exit 1; }
+echo "exit code of sh -c 'exit 7': $code"
+
+cid=$($LAMINA "${store[@]}" create --name demo-edit demo/base:1)
+root=$($LAMINA "${store[@]}" mount demo-edit)
+echo "changed in a container" > "$root/etc/motd"
+rm "$root/etc/passwd"
+$LAMINA "${store[@]}" umount demo-edit
+echo "changes of container ${cid:0:12}:"
+$LAMINA "${store[@]}" diff demo-edit | sed 's/^/  /'
+new=$($LAMINA "${store[@]}" commit demo-edit demo/edited:1 -m "demo edit" --change 'ENV EDITED=yes')
+$LAMINA "${store[@]}" rm demo-edit
+echo "committed image: ${new:7:12}"
+got=$($LAMINA "${store[@]}" run --rm demo/edited:1 sh -c 'cat /etc/motd; echo "EDITED=$EDITED"')
+echo "$got" | sed 's/^/  /'
+[ "$got" = "$(printf 'changed in a container\nEDITED=yes')" ] || { echo "MISMATCH: the new image lacks the edit" >&2; exit 1; }
+
+$LAMINA "${store[@]}" save --format oci-archive -o "$work/edited.tar" demo/edited:1
+$LAMINA "${store[@]}" rmi demo/edited:1
+$LAMINA "${store[@]}" load -i "$work/edited.tar"
+got=$($LAMINA "${store[@]}" images -q --no-trunc --filter reference=demo/edited)
+[ "$got" = "$new" ] || { echo "MISMATCH: the image loaded back is $got, saved was $new" >&2; exit 1; }
 $LAMINA "${store[@]}" images
-$LAMINA "${store[@]}" history demo/base:1
+$LAMINA "${store[@]}" history demo/edited:1
 echo "demo: OK"
