@@ -165,6 +165,7 @@ class OverlayDriver(Driver):
                     "not root: run lamina inside a user namespace (unshare -rm), or install fuse-overlayfs "
                     "with access to /dev/fuse, or use vfs"
                 )
+        _sweep_probes(base)
         if not _has_d_type(base):
             raise DriverUnsupported(f"the filesystem of {base} does not report file types (d_type); use vfs")
         err = _test_mount(base, cls._mode_for(options), prog)
@@ -709,6 +710,39 @@ def lstat_path(path: str) -> os.stat_result | None:
         return None
 
 
+_PROBE_PREFIXES = (".lamina-dtype-", ".lamina-overlay-probe-")
+
+
+def _sweep_probes(base: Path) -> None:
+    """Remove probe directories (and their test mounts) left by start-up checks of killed processes."""
+    from lamina import mounts
+    from lamina.fsops import rmtree
+
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        prefix = next((p for p in _PROBE_PREFIXES if name.startswith(p)), None)
+        if prefix is None:
+            continue
+        pid = name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                continue  # its owner is still checking
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        merged = base / name / "merged"
+        if mounts.is_mountpoint(str(merged)):
+            with contextlib.suppress(OSError):
+                mounts.umount(str(merged))
+        with contextlib.suppress(OSError):
+            rmtree(base / name)
+
+
 def _has_d_type(path: Path) -> bool:
     """Whether readdir on this filesystem reports entry types (overlayfs needs it)."""
     import ctypes
@@ -718,7 +752,7 @@ def _has_d_type(path: Path) -> bool:
     nr = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine)
     if nr is None:
         return True  # cannot check here; the test mount will tell
-    with tempfile.TemporaryDirectory(dir=path, prefix=".lamina-dtype-") as td:
+    with tempfile.TemporaryDirectory(dir=path, prefix=f".lamina-dtype-{os.getpid()}-") as td:
         os.mkdir(os.path.join(td, "d"))
         fd = os.open(td, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -747,7 +781,7 @@ def _test_mount(base: Path, mode: str, prog: str | None) -> str | None:
     from lamina import mounts
 
     try:
-        td = tempfile.mkdtemp(dir=base, prefix=".lamina-overlay-probe-")
+        td = tempfile.mkdtemp(dir=base, prefix=f".lamina-overlay-probe-{os.getpid()}-")
     except OSError as e:
         return f"cannot create a probe directory in {base}: {e.strerror}"
     try:
