@@ -27,6 +27,7 @@ The *familiar* form is what users type: ``busybox:latest`` rather than ``docker.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import NamedTuple
@@ -390,3 +391,30 @@ def familiar_match(pattern: str, ref: Reference) -> bool:
     tokens = _compile_glob(pattern)
     candidates = (ref.familiar(), str(ref), ref.familiar_name(), ref.name)
     return any(_glob_match(tokens, candidate) for candidate in candidates)
+
+
+def is_qualified(name: str) -> bool:
+    """Whether ``name`` names its registry (its first component is a domain: has ``.`` or ``:``, or is
+    ``localhost``)."""
+    first, sep, _ = name.partition("/")
+    return bool(sep) and _is_domain(first)
+
+
+def resolve_names(name: str, registries: Sequence[str]) -> list[Reference]:
+    """cri-o's ResolveNames for a name to pull: a qualified name is itself; an unqualified one is tried on
+    every configured registry in order (``busybox`` on ``docker.io`` is ``docker.io/library/busybox``).
+
+    A 64-hex string is an image ID, never a repository (:class:`InvalidReference`); callers look truncated
+    IDs up locally before resolving. No registries and an unqualified name: :class:`InvalidReference`.
+    """
+    ref = parse_normalized(name)  # rejects 64-hex names and anything malformed
+    if is_qualified(name):
+        return [ref.with_default_tag() if ref.digest is None else ref]
+    if not registries:
+        raise InvalidReference(f"{_show(name)} names no registry and none are configured ([images] registries)")
+    out = []
+    rest = name
+    for registry in registries:
+        r = parse_normalized(f"{registry}/{rest}")
+        out.append(r if r.digest else r.with_default_tag())
+    return list(dict.fromkeys(out))

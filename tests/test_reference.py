@@ -469,3 +469,18 @@ def test_glob_agrees_with_regex_oracle(pattern: str, parts: list[str]) -> None:
     ref = Reference("quay.io", "/".join(parts))
     candidates = [ref.familiar(), str(ref), ref.familiar_name(), ref.name]
     assert familiar_match(pattern, ref) == any(_oracle(pattern, c) for c in candidates)
+
+
+def test_resolve_names_follows_cri_o() -> None:
+    from lamina.reference import resolve_names
+
+    assert [str(r) for r in resolve_names("busybox", ["docker.io", "quay.io"])] == [
+        "docker.io/library/busybox:latest", "quay.io/busybox:latest"]
+    assert [str(r) for r in resolve_names("team/app:2", ["127.0.0.1:5000"])] == ["127.0.0.1:5000/team/app:2"]
+    assert [str(r) for r in resolve_names("localhost/app", ["docker.io"])] == ["localhost/app:latest"]
+    digest = "sha256:" + "a" * 64
+    assert [str(r) for r in resolve_names(f"example.com/app@{digest}", [])] == [f"example.com/app@{digest}"]
+    with pytest.raises(InvalidReference, match="none are configured"):
+        resolve_names("busybox", [])
+    with pytest.raises(InvalidReference, match="64-byte"):
+        resolve_names("a" * 64, ["docker.io"])
