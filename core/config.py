@@ -20,6 +20,14 @@
                                         # saved images then get deterministically recompressed layers,
                                         # so their compressed digests (and manifest digest) change
 
+    registries = ["docker.io"]          # tried in order for unqualified names (`busybox`)
+    insecure_registries = []            # "host:port" or CIDR: plain HTTP / no TLS verification (loopback
+                                        # always is)
+    max_concurrent_downloads = 3
+    max_concurrent_uploads = 5
+    max_download_attempts = 5
+    allow_foreign_urls = false          # fetch layers from a descriptor's `urls`
+
     [containers]
     runtime = "runc"                    # the OCI runtime `lamina run` uses: runc, crun, or a path
 
@@ -48,6 +56,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    registries: tuple[str, ...] = ("docker.io",)
+    insecure_registries: tuple[str, ...] = ()
+    max_concurrent_downloads: int = 3
+    max_concurrent_uploads: int = 5
+    max_download_attempts: int = 5
+    allow_foreign_urls: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     runroot: Path
@@ -58,6 +76,7 @@ class Config:
     source: Path | None = None
     keep_layer_blobs: bool = True
     runtime: str = "runc"
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -135,11 +154,24 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
             raise ConfigError(f"{where}: containers.runtime must not be empty")
     images = data.get("images", {})
     _expect(images, dict, f"{where}: [images]")
-    unknown = sorted(set(images) - {"keep_layer_blobs"})
+    image_keys = {"keep_layer_blobs", "registries", "insecure_registries", "max_concurrent_downloads",
+                  "max_concurrent_uploads", "max_download_attempts", "allow_foreign_urls"}
+    unknown = sorted(set(images) - image_keys)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [images]: {', '.join(unknown)}")
-    if "keep_layer_blobs" in images:
-        _expect(images["keep_layer_blobs"], bool, f"{where}: images.keep_layer_blobs")
+    for key in ("keep_layer_blobs", "allow_foreign_urls"):
+        if key in images:
+            _expect(images[key], bool, f"{where}: images.{key}")
+    for key in ("registries", "insecure_registries"):
+        if key in images:
+            _expect(images[key], list, f"{where}: images.{key}")
+            for entry in images[key]:
+                _expect(entry, str, f"{where}: images.{key} entry")
+                if not entry or ("/" in entry.rstrip("/") and key == "registries"):
+                    raise ConfigError(f"{where}: images.{key} entry {entry!r} is not a registry host")
+    for key in ("max_concurrent_downloads", "max_concurrent_uploads", "max_download_attempts"):
+        if key in images:
+            _positive(images[key], f"{where}: images.{key}")
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
     known = {"driver", "root", "runroot", "driver_priority", "options", "limits"}
@@ -149,6 +181,9 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
     out = dict(storage)
     if "keep_layer_blobs" in images:
         out["keep_layer_blobs"] = images["keep_layer_blobs"]
+    registry = {k: v for k, v in images.items() if k != "keep_layer_blobs"}
+    if registry:
+        out["registry"] = registry
     if "runtime" in containers:
         out["runtime"] = containers["runtime"]
     return out
@@ -221,10 +256,19 @@ def load_config(
         source=source,
         keep_layer_blobs=bool(storage.get("keep_layer_blobs", True)),
         runtime=str(storage.get("runtime", "runc")),
+        registry=_registry_config(storage.get("registry", {})),
     )
+
+
+def _registry_config(values: dict[str, Any]) -> RegistryConfig:
+    v = dict(values)
+    for key in ("registries", "insecure_registries"):
+        if key in v:
+            v[key] = tuple(v[key])
+    return RegistryConfig(**v)
 
 
 def _positive(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ConfigError(f"{where}: limits must be positive integers, got {value!r}")
+        raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
     return value

@@ -395,3 +395,27 @@ def test_images_and_containers_tables_are_validated(env: FakeFilesystem, text: s
     env.create_file("/etc/lamina/storage.toml", contents=text)
     with pytest.raises(ConfigError, match=needle):
         load_config()
+
+
+def test_registry_settings(env: FakeFilesystem) -> None:
+    env.create_file("/etc/lamina/storage.toml", contents='[images]\nregistries = ["127.0.0.1:5000", "quay.io"]\n'
+                    'insecure_registries = ["10.0.0.0/8", "reg.example:5000"]\nmax_concurrent_downloads = 2\n'
+                    'max_download_attempts = 9\nallow_foreign_urls = true\n')
+    r = load_config().registry
+    assert r.registries == ("127.0.0.1:5000", "quay.io") and r.insecure_registries == ("10.0.0.0/8", "reg.example:5000")
+    assert (r.max_concurrent_downloads, r.max_concurrent_uploads, r.max_download_attempts) == (2, 5, 9)
+    assert r.allow_foreign_urls is True
+    assert Config(root=Path("/r"), runroot=Path("/rr")).registry.registries == ("docker.io",)
+
+
+@pytest.mark.parametrize("text", [
+    "[images]\nregistries = 'docker.io'\n",
+    "[images]\nregistries = ['docker.io/library']\n",
+    "[images]\nmax_concurrent_downloads = 0\n",
+    "[images]\nmax_download_attempts = true\n",
+    "[images]\ninsecure_registries = [1]\n",
+])
+def test_registry_settings_are_validated(env: FakeFilesystem, text: str) -> None:
+    env.create_file("/etc/lamina/storage.toml", contents=text)
+    with pytest.raises(ConfigError):
+        load_config()
