@@ -165,12 +165,23 @@ class OverlayDriver(Driver):
                     "not root: run lamina inside a user namespace (unshare -rm), or install fuse-overlayfs "
                     "with access to /dev/fuse, or use vfs"
                 )
+        # The slow checks (d_type, a test mount) ran once per boot, kernel, mode and filesystem.
+        key = _probe_key(base, fstype, cls._mode_for(options), prog)
+        stamp = home / ".probe-ok"
+        try:
+            if stamp.read_text() == key:
+                return
+        except OSError:
+            pass
         _sweep_probes(base)
         if not _has_d_type(base):
             raise DriverUnsupported(f"the filesystem of {base} does not report file types (d_type); use vfs")
         err = _test_mount(base, cls._mode_for(options), prog)
         if err:
             raise DriverUnsupported(f"a test overlay mount failed: {err}; use vfs")
+        if home.is_dir():
+            with contextlib.suppress(OSError):
+                _write_atomic(stamp, key)
 
     @classmethod
     def probe_details(cls, home: Path, runhome: Path, options: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -711,6 +722,14 @@ def lstat_path(path: str) -> os.stat_result | None:
 
 
 _PROBE_PREFIXES = (".lamina-dtype-", ".lamina-overlay-probe-")
+
+
+def _probe_key(base: Path, fstype: str | None, mode: str, prog: str | None) -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = "?"
+    return f"{os.uname().release} {boot} {mode} {prog} {fstype} {os.stat(base).st_dev} {os.geteuid()}\n"
 
 
 def _sweep_probes(base: Path) -> None:
