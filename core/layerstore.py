@@ -102,7 +102,29 @@ class Layer:
         }
 
 
+_BOOT_TIME: list[float] = []
+
+
 def _proc_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if it is gone or a zombie.
+
+    Read from /proc directly on Linux (the same arithmetic psutil does, without importing it on every
+    command); psutil elsewhere.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        if not _BOOT_TIME:
+            with open("/proc/stat", "rb") as f:
+                _BOOT_TIME.append(float(next(ln for ln in f if ln.startswith(b"btime")).split()[1]))
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] == b"Z":
+            return None
+        return _BOOT_TIME[0] + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
     import psutil
 
     try:
