@@ -23,6 +23,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ class LayerStore:
             self.runroot.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
+        self._tx_lock = threading.RLock()
         self._db = self._connect(self.root / "lamina.db")
         self._mdb = self._connect(self.runroot / "mounts.db")
         self._mdb.execute(
@@ -189,17 +191,18 @@ class LayerStore:
     @contextlib.contextmanager
     def _tx(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         db = db or self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise StoreLocked(f"store {self.root} is busy: {e}") from e
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        else:
-            db.execute("COMMIT")
+        with self._tx_lock:  # a connection is shared by this process's threads (concurrent pulls)
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreLocked(f"store {self.root} is busy: {e}") from e
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                db.execute("COMMIT")
 
     def _init_schema(self) -> None:
         with self._tx() as db:

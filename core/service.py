@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from lamina.compression import Readable
 from lamina.config import Config, load_config
 from lamina.driver import Capabilities, Change
+from lamina.errors import ImageError
 from lamina.layerstore import Layer, LayerStore
 from lamina.plugins import DriverCatalog
 
@@ -467,3 +468,89 @@ class ImageService:
         if remove:
             self.container_store.remove(final, force=True)
         return final, int(code)
+
+    # -- registries -----------------------------------------------------------------------------------
+    def pull_image(
+        self,
+        name: str,
+        *,
+        platform: Platform | None = None,
+        tls_verify: bool | None = None,
+        creds: tuple[str, str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Image:
+        """Pull an image. A truncated ID of a local image is that image (nothing is pulled); an unqualified
+        name is tried on each of ``[images] registries`` in turn; a pull by digest verifies the manifest."""
+        from lamina import images, remote
+        from lamina.reference import looks_like_id_prefix, resolve_names
+
+        if looks_like_id_prefix(name) and len(name.removeprefix("sha256:")) < 64:
+            rec = self.image_store.by_prefix(name.removeprefix("sha256:"))
+            if rec is not None:
+                return images.load(self.image_store, rec)
+        candidates = resolve_names(name, self.config.registry.registries)
+        pulled = remote.pull(
+            self.image_store,
+            self.config,
+            candidates,
+            platform=platform,
+            tls_verify=tls_verify,
+            creds=creds,
+            progress=progress,
+        )
+        return images.load(self.image_store, pulled.loaded.image)
+
+    def push_image(
+        self,
+        ref: str,
+        dest: str | None = None,
+        *,
+        tls_verify: bool | None = None,
+        creds: tuple[str, str] | None = None,
+        progress: ProgressFn | None = None,
+    ) -> str:
+        """Push an image to ``dest`` (default: the name it was given); returns the manifest digest."""
+        from lamina import remote, transfer
+        from lamina.reference import parse_normalized
+
+        img = self.get_image(ref)
+        if dest is None:
+            named = parse_normalized(ref)
+            if not img.record.tags or ref.removeprefix("sha256:") in img.id:
+                raise ImageError(f"give a destination: {ref} is not a name")
+            dest = str(named if named.digest else named.with_default_tag())
+        target = remote.parse_destination(dest)
+        store = self.image_store
+        export = transfer.export_for(
+            store, img.record, [str(target)], "oci-dir", self._export_chain, self.config.keep_layer_blobs
+        )
+        same_registry = [
+            parse_normalized(n).path for n in img.record.names if parse_normalized(n).domain == target.domain
+        ]
+        try:
+            return remote.push(
+                store,
+                self.config,
+                export,
+                target,
+                tls_verify=tls_verify,
+                creds=creds,
+                progress=progress,
+                mount_from=same_registry,
+            )
+        finally:
+            with self._layers._tx() as db:
+                store.end_blob_leases(db)
+            if not self.config.keep_layer_blobs:
+                store.gc()
+
+    def _export_chain(self, chain: str) -> Any:
+        return self.export_layer(chain)
+
+    def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
+        """Check the credentials against the registry, then store them in lamina's auth file."""
+        from lamina import auth, remote
+
+        client = remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password))
+        client.ping()
+        auth.store_credentials(host, user, password)

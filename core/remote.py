@@ -1,0 +1,283 @@
+"""Pull and push: images between a store and registries, over :mod:`lamina.registry`'s client.
+
+Pulling reads a manifest (an index is resolved to the wanted platform), the config and the layer
+descriptors into an :class:`~lamina.imagemodel.ImageSource`, exactly like the archive formats do, and
+hands it to :func:`lamina.transfer.load_source`: layers already stored are not fetched at all, the first
+missing layer streams straight from the registry into the driver while later ones are fetched into the
+content store concurrently (``max_concurrent_downloads``), every blob is verified as it streams, and the
+image commits in one transaction. A pull by digest verifies the manifest against it.
+
+Pushing sends the image as it was pulled or loaded (the kept manifest and blobs, so every digest is
+reproduced), or a manifest made anew when blobs were dropped; blobs the registry has are skipped, blobs
+another repository of the same registry has are mounted, the rest are uploaded concurrently
+(``max_concurrent_uploads``), then the manifest is put by tag.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import ipaddress
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lamina import oci
+from lamina.config import Config
+from lamina.content import CHUNK, VerifyingReader, read_verified
+from lamina.digest import DiffID
+from lamina.errors import ImageNotFound, InvalidDocument, LaminaError
+from lamina.imagemodel import BlobRef, ImageSource, LayerSource, Readable
+from lamina.imagestore import ImageStore
+from lamina.reference import Reference, parse_normalized
+from lamina.transfer import Loaded, ProgressFn, load_source
+
+Creds = tuple[str, str]
+
+
+def is_insecure(host: str, insecure: tuple[str, ...] | list[str]) -> bool:
+    """Loopback registries are always insecure (plain HTTP allowed); others when listed by ``host:port``,
+    host, or a CIDR their address falls in."""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]")
+    if host in insecure or name in insecure or name == "localhost":
+        return True
+    addrs: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    try:
+        addrs = [ipaddress.ip_address(name)]
+    except ValueError:
+        if any("/" in entry for entry in insecure):
+            try:
+                addrs = [ipaddress.ip_address(str(info[4][0])) for info in socket.getaddrinfo(name, None)]
+            except (OSError, ValueError):
+                addrs = []
+    for addr in addrs:
+        if addr.is_loopback:
+            return True
+        for entry in insecure:
+            if "/" in entry:
+                try:
+                    if addr in ipaddress.ip_network(entry, strict=False):
+                        return True
+                except ValueError:
+                    continue
+    return False
+
+
+def make_client(host: str, config: Config, *, tls_verify: bool | None = None, creds: Creds | None = None) -> Any:
+    from lamina.auth import find_credentials
+    from lamina.registry import RegistryClient, RegistryOptions
+
+    insecure = is_insecure(host, config.registry.insecure_registries) if tls_verify is None else not tls_verify
+    options = RegistryOptions(
+        insecure=insecure,
+        max_attempts=config.registry.max_download_attempts,
+        allow_foreign_urls=config.registry.allow_foreign_urls,
+    )
+
+    def credentials(h: str) -> Creds | None:
+        if creds is not None and h == host:
+            return creds
+        return find_credentials(h)
+
+    return RegistryClient(host, options, credentials)
+
+
+# -- pull -----------------------------------------------------------------------------------------------
+def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what_name: str) -> ImageSource:
+    repo = ref.path
+    data, media_type, digest = client.get_manifest(repo, ref.digest or ref.tag or "latest")
+    doc = oci.parse_document(data, media_type)
+    extra: dict[str, bytes] = {}
+    top_digest = digest
+    if isinstance(doc, oci.Index):
+        extra[digest] = data
+        desc = oci.select_manifest(doc, platform)
+        data, media_type, digest = client.get_manifest(repo, desc.digest)
+        if len(data) != desc.size:
+            raise InvalidDocument(f"manifest {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
+        doc = oci.parse_manifest(data, media_type)
+    if not isinstance(doc, oci.Manifest):
+        raise InvalidDocument(f"{what_name}: not an image manifest")
+    manifest = doc
+    config_raw = read_verified(
+        client.open_blob(repo, manifest.config.digest, manifest.config.size),
+        manifest.config.digest,
+        manifest.config.size,
+        f"config {manifest.config.digest}",
+        oci.MAX_DOCUMENT_BYTES,
+    )
+    config = oci.parse_config(config_raw)
+    if len(manifest.layers) != len(config.diff_ids):
+        raise InvalidDocument(
+            f"{what_name}: the manifest lists {len(manifest.layers)} layers, the config {len(config.diff_ids)}"
+        )
+    layers = []
+    for i, (d, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True)):
+        if d.urls:
+            opener: Callable[[], Readable] = functools.partial(client.open_blob_urls, d)
+        else:
+            opener = functools.partial(client.open_blob, repo, d.digest, d.size)
+        layers.append(
+            LayerSource(
+                DiffID(diff_id), opener, BlobRef(d.media_type, d.digest, d.size), what=f"layer {i + 1} ({d.digest})"
+            )
+        )
+    names = []
+    if ref.tag is not None and ref.digest is None:
+        names.append(str(ref))
+    names.append(f"{ref.name}@{top_digest}")
+    return ImageSource(
+        config=config_raw,
+        config_digest=manifest.config.digest,
+        layers=layers,
+        names=names,
+        manifest=data,
+        manifest_ref=BlobRef(media_type, digest, len(data)),
+        extra_blobs=extra,
+        origin=f"registry {ref.domain}",
+    )
+
+
+def _prefetch(store: ImageStore, img: ImageSource, workers: int, progress: ProgressFn | None) -> list[Any]:
+    """Fetch layers 2..n into the content store concurrently; their sources then read from it."""
+    from lamina.digest import chain_ids
+
+    chains = chain_ids([la.diff_id for la in img.layers])
+    have = {layer.chain_id for layer in store.layers.all()}
+    futures: list[Any] = []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="lamina-pull")
+    lock = threading.Lock()
+
+    def fetch(layer: LayerSource) -> None:
+        blob = layer.blob
+        assert blob is not None
+        if store.content.exists(blob.digest):
+            return
+        store.lease_blob(blob.digest)
+        with store.content.writer(blob.digest) as w:
+            reader = VerifyingReader(layer.open(), blob.digest, blob.size, layer.what, tee=w.file)
+            while reader.read(CHUNK):
+                pass
+            reader.finish()
+            w.commit()
+
+    first_missing = True
+    for layer, chain in zip(img.layers, chains, strict=True):
+        if chain in have or layer.blob is None:
+            continue
+        if first_missing:  # this one streams straight into the driver
+            first_missing = False
+            continue
+        fut = pool.submit(fetch, layer)
+        futures.append(fut)
+        blob = layer.blob
+
+        def from_store(f: Any = fut, digest: str = blob.digest) -> Readable:
+            f.result()  # raises the download's error here, in the applying thread
+            with lock:
+                return store.content.open(digest)
+
+        idx = img.layers.index(layer)
+        img.layers[idx] = LayerSource(layer.diff_id, from_store, layer.blob, layer.what)
+    pool.shutdown(wait=False)
+    return futures
+
+
+@dataclass(frozen=True)
+class Pulled:
+    loaded: Loaded
+    reference: str
+
+
+def pull(
+    store: ImageStore,
+    config: Config,
+    candidates: list[Reference],
+    *,
+    platform: oci.Platform | None = None,
+    tls_verify: bool | None = None,
+    creds: Creds | None = None,
+    progress: ProgressFn | None = None,
+) -> Pulled:
+    """Pull the first of ``candidates`` (see :func:`lamina.reference.resolve_names`) a registry has."""
+    from lamina.registry import RegistryError
+
+    errors: list[str] = []
+    for ref in candidates:
+        client = make_client(ref.domain, config, tls_verify=tls_verify, creds=creds)
+        try:
+            img = read_remote(client, ref, platform, str(ref))
+        except RegistryError as e:
+            if len(candidates) == 1:
+                raise
+            errors.append(f"{ref}: {e.message}")
+            continue
+        futures = _prefetch(store, img, config.registry.max_concurrent_downloads - 1, progress)
+        try:
+            loaded = load_source(store, img, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            concurrent.futures.wait(futures)
+            store.abandon()
+            raise
+        if not config.keep_layer_blobs:
+            store.gc()
+        return Pulled(loaded, str(ref))
+    raise ImageNotFound("no registry has the image: " + "; ".join(errors))
+
+
+# -- push -----------------------------------------------------------------------------------------------
+def push(
+    store: ImageStore,
+    config: Config,
+    export: Any,
+    dest: Reference,
+    *,
+    tls_verify: bool | None = None,
+    creds: Creds | None = None,
+    progress: ProgressFn | None = None,
+    mount_from: list[str] | None = None,
+) -> str:
+    """Push an :class:`~lamina.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
+    digest."""
+    client = make_client(dest.domain, config, tls_verify=tls_verify, creds=creds)
+    repo = dest.path
+    blobs = [(b.digest, b.size, b.chunks) for b in export.layers]
+    blobs.append((export.image_id, len(export.config), lambda: iter([export.config])))
+
+    def send(item: tuple[str, int, Callable[[], Any]]) -> None:
+        digest, size, chunks = item
+        if client.blob_exists(repo, digest):
+            if progress:
+                progress({"event": "blob", "digest": digest, "status": "exists"})
+            return
+        for other in mount_from or []:
+            if other != repo and client.mount_blob(repo, digest, other):
+                if progress:
+                    progress({"event": "blob", "digest": digest, "status": "mounted"})
+                return
+        client.upload_blob(repo, digest, size, chunks)
+        if progress:
+            progress({"event": "blob", "digest": digest, "status": "pushed"})
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=config.registry.max_concurrent_uploads) as pool:
+        for f in [pool.submit(send, item) for item in blobs]:
+            f.result()
+    assert export.manifest is not None and export.manifest_ref is not None
+    reference = dest.tag or (dest.digest or "latest")
+    digest = str(client.put_manifest(repo, reference, export.manifest, export.manifest_ref.media_type))
+    if digest != export.manifest_ref.digest:
+        raise LaminaError(f"the registry stored the manifest as {digest}, expected {export.manifest_ref.digest}")
+    return digest
+
+
+def parse_destination(text: str) -> Reference:
+    ref = parse_normalized(text)
+    return ref if ref.digest else ref.with_default_tag()
+
+
+__all__ = ["Pulled", "is_insecure", "make_client", "parse_destination", "pull", "push"]

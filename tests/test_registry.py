@@ -1,0 +1,185 @@
+"""Pull and push against real registries (Debian's docker-registry on loopback), with skopeo as the oracle.
+
+Images are put into the registries by skopeo; what lamina pushes is read back by skopeo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from registry_fixtures import AuthRegistry, Registry, TokenRegistry, inspect_remote, push_with_skopeo
+
+from conftest import lamina_cli
+from image_fixtures import ImageFacts, SkopeoImages
+from lamina import ImageService
+from lamina.config import Config, RegistryConfig
+
+
+def _svc(tmp: Path, driver: str = "vfs", **registry: object) -> ImageService:
+    return ImageService.open(Config(root=tmp / "root", runroot=tmp / "run", driver=driver,
+                                    registry=RegistryConfig(**registry)))  # type: ignore[arg-type]
+
+
+def _mounts(root: Path) -> list[str]:
+    return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(root) in line]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials from the machine: lamina's and containers' auth files live in the test's directory."""
+    monkeypatch.setenv("LAMINA_AUTH_FILE", str(tmp_path / "auth.json"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_pull_run_push_round_trip(tmp_path: Path, driver: str, registry: Registry,
+                                  umoci_small_image: ImageFacts) -> None:
+    if driver == "overlay":
+        from lamina.testing import require_root
+
+        require_root()
+    repo = f"pull/{driver}"
+    push_with_skopeo(umoci_small_image.ref("small:1"), registry, f"{repo}:1")
+    source = inspect_remote(registry, f"{repo}:1")
+    with _svc(tmp_path, driver) as svc:
+        img = svc.pull_image(f"{registry.host}/{repo}:1")
+        assert img.id == umoci_small_image.config_digest
+        assert img.record.tags == (f"{registry.host}/{repo}:1",)
+        assert f"{registry.host}/{repo}@{source['digest']}" in img.record.digests
+        assert [la.diff_id for la in svc.layers()] == list(umoci_small_image.diff_ids)
+        # push to another repository: the same manifest digest, blobs mounted or uploaded
+        digest = svc.push_image(f"{registry.host}/{repo}:1", f"{registry.host}/{repo}-copy:2")
+        assert digest == source["digest"]
+        # pulling again fetches nothing new and changes nothing
+        again = svc.pull_image(f"{registry.host}/{repo}:1")
+        assert again.id == img.id and len(svc.layers()) == len(umoci_small_image.diff_ids)
+    assert inspect_remote(registry, f"{repo}-copy:2")["digest"] == source["digest"]
+
+
+def test_pull_by_digest_and_short_names(tmp_path: Path, registry: Registry, skopeo_images: SkopeoImages) -> None:
+    push_with_skopeo(skopeo_images.zstd_oci.ref("small:1"), registry, "short:1")
+    digest = inspect_remote(registry, "short:1")["digest"]
+    with _svc(tmp_path, registries=(registry.host,)) as svc:
+        img = svc.pull_image("short:1")  # an unqualified name tried on the configured registries
+        assert img.record.tags == (f"{registry.host}/short:1",)
+        by_digest = svc.pull_image(f"{registry.host}/short@{digest}")
+        assert by_digest.id == img.id
+        # a truncated ID of a local image is that image: nothing is pulled
+        assert svc.pull_image(img.id[7:19]).id == img.id
+        from lamina.errors import LaminaError
+
+        with pytest.raises(LaminaError):
+            svc.pull_image(f"{registry.host}/short@sha256:{'0' * 64}")
+        with pytest.raises(LaminaError):
+            svc.pull_image("a" * 64)
+
+
+def test_cli_pull_push_with_basic_auth(tmp_path: Path, auth_registry: AuthRegistry,
+                                       umoci_small_image: ImageFacts) -> None:
+    push_with_skopeo(umoci_small_image.ref("small:1"), auth_registry, "basic/small:1", auth_registry.creds)
+    host = auth_registry.host
+    env = {k: os.environ[k] for k in ("LAMINA_AUTH_FILE", "XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    proc = lamina_cli("pull", f"{host}/basic/small:1", root=tmp_path, check=False, env=env)
+    assert proc.returncode == 1 and b"Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = lamina_cli("login", host, "-u", "alice", "--password-stdin", input=b"wrong\n", root=tmp_path,
+                      check=False, env=env)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    lamina_cli("login", host, "-u", "alice", "--password-stdin", input=b"secret\n", root=tmp_path, env=env)
+    out = lamina_cli("pull", "-q", f"{host}/basic/small:1", root=tmp_path, env=env)
+    assert out.stdout.decode().strip() == umoci_small_image.config_digest
+    out = lamina_cli("push", "-q", f"{host}/basic/small:1", f"{host}/basic/pushed:1", root=tmp_path, env=env)
+    assert out.stdout.decode().strip() == inspect_remote(auth_registry, "basic/small:1", auth_registry.creds)["digest"]
+    lamina_cli("logout", host, root=tmp_path, env=env)
+    proc = lamina_cli("push", f"{host}/basic/small:1", f"{host}/basic/again:1", root=tmp_path, check=False, env=env)
+    assert proc.returncode == 1
+    out = lamina_cli("push", "-q", "--creds", "alice:secret", f"{host}/basic/small:1", f"{host}/basic/again:1",
+                     root=tmp_path, env=env)
+    assert out.returncode == 0
+
+
+def test_bearer_token_auth(tmp_path: Path, token_registry: TokenRegistry, umoci_small_image: ImageFacts) -> None:
+    push_with_skopeo(umoci_small_image.ref("small:1"), token_registry, "public/tok:1", token_registry.creds)
+    host = token_registry.host
+    with _svc(tmp_path) as svc:
+        token_registry.token_service.clear()
+        img = svc.pull_image(f"{host}/public/tok:1")  # anonymous pull of a public repository
+        assert img.id == umoci_small_image.config_digest
+        requests = token_registry.token_requests
+        assert requests and all(r.account is None for r in requests)
+        assert len(requests) <= 2  # one token per scope, reused for every blob
+        from lamina.errors import LaminaError
+
+        with pytest.raises(LaminaError):  # anonymous push is refused
+            svc.push_image(f"{host}/public/tok:1", f"{host}/private/tok:1")
+        digest = svc.push_image(f"{host}/public/tok:1", f"{host}/private/tok:1", creds=("alice", "secret"))
+        assert digest == inspect_remote(token_registry, "private/tok:1", token_registry.creds)["digest"]
+        with pytest.raises(LaminaError, match=host):
+            svc.push_image(f"{host}/public/tok:1", f"{host}/private/tok:2", creds=("alice", "wrong"))
+
+
+def test_killed_registry_mid_pull_resumes(tmp_path: Path, registry: Registry, debian_image_oci: ImageFacts) -> None:
+    push_with_skopeo(debian_image_oci.ref(), registry, "big/debian:1")
+    stopped = threading.Event()
+
+    def kill_soon() -> None:
+        time.sleep(0.4)
+        registry.kill()
+        stopped.set()
+        time.sleep(1.0)
+        registry.start()
+
+    with _svc(tmp_path, max_download_attempts=8) as svc:
+        t = threading.Thread(target=kill_soon)
+        t.start()
+        try:
+            img = svc.pull_image(f"{registry.host}/big/debian:1")
+        finally:
+            t.join()
+            if not registry.running:
+                registry.start()
+        assert stopped.is_set()
+        assert img.id == debian_image_oci.config_digest
+        assert [la.diff_id for la in svc.layers()] == list(debian_image_oci.diff_ids)
+        svc.export_image([f"{registry.host}/big/debian:1"], tmp_path / "out", "oci-dir")
+    from image_fixtures import inspect_image
+
+    assert inspect_image("oci", tmp_path / "out", "1").manifest_digest == debian_image_oci.manifest_digest
+
+
+def test_failed_pull_stores_nothing(tmp_path: Path, registry: Registry, umoci_small_image: ImageFacts) -> None:
+    push_with_skopeo(umoci_small_image.ref("small:1"), registry, "broken/small:1")
+    manifest = inspect_remote(registry, "broken/small:1")["manifest"]
+    layer = manifest["layers"][-1]["digest"]
+    blob = next(Path(registry.storage_dir).rglob(f"blobs/sha256/{layer[7:9]}/{layer[7:]}/data"))
+    original = blob.read_bytes()
+    blob.write_bytes(original[:-10] + bytes(10))  # same size, wrong digest
+    try:
+        with _svc(tmp_path, max_download_attempts=2) as svc:
+            from lamina.errors import LaminaError
+
+            with pytest.raises(LaminaError):
+                svc.pull_image(f"{registry.host}/broken/small:1")
+            assert svc.images() == [] and svc.layers() == []
+        blobs = list((tmp_path / "root" / "content" / "blobs" / "sha256").iterdir())
+        assert blobs == [] and list((tmp_path / "root" / "content" / "ingest").iterdir()) == []
+    finally:
+        blob.write_bytes(original)
+    assert _mounts(tmp_path) == []
+
+
+def test_push_of_a_loaded_docker_archive(tmp_path: Path, registry: Registry, skopeo_images: SkopeoImages) -> None:
+    """An image without a kept manifest gets one made (gzip layers, deterministic): pushing twice is stable."""
+    with _svc(tmp_path) as svc:
+        svc.load_image(skopeo_images.docker_archive.path)
+        d1 = svc.push_image("example.com/small:1", f"{registry.host}/da/small:1")
+        d2 = svc.push_image("example.com/small:1", f"{registry.host}/da/small:2")
+    assert d1 == d2 == inspect_remote(registry, "da/small:2")["digest"]
+    cfg = json.loads(inspect_remote(registry, "da/small:1")["raw"])["config"]
+    assert cfg["digest"] == skopeo_images.docker_archive.config_digest
