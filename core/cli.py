@@ -742,15 +742,49 @@ def _creds(value: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+class _TlsVerify(click.ParamType):  # type: ignore[type-arg]
+    name = "bool"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        self.fail(f"{value!r} is not true or false", param, ctx)
+
+
+_TLS = _TlsVerify()
+
+
 def _registry_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--creds", metavar="USER:PASSWORD", help="Credentials for the registry.")(f)
-    return click.option(
-        "--tls-verify/--no-tls-verify",
-        "tls_verify",
-        default=None,
-        help="Require HTTPS with a valid certificate (default: yes, except loopback and "
-        "[images] insecure_registries); --tls-verify=false allows plain HTTP.",
+    return _tls_option(
+        "Require HTTPS with a valid certificate (default: yes, except loopback and [images] "
+        "insecure_registries); --tls-verify=false allows plain HTTP."
     )(f)
+
+
+def _tls_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--tls-verify``, ``--tls-verify=true`` or ``--tls-verify=false`` (podman's spelling)."""
+    return click.option("--tls-verify", "tls_verify", type=_TLS, default=None, metavar="[=true|false]", help=help)
+
+
+_TLS_COMMANDS = ("pull", "push", "login")
+
+
+def _bare_tls_verify(args: list[str]) -> list[str]:
+    """A bare ``--tls-verify`` (podman's spelling of true) of pull/push/login becomes ``--tls-verify=true``."""
+    if not any(a in _TLS_COMMANDS for a in args):
+        return args
+    out: list[str] = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        out.append("--tls-verify=true" if a == "--tls-verify" else a)
+    return out
 
 
 class _TransferProgress(_Progress):
@@ -804,7 +838,7 @@ def push(g: Globals, ref: str, dest: str | None, quiet: bool, tls_verify: bool |
 @click.option("-u", "--username", required=True, help="User name.")
 @click.option("-p", "--password", help="Password (prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
-@click.option("--tls-verify/--no-tls-verify", "tls_verify", default=None, help="See `lamina pull --help`.")
+@_tls_option("See `lamina pull --help`.")
 @click.pass_obj
 def login(g: Globals, host: str, username: str, password: str | None, password_stdin: bool,
           tls_verify: bool | None) -> None:
@@ -836,7 +870,8 @@ def logout(host: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="lamina", standalone_mode=False)
+        args = _bare_tls_verify(list(argv) if argv is not None else sys.argv[1:])
+        cli.main(args=args, prog_name="lamina", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)

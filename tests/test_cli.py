@@ -316,3 +316,13 @@ def test_mismatched_export_is_one_line(tmp_path: Path, tars: dict[str, Path]) ->
     assert_one_line_error(run(tmp_path, "layer", "export", chain, "-o", str(out)), chain)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if "lamina-tmp" in p.name]
+
+
+def test_tls_verify_spellings() -> None:
+    from lamina.cli import _bare_tls_verify
+
+    assert _bare_tls_verify(["pull", "--tls-verify", "x"]) == ["pull", "--tls-verify=true", "x"]
+    assert _bare_tls_verify(["push", "--tls-verify=false", "x"]) == ["push", "--tls-verify=false", "x"]
+    # a container's own arguments are left alone
+    assert _bare_tls_verify(["run", "img", "prog", "--tls-verify"]) == ["run", "img", "prog", "--tls-verify"]
+    assert _bare_tls_verify(["pull", "--", "--tls-verify"]) == ["pull", "--", "--tls-verify"]
