@@ -371,8 +371,6 @@ class TarSink:
 
     def commit(self) -> None:
         self._f.write(b"\0" * (2 * BLOCK))
-        self._f.flush()
-        os.fsync(self._f.fileno())
         self._f.close()
         os.rename(self._tmp, self.dest)
 

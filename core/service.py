@@ -160,6 +160,10 @@ class ImageService:
 
         def chunks() -> Iterator[bytes]:
             try:
+                direct = getattr(raw, "chunks", None)  # a driver's exact stream: take its pieces as made
+                if direct is not None:
+                    yield from direct()
+                    return
                 while chunk := raw.read(1 << 20):
                     yield chunk
             finally:

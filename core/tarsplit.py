@@ -177,36 +177,55 @@ def _payload(root: Root, path: str, size: int) -> Iterator[bytes]:
 
 
 class ExactTarStream:
-    """A readable file object over an iterator of tar chunks, verified against a DiffID at the end."""
+    """A readable file object over an iterator of tar chunks, verified against a DiffID at the end
+    (when one is given: without, nothing is hashed)."""
 
     def __init__(self, chunks: Iterator[bytes], diff_id: str | None) -> None:
         self._it = chunks
-        self._buf = b""
-        self._hash = hashlib.sha256()
+        self._buf = bytearray()
+        self._hash = hashlib.sha256() if diff_id is not None else None
         self._expected = diff_id
         self._done = False
 
     def readable(self) -> bool:
         return True
 
-    def read(self, n: int = -1) -> bytes:
-        while (n < 0 or len(self._buf) < n) and not self._done:
-            try:
-                chunk = next(self._it)
-            except StopIteration:
-                self._done = True
+    def _next(self) -> bytes | None:
+        try:
+            chunk = next(self._it)
+        except StopIteration:
+            self._done = True
+            if self._hash is not None:
                 actual = "sha256:" + self._hash.hexdigest()
-                if self._expected is not None and actual != self._expected:
+                if actual != self._expected:
                     raise ExportError(
                         f"layer content no longer matches its DiffID {self._expected} (got {actual})"
                     ) from None
-                break
+            return None
+        if self._hash is not None:
             self._hash.update(chunk)
-            self._buf += chunk
-        if n < 0:
-            out, self._buf = self._buf, b""
+        return chunk
+
+    def chunks(self) -> Iterator[bytes]:
+        """The rest of the stream as it is produced (no re-buffering); verified at its end."""
+        if self._buf:
+            out, self._buf = bytes(self._buf), bytearray()
+            yield out
+        while not self._done:
+            chunk = self._next()
+            if chunk is not None:
+                yield chunk
+
+    def read(self, n: int = -1) -> bytes:
+        while (n < 0 or len(self._buf) < n) and not self._done:
+            chunk = self._next()
+            if chunk is not None:
+                self._buf += chunk
+        if n < 0 or n >= len(self._buf):
+            out, self._buf = bytes(self._buf), bytearray()
         else:
-            out, self._buf = self._buf[:n], self._buf[n:]
+            out = bytes(self._buf[:n])
+            del self._buf[:n]
         return out
 
     def close(self) -> None:

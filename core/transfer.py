@@ -232,6 +232,10 @@ def _stream_chunks(open_: Callable[[], Readable]) -> Callable[[], Iterator[bytes
     def chunks() -> Iterator[bytes]:
         f = open_()
         try:
+            direct = getattr(f, "chunks", None)  # exact tar streams hand out their pieces as made
+            if direct is not None:
+                yield from direct()
+                return
             while c := f.read(CHUNK):
                 yield c
         finally:
