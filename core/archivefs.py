@@ -198,7 +198,12 @@ class TarSource:
             name = longname or h.name
             if "path" in pax:
                 name = pax["path"].decode("utf-8", "surrogateescape")
-            size = int(pax["size"]) if "size" in pax else h.size
+            size = h.size
+            if "size" in pax:
+                text = pax["size"]
+                if not text.isdigit() or len(text) > 20:
+                    raise ArchiveError(f"{self.description}: bad size in a PAX header")
+                size = int(text)
             pax, longname = {}, None
             stripped = name.rstrip("/")
             if stripped not in ("", "."):

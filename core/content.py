@@ -115,6 +115,12 @@ class ContentStore:
         algo, hexpart = parse_digest(digest).split(":", 1)
         return self.blobs / algo / hexpart
 
+    def place(self, tmp: Path, digest: str) -> None:
+        """Rename a finished ingest file into place (its algorithm's directory made on first use)."""
+        dest = self.path(digest)
+        dest.parent.mkdir(exist_ok=True, mode=0o700)
+        os.rename(tmp, dest)
+
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
@@ -173,7 +179,9 @@ class ContentStore:
                 f.flush()
             digest = "sha256:" + h.hexdigest()
             before_commit(digest)
-            os.rename(tmp, self.path(digest))
+            self.place(tmp, digest)
+        except OSError as e:
+            raise StoreError(f"cannot write to the content store: {e.strerror}") from e
         finally:
             tmp.unlink(missing_ok=True)
         return digest, size
@@ -185,11 +193,11 @@ class ContentStore:
             for f in algo_dir.iterdir():
                 yield Digest(f"{algo_dir.name}:{f.name}")
 
-    def gc(self, alive: Iterable[str]) -> list[str]:
-        """Delete every blob not in ``alive``; return the digests removed."""
+    def gc(self, alive: Iterable[str], candidates: Iterable[str] | None = None) -> list[str]:
+        """Delete every blob (of ``candidates``, default all) not in ``alive``; return the digests removed."""
         keep = set(alive)
         removed: list[str] = []
-        for d in list(self.walk()):
+        for d in list(self.walk()) if candidates is None else list(candidates):
             if d not in keep:
                 try:
                     self.path(d).unlink()
@@ -216,16 +224,21 @@ class BlobWriter:
         self._store = store
         self.digest = digest
         self._tmp = store.ingest / f"{os.getpid()}-{secrets.token_hex(8)}"
-        self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or __exit__
+        try:
+            self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or __exit__
+        except OSError as e:
+            raise StoreError(f"cannot write to the content store: {e.strerror}") from e
         self._committed = False
 
     def write(self, data: bytes) -> None:
         self.file.write(data)
 
     def commit(self) -> None:
-        self.file.flush()
-        self.file.close()
-        os.rename(self._tmp, self._store.path(self.digest))
+        try:
+            self.file.close()
+            self._store.place(self._tmp, self.digest)
+        except OSError as e:
+            raise StoreError(f"cannot store blob {self.digest}: {e.strerror}") from e
         self._committed = True
 
     def __enter__(self) -> BlobWriter:

@@ -188,7 +188,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
         if not tags and not digests:
             if patterns or dangling is False:
                 continue
-            if not all_images and store.children(rec.id) and dangling is None:
+            if not all_images and store.children(rec.id):
                 continue  # an intermediate image
         elif dangling is True and tags:
             continue
@@ -286,7 +286,7 @@ def tag(store: ImageStore, img: Image, new_name: str) -> str:
     return name
 
 
-def untag(store: ImageStore, img: Image, name: str) -> list[dict[str, str]]:
+def untag(store: ImageStore, img: Image, name: str, users: UsersOf | None = None) -> list[dict[str, str]]:
     ref = parse_normalized(name)
     key = _name_key(ref)
     if key not in img.record.names:
@@ -294,7 +294,7 @@ def untag(store: ImageStore, img: Image, name: str) -> list[dict[str, str]]:
     store.remove_name(key)
     out = [{"Untagged": ref.familiar()}]
     rec = store.get(img.id)
-    if not rec.names and not store.children(img.id):
+    if not rec.names and not store.children(img.id) and not (users or _no_users)(img.id):
         store.delete(img.id)
         out.append({"Deleted": img.id})
     return out
@@ -347,7 +347,7 @@ def delete(
             rec = store.get(rec.id)
         if rec.names or users(rec.id):
             return out
-        _delete_quietly(store, rec.id, out, prune)
+        _delete_quietly(store, rec.id, out, prune, users)
         return out
     in_use = users(rec.id)
     if in_use and not force:
@@ -368,23 +368,25 @@ def delete(
         out.append({"Untagged": parse_normalized(n).familiar()})
     if in_use:
         return out  # forced: the containers keep the (now nameless) image
-    _delete(store, rec.id, out, prune)
+    _delete(store, rec.id, out, prune, users)
     return out
 
 
-def _delete_quietly(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool) -> None:
-    if store.children(image_id):
+def _delete_quietly(
+    store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf
+) -> None:
+    if store.children(image_id) or users(image_id):
         return
-    _delete(store, image_id, out, prune)
+    _delete(store, image_id, out, prune, users)
 
 
-def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool) -> None:
+def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf) -> None:
     parent = store.get(image_id).parent
     store.delete(image_id)
     out.append({"Deleted": image_id})
     while prune and parent and store.exists(parent):
         prec = store.get(parent)
-        if prec.names or store.children(parent):
+        if prec.names or store.children(parent) or users(parent):
             break
         nxt = prec.parent
         store.delete(parent)

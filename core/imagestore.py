@@ -137,10 +137,17 @@ class ImageStore:
         db.execute("DELETE FROM content_leases WHERE owner_pid=?", (self.layers._me[0],))
 
     def gc(self) -> list[str]:
-        """Remove blobs no image refers to and no live process leases."""
-        alive = {r[0] for r in self._db.execute("SELECT digest FROM image_blobs")}
-        alive |= {r[0] for r in self._db.execute("SELECT digest FROM content_leases")}
-        return self.content.gc(alive)
+        """Remove blobs no image refers to and no live process leases.
+
+        The blob files are listed first, then the live set is read and the dead files unlinked inside one
+        write transaction, so a process that leases a blob (a write transaction too) and then writes it
+        cannot lose it to a collection running at the same time.
+        """
+        files = list(self.content.walk())
+        with self.layers._tx() as db:
+            alive = {r[0] for r in db.execute("SELECT digest FROM image_blobs")}
+            alive |= {r[0] for r in db.execute("SELECT digest FROM content_leases")}
+            return self.content.gc(alive, files)
 
     def abandon(self) -> None:
         """After a failed load: drop this process's leases and whatever only they kept."""
@@ -261,6 +268,20 @@ class ImageStore:
         )
         db.execute("UPDATE images SET last_updated=? WHERE id=?", (now, image_id))
         return row is not None
+
+    def add_manifest(self, image_id: str, manifest: ManifestRecord, blobs: Iterable[str]) -> bool:
+        """Record another manifest (and the blobs it needs) for an existing image; False if the image is gone."""
+        with self.layers._tx() as db:
+            if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
+                return False
+            db.execute(
+                "INSERT OR IGNORE INTO image_manifests VALUES (?, ?, ?, ?)",
+                (image_id, manifest.digest, manifest.media_type, time.time()),
+            )
+            for b in blobs:
+                db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (image_id, b))
+            self.end_blob_leases(db)
+            return True
 
     def add_name(self, image_id: str, name: str) -> bool:
         """Give ``image_id`` the name ``name`` (moving it from another image); True when it moved."""

@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS layers (
     created REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS layer_leases (
+    id TEXT NOT NULL,
+    owner_pid INTEGER NOT NULL,
+    owner_start REAL,
+    PRIMARY KEY (id, owner_pid)
+);
 """
 
 
@@ -309,13 +315,21 @@ class LayerStore:
             cleaned.append(lid)
         dead = {
             pid for pid, start in self._db.execute(
-                "SELECT DISTINCT owner_pid, owner_start FROM layers WHERE state='committed' AND owner_pid IS NOT NULL"
+                "SELECT DISTINCT owner_pid, owner_start FROM layer_leases"
             ).fetchall() if not _owner_alive(pid, start)
         }
         for pid in sorted(dead):
             with self._tx() as db:
                 ids = self.clear_leases(db, pid)
             self.collect(ids)
+        # Layers a killed process had just released (refs 0) but not yet removed: nothing keeps them.
+        orphans = [r[0] for r in self._db.execute(
+            "SELECT id FROM layers l WHERE state='committed' AND rw=0 AND refs=0"
+            " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
+            " AND NOT EXISTS (SELECT 1 FROM layer_leases k WHERE k.id=l.id)"
+        ).fetchall()]
+        if orphans:
+            self.collect(orphans)
         self._reclaim_mounts()
         return cleaned
 
@@ -440,15 +454,16 @@ class LayerStore:
                 existing = db.execute(
                     "SELECT id FROM layers WHERE chain_id=? AND state='committed'", (chain,)
                 ).fetchone()
-                owner = self._me if lease else (None, None)
                 if existing is None:
                     db.execute(
                         "UPDATE layers SET state='committed', chain_id=?, diff_id=?, size=?, tar_size=?,"
-                        " compression=?, compressed_digest=?, refs=?, owner_pid=?, owner_start=?"
+                        " compression=?, compressed_digest=?, refs=?, owner_pid=NULL, owner_start=NULL"
                         " WHERE id=?",
                         (chain, diff_id, int(size or 0), stream.size, stream.compression,
-                         stream.compressed_digest, 0 if lease else 1, *owner, lid),
+                         stream.compressed_digest, 0 if lease else 1, lid),
                     )
+                    if lease:
+                        self._lease(db, lid)
                 elif lease:
                     self._lease(db, existing[0])
                     db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
@@ -537,13 +552,13 @@ class LayerStore:
 
     # -- leases ---------------------------------------------------------------------------------------
     def _lease(self, db: sqlite3.Connection, lid: str) -> None:
-        db.execute(
-            "UPDATE layers SET owner_pid=?, owner_start=? WHERE id=? AND state='committed' AND refs=0",
-            (self._me[0], self._me[1], lid),
-        )
+        db.execute("INSERT OR IGNORE INTO layer_leases VALUES (?, ?, ?)", (lid, self._me[0], self._me[1]))
 
     def lease(self, chain: str) -> Layer:
-        """Keep an existing layer alive for this process until :meth:`end_leases`, without a reference."""
+        """Keep an existing layer alive for this process until :meth:`end_leases`, without a reference.
+
+        Leases are per process (several may lease one layer); a layer with a live lease is never collected.
+        """
         layer = self.get(chain)
         with self._tx() as db:
             self._lease(db, layer.cache_id)
@@ -552,14 +567,16 @@ class LayerStore:
     def clear_leases(self, db: sqlite3.Connection, pid: int | None = None) -> list[str]:
         """Inside a caller's transaction: drop the leases of ``pid`` (this process by default).
 
-        Returns the CacheIDs that are now unreferenced and childless; :meth:`collect` removes them.
+        Returns the CacheIDs that were leased; :meth:`collect` removes those nothing keeps any more.
         """
         pid = self._me[0] if pid is None else pid
-        rows = db.execute(
-            "SELECT id FROM layers WHERE state='committed' AND owner_pid=?", (pid,)
-        ).fetchall()
-        db.execute("UPDATE layers SET owner_pid=NULL, owner_start=NULL WHERE state='committed' AND owner_pid=?", (pid,))
+        rows = db.execute("SELECT id FROM layer_leases WHERE owner_pid=?", (pid,)).fetchall()
+        db.execute("DELETE FROM layer_leases WHERE owner_pid=?", (pid,))
         return [r[0] for r in rows]
+
+    def _leased(self, lid: str) -> bool:
+        rows = self._db.execute("SELECT owner_pid, owner_start FROM layer_leases WHERE id=?", (lid,)).fetchall()
+        return any(_owner_alive(pid, start) for pid, start in rows)
 
     def end_leases(self) -> list[ChainID]:
         """Drop this process's leases and remove the layers nothing else keeps."""
@@ -589,7 +606,7 @@ class LayerStore:
                 ).fetchone()
                 if row is None or row[0] > 0 or self.children(cur.cache_id) or self.mount_count(cur.cache_id):
                     break
-                if row[2] is not None and _owner_alive(row[2], row[3]):
+                if self._leased(cur.cache_id):
                     break
                 db.execute(
                     "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=?",
@@ -598,6 +615,7 @@ class LayerStore:
             self.hook.lamina_remove(layer_id=cur.cache_id)
             with self._tx() as db:
                 db.execute("DELETE FROM layers WHERE id=?", (cur.cache_id,))
+                db.execute("DELETE FROM layer_leases WHERE id=?", (cur.cache_id,))
             removed.append(cur.chain_id)
             cur = self.get(cur.parent) if cur.parent else None
         return removed

@@ -67,7 +67,7 @@ def is_insecure(host: str, insecure: tuple[str, ...] | list[str]) -> bool:
 
 
 def make_client(host: str, config: Config, *, tls_verify: bool | None = None, creds: Creds | None = None) -> Any:
-    from lamina.auth import find_credentials
+    from lamina.auth import find_credentials, normalize_host
     from lamina.registry import RegistryClient, RegistryOptions
 
     insecure = is_insecure(host, config.registry.insecure_registries) if tls_verify is None else not tls_verify
@@ -77,8 +77,10 @@ def make_client(host: str, config: Config, *, tls_verify: bool | None = None, cr
         allow_foreign_urls=config.registry.allow_foreign_urls,
     )
 
+    wanted = normalize_host(host) or host
+
     def credentials(h: str) -> Creds | None:
-        if creds is not None and h == host:
+        if creds is not None and (normalize_host(h) or h) == wanted:
             return creds
         return find_credentials(h)
 
@@ -154,9 +156,9 @@ def _prefetch(store: ImageStore, img: ImageSource, workers: int, progress: Progr
     def fetch(layer: LayerSource) -> None:
         blob = layer.blob
         assert blob is not None
+        store.lease_blob(blob.digest)
         if store.content.exists(blob.digest):
             return
-        store.lease_blob(blob.digest)
         with store.content.writer(blob.digest) as w:
             reader = VerifyingReader(layer.open(), blob.digest, blob.size, layer.what, tee=w.file)
             while reader.read(CHUNK):

@@ -246,7 +246,10 @@ class ImageService:
         """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
         from lamina import images
 
-        return images.untag(self.image_store, self.get_image(ref), name)
+        def users(image_id: str) -> list[str]:
+            return [c.id for c in self.container_store.using_image(image_id)]
+
+        return images.untag(self.image_store, self.get_image(ref), name, users)
 
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.

@@ -154,6 +154,8 @@ def load_source(
         keep = keep_layer_blobs and layer.blob is not None
         event = {"event": "layer", "index": i + 1, "count": len(img.layers), "diff_id": layer.diff_id,
                  "size": layer.blob.size if layer.blob else None}
+        if keep and layer.blob is not None:
+            store.lease_blob(layer.blob.digest)  # before looking: a collection cannot take it from now on
         try:
             store.layers.lease(chain)
             present = True
@@ -161,7 +163,6 @@ def load_source(
             present = False
         if present:
             if keep and layer.blob is not None and not content.exists(layer.blob.digest):
-                store.lease_blob(layer.blob.digest)
                 content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
             if progress:
                 progress({**event, "status": "exists"})
@@ -317,10 +318,7 @@ def _remake_manifest(
     store.content.put(raw, digest)
     mrec = ManifestRecord(digest, oci.MEDIA_TYPE_MANIFEST)
     if keep_layer_blobs:
-        store.create(NewImage(
-            id=record.id, diff_ids=[], created=record.created, origin=record.origin, manifests=[mrec],
-            blobs=[digest, *(d.digest for d in descs)],
-        ))
+        store.add_manifest(record.id, mrec, [digest, *(d.digest for d in descs)])
     return raw, mrec
 
 
@@ -345,6 +343,9 @@ def save(
         else:
             ocilayout.write_layout(sink, items)
         sink.commit()
+    except OSError as e:
+        sink.abort()
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
     except BaseException:
         sink.abort()
         raise

@@ -91,7 +91,7 @@ def _on_disk(tmp: Path, driver: str) -> set[str]:
     if driver == "vfs":
         return set(os.listdir(tmp / "root" / "vfs" / "dir"))
     home = tmp / "root" / "overlay"
-    return {n for n in os.listdir(home) if n not in ("l", "mode") and not n.startswith(".lamina-")}
+    return {n for n in os.listdir(home) if n not in ("l", "mode", ".probe-ok") and not n.startswith(".lamina-")}
 
 
 def _layer_rows(svc: ImageService) -> dict[str, tuple[str, int]]:
