@@ -52,6 +52,8 @@ class Source(Protocol):
 
     def open(self, name: str) -> Readable: ...
 
+    def resolve_layer(self, name: str) -> str: ...
+
     def close(self) -> None: ...
 
 
@@ -108,6 +110,9 @@ class DirSource:
     def open(self, name: str) -> Readable:
         return os.fdopen(self._open_fd(name), "rb", buffering=0)
 
+    def resolve_layer(self, name: str) -> str:
+        return check_member_name(name)  # directories: symlinks are refused when opened
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -120,6 +125,7 @@ class _Member:
     type: bytes
     offset: int
     size: int
+    linkname: str = ""
 
 
 class _Slice:
@@ -204,13 +210,14 @@ class TarSource:
                 if not text.isdigit() or len(text) > 20:
                     raise ArchiveError(f"{self.description}: bad size in a PAX header")
                 size = int(text)
-            pax, longname = {}, None
             stripped = name.rstrip("/")
             if stripped not in ("", "."):
                 name = check_member_name(stripped)
                 if len(self._members) >= self.MAX_MEMBERS:
                     raise ArchiveError(f"{self.description} has more than {self.MAX_MEMBERS} members")
-                self._members[name] = _Member(h.type, pos, size)
+                link = pax["linkpath"].decode("utf-8", "surrogateescape") if "linkpath" in pax else h.linkname
+                self._members[name] = _Member(h.type, pos, size, link)
+            pax, longname = {}, None
             if h.type in (b"0", b"\0", b"7"):
                 f.seek(size + _pad(size), os.SEEK_CUR)
                 pos += size + _pad(size)
@@ -222,6 +229,32 @@ class TarSource:
         if m.type not in (b"0", b"\0", b"7"):
             raise UnsafePathError(f"{self.description}: {name} is not a regular file (links are refused)")
         return m
+
+    def resolve_layer(self, name: str) -> str:
+        """Where a layer member's data is: older ``docker save`` writes a repeated layer as a relative
+        symlink to the first copy; such links are followed between members, never outside the archive.
+        (Documents are never reached through links.)"""
+        current = check_member_name(name)
+        for _ in range(8):
+            m = self._members.get(current)
+            if m is None or m.type in (b"0", b"\0", b"7"):
+                return current
+            if m.type != b"2" or not m.linkname or m.linkname.startswith("/"):
+                raise UnsafePathError(f"{self.description}: {name} is not a regular file (links are refused)")
+            parent = current.rsplit("/", 1)[0] if "/" in current else ""
+            joined = f"{parent}/{m.linkname}" if parent else m.linkname
+            parts: list[str] = []
+            for comp in joined.split("/"):
+                if comp in ("", "."):
+                    continue
+                if comp == "..":
+                    if not parts:
+                        raise UnsafePathError(f"{self.description}: {name} links outside the archive")
+                    parts.pop()
+                else:
+                    parts.append(comp)
+            current = check_member_name("/".join(parts))
+        raise UnsafePathError(f"{self.description}: {name}: too many levels of links")
 
     def exists(self, name: str) -> bool:
         try:

@@ -77,7 +77,7 @@ def read_archive(src: Source) -> list[ImageSource]:
                 raise InvalidReference(f"manifest.json: RepoTags entry {tag!r} must be name:tag")
             names.append(str(ref))
         entries.append((check_member_name(config_path, "Config"),
-                        [check_member_name(p, "layer") for p in layers], names))
+                        [src.resolve_layer(check_member_name(p, "layer")) for p in layers], names))
     images = []
     for config_path, layer_paths, names in entries:
         config_raw = _read_all(src, config_path, MAX_CONFIG_BYTES)

@@ -508,3 +508,53 @@ def test_rmi_prunes_untagged_parents_and_refuses_parents_of_children(tmp_path: P
         out = svc.image_delete("other:1", prune=False)
         assert out == [{"Untagged": "other:1"}, {"Deleted": other}]
         assert [s.id for s in svc.images(all=True)] == [base]
+
+
+def _archive(path: Path, members: list[tuple[str, bytes | None, str]]) -> None:
+    """A tar of (name, data, symlink target) members."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as t:
+        for name, data, target in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.SYMTYPE
+                info.linkname = target
+                t.addfile(info)
+            else:
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+def test_repeated_layer_as_symlink_in_legacy_archive(tmp_path: Path) -> None:
+    """Older docker save writes a repeated layer as a symlink to its first copy: followed inside the
+    archive, refused when it leads out or when a document is a link."""
+    layer = TarBuilder().file("f", b"same").build()
+    diff = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff, diff]}}).encode()
+    cname = hashlib.sha256(config).hexdigest() + ".json"
+
+    def manifest(layers: list[str]) -> bytes:
+        return json.dumps([{"Config": cname, "RepoTags": ["rep:1"], "Layers": layers}]).encode()
+
+    both = manifest(["a/layer.tar", "b/layer.tar"])
+    _archive(tmp_path / "ok.tar", [("a/layer.tar", layer, ""), ("b/layer.tar", None, "../a/layer.tar"),
+                                   (cname, config, ""), ("manifest.json", both, "")])
+    _archive(tmp_path / "out.tar", [("a/layer.tar", layer, ""), ("b/layer.tar", None, "../../a/layer.tar"),
+                                    (cname, config, ""),
+                                    ("manifest.json", manifest(["a/layer.tar", "b/layer.tar"]), "")])
+    _archive(tmp_path / "doc.tar", [("a/layer.tar", layer, ""), ("real.json", config, ""), (cname, None, "real.json"),
+                                    ("manifest.json", manifest(["a/layer.tar", "a/layer.tar"]), "")])
+    from lamina.errors import LaminaError, UnsafePathError
+
+    with _open(tmp_path, "vfs") as svc:
+        svc.load_image(tmp_path / "ok.tar")
+        assert [la.diff_id for la in svc.layers()] == [diff, diff]
+        svc.image_delete("rep:1")
+        with pytest.raises(UnsafePathError):
+            svc.load_image(tmp_path / "out.tar")
+        with pytest.raises(LaminaError):
+            svc.load_image(tmp_path / "doc.tar")
+        assert svc.images() == [] and svc.layers() == []
