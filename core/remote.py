@@ -247,6 +247,7 @@ def push(
     """Push an :class:`~lamina.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
     digest."""
     client = make_client(dest.domain, config, tls_verify=tls_verify, creds=creds)
+    client.ping()  # settles the scheme (HTTPS, or HTTP for an insecure registry) once, before the uploaders
     repo = dest.path
     blobs = [(b.digest, b.size, b.chunks) for b in export.layers]
     blobs.append((export.image_id, len(export.config), lambda: iter([export.config])))
