@@ -206,6 +206,12 @@ class ImageStore:
         rows = self._db.execute("SELECT DISTINCT image_id FROM image_manifests WHERE digest=?", (digest,))
         return [self.get(r[0]) for r in rows.fetchall()]
 
+    def heads(self) -> list[str]:
+        """Images no other image names as its parent (Docker's image store Heads)."""
+        return [r[0] for r in self._db.execute(
+            "SELECT id FROM images i WHERE NOT EXISTS (SELECT 1 FROM images c WHERE c.parent=i.id) ORDER BY loaded"
+        )]
+
     def children(self, image_id: str) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
 

@@ -215,7 +215,12 @@ class ImageService:
         return self.image_store.count()
 
     def children(self, ref: str) -> list[str]:
+        """IDs of the images whose parent is ``ref`` (commits record their parent)."""
         return self.image_store.children(self.get_image(ref).id)
+
+    def heads(self) -> list[str]:
+        """IDs of the images that are no other image's parent."""
+        return self.image_store.heads()
 
     def inspect_image(self, ref: str) -> dict[str, Any]:
         """Docker-inspect-like details of an image."""

@@ -496,6 +496,7 @@ def test_rmi_prunes_untagged_parents_and_refuses_parents_of_children(tmp_path: P
         db.execute("UPDATE images SET parent=? WHERE id=?", (mid, child))
         db.execute("UPDATE images SET parent=? WHERE id=?", (base, other))
         assert svc.children(base) == [mid, other]
+        assert set(svc.heads()) == {child, other}
         # intermediate images are hidden unless --all
         assert {s.id for s in svc.images()} == {child, other}
         assert {s.id for s in svc.images(all=True)} == {base, mid, child, other}

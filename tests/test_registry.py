@@ -183,3 +183,15 @@ def test_push_of_a_loaded_docker_archive(tmp_path: Path, registry: Registry, sko
     assert d1 == d2 == inspect_remote(registry, "da/small:2")["digest"]
     cfg = json.loads(inspect_remote(registry, "da/small:1")["raw"])["config"]
     assert cfg["digest"] == skopeo_images.docker_archive.config_digest
+
+
+def test_pulled_image_runs(tmp_path: Path, registry: Registry, debian_image_oci: ImageFacts) -> None:
+    from lamina.testing import require_root, require_tool
+
+    require_root()
+    require_tool("runc")
+    push_with_skopeo(debian_image_oci.ref(), registry, "run/debian:1")
+    lamina_cli("--driver", "overlay", "pull", "-q", f"{registry.host}/run/debian:1", root=tmp_path)
+    out = lamina_cli("run", "--rm", f"{registry.host}/run/debian:1", "cat", "/etc/os-release", root=tmp_path)
+    assert b"Debian GNU/Linux" in out.stdout
+    assert _mounts(tmp_path) == []
