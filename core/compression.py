@@ -10,6 +10,7 @@ at the configured byte limit. Errors of the underlying decompressors are transla
 from __future__ import annotations
 
 import bz2
+import contextlib
 import hashlib
 import lzma
 import queue
@@ -90,24 +91,29 @@ class _HashingRaw:
         return Digest("sha256:" + self._hash.hexdigest()) if self._hash is not None else None
 
 
-def _gzip_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
-    from isal import igzip_threaded
+class _GzipChunks:
+    """gzip decoding on a helper thread (ISA-L releases the GIL), overlapping the apply loop."""
 
-    # Decompression runs on a helper thread (ISA-L releases the GIL), overlapping the apply loop.
-    try:
-        f = igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)  # type: ignore[no-untyped-call]
-    except OSError as e:
-        raise ArchiveError(f"corrupt gzip stream: {e}") from e
+    def __init__(self, raw: _HashingRaw) -> None:
+        from isal import igzip_threaded
 
-    def read() -> bytes:
         try:
-            return bytes(f.read(CHUNK))
+            self._f = igzip_threaded.open(raw, "rb", threads=1, block_size=CHUNK)  # type: ignore[no-untyped-call]
+        except OSError as e:
+            raise ArchiveError(f"corrupt gzip stream: {e}") from e
+
+    def __call__(self) -> bytes:
+        try:
+            return bytes(self._f.read(CHUNK))
         except EOFError as e:
             raise ArchiveError("truncated gzip stream: it ends before its end-of-stream marker") from e
         except (OSError, ValueError) as e:
             raise ArchiveError(f"corrupt gzip stream: {e}") from e
 
-    return read
+    def close(self) -> None:
+        """Stop the helper thread (it would otherwise keep the source open after a failed apply)."""
+        with contextlib.suppress(Exception):
+            self._f.close()
 
 
 class _ZstdChunks:
@@ -221,8 +227,9 @@ class DiffStream:
             raise ArchiveError(f"cannot read layer data: {e.strerror or e}") from e
         self.compression = detect(prefix)
         self._raw = _HashingRaw(src, prefix, hash_compressed)
+        self._next: Callable[[], bytes]
         if self.compression == "gzip":
-            self._next = _gzip_chunks(self._raw)
+            self._next = _GzipChunks(self._raw)
         elif self.compression == "zstd":
             self._next = _ZstdChunks(self._raw)
         elif self.compression in ("xz", "bzip2"):
@@ -278,6 +285,11 @@ class DiffStream:
             self._pos += take
             n -= take
         return parts
+
+    def close(self) -> None:
+        close = getattr(self._next, "close", None)
+        if close is not None:
+            close()
 
     def drain(self, sink: Callable[[bytes], object] | None = None) -> None:
         """Read to the end of the stream, handing what was left to ``sink``."""

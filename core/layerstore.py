@@ -471,8 +471,10 @@ class LayerStore:
                     db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (existing[0],))
                     db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
         except BaseException:
+            stream.close()
             self._discard(lid)
             raise
+        stream.close()
         if existing is not None:
             self._discard(lid)  # same content already stored: the loser's work goes
         return self.get(chain)

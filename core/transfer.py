@@ -202,6 +202,9 @@ def _apply(
             store.lease_blob(blob.digest)
             writer = stack.enter_context(store.content.writer(blob.digest))
         raw: Readable = layer.open()
+        close = getattr(raw, "close", None)
+        if close is not None:
+            stack.callback(close)  # also when applying fails half-way
         verifying = None
         if blob is not None:
             verifying = VerifyingReader(raw, blob.digest, blob.size, layer.what, tee=writer.file if writer else None)
