@@ -143,8 +143,13 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
     )
 
 
-def _prefetch(store: ImageStore, img: ImageSource, workers: int, progress: ProgressFn | None) -> list[Any]:
-    """Fetch layers 2..n into the content store concurrently; their sources then read from it."""
+def _prefetch(
+    store: ImageStore, img: ImageSource, workers: int, progress: ProgressFn | None, cancel: threading.Event
+) -> list[Any]:
+    """Fetch layers 2..n into the content store concurrently; their sources then read from it.
+
+    Setting ``cancel`` stops the downloads at their next chunk (a failed or interrupted pull does not wait
+    for whole layers to arrive)."""
     from lamina.digest import chain_ids
 
     chains = chain_ids([la.diff_id for la in img.layers])
@@ -160,14 +165,21 @@ def _prefetch(store: ImageStore, img: ImageSource, workers: int, progress: Progr
         if store.content.exists(blob.digest):
             return
         with store.content.writer(blob.digest) as w:
-            reader = VerifyingReader(layer.open(), blob.digest, blob.size, layer.what, tee=w.file)
-            while reader.read(CHUNK):
-                pass
-            reader.finish()
-            w.commit()
+            src = layer.open()
+            try:
+                reader = VerifyingReader(src, blob.digest, blob.size, layer.what, tee=w.file)
+                while reader.read(CHUNK):
+                    if cancel.is_set():
+                        return
+                reader.finish()
+                w.commit()
+            finally:
+                close = getattr(src, "close", None)
+                if close is not None:
+                    close()
 
     first_missing = True
-    for layer, chain in zip(img.layers, chains, strict=True):
+    for idx, (layer, chain) in enumerate(zip(img.layers, chains, strict=True)):
         if chain in have or layer.blob is None:
             continue
         if first_missing:  # this one streams straight into the driver
@@ -182,7 +194,6 @@ def _prefetch(store: ImageStore, img: ImageSource, workers: int, progress: Progr
             with lock:
                 return store.content.open(digest)
 
-        idx = img.layers.index(layer)
         img.layers[idx] = LayerSource(layer.diff_id, from_store, layer.blob, layer.what)
     pool.shutdown(wait=False)
     return futures
@@ -209,27 +220,34 @@ def pull(
 
     errors: list[str] = []
     for ref in candidates:
-        client = make_client(ref.domain, config, tls_verify=tls_verify, creds=creds)
-        try:
-            img = read_remote(client, ref, platform, str(ref))
-        except RegistryError as e:
-            if len(candidates) == 1:
-                raise
-            errors.append(f"{ref}: {e.message}")
-            continue
-        futures = _prefetch(store, img, config.registry.max_concurrent_downloads - 1, progress)
-        try:
-            loaded = load_source(store, img, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            concurrent.futures.wait(futures)
-            store.abandon()
-            raise
-        if not config.keep_layer_blobs:
-            store.gc()
-        return Pulled(loaded, str(ref))
+        with make_client(ref.domain, config, tls_verify=tls_verify, creds=creds) as client:
+            try:
+                img = read_remote(client, ref, platform, str(ref))
+            except RegistryError as e:
+                if len(candidates) == 1:
+                    raise
+                errors.append(f"{ref}: {e.message}")
+                continue
+            return _pull_source(store, config, img, ref, progress)
     raise ImageNotFound("no registry has the image: " + "; ".join(errors))
+
+
+def _pull_source(store: ImageStore, config: Config, img: ImageSource, ref: Reference,
+                 progress: ProgressFn | None) -> Pulled:
+    cancel = threading.Event()
+    futures = _prefetch(store, img, config.registry.max_concurrent_downloads - 1, progress, cancel)
+    try:
+        loaded = load_source(store, img, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
+    except BaseException:
+        cancel.set()
+        for f in futures:
+            f.cancel()
+        concurrent.futures.wait(futures)
+        store.abandon()
+        raise
+    if not config.keep_layer_blobs:
+        store.gc()
+    return Pulled(loaded, str(ref))
 
 
 # -- push -----------------------------------------------------------------------------------------------
@@ -246,7 +264,12 @@ def push(
 ) -> str:
     """Push an :class:`~lamina.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
     digest."""
-    client = make_client(dest.domain, config, tls_verify=tls_verify, creds=creds)
+    with make_client(dest.domain, config, tls_verify=tls_verify, creds=creds) as client:
+        return _push_with(client, config, export, dest, progress, mount_from)
+
+
+def _push_with(client: Any, config: Config, export: Any, dest: Reference, progress: ProgressFn | None,
+               mount_from: list[str] | None) -> str:
     client.ping()  # settles the scheme (HTTPS, or HTTP for an insecure registry) once, before the uploaders
     repo = dest.path
     blobs = [(b.digest, b.size, b.chunks) for b in export.layers]

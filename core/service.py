@@ -563,6 +563,6 @@ class ImageService:
         """Check the credentials against the registry, then store them in lamina's auth file."""
         from lamina import auth, remote
 
-        client = remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password))
-        client.ping()
+        with remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password)) as client:
+            client.ping()
         auth.store_credentials(host, user, password)
