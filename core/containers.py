@@ -265,12 +265,12 @@ class ContainerStore:
             self.layers.remove_rw(rw)
         with self.layers._tx() as db:
             init_chain = None
-            if init:
+            gone = db.execute("DELETE FROM containers WHERE id=?", (cid,)).rowcount
+            if init and gone:  # only the process that removed the row drops its reference
                 row = db.execute("SELECT chain_id FROM layers WHERE id=?", (init,)).fetchone()
                 init_chain = row[0] if row else None
             if init_chain:
                 self.layers.unreference(db, init_chain)
-            db.execute("DELETE FROM containers WHERE id=?", (cid,))
         if init_chain and init:
             self.layers.collect([init])
 

@@ -468,11 +468,14 @@ class ImageService:
                     str(bundle_dir), c.id, runtime=self.config.runtime,
                     runtime_root=str(self._layers.runroot / "runtime"), stdin=stdin, stdout=stdout, stderr=stderr,
                 )
-        except BaseException:
-            if started:
-                self.container_store.set_exited(c.id, code)
+        except BaseException as e:
+            from lamina.errors import RuntimeFailure
+
             shutil.rmtree(bundle_dir, ignore_errors=True)
-            self.container_store.remove(self.get_container(c.id), force=True)
+            if started and not remove and not isinstance(e, RuntimeFailure):
+                self.container_store.set_exited(c.id, code)  # it ran (and was interrupted): keep it, as docker does
+            else:
+                self.container_store.remove(self.get_container(c.id), force=True)
             raise
         shutil.rmtree(bundle_dir, ignore_errors=True)
         self.container_store.set_exited(c.id, code)
