@@ -4,6 +4,7 @@ history, tagging, untagging and deletion (Docker's ImageDelete rules), save and 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from lamina.errors import (
     ImageError,
     ImageNotFound,
     InvalidReference,
+    LaminaError,
 )
 from lamina.imagestore import ImageRecord, ImageStore, NewImage
 from lamina.reference import Reference, familiar_match, looks_like_id_prefix, parse_normalized
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     from lamina.service import ImageService
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
+log = logging.getLogger("lamina.images")
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,11 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
     for rec in store.all():
-        img = load(store, rec)
+        try:
+            img = load(store, rec)
+        except LaminaError as e:  # one damaged image must not hide the others
+            log.warning("skipping image %s: %s", rec.id, e.message)
+            continue
         created = rec.created or 0.0
         if before is not None and created >= before:
             continue

@@ -559,3 +559,12 @@ def test_repeated_layer_as_symlink_in_legacy_archive(tmp_path: Path) -> None:
         with pytest.raises(LaminaError):
             svc.load_image(tmp_path / "doc.tar")
         assert svc.images() == [] and svc.layers() == []
+
+
+def test_listing_survives_a_damaged_image(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with _open(tmp_path, "vfs") as svc:
+        good = _import(svc, "good:1", b"good")
+        bad = _import(svc, "bad:1", b"bad")
+        (tmp_path / "root" / "content" / "blobs" / "sha256" / bad[7:]).unlink()  # its config is gone
+        assert [s.id for s in svc.images()] == [good]
+        assert "skipping image" in caplog.text
