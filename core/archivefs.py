@@ -22,14 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from lamina.errors import ArchiveError, ExportError, UnsafePathError
+from lamina.compression import Readable
+from lamina.errors import ArchiveError, ExportError, InvalidDocument, UnsafePathError
 from lamina.tarformat import BLOCK, Header, parse_pax
 
 CHUNK = 1 << 20
 
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 def check_member_name(name: str, what: str = "archive member") -> str:
@@ -272,6 +270,18 @@ class TarSource:
 
     def close(self) -> None:
         pass
+
+
+def read_member(src: Source, name: str, limit: int) -> bytes:
+    """A small member (a document) read whole, refused when larger than ``limit``."""
+    size = src.size(name)
+    if size > limit:
+        raise InvalidDocument(f"{src.description}: {name} is {size} bytes; documents are limited to {limit}")
+    f = src.open(name)
+    parts = []
+    while chunk := f.read(CHUNK):
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def open_source(path: str | os.PathLike[str]) -> Source:

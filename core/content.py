@@ -20,16 +20,14 @@ import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
+from lamina.compression import Readable
 from lamina.digest import Digest, parse_digest
 from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, LimitExceeded, StoreError
 
 CHUNK = 1 << 20
 
-
-class Readable(Protocol):
-    def read(self, n: int = -1, /) -> bytes: ...
 
 
 class VerifyingReader:

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from lamina import oci
-from lamina.archivefs import Sink, Source, check_member_name
+from lamina.archivefs import Sink, Source, check_member_name, read_member
 from lamina.digest import DiffID, sha256_digest
 from lamina.errors import ArchiveError, DigestMismatch, InvalidDocument, InvalidReference
 from lamina.imagemodel import ImageExport, ImageSource, LayerSource
@@ -33,17 +33,6 @@ def is_docker_archive(src: Source) -> bool:
     return src.exists(MANIFEST_FILE)
 
 
-def _read_all(src: Source, name: str, limit: int) -> bytes:
-    size = src.size(name)
-    if size > limit:
-        raise InvalidDocument(f"{src.description}: {name} is {size} bytes; the limit is {limit}")
-    f = src.open(name)
-    parts = []
-    while chunk := f.read(1 << 20):
-        parts.append(chunk)
-    return b"".join(parts)
-
-
 def _str_list(value: Any, what: str) -> list[str]:
     if value is None:
         return []
@@ -54,7 +43,7 @@ def _str_list(value: Any, what: str) -> list[str]:
 
 def read_archive(src: Source) -> list[ImageSource]:
     try:
-        doc = json.loads(_read_all(src, MANIFEST_FILE, oci.MAX_DOCUMENT_BYTES))
+        doc = json.loads(read_member(src, MANIFEST_FILE, oci.MAX_DOCUMENT_BYTES))
     except (ValueError, UnicodeDecodeError):
         raise InvalidDocument(f"{src.description}: manifest.json is not valid JSON") from None
     if not isinstance(doc, list) or not doc:
@@ -80,7 +69,7 @@ def read_archive(src: Source) -> list[ImageSource]:
                         [src.resolve_layer(check_member_name(p, "layer")) for p in layers], names))
     images = []
     for config_path, layer_paths, names in entries:
-        config_raw = _read_all(src, config_path, MAX_CONFIG_BYTES)
+        config_raw = read_member(src, config_path, MAX_CONFIG_BYTES)
         digest = sha256_digest(config_raw)
         m = _HEX64.search(config_path)
         if m and m.group(1) != digest.split(":", 1)[1]:

@@ -15,7 +15,7 @@ import functools
 import json
 
 from lamina import oci
-from lamina.archivefs import Sink, Source
+from lamina.archivefs import Sink, Source, read_member
 from lamina.content import read_verified
 from lamina.digest import DiffID, parse_digest
 from lamina.errors import ArchiveError, FormatError, InvalidDocument, InvalidReference
@@ -35,17 +35,6 @@ def blob_path(digest: str) -> str:
 
 def is_layout(src: Source) -> bool:
     return src.exists(LAYOUT_FILE) and src.exists(INDEX_FILE)
-
-
-def _read_small(src: Source, name: str, limit: int = oci.MAX_DOCUMENT_BYTES) -> bytes:
-    size = src.size(name)
-    if size > limit:
-        raise InvalidDocument(f"{src.description}: {name} is {size} bytes; documents are limited to {limit}")
-    f = src.open(name)
-    parts = []
-    while chunk := f.read(1 << 20):
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 def _blob(src: Source, ref: oci.Descriptor | BlobRef, what: str) -> bytes:
@@ -70,12 +59,12 @@ def _name_of(desc: oci.Descriptor) -> str | None:
 
 def read_layout(src: Source, platform: oci.Platform | None = None) -> list[ImageSource]:
     try:
-        layout = json.loads(_read_small(src, LAYOUT_FILE, 4096))
+        layout = json.loads(read_member(src, LAYOUT_FILE, 4096))
     except (ValueError, UnicodeDecodeError):
         raise InvalidDocument(f"{src.description}: oci-layout is not JSON") from None
     if not isinstance(layout, dict) or not isinstance(layout.get("imageLayoutVersion"), str):
         raise InvalidDocument(f"{src.description}: oci-layout has no imageLayoutVersion")
-    index = oci.parse_index(_read_small(src, INDEX_FILE))
+    index = oci.parse_index(read_member(src, INDEX_FILE, oci.MAX_DOCUMENT_BYTES))
     found: dict[str, ImageSource] = {}
     order: list[str] = []
     for desc in index.manifests:

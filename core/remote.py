@@ -25,11 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from lamina import oci
+from lamina.compression import Readable
 from lamina.config import Config
 from lamina.content import CHUNK, VerifyingReader, read_verified
 from lamina.digest import DiffID
 from lamina.errors import ImageNotFound, InvalidDocument, LaminaError
-from lamina.imagemodel import BlobRef, ImageSource, LayerSource, Readable
+from lamina.imagemodel import BlobRef, ImageSource, LayerSource
 from lamina.imagestore import ImageStore
 from lamina.reference import Reference, parse_normalized
 from lamina.transfer import Loaded, ProgressFn, load_source

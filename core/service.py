@@ -251,10 +251,7 @@ class ImageService:
         """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
         from lamina import images
 
-        def users(image_id: str) -> list[str]:
-            return [c.id for c in self.container_store.using_image(image_id)]
-
-        return images.untag(self.image_store, self.get_image(ref), name, users)
+        return images.untag(self.image_store, self.get_image(ref), name, self._image_users)
 
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.
@@ -264,10 +261,11 @@ class ImageService:
         """
         from lamina import images
 
-        def users(image_id: str) -> list[str]:
-            return [c.id for c in self.container_store.using_image(image_id)]
+        return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
 
-        return images.delete(self.image_store, ref, force=force, prune=prune, users=users)
+    def _image_users(self, image_id: str) -> list[str]:
+        """The containers created from an image (a conflict for deleting it)."""
+        return [c.id for c in self.container_store.using_image(image_id)]
 
     def load_image(
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None

@@ -26,11 +26,11 @@ from typing import Any
 
 from lamina import oci
 from lamina.archivefs import DirSink, Sink, TarSink, open_source
-from lamina.compression import deterministic_gzip
+from lamina.compression import Readable, deterministic_gzip
 from lamina.content import CHUNK, VerifyingReader
 from lamina.digest import ChainID, DiffID, chain_ids, sha256_digest
 from lamina.errors import BlobNotFound, ExportError, FormatError, LayerNotFound
-from lamina.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource, Readable
+from lamina.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource
 from lamina.imagestore import ImageRecord, ImageStore, ManifestRecord, NewImage
 
 ProgressFn = Callable[[dict[str, Any]], None]
