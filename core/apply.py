@@ -31,6 +31,12 @@ from lamina.compression import DiffStream
 from lamina.errors import ArchiveError, StoreError, UnsafePathError
 from lamina.fsops import Root, lstat_at, normalize, remove_at
 from lamina.tarformat import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
+from lamina.tarsplit import RecordWriter
+
+try:
+    from lamina import _native
+except ImportError:  # built without a C compiler: the Python path does everything
+    _native = None
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -292,7 +298,7 @@ class _Applier:
             self.reader.record_file(real, e.size)
             self.size += e.size
             # A new file is ours already, unless a set-gid parent handed it its group.
-            if e.uid != self.euid or e.gid != self.egid or self._sgid_dir(pfd, real):
+            if e.uid != self.euid or e.gid != self.egid or self._sgid_dir(pfd, real.rpartition("/")[0]):
                 self._owner(e, base, pfd, fd)
             if not direct:
                 os.fchmod(fd, e.mode)
@@ -303,8 +309,8 @@ class _Applier:
             os.close(fd)
         self.files.add(real)
 
-    def _sgid_dir(self, pfd: int, real: str) -> bool:
-        parent = real.rpartition("/")[0]
+    def _sgid_dir(self, pfd: int, parent: str) -> bool:
+        """Whether the directory ``pfd`` (at ``parent``) is set-gid: new files then take its group."""
         known = self.sgid.get(parent)
         if known is None:
             known = self.sgid[parent] = bool(os.fstat(pfd).st_mode & stat.S_ISGID)
@@ -420,6 +426,62 @@ class _Applier:
         return fd
 
 
+def native_enabled() -> bool:
+    """Whether the C fast path (``lamina._native``) is built and not turned off (``LAMINA_NATIVE=0``)."""
+    return _native is not None and os.environ.get("LAMINA_NATIVE", "1") != "0"
+
+
+class _FastPath:
+    """Hands runs of plain entries (regular files and symlinks of one directory, whole in the stream's
+    buffer) to :func:`lamina._native.run`, which applies and records them as :class:`_Applier` would.
+    Anything else -- and anything the C code is unsure of -- comes back to the Python path, one entry
+    at a time."""
+
+    def __init__(self, ap: _Applier, reader: TarReader, stream: DiffStream, rec: RecordWriter | None) -> None:
+        self.ap, self.reader, self.stream, self.rec = ap, reader, stream, rec
+        self.head: bytes | None = None  # the directory (as named in the archive) of the last run
+
+    def run(self) -> None:
+        assert _native is not None
+        ap, reader, stream, rec = self.ap, self.reader, self.stream, self.rec
+        reader.finish_entry()
+        while not reader.done and not reader.has_globals:
+            head = self.head
+            pfd, preal = -1, ""
+            if head is not None:
+                try:
+                    pfd, preal = ap.root.dir(head.decode("utf-8", "surrogateescape"), create=True)
+                    if not ap.is_root:
+                        ap._writable(pfd, preal)
+                except OSError:
+                    self.head = None  # the Python path resolves it again and reports the error
+                    return
+            sgid = head is not None and ap.is_root and ap._sgid_dir(pfd, preal)
+            limit = reader.max_entries - reader.entries if reader.max_entries else -1
+            added = ap.added.get(preal)
+            if added is None:
+                added = ap.added[preal] = set()
+            raw, ops, rec_files, index = rec.native_state() if rec is not None else (None, None, None, 0)
+            buf, pos = stream.buffer()
+            status, pos, count, size, index, extra = _native.run(
+                buf, pos, head, pfd, preal.encode("utf-8", "surrogateescape"), ap.is_root, ap.euid, ap.egid,
+                sgid, ap.umask, limit, raw, ops, rec_files, index, ap.files, added,
+            )
+            stream.consumed(pos)
+            reader.entries += count
+            ap.size += size
+            if rec is not None:
+                rec.native_done(index)
+            if status == _native.PARENT:
+                assert isinstance(extra, bytes)
+                self.head = extra
+                continue
+            if status == _native.OWNER:
+                name, uid, gid = extra
+                raise ArchiveError(f"{name!r}: owner {uid}:{gid} is not mapped here")
+            return
+
+
 def apply_recorded(
     stream: DiffStream,
     target: str | os.PathLike[str],
@@ -434,8 +496,6 @@ def apply_recorded(
     The stream is read to its end (trailing bytes go into the record too); on failure the record is
     removed and the error propagates.
     """
-    from lamina.tarsplit import RecordWriter
-
     rec = RecordWriter(record)
     try:
         result = apply_tar(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn,
@@ -473,8 +533,13 @@ def apply_tar(
         ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, implicit_dirs)
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir
+        fast = None
+        if native_enabled() and (recorder is None or isinstance(recorder, RecordWriter)):
+            fast = _FastPath(ap, reader, stream, recorder)
         try:
             while True:
+                if fast is not None:
+                    fast.run()
                 e = reader.next()
                 if e is None:
                     break

@@ -268,6 +268,16 @@ class DiffStream:
         self._pos += len(out)
         return out
 
+    def buffer(self) -> tuple[bytes, int]:
+        """The decoded bytes at hand and the position of the next unread one (no copy, no read)."""
+        return self._buf, self._pos
+
+    def consumed(self, pos: int) -> None:
+        """The caller used :meth:`buffer`'s bytes up to ``pos``."""
+        if not self._pos <= pos <= len(self._buf):
+            raise ValueError("position outside the buffer")
+        self._pos = pos
+
     def read_chunks(self, n: int) -> list[bytes] | None:
         """Exactly ``n`` bytes as a list of slices (no joining), or None if the stream ends first."""
         parts: list[bytes] = []

@@ -184,7 +184,23 @@ class TarReader:
             raise ArchiveError(f"truncated tar stream: it ends inside {what}")
         return data
 
-    def _finish_entry(self) -> None:
+    @property
+    def done(self) -> bool:
+        """The end-of-archive marker has been read."""
+        return self._done
+
+    @property
+    def has_globals(self) -> bool:
+        """A PAX global header applies to the entries that follow."""
+        return bool(self._global)
+
+    @property
+    def max_entries(self) -> int:
+        return self._max_entries
+
+    def finish_entry(self) -> None:
+        """Consume what is left of the current entry (unstored payload, padding): the stream is then at
+        the next header."""
         if self._pending:
             # The consumer did not store this payload: keep it inline in the record.
             parts = self._s.read_chunks(self._pending)
@@ -239,7 +255,7 @@ class TarReader:
     def next(self) -> Entry | None:
         if self._done:
             return None
-        self._finish_entry()
+        self.finish_entry()
         pax: dict[str, bytes] = dict(self._global)
         longname: str | None = None
         longlink: str | None = None
@@ -258,7 +274,7 @@ class TarReader:
                 self._pending = size
                 self._pending_pad = _pad(size)
                 data = self.payload_bytes(16 << 20)
-                self._finish_entry()
+                self.finish_entry()
                 if t == b"x":
                     pax.update(parse_pax(data))
                 elif t == b"g":
@@ -275,7 +291,7 @@ class TarReader:
             if t == b"V":  # volume label: no content, nothing to apply
                 self._pending = size
                 self._pending_pad = _pad(size)
-                self._finish_entry()
+                self.finish_entry()
                 continue
             kind = _KNOWN.get(t)
             if kind is None:

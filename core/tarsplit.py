@@ -70,6 +70,18 @@ class RecordWriter:
         self._files[path] = self._index
         self._index += 1
 
+    def native_state(self) -> tuple[bytearray, bytearray, dict[str, int], int]:
+        """What :func:`lamina._native.run` appends to: pending raw bytes, framed operations, the index of
+        each path's latest F operation, and the next operation index."""
+        return self._raw, self._out, self._files, self._index
+
+    def native_done(self, index: int) -> None:
+        """After :func:`lamina._native.run` appended operations up to ``index``."""
+        self._index = index
+        if len(self._raw) >= _READ:
+            self._frame_raw()
+        self._spill(_READ)
+
     def supersede(self, path: str, f: BinaryIO) -> None:
         """The file at ``path`` written earlier by this layer is about to be replaced: keep its bytes."""
         idx = self._files.pop(path, None)
