@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import stat
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from lamina.tarsplit import RecordWriter
 try:
     from lamina import _native
 except ImportError:  # built without a C compiler: the Python path does everything
-    _native = None
+    _native = None  # type: ignore[assignment]
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -431,6 +432,14 @@ def native_enabled() -> bool:
     return _native is not None and os.environ.get("LAMINA_NATIVE", "1") != "0"
 
 
+@functools.cache
+def _tune_malloc() -> None:
+    """Keep the 1 MiB stream chunks in the heap between uses instead of mapping, faulting in and unmapping
+    each one (glibc's default for blocks that size): a large layer otherwise pays a page fault per 4 KiB."""
+    if _native is not None:
+        _native.tune_malloc()
+
+
 class _FastPath:
     """Hands runs of plain entries (regular files and symlinks of one directory, whole in the stream's
     buffer) to :func:`lamina._native.run`, which applies and records them as :class:`_Applier` would.
@@ -536,6 +545,7 @@ def apply_tar(
         fast = None
         if native_enabled() and (recorder is None or isinstance(recorder, RecordWriter)):
             fast = _FastPath(ap, reader, stream, recorder)
+            _tune_malloc()
         try:
             while True:
                 if fast is not None:

@@ -278,9 +278,10 @@ class DiffStream:
             raise ValueError("position outside the buffer")
         self._pos = pos
 
-    def read_chunks(self, n: int) -> list[bytes] | None:
-        """Exactly ``n`` bytes as a list of slices (no joining), or None if the stream ends first."""
-        parts: list[bytes] = []
+    def read_chunks(self, n: int) -> list[bytes | memoryview] | None:
+        """Exactly ``n`` bytes as a list of views of the decoded chunks (no copying, no joining), or None
+        if the stream ends first."""
+        parts: list[bytes | memoryview] = []
         while n > 0:
             avail = len(self._buf) - self._pos
             if avail == 0:
@@ -291,7 +292,7 @@ class DiffStream:
             if self._pos == 0 and take == len(self._buf):
                 parts.append(self._buf)
             else:
-                parts.append(self._buf[self._pos : self._pos + take])
+                parts.append(memoryview(self._buf)[self._pos : self._pos + take])
             self._pos += take
             n -= take
         return parts

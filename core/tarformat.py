@@ -38,7 +38,7 @@ _KNOWN = {
 class Recorder(Protocol):
     """Receives the parts of the stream that are not file payloads stored in the layer."""
 
-    def raw(self, data: bytes) -> None: ...
+    def raw(self, data: bytes | memoryview) -> None: ...
 
     def file(self, path: str, size: int) -> None: ...
 
@@ -174,7 +174,7 @@ class TarReader:
         self._max_entries = max_entries or stream.max_entries  # the store's limit unless told otherwise
 
     # -- raw access ---------------------------------------------------------------------------------
-    def _raw(self, data: bytes) -> None:
+    def _raw(self, data: bytes | memoryview) -> None:
         if self.recorder is not None and data:
             self.recorder.raw(data)
 
@@ -214,7 +214,7 @@ class TarReader:
             self._pending_pad = 0
 
     # -- payload ------------------------------------------------------------------------------------
-    def payload_chunks(self) -> Iterator[bytes]:
+    def payload_chunks(self) -> Iterator[bytes | memoryview]:
         """The payload of the current entry, in pieces of at most 1 MiB read as they are consumed, so a
         file of any size costs bounded memory. Consume it whole (it is then recorded as stored)."""
         while self._pending:

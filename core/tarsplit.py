@@ -44,7 +44,7 @@ class RecordWriter:
         self._index = 0
         self._superseded: dict[int, bytes] = {}
 
-    def raw(self, data: bytes) -> None:
+    def raw(self, data: bytes | memoryview) -> None:
         self._raw += data
         if len(self._raw) >= _READ:
             self._frame_raw()

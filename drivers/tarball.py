@@ -31,7 +31,7 @@ class _Tee:
     def __init__(self, out: BinaryIO) -> None:
         self.out = out
 
-    def raw(self, data: bytes) -> None:
+    def raw(self, data: bytes | memoryview) -> None:
         self.out.write(data)
 
     def file(self, path: str, size: int) -> None:  # payloads are written by the applier loop

@@ -468,3 +468,33 @@ def test_timing_errors_are_counted_for_format_errors(tmp_path: Path) -> None:
     assert t["lamina_apply_diff"]["calls"] == 2
     assert t["lamina_apply_diff"]["errors"] == 1
     assert t["lamina_remove"]["calls"] == 1  # the failed layer was discarded
+
+
+def test_entry_point_scan_agrees_with_importlib_metadata(site: Site, tmp_path: Path) -> None:
+    """lamina reads entry points itself (start-up); its answer must be importlib.metadata's."""
+    import importlib.metadata
+
+    from lamina.plugins import driver_entry_points
+
+    site.add(vfs_like("scan1"), entry="scan1")
+    site.add(vfs_like("scan2"), entry="scan2", value="lamina_fake_x : attr")
+    # a second copy of one distribution further down sys.path is shadowed by the first
+    shadow = tmp_path / "shadow"
+    info = shadow / "lamina_fake_dist_dup-2.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lamina-fake-dist-dup\nVersion: 2.0\n")
+    (info / "entry_points.txt").write_text("[other]\nx = y\n\n[lamina.drivers]\n# a comment\ndup = second\n")
+    first = site.path / "lamina_fake_dist_dup-1.0.dist-info"
+    first.mkdir()
+    (first / "METADATA").write_text("Metadata-Version: 2.1\nName: lamina-fake-dist-dup\nVersion: 1.0\n")
+    (first / "entry_points.txt").write_text("[lamina.drivers]\ndup = first\n")
+    sys.path.append(str(shadow))
+    try:
+        ours = sorted(driver_entry_points())
+        theirs = sorted((ep.name, ep.value, ep.dist.name if ep.dist else "")
+                        for ep in importlib.metadata.entry_points(group="lamina.drivers"))
+    finally:
+        sys.path.remove(str(shadow))
+    assert ours == theirs
+    assert ("dup", "first", "lamina-fake-dist-dup") in ours
+    assert any(name == "scan2" and value == "lamina_fake_x : attr" for name, value, _ in ours)

@@ -39,7 +39,7 @@ class Rec:
     def __init__(self) -> None:
         self.parts: list[tuple[str, Any]] = []
 
-    def raw(self, data: bytes) -> None:
+    def raw(self, data: bytes | memoryview) -> None:
         self.parts.append(("raw", bytes(data)))
 
     def file(self, path: str, size: int) -> None:
