@@ -854,6 +854,13 @@ def print_table(infos: dict[str, WorkloadInfo], results: list[Result], checks: d
                                          if not problems else f"FAILED ({len(problems)}): {problems[0]}"))
 
 
+def native_built() -> bool:
+    """Whether the interpreter that runs lamina here has its C fast path (lamina._native)."""
+    probe = "import lamina.apply as a; print(a.native_enabled())"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    return r.stdout.strip() == "True"
+
+
 def machine_info(work: Path) -> dict[str, Any]:
     def git(*args: str) -> str:
         r = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
@@ -866,6 +873,7 @@ def machine_info(work: Path) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "tar": tool_version(["tar", "--version"]),
         "lamina": tool_version([sys.executable, "-m", "lamina", "--version"]),
+        "lamina_native": native_built(),
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--", "core", "drivers")),
         "code_fingerprint": code_fingerprint(),
@@ -956,6 +964,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench.check_space(list(infos.values()))
     machine = machine_info(work)  # before measuring: the commit and sources measured
+    if not machine["lamina_native"]:
+        print(f"WARNING: {sys.executable} runs lamina without its C fast path (lamina._native is not built for "
+              "it, or LAMINA_NATIVE=0): run the harness with the project's .venv/bin/python", file=sys.stderr)
     t0 = time.perf_counter()
     results: list[Result] = []
     try:
