@@ -198,15 +198,26 @@ static void be64(unsigned char *o, uint64_t v) {
     for (int i = 7; i >= 0; i--) { o[i] = v & 0xff; v >>= 8; }
 }
 
-/* Frame the pending raw bytes into out as an R operation (lamina.tarsplit.RecordWriter._frame_raw). */
-static int frame_raw(PyObject *raw, PyObject *out) {
-    Py_ssize_t n = PyByteArray_GET_SIZE(raw);
+/* Frame the raw bytes pending before a payload as one R operation (lamina.tarsplit.RecordWriter._frame_raw):
+   what the recorder already held, then buf[from:to] (the headers and padding read since). */
+static int frame_raw(PyObject *raw, PyObject *out, const unsigned char *from, Py_ssize_t n) {
+    Py_ssize_t held = PyByteArray_GET_SIZE(raw);
     unsigned char h[5];
-    if (n == 0) return 0;
+    if (held + n == 0) return 0;
     h[0] = 'R';
-    be32(h + 1, (uint32_t)n);
-    if (append(out, h, 5) < 0 || append(out, PyByteArray_AS_STRING(raw), n) < 0) return -1;
-    return PyByteArray_Resize(raw, 0);
+    be32(h + 1, (uint32_t)(held + n));
+    if (append(out, h, 5) < 0) return -1;
+    if (held && (append(out, PyByteArray_AS_STRING(raw), held) < 0 || PyByteArray_Resize(raw, 0) < 0)) return -1;
+    return append(out, from, n);
+}
+
+/* One applied entry for lamina.apply._Applier.sync_native: kind, F-operation index, path length, path. */
+static int note(PyObject *log, char kind, Py_ssize_t index, const char *real, Py_ssize_t rn) {
+    unsigned char h[9];
+    h[0] = (unsigned char)kind;
+    h[1] = index & 0xff; h[2] = (index >> 8) & 0xff; h[3] = (index >> 16) & 0xff; h[4] = (index >> 24) & 0xff;
+    h[5] = rn & 0xff; h[6] = (rn >> 8) & 0xff; h[7] = (rn >> 16) & 0xff; h[8] = (rn >> 24) & 0xff;
+    return append(log, h, 9) < 0 ? -1 : append(log, real, rn);
 }
 
 static int write_all(int fd, const unsigned char *p, long long n) {
@@ -237,20 +248,25 @@ static PyObject *oserror(int err, const char *base) {
 
 static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buf", "pos", "head", "pfd", "preal", "is_root", "euid", "egid", "sgid",
-                             "umask", "max_entries", "raw", "out", "rec_files", "rec_index", "files",
-                             "added", NULL};
+                             "umask", "max_entries", "raw", "out", "rec_index", "log", NULL};
     Py_buffer buf;
     Py_ssize_t pos, max_entries, rec_index;
-    PyObject *head, *preal, *raw, *out, *rec_files, *files, *added;
+    PyObject *head, *preal, *raw, *out, *log;
     int pfd, is_root, sgid, umask_;
     long long euid, egid;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*nOiOpLLpinOOOnOO", kwlist, &buf, &pos, &head, &pfd, &preal,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "y*nOiOpLLpinOOnY", kwlist, &buf, &pos, &head, &pfd, &preal,
                                      &is_root, &euid, &egid, &sgid, &umask_, &max_entries, &raw, &out,
-                                     &rec_files, &rec_index, &files, &added))
+                                     &rec_index, &log))
         return NULL;
     const unsigned char *b = buf.buf;
     Py_ssize_t len = buf.len;
     int recording = raw != Py_None;
+    Py_ssize_t unframed = pos; /* buf[unframed:pos] was read but not yet framed into the record */
+    if (recording && (!PyByteArray_Check(raw) || !PyByteArray_Check(out))) {
+        PyErr_SetString(PyExc_TypeError, "raw and out must be bytearrays");
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     const char *hd = NULL, *pr = NULL;
     Py_ssize_t hlen = 0, plen = 0;
     long long count = 0, total = 0;
@@ -393,34 +409,19 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
                 oserror(err, base);
                 goto fail;
             }
-            PyObject *r = PyUnicode_DecodeUTF8(real, rn, "surrogateescape");
-            PyObject *bs = r ? PyUnicode_DecodeUTF8(base, bn, "surrogateescape") : NULL;
-            if (bs == NULL || PySet_Add(files, r) < 0 || PySet_Add(added, bs) < 0) {
-                Py_XDECREF(r);
-                Py_XDECREF(bs);
-                goto fail;
-            }
-            Py_DECREF(bs);
+            if (note(log, 'F', recording ? rec_index : 0, real, rn) < 0) goto fail;
             if (recording) {
                 unsigned char h[13];
-                PyObject *idx = PyLong_FromSsize_t(rec_index);
-                int bad2 = idx == NULL || PyDict_SetItem(rec_files, r, idx) < 0;
-                Py_XDECREF(idx);
                 h[0] = 'F';
                 be32(h + 1, (uint32_t)rn);
-                if (bad2 || append(raw, b + start, payload - start) < 0 || frame_raw(raw, out) < 0 ||
-                    append(out, h, 5) < 0 || append(out, real, rn) < 0) {
-                    Py_DECREF(r);
+                if (frame_raw(raw, out, b + unframed, payload - unframed) < 0 || append(out, h, 5) < 0 ||
+                    append(out, real, rn) < 0)
                     goto fail;
-                }
                 be64(h, (uint64_t)e.size);
-                if (append(out, h, 8) < 0 || append(raw, b + payload + e.size, pad(e.size)) < 0) {
-                    Py_DECREF(r);
-                    goto fail;
-                }
+                if (append(out, h, 8) < 0) goto fail;
+                unframed = payload + e.size; /* the padding is raw */
                 rec_index++;
             }
-            Py_DECREF(r);
             total += e.size;
             pos = payload + e.size + pad(e.size);
         } else {
@@ -465,13 +466,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
                 oserror(err, base);
                 goto fail;
             }
-            PyObject *bs = PyUnicode_DecodeUTF8(base, bn, "surrogateescape");
-            if (bs == NULL || PySet_Add(added, bs) < 0) {
-                Py_XDECREF(bs);
-                goto fail;
-            }
-            Py_DECREF(bs);
-            if (recording && append(raw, b + start, at - start) < 0) goto fail;
+            if (note(log, 'S', 0, real, rn) < 0) goto fail;
             pos = at;
         }
         count++;
@@ -489,6 +484,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
         break;
     }
 done:
+    if (recording && pos > unframed && append(raw, b + unframed, pos - unframed) < 0) goto fail;
     PyBuffer_Release(&buf);
     return Py_BuildValue("(inLLnN)", status, pos, count, total, rec_index, extra);
 fail:

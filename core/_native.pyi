@@ -20,9 +20,7 @@ def run(
     max_entries: int,
     raw: bytearray | None,
     out: bytearray | None,
-    rec_files: dict[str, int] | None,
     rec_index: int,
-    files: set[str],
-    added: set[str],
+    log: bytearray,
 ) -> tuple[int, int, int, int, int, Any]: ...
 def tune_malloc() -> None: ...

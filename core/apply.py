@@ -24,6 +24,7 @@ import errno
 import functools
 import os
 import stat
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -38,6 +39,9 @@ try:
     from lamina import _native
 except ImportError:  # built without a C compiler: the Python path does everything
     _native = None  # type: ignore[assignment]
+
+_LOG_HEAD = struct.Struct("<BII")  # lamina._native's log of applied entries: kind, F-operation index, path length
+_LOG_FILE = ord("F")
 
 WHITEOUT_PREFIX = ".wh."
 WHITEOUT_META_PREFIX = ".wh..wh."
@@ -129,6 +133,30 @@ class _Applier:
         self.files: set[str] = set()  # regular files written by this layer (real paths)
         self.size = 0
         self.warned_devices = False
+        # Entries the C fast path applied, not yet in ``added``/``files``/the record's index (see sync_native).
+        self.native_log = bytearray()
+
+    def sync_native(self) -> None:
+        """Bring ``added``, ``files`` and the record's path index up to date with what the C fast path
+        applied. They are only read when an entry replaces or whites out something already there, so
+        the log is read then (and never for a layer without such entries)."""
+        log = self.native_log
+        if not log:
+            return
+        note_file = getattr(self.reader.recorder, "note_file", None)
+        pos = 0
+        while pos < len(log):
+            kind, index, n = _LOG_HEAD.unpack_from(log, pos)
+            pos += _LOG_HEAD.size
+            real = log[pos : pos + n].decode("utf-8", "surrogateescape")
+            pos += n
+            preal, _, base = real.rpartition("/")
+            self._note(preal, base)
+            if kind == _LOG_FILE:
+                self.files.add(real)
+                if note_file is not None:
+                    note_file(real, index)
+        log.clear()
 
     def _writable(self, fd: int, real: str) -> None:
         """Without root, a read-only directory (a parent layer's 0555 /usr/lib) must be opened up to
@@ -155,6 +183,7 @@ class _Applier:
     def _implicit_dir(self, parent_fd: int, name: str, real: str) -> None:
         """A directory the archive needs but does not list: shaped like the one it shadows below, if any."""
         os.mkdir(name, 0o700, dir_fd=parent_fd)
+        self._note(real.rpartition("/")[0], name)  # this layer's own: an opaque marker keeps it
         lower = self.template(real) if self.template is not None else None
         if lower is None:
             os.chmod(name, 0o755, dir_fd=parent_fd)  # explicit: the caller's umask must not shape layers
@@ -171,6 +200,7 @@ class _Applier:
         s.add(name)
 
     def _clear(self, pfd: int, base: str, real: str, keep_dir: bool) -> None:
+        self.sync_native()
         st = lstat_at(pfd, base)
         if st is None:
             return
@@ -371,6 +401,7 @@ class _Applier:
         os.chmod(f"/proc/self/fd/{pfd}/{base}", e.mode)
 
     def _whiteout(self, path: str, head: str, base: str, e: Entry) -> None:
+        self.sync_native()
         target = check_whiteout_name(base, e.name)
         if target is None:
             try:
@@ -379,7 +410,14 @@ class _Applier:
                 raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
             if not self.is_root:
                 self._writable(dfd, dreal)
-            self.wo.opaque(dfd, self.added.get(dreal, set()))
+            keep = self.added.get(dreal, set())
+            # Files this layer wrote below names the marker does not keep may go: keep their payloads.
+            prefix = f"{dreal}/" if dreal else ""
+            for f in sorted(p for p in self.files
+                            if p.startswith(prefix) and p[len(prefix):].partition("/")[0] not in keep):
+                fpfd, fbase, _ = self.root.parent(f)
+                self._supersede(fpfd, fbase, f)
+            self.wo.opaque(dfd, keep)
             self.root.invalidate()
             return
         if base.startswith(WHITEOUT_META_PREFIX):
@@ -467,14 +505,11 @@ class _FastPath:
                     return
             sgid = head is not None and ap.is_root and ap._sgid_dir(pfd, preal)
             limit = reader.max_entries - reader.entries if reader.max_entries else -1
-            added = ap.added.get(preal)
-            if added is None:
-                added = ap.added[preal] = set()
-            raw, ops, rec_files, index = rec.native_state() if rec is not None else (None, None, None, 0)
+            raw, ops, index = rec.native_state() if rec is not None else (None, None, 0)
             buf, pos = stream.buffer()
             status, pos, count, size, index, extra = _native.run(
                 buf, pos, head, pfd, preal.encode("utf-8", "surrogateescape"), ap.is_root, ap.euid, ap.egid,
-                sgid, ap.umask, limit, raw, ops, rec_files, index, ap.files, added,
+                sgid, ap.umask, limit, raw, ops, index, ap.native_log,
             )
             stream.consumed(pos)
             reader.entries += count

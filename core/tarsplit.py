@@ -70,10 +70,14 @@ class RecordWriter:
         self._files[path] = self._index
         self._index += 1
 
-    def native_state(self) -> tuple[bytearray, bytearray, dict[str, int], int]:
-        """What :func:`lamina._native.run` appends to: pending raw bytes, framed operations, the index of
-        each path's latest F operation, and the next operation index."""
-        return self._raw, self._out, self._files, self._index
+    def native_state(self) -> tuple[bytearray, bytearray, int]:
+        """What :func:`lamina._native.run` appends to: pending raw bytes, framed operations, and the next
+        operation's index."""
+        return self._raw, self._out, self._index
+
+    def note_file(self, path: str, index: int) -> None:
+        """The F operation ``index`` (written by :func:`lamina._native.run`) stored ``path``."""
+        self._files[path] = index
 
     def native_done(self, index: int) -> None:
         """After :func:`lamina._native.run` appended operations up to ``index``."""

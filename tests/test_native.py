@@ -188,6 +188,9 @@ def test_entries_straddling_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("empty symlink", [("l", "symlink", b"", {"linkname": ""})]),
         ("fifo", [("p", "fifo", b"", {})]),
         ("set-id", [("s", "file", b"1", {"mode": 0o6755, "uid": 1, "gid": 2})]),
+        ("opaque marker after an implicit dir", [("a/f", "file", b"1", {}), (".wh..wh..opq", "file", b"", {})]),
+        ("opaque marker after a file", [("d", "dir", b"", {}), ("d/f", "file", b"1", {}), ("x", "file", b"2", {}),
+                                        ("d/.wh..wh..opq", "file", b"", {})]),
         ("sticky dir then files", [("t", "dir", b"", {"mode": 0o1777}), ("t/f", "file", b"1", {"mode": 0o600})]),
     ],
 )
