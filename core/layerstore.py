@@ -21,7 +21,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 import time
@@ -429,7 +428,7 @@ class LayerStore:
             max_entries=self.config.limits.max_layer_entries,
             hash_compressed=expected_digest is not None,
         )
-        lid = secrets.token_hex(32)
+        lid = os.urandom(32).hex()
         pcache = parent_row.cache_id if parent_row else None
         with self._tx() as db:
             if pcache is not None and db.execute(
@@ -498,7 +497,7 @@ class LayerStore:
         prow = self.get(parent)
         if prow.depth + 1 > MAX_DEPTH:
             raise LayerLimitExceeded(f"layer chain deeper than {MAX_DEPTH} layers")
-        lid = secrets.token_hex(32)
+        lid = os.urandom(32).hex()
         with self._tx() as db:
             db.execute(
                 "INSERT INTO layers (id, parent, state, rw, owner_pid, owner_start, depth, created)"

@@ -31,10 +31,8 @@ import errno
 import json
 import logging
 import os
-import secrets
 import shutil
 import stat
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -77,6 +75,7 @@ def _overlay_available() -> bool:
         return False
     # The module may simply not be loaded yet; a root caller can load it.
     if os.geteuid() == 0 and shutil.which("modprobe"):
+        import subprocess
         subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
         with open("/proc/filesystems") as f:
             return any(line.split()[-1:] == ["overlay"] for line in f)
@@ -335,6 +334,7 @@ class OverlayDriver(Driver):
             if plan.upper:
                 opts += [f"upperdir={plan.upper}", f"workdir={plan.work}"]
             opts += [f"{k}={v}" for k, v in strings] + flags
+            import subprocess
             proc = subprocess.run([prog, "-o", ",".join(opts), plan.target], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise OSError(errno.EIO, f"{prog} failed: {proc.stderr.strip()}", plan.target)
@@ -370,6 +370,7 @@ class OverlayDriver(Driver):
             mounts.umount(target)
         except OSError as e:
             if e.errno == errno.EPERM and self.mode == "fuse" and shutil.which("fusermount3"):
+                import subprocess
                 subprocess.run(["fusermount3", "-u", "-z", target], capture_output=True, check=True)
                 return
             if e.errno not in (errno.EINVAL, errno.ENOENT):
@@ -423,6 +424,7 @@ class OverlayDriver(Driver):
         if rw:
             (d / "rw").touch()
         while True:
+            import secrets
             short = "".join(secrets.choice(_SHORT_ALPHABET) for _ in range(6))
             link = self.home / "l" / short
             if not link.is_symlink():
@@ -815,6 +817,7 @@ def _test_mount(base: Path, mode: str, prog: str | None) -> str | None:
                 exe = prog or shutil.which("fuse-overlayfs")
                 if not exe:
                     return "fuse-overlayfs not found"
+                import subprocess
                 proc = subprocess.run([exe, "-o", data, str(t / "merged")], capture_output=True, text=True)
                 if proc.returncode != 0:
                     return f"{exe}: {proc.stderr.strip() or proc.returncode}"
@@ -826,6 +829,7 @@ def _test_mount(base: Path, mode: str, prog: str | None) -> str | None:
             mounts.umount(str(t / "merged"))
         except OSError:
             if shutil.which("fusermount3"):
+                import subprocess
                 subprocess.run(["fusermount3", "-u", "-z", str(t / "merged")], capture_output=True, check=False)
         return None
     finally:
