@@ -172,7 +172,7 @@ def _plain_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
     return lambda: raw.read(CHUNK)
 
 
-class _BackgroundHash:
+class BackgroundHash:
     """sha256 on a helper thread: hashlib releases the GIL, so hashing overlaps parsing and writing.
 
     At most 32 chunks wait (bounded memory). The thread ends at :meth:`hexdigest`, or when this object is
@@ -236,7 +236,7 @@ class DiffStream:
             self._next = _stdlib_chunks(self._raw, self.compression)
         else:
             self._next = _plain_chunks(self._raw)
-        self._hash = _BackgroundHash()
+        self._hash = BackgroundHash()
         self._buf = b""
         self._pos = 0
         self._eof = False

@@ -14,12 +14,12 @@ side file ``<record>.sup`` keyed by the operation's index.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from lamina.compression import BackgroundHash
 from lamina.errors import ExportError
 from lamina.fsops import Root
 
@@ -199,7 +199,7 @@ class ExactTarStream:
     def __init__(self, chunks: Iterator[bytes], diff_id: str | None) -> None:
         self._it = chunks
         self._buf = bytearray()
-        self._hash = hashlib.sha256() if diff_id is not None else None
+        self._hash = BackgroundHash() if diff_id is not None else None  # overlaps reading the layer back
         self._expected = diff_id
         self._done = False
 
