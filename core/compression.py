@@ -175,27 +175,42 @@ def _plain_chunks(raw: _HashingRaw) -> Callable[[], bytes]:
 class BackgroundHash:
     """sha256 on a helper thread: hashlib releases the GIL, so hashing overlaps parsing and writing.
 
-    At most 32 chunks wait (bounded memory). The thread ends at :meth:`hexdigest`, or when this object is
-    dropped unfinished (an apply that failed).
+    Small pieces (an exported layer's headers and small files) are gathered into batches of 256 KiB first:
+    handing each to the thread on its own costs more than hashing it. At most 32 batches or chunks wait
+    (bounded memory). The thread ends at :meth:`hexdigest`, or when this object is dropped unfinished (an
+    apply that failed).
     """
 
-    _DONE = b""
+    _BATCH = 1 << 18
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
-        self._q: queue.Queue[bytes] = queue.Queue(maxsize=32)
+        self._q: queue.Queue[bytes | bytearray | memoryview | None] = queue.Queue(maxsize=32)  # None: the end
         self._t = threading.Thread(target=_hash_worker, args=(self._q, self._h), name="lamina-sha256",
                                    daemon=True)
         self._t.start()
+        self._batch = bytearray()
         self._digest: str | None = None
-        weakref.finalize(self, self._q.put, self._DONE)
+        weakref.finalize(self, self._q.put, None)
 
-    def update(self, chunk: bytes) -> None:
-        self._q.put(chunk)
+    def update(self, chunk: bytes | memoryview) -> None:
+        if len(chunk) >= self._BATCH:
+            self._flush()
+            self._q.put(chunk)
+            return
+        self._batch += chunk
+        if len(self._batch) >= self._BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._batch:
+            self._q.put(self._batch)
+            self._batch = bytearray()
 
     def hexdigest(self) -> str:
         if self._digest is None:
-            self._q.put(self._DONE)
+            self._flush()
+            self._q.put(None)
             self._t.join()
             self._digest = self._h.hexdigest()
         return self._digest
@@ -204,7 +219,7 @@ class BackgroundHash:
 def _hash_worker(q: Any, h: Any) -> None:
     while True:
         chunk = q.get()
-        if not chunk:
+        if chunk is None:  # the end (an empty piece is just empty)
             return
         h.update(chunk)
 

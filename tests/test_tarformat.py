@@ -679,3 +679,35 @@ def test_random_trees_round_trip(fmt: str, catalog: Any) -> None:
                 assert actual_tree(path) == expected_tree(items)
 
     check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 600_000), max_size=12), st.integers(0, 2**32))
+def test_background_hash_matches_sha256_whatever_the_pieces(sizes: list[int], seed: int) -> None:
+    """Small pieces are batched, large ones passed through: the digest is the stream's sha256 all the same."""
+    import hashlib
+    import random
+
+    from lamina.compression import BackgroundHash
+
+    data = random.Random(seed).randbytes(sum(sizes))
+    bg = BackgroundHash()
+    pos = 0
+    for n in sizes:
+        piece = data[pos : pos + n]
+        bg.update(memoryview(piece) if n % 2 else piece)
+        pos += n
+    assert bg.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_background_hash_takes_empty_pieces() -> None:
+    """An empty piece (an empty file's kept payload, say) is data like any other, not the end of the stream."""
+    import hashlib
+
+    from lamina.compression import BackgroundHash
+
+    big = bytes(range(256)) * 2048  # large enough to be handed over unbatched
+    bg = BackgroundHash()
+    for piece in (b"a", b"", big, b"", big, b"z"):
+        bg.update(piece)
+    assert bg.hexdigest() == hashlib.sha256(b"a" + big + big + b"z").hexdigest()
