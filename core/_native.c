@@ -25,6 +25,8 @@
 
 #define BLOCK 512
 #define MAX_NAME 4096
+#define MAX_SECONDS 9223372035LL /* seconds whose nanoseconds still fit in 64 bits */
+#define MAX_ID 4294967294LL      /* uid_t/gid_t values; (uid_t)-1 means "unchanged" to chown */
 
 enum { ST_SLOW = 0, ST_PARENT = 1, ST_OWNER = 2 };
 
@@ -74,6 +76,7 @@ static int pax_mtime(span v, long long *out) {
         sec = sec * 10 + (v.p[i] - '0');
         i++;
     }
+    if (sec > MAX_SECONDS) return -1;
     if (i < v.n) { /* '.' */
         Py_ssize_t k = 0;
         i++;
@@ -126,7 +129,7 @@ static int header(const unsigned char *b, entry *e, char *typ) {
     e->mode = v & 07777;
     if (octal(b + 108, 8, &e->uid) < 0 || octal(b + 116, 8, &e->gid) < 0) return -1;
     if (octal(b + 124, 12, &e->size) < 0 || octal(b + 136, 12, &v) < 0) return -1;
-    if (v > 99999999999LL) return -1;
+    if (v > MAX_SECONDS) return -1;
     e->mtime_ns = v * 1000000000LL;
     *typ = (char)b[156];
     e->name = cstr(b, 100);
@@ -237,14 +240,20 @@ static int write_all(int fd, const unsigned char *p, long long n) {
     return 0;
 }
 
-static PyObject *oserror(int err, const char *base) {
-    PyObject *name = PyUnicode_DecodeFSDefault(base);
+/* OSError naming the file as Python's os call would (none for calls on an fd). */
+static PyObject *oserror(int err, const char *name) {
     errno = err;
-    if (name == NULL) return NULL;
-    PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, name);
-    Py_DECREF(name);
+    if (name == NULL) return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *n = PyUnicode_DecodeFSDefault(name);
+    errno = err;
+    if (n == NULL) return NULL;
+    PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, n);
+    Py_DECREF(n);
     return NULL;
 }
+
+/* Retry a system call interrupted by a signal, as Python's os functions do. */
+#define RETRY(call) ({ long r_; do { r_ = (long)(call); } while (r_ < 0 && errno == EINTR); r_; })
 
 static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"buf", "pos", "head", "pfd", "preal", "is_root", "euid", "egid", "sgid",
@@ -260,6 +269,11 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     const unsigned char *b = buf.buf;
     Py_ssize_t len = buf.len;
+    if (pos < 0 || pos > len) {
+        PyErr_SetString(PyExc_ValueError, "pos outside the buffer");
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     int recording = raw != Py_None;
     Py_ssize_t unframed = pos; /* buf[unframed:pos] was read but not yet framed into the record */
     if (recording && (!PyByteArray_Check(raw) || !PyByteArray_Check(out))) {
@@ -311,6 +325,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             typ = t2;
         }
         at += BLOCK;
+        if (e.uid > MAX_ID || e.gid > MAX_ID) break; /* Python reports what chown makes of these */
         if (typ == '0' || typ == 0 || typ == '7') {
             e.type = 'R';
         } else if (typ == '2') {
@@ -378,6 +393,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
         ts[0].tv_sec = ts[1].tv_sec = e.mtime_ns / 1000000000LL;
         ts[0].tv_nsec = ts[1].tv_nsec = e.mtime_ns % 1000000000LL;
         int err = 0, owner_failed = 0;
+        const char *culprit = NULL; /* the name Python's failing call would report */
         if (e.type == 'R') {
             Py_ssize_t payload = at;
             if (e.size < 0 || payload + e.size + pad(e.size) > len) break;
@@ -385,19 +401,21 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             int direct = (mode & 07000) == 0 && (mode & umask_) == 0;
             int fd;
             Py_BEGIN_ALLOW_THREADS
-            fd = openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-                        direct ? (mode_t)mode : 0600);
+            fd = (int)RETRY(openat(pfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+                                   direct ? (mode_t)mode : 0600));
             if (fd < 0) {
                 err = errno;
+                culprit = base;
             } else {
                 if (write_all(fd, b + payload, e.size) < 0) {
                     err = errno;
-                } else if (is_root && (e.uid != euid || e.gid != egid || sgid) && fchown(fd, e.uid, e.gid) < 0) {
+                } else if (is_root && (e.uid != euid || e.gid != egid || sgid) &&
+                           RETRY(fchown(fd, (uid_t)e.uid, (gid_t)e.gid)) < 0) {
                     err = errno;
                     owner_failed = err == EINVAL;
-                } else if (!direct && fchmod(fd, (mode_t)mode) < 0) {
+                } else if (!direct && RETRY(fchmod(fd, (mode_t)mode)) < 0) {
                     err = errno;
-                } else if (futimens(fd, ts) < 0) {
+                } else if (RETRY(futimens(fd, ts)) < 0) {
                     err = errno;
                 }
                 if (close(fd) < 0 && !err) err = errno;
@@ -406,7 +424,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             if (fd < 0 && err == EEXIST) break;
             if (owner_failed) goto owner;
             if (err) {
-                oserror(err, base);
+                oserror(err, culprit);
                 goto fail;
             }
             if (note(log, 'F', recording ? rec_index : 0, real, rn) < 0) goto fail;
@@ -448,14 +466,16 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             }
             int made = 0;
             Py_BEGIN_ALLOW_THREADS
-            if (symlinkat(link, pfd, base) < 0) {
+            if (RETRY(symlinkat(link, pfd, base)) < 0) {
                 err = errno;
+                culprit = link; /* os.symlink names its target first */
             } else {
                 made = 1;
-                if (is_root && fchownat(pfd, base, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) < 0) {
+                culprit = base;
+                if (is_root && RETRY(fchownat(pfd, base, (uid_t)e.uid, (gid_t)e.gid, AT_SYMLINK_NOFOLLOW)) < 0) {
                     err = errno;
                     owner_failed = err == EINVAL;
-                } else if (utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW) < 0) {
+                } else if (RETRY(utimensat(pfd, base, ts, AT_SYMLINK_NOFOLLOW)) < 0) {
                     err = errno;
                 }
             }
@@ -463,7 +483,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             if (!made && err == EEXIST) break;
             if (owner_failed) goto owner;
             if (err) {
-                oserror(err, base);
+                oserror(err, culprit);
                 goto fail;
             }
             if (note(log, 'S', 0, real, rn) < 0) goto fail;
@@ -473,6 +493,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
         continue;
     owner:
         Py_DECREF(extra);
+        extra = NULL;
         {
             PyObject *n = PyUnicode_DecodeUTF8(joined, jn, "surrogateescape");
             if (n == NULL) goto fail;

@@ -193,6 +193,11 @@ class _Applier:
                   size=0, mtime_ns=lower.st_mtime_ns)
         self.dirs.append((real, e, (st.st_dev, st.st_ino)))
 
+    def _forget(self) -> None:
+        """The tree changed above some resolved directories: drop what was learnt about them."""
+        self.root.invalidate()
+        self.sgid.clear()
+
     def _note(self, parent_real: str, name: str) -> None:
         s = self.added.get(parent_real)
         if s is None:
@@ -206,10 +211,12 @@ class _Applier:
             return
         if keep_dir and stat.S_ISDIR(st.st_mode):
             return
-        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
-            self.root.invalidate()
         self._supersede_below(pfd, base, real, st)
         remove_at(pfd, base, st)
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            # Resolved paths may lead into what was removed (or through the removed symlink): forget them.
+            # ``pfd``, the caller's, stays open until the next entry (Root.release).
+            self._forget()
 
     def _supersede_below(self, pfd: int, base: str, real: str, st: os.stat_result | None) -> None:
         """Before ``real`` goes: keep the payloads of this layer's files at or below it."""
@@ -245,6 +252,8 @@ class _Applier:
             if err.errno == errno.EINVAL:
                 raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is not mapped here") from err
             raise
+        except OverflowError as err:
+            raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is out of range") from err
 
     def _xattrs(self, e: Entry, fd: int | None, pfd: int, name: str) -> None:
         for key, value in e.xattrs.items():
@@ -264,6 +273,7 @@ class _Applier:
                 raise
 
     def apply(self, e: Entry) -> None:
+        self.root.release()  # no directory fd of the previous entry is in use any more
         path = normalize(e.name)
         head, _, base = path.rpartition("/")
         if base.startswith(WHITEOUT_PREFIX):
@@ -418,7 +428,7 @@ class _Applier:
                 fpfd, fbase, _ = self.root.parent(f)
                 self._supersede(fpfd, fbase, f)
             self.wo.opaque(dfd, keep)
-            self.root.invalidate()
+            self._forget()
             return
         if base.startswith(WHITEOUT_META_PREFIX):
             return  # other AUFS metadata: ignored
@@ -431,7 +441,7 @@ class _Applier:
             self._writable(pfd, preal)
         self._supersede_below(pfd, target, real, lstat_at(pfd, target))
         self.wo.whiteout(pfd, target)
-        self.root.invalidate()
+        self._forget()
 
     def finish(self) -> None:
         # Directories: ownership, mode, xattrs and times, deepest first so a parent's mtime is final.
@@ -492,6 +502,7 @@ class _FastPath:
         assert _native is not None
         ap, reader, stream, rec = self.ap, self.reader, self.stream, self.rec
         reader.finish_entry()
+        ap.root.release()
         while not reader.done and not reader.has_globals:
             head = self.head
             pfd, preal = -1, ""
@@ -503,7 +514,8 @@ class _FastPath:
                 except OSError:
                     self.head = None  # the Python path resolves it again and reports the error
                     return
-            sgid = head is not None and ap.is_root and ap._sgid_dir(pfd, preal)
+            # (not from the cache: an entry given back may have replaced the directory since)
+            sgid = head is not None and ap.is_root and bool(os.fstat(pfd).st_mode & stat.S_ISGID)
             limit = reader.max_entries - reader.entries if reader.max_entries else -1
             raw, ops, index = rec.native_state() if rec is not None else (None, None, 0)
             buf, pos = stream.buffer()
@@ -523,6 +535,9 @@ class _FastPath:
             if status == _native.OWNER:
                 name, uid, gid = extra
                 raise ArchiveError(f"{name!r}: owner {uid}:{gid} is not mapped here")
+            # Given back: the Python path applies the next entry, which may change the directory this
+            # run resolved (a whiteout of it, say). Resolve again only for an entry C takes.
+            self.head = None
             return
 
 
@@ -573,7 +588,7 @@ def apply_tar(
     ``target`` on failure.
     """
     reader = TarReader(stream, recorder, max_entries=max_entries)
-    with Root(target) as root:
+    with Root(target, defer_close=True) as root:
         ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, implicit_dirs)
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir

@@ -50,9 +50,13 @@ class Root:
         cache_size: int = 256,
         on_denied: Callable[[int, str, str], None] | None = None,
         on_mkdir: Callable[[int, str, str], None] | None = None,
+        defer_close: bool = False,
     ) -> None:
         """``on_denied(parent_fd, name, real_path)`` may open up a directory a walk was refused; the
-        walk then retries once (used by non-root applies over read-only or unreadable directories)."""
+        walk then retries once (used by non-root applies over read-only or unreadable directories).
+
+        With ``defer_close``, fds evicted from the cache are closed only at :meth:`release` (a user that
+        keeps one fd while resolving many other paths, as the apply engine does, needs that)."""
         self.on_denied = on_denied
         self.on_mkdir = on_mkdir  # creates a missing directory (parent fd, name, real path) instead of mkdir
         if isinstance(path, int):
@@ -61,9 +65,12 @@ class Root:
             self.fd = os.open(path, _DIR_FLAGS)
         self._cache: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._cache_size = cache_size
+        self._stale: list[int] = []  # fds dropped from the cache that a caller may still be using
+        self.defer_close = defer_close
 
     def close(self) -> None:
         self.invalidate()
+        self.release()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -75,9 +82,17 @@ class Root:
         self.close()
 
     def invalidate(self) -> None:
-        for fd, _ in self._cache.values():
-            os.close(fd)
+        """Forget every resolved directory (after the tree changed under them). Their fds stay open until
+        :meth:`release`: a caller may be working in one of them (the parent of what it just replaced)."""
+        self._stale.extend(fd for fd, _ in self._cache.values())
         self._cache.clear()
+
+    def release(self) -> None:
+        """Close the fds :meth:`invalidate` and cache eviction set aside; call it where no fd handed out
+        by :meth:`dir` or :meth:`parent` is in use any more."""
+        stale, self._stale = self._stale, []
+        for fd in stale:
+            os.close(fd)
 
     # -- resolution ---------------------------------------------------------------------------------
     def dir(self, path: str, *, create: bool = False, mode: int = 0o755) -> tuple[int, str]:
@@ -95,7 +110,10 @@ class Root:
         self._cache[path] = (fd, real)
         if len(self._cache) > self._cache_size:
             _, (old, _) = self._cache.popitem(last=False)
-            os.close(old)
+            if self.defer_close:
+                self._stale.append(old)
+            else:
+                os.close(old)
         return fd, real
 
     def _walk(self, path: str, create: bool, mode: int) -> tuple[int, str]:

@@ -191,6 +191,28 @@ def test_entries_straddling_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("opaque marker after an implicit dir", [("a/f", "file", b"1", {}), (".wh..wh..opq", "file", b"", {})]),
         ("opaque marker after a file", [("d", "dir", b"", {}), ("d/f", "file", b"1", {}), ("x", "file", b"2", {}),
                                         ("d/.wh..wh..opq", "file", b"", {})]),
+        ("whiteout of the directory just written", [("d/f", "file", b"1", {}), (".wh.d", "file", b"", {}),
+                                                    ("e", "file", b"2", {})]),
+        ("nested whiteout", [("p/q/f", "file", b"1", {}), ("p/.wh.q", "file", b"", {}), ("p/r", "file", b"2", {})]),
+        ("symlink over a directory by a dotted name", [("a", "file", b"1", {}),
+                                                       ("d/s", "symlink", b"", {"linkname": "a"}),
+                                                       ("x/../d", "symlink", b"", {"linkname": "x/y"}),
+                                                       ("d2", "file", b"2", {})]),
+        ("file replaces a nested directory", [("x", "dir", b"", {}), ("x/a", "dir", b"", {}),
+                                              ("x/a/f", "file", b"1", {}), ("x/a", "file", b"2", {})]),
+        ("symlink replaces a nested directory", [("x", "dir", b"", {}), ("x/a", "dir", b"", {}),
+                                                 ("x/a/f", "file", b"1", {}),
+                                                 ("x/a", "symlink", b"", {"linkname": "f2"}),
+                                                 ("x/g", "file", b"3", {})]),
+        ("writes through a symlink that replaced a directory", [("d/f", "file", b"1", {}), ("y", "dir", b"", {}),
+                                                               ("x/y", "dir", b"", {}),
+                                                               ("d", "symlink", b"", {"linkname": "x/y"}),
+                                                               ("d/g", "file", b"2", {})]),
+        ("mtime past 2286", [("m", "file", b"1", {"mtime": 10_000_000_000})]),
+        ("mtime past 2603", [("m", "file", b"1", {"mtime": 20_000_000_000})]),
+        ("pax mtime past 2603", [("m", "file", b"1", {"pax_headers": {"mtime": "20000000000"}})]),
+        ("uid beyond 32 bits", [("f", "file", b"1", {"pax_headers": {"uid": "4294967301"}})]),
+        ("uid -1 as 32 bits", [("f", "file", b"1", {"pax_headers": {"uid": "4294967295", "gid": "7"}})]),
         ("sticky dir then files", [("t", "dir", b"", {"mode": 0o1777}), ("t/f", "file", b"1", {"mode": 0o600})]),
     ],
 )
@@ -262,3 +284,26 @@ def test_random_streams_match(entries: list[Any], fmt: int, piece: int, mutation
         same_outcome(bytes(raw), where, monkeypatch, piece)
     finally:
         shutil.rmtree(where)
+
+
+@needs_native
+def test_setgid_directory_replaced_during_the_layer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A set-gid directory's group goes to new files; once the layer replaced the directory, it no longer does."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (chown)")
+    data = build([("d/x", "file", b"1", {"uid": 1000, "gid": 1000}), ("e/z", "file", b"2", {}),
+                  (".wh.d", "file", b"", {}), ("d", "dir", b"", {}), ("d/y", "file", b"3", {"uid": 0, "gid": 0})])
+    results = []
+    for native in (True, False):
+        monkeypatch.setenv("LAMINA_NATIVE", "1" if native else "0")
+        tree = tmp_path / ("native" if native else "python")
+        tree.mkdir()
+        os.chown(tree, 0, 1234)
+        os.chmod(tree, 0o2755)
+        (tree / "d").mkdir()  # a plain directory (it would inherit set-gid from the root: cleared)
+        os.chown(tree / "d", 0, 0)
+        os.chmod(tree / "d", 0o755)
+        apply_recorded(DiffStream(io.BytesIO(data)), tree, tmp_path / f"{tree.name}.rec")
+        results.append(dump(tree))
+        assert (tree / "d" / "y").stat().st_gid == 0
+    assert results[0] == results[1]
