@@ -276,6 +276,23 @@ def test_dir_and_file_replace_each_other_across_layers(svc: ImageService) -> Non
     assert {("C", "/a"), ("C", "/b"), ("A", "/b/inner")} <= got
 
 
+def test_nested_dirs_replaced_across_layers(svc: ImageService) -> None:
+    """Below the root too: the parent directory stays usable after the entry it holds is replaced."""
+    parent = add(svc, TarBuilder().dir("usr").dir("usr/lib").dir("usr/lib/foo").file("usr/lib/foo/bar", b"bar")
+                 .dir("usr/share").dir("usr/share/doc").file("usr/share/doc/README", b"doc")
+                 .dir("usr/share/man").file("usr/share/man/x", b"x"))
+    data = (TarBuilder().symlink("usr/lib/foo", "foo.d").file("usr/lib/after", b"after")
+            .file("usr/share/doc", b"now a file").symlink("usr/share/man", "/usr/lib").file("usr/share/man/y", b"y")
+            .build())
+    child = add(svc, data, parent.chain_id)
+    with svc.mounted_layer(child.chain_id) as path:
+        assert os.readlink(Path(path, "usr/lib/foo")) == "foo.d"
+        assert Path(path, "usr/lib/after").read_bytes() == b"after"
+        assert Path(path, "usr/share/doc").read_bytes() == b"now a file"
+        assert Path(path, "usr/lib/y").read_bytes() == b"y"  # written through the new symlink, inside the root
+    assert export(svc, child.chain_id) == data
+
+
 def test_file_then_dir_of_same_name_in_one_layer(svc: ImageService) -> None:
     data = (TarBuilder().file("x", b"first a file" * 100).dir("x").file("x/y", b"then a dir")
             .symlink("s", "x").dir("s").file("s/t", b"t").build())
