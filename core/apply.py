@@ -449,6 +449,7 @@ class _Applier:
         # directory) no longer owns that path: its metadata is dropped, as if applied in order.
         done: set[str] = set()
         for real, e, ident in reversed(self.dirs):
+            self.root.release()  # the previous directory's fd is done with (bounded open fds)
             if real in done:
                 continue
             fd = self._same_dir(real, ident)
@@ -461,6 +462,7 @@ class _Applier:
             self._xattrs(e, fd, fd, "")
             os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
         for real, mode in self.opened.items():
+            self.root.release()
             with contextlib.suppress(OSError):
                 os.fchmod(self.root.dir(real)[0], mode)
 
@@ -502,8 +504,8 @@ class _FastPath:
         assert _native is not None
         ap, reader, stream, rec = self.ap, self.reader, self.stream, self.rec
         reader.finish_entry()
-        ap.root.release()
         while not reader.done and not reader.has_globals:
+            ap.root.release()  # the previous run's directory fd is no longer in use
             head = self.head
             pfd, preal = -1, ""
             if head is not None:

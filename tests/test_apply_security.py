@@ -293,6 +293,29 @@ def test_nested_dirs_replaced_across_layers(svc: ImageService) -> None:
     assert export(svc, child.chain_id) == data
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_many_directories_with_few_descriptors(svc: ImageService, monkeypatch: pytest.MonkeyPatch,
+                                               native: str) -> None:
+    """Directory fds the apply engine set aside are closed as it goes: a layer with far more directories
+    than the process may open files applies under a low descriptor limit."""
+    import resource
+
+    monkeypatch.setenv("LAMINA_NATIVE", native)
+    tb = TarBuilder()
+    for i in range(1500):
+        tb.dir(f"d{i}").file(f"d{i}/f", b"x")
+    for i in range(1500):
+        tb.file(f"implicit{i}/g", b"y")  # parents the archive does not list
+    data = tb.build()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(700, hard), hard))
+    try:
+        layer = add(svc, data)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert export(svc, layer.chain_id) == data
+
+
 def test_file_then_dir_of_same_name_in_one_layer(svc: ImageService) -> None:
     data = (TarBuilder().file("x", b"first a file" * 100).dir("x").file("x/y", b"then a dir")
             .symlink("s", "x").dir("s").file("s/t", b"t").build())
