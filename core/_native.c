@@ -197,6 +197,10 @@ static void be32(unsigned char *o, uint32_t v) {
     o[0] = v >> 24; o[1] = v >> 16; o[2] = v >> 8; o[3] = v;
 }
 
+static void le32(unsigned char *o, uint32_t v) {
+    o[0] = v; o[1] = v >> 8; o[2] = v >> 16; o[3] = v >> 24;
+}
+
 static void be64(unsigned char *o, uint64_t v) {
     for (int i = 7; i >= 0; i--) { o[i] = v & 0xff; v >>= 8; }
 }
@@ -218,8 +222,8 @@ static int frame_raw(PyObject *raw, PyObject *out, const unsigned char *from, Py
 static int note(PyObject *log, char kind, Py_ssize_t index, const char *real, Py_ssize_t rn) {
     unsigned char h[9];
     h[0] = (unsigned char)kind;
-    h[1] = index & 0xff; h[2] = (index >> 8) & 0xff; h[3] = (index >> 16) & 0xff; h[4] = (index >> 24) & 0xff;
-    h[5] = rn & 0xff; h[6] = (rn >> 8) & 0xff; h[7] = (rn >> 16) & 0xff; h[8] = (rn >> 24) & 0xff;
+    le32(h + 1, (uint32_t)index);
+    le32(h + 5, (uint32_t)rn);
     return append(log, h, 9) < 0 ? -1 : append(log, real, rn);
 }
 

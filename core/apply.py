@@ -25,7 +25,7 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -223,10 +223,15 @@ class _Applier:
         if real in self.files:
             self._supersede(pfd, base, real)
         if st is not None and stat.S_ISDIR(st.st_mode):
-            prefix = real + "/"
-            for f in sorted(p for p in self.files if p.startswith(prefix)):
-                fpfd, fbase, _ = self.root.parent(f)
-                self._supersede(fpfd, fbase, f)
+            self._supersede_under(real + "/")
+
+    def _supersede_under(self, prefix: str, keep: Container[str] = ()) -> None:
+        """Keep the payloads of this layer's files below ``prefix`` (a real path ending in ``/``, or ``""``
+        for the root), except those under the first-level names in ``keep``."""
+        for f in sorted(p for p in self.files
+                        if p.startswith(prefix) and p[len(prefix):].partition("/")[0] not in keep):
+            fpfd, fbase, _ = self.root.parent(f)
+            self._supersede(fpfd, fbase, f)
 
     def _supersede(self, pfd: int, base: str, real: str) -> None:
         # A file this layer wrote earlier is being replaced: its payload must stay in the record.
@@ -422,11 +427,7 @@ class _Applier:
                 self._writable(dfd, dreal)
             keep = self.added.get(dreal, set())
             # Files this layer wrote below names the marker does not keep may go: keep their payloads.
-            prefix = f"{dreal}/" if dreal else ""
-            for f in sorted(p for p in self.files
-                            if p.startswith(prefix) and p[len(prefix):].partition("/")[0] not in keep):
-                fpfd, fbase, _ = self.root.parent(f)
-                self._supersede(fpfd, fbase, f)
+            self._supersede_under(f"{dreal}/" if dreal else "", keep)
             self.wo.opaque(dfd, keep)
             self._forget()
             return

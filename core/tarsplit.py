@@ -46,9 +46,13 @@ class RecordWriter:
 
     def raw(self, data: bytes | memoryview) -> None:
         self._raw += data
+        self._flush_full()
+
+    def _flush_full(self) -> None:
+        """Frame the pending raw bytes and compress the framed operations once a piece's worth waits."""
         if len(self._raw) >= _READ:
             self._frame_raw()
-            self._spill(_READ)
+        self._spill(_READ)
 
     def _frame_raw(self) -> None:
         if self._raw:
@@ -82,9 +86,7 @@ class RecordWriter:
     def native_done(self, index: int) -> None:
         """After :func:`lamina._native.run` appended operations up to ``index``."""
         self._index = index
-        if len(self._raw) >= _READ:
-            self._frame_raw()
-        self._spill(_READ)
+        self._flush_full()
 
     def supersede(self, path: str, f: BinaryIO) -> None:
         """The file at ``path`` written earlier by this layer is about to be replaced: keep its bytes."""
