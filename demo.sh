@@ -72,7 +72,7 @@ $LAMINA "${store[@]}" layers
 #    it → change a file in a container → commit → run the new image → save as an OCI archive → list.
 $PYVENV - "$work/base.tar" "$work/image.tar" <<'PY'
 import hashlib, io, json, sys, tarfile
-from lamina.oci import host_platform
+from lamina.formats.oci import host_platform
 layer = open(sys.argv[1], "rb").read()
 diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
 config = json.dumps({

@@ -78,7 +78,7 @@ PREFAULT_BYTES = 256 * MIB  # more than a lamina or podman process touches here
 # -- the image -------------------------------------------------------------------------------------------
 def host_arch() -> dict[str, str]:
     try:
-        from lamina.oci import host_platform
+        from lamina.formats.oci import host_platform
 
         return {k: v for k, v in host_platform().to_json().items() if k in ("architecture", "os", "variant")}
     except ImportError:  # lamina not importable here: the usual Go names for the common machines

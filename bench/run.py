@@ -855,8 +855,8 @@ def print_table(infos: dict[str, WorkloadInfo], results: list[Result], checks: d
 
 
 def native_built() -> bool:
-    """Whether the interpreter that runs lamina here has its C fast path (lamina._native)."""
-    probe = "import lamina.apply as a; print(a.native_enabled())"
+    """Whether the interpreter that runs lamina here has its C fast path (lamina.fs._native)."""
+    probe = "import lamina.fs.apply as a; print(a.native_enabled())"
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
     return r.stdout.strip() == "True"
 
@@ -965,7 +965,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.check_space(list(infos.values()))
     machine = machine_info(work)  # before measuring: the commit and sources measured
     if not machine["lamina_native"]:
-        print(f"WARNING: {sys.executable} runs lamina without its C fast path (lamina._native is not built for "
+        print(f"WARNING: {sys.executable} runs lamina without its C fast path (lamina.fs._native is not built for "
               "it, or LAMINA_NATIVE=0): run the harness with the project's .venv/bin/python", file=sys.stderr)
     t0 = time.perf_counter()
     results: list[Result] = []

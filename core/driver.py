@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
-from lamina.compression import DiffStream
 from lamina.errors import DriverError
+from lamina.tar.compression import DiffStream
 
 __all__ = ["ByteStream", "Capabilities", "Change", "DiffStream", "Driver", "DriverRegistry"]
 
@@ -55,7 +55,7 @@ class Driver:
     """Base class for storage drivers.
 
     Subclasses set :attr:`name`, may override :meth:`probe`, and implement the operation hooks of
-    :mod:`lamina.hookspecs` as methods decorated with ``@hookimpl``. lamina creates one instance per open
+    :mod:`lamina.plugins.hookspecs` as methods decorated with ``@hookimpl``. lamina creates one instance per open
     store with ``home`` (a directory under the store root the driver owns), ``runhome`` (the same under
     the runroot, for volatile state) and the ``[storage.options.<name>]`` table.
     """
@@ -96,7 +96,7 @@ class DriverInfo:
 
 
 class DriverRegistry:
-    """Handed to :func:`lamina.hookspecs.lamina_register_drivers`; collects driver classes by name."""
+    """Handed to :func:`lamina.plugins.hookspecs.lamina_register_drivers`; collects driver classes by name."""
 
     def __init__(self) -> None:
         self.drivers: dict[str, DriverInfo] = {}

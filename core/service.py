@@ -16,19 +16,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from lamina.compression import Readable
 from lamina.config import Config, load_config
 from lamina.driver import Capabilities, Change
 from lamina.errors import ImageError
-from lamina.layerstore import Layer, LayerStore
-from lamina.plugins import DriverCatalog
+from lamina.plugins.discovery import DriverCatalog
+from lamina.store.layers import Layer, LayerStore
+from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
-    from lamina.containers import Container, ContainerStore
-    from lamina.images import Image, ImageSummary
-    from lamina.imagestore import ImageStore
-    from lamina.oci import Platform
-    from lamina.transfer import Loaded, ProgressFn
+    from lamina.formats.oci import Platform
+    from lamina.images.ops import Image, ImageSummary
+    from lamina.images.transfer import Loaded, ProgressFn
+    from lamina.store.containers import Container, ContainerStore
+    from lamina.store.images import ImageStore
 
 
 class ImageService:
@@ -40,7 +40,7 @@ class ImageService:
     @property
     def container_store(self) -> ContainerStore:
         if self._container_store is None:
-            from lamina.containers import ContainerStore
+            from lamina.store.containers import ContainerStore
 
             self._container_store = ContainerStore(self._layers, self.image_store)
         return self._container_store
@@ -49,7 +49,7 @@ class ImageService:
     def image_store(self) -> ImageStore:
         """The image store (created on first use, so layer-only commands stay lean)."""
         if self._images_store is None:
-            from lamina.imagestore import ImageStore
+            from lamina.store.images import ImageStore
 
             self._images_store = ImageStore(self._layers)
         return self._images_store
@@ -153,7 +153,7 @@ class ImageService:
 
     def export_layer(self, ref: str) -> BinaryIO:
         """The exact tar stream of a layer; raises ExportError at its end if it no longer matches."""
-        from lamina.tarsplit import ExactTarStream
+        from lamina.tar.split import ExactTarStream
 
         layer = self._layers.find(ref)
         raw = self._layers.export(layer.chain_id)
@@ -201,13 +201,13 @@ class ImageService:
     # -- images ---------------------------------------------------------------------------------------
     def get_image(self, ref: str) -> Image:
         """An image by name (``busybox``, ``host/repo:tag``, ``repo@sha256:...``), ID or ID prefix (≥ 3 hex)."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.get_image(self.image_store, ref)
 
     def images(self, filters: dict[str, list[str]] | None = None, all: bool = False) -> list[ImageSummary]:
         """Image summaries, newest first; filters ``dangling``, ``label``, ``before``, ``since``, ``reference``."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.list_images(self.image_store, filters or {}, all)
 
@@ -224,7 +224,7 @@ class ImageService:
 
     def inspect_image(self, ref: str) -> dict[str, Any]:
         """Docker-inspect-like details of an image."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.inspect(self.image_store, self.get_image(ref))
 
@@ -237,19 +237,19 @@ class ImageService:
         return {"mediaType": m.media_type, "digest": m.digest, "size": self.image_store.content.size(m.digest)}
 
     def image_history(self, ref: str) -> list[dict[str, Any]]:
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.history(self.image_store, self.get_image(ref))
 
     def tag_image(self, ref: str, new_name: str) -> str:
         """Give an image another name; returns the normalized name."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.tag(self.image_store, self.get_image(ref), new_name)
 
     def untag_image(self, ref: str, name: str) -> list[dict[str, str]]:
         """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.untag(self.image_store, self.get_image(ref), name, self._image_users)
 
@@ -259,7 +259,7 @@ class ImageService:
         Child images are a hard conflict; containers using the image are one unless ``force``, which then
         removes only the image's names.
         """
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
 
@@ -271,7 +271,7 @@ class ImageService:
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None
     ) -> list[Loaded]:
         """Load every image of a docker-archive or OCI layout (directory or tar)."""
-        from lamina import transfer
+        from lamina.images import transfer
 
         return transfer.load(
             self.image_store, path, platform=platform, keep_layer_blobs=self.config.keep_layer_blobs,
@@ -280,7 +280,7 @@ class ImageService:
 
     def export_image(self, refs: list[str], path: str | os.PathLike[str], format: str = "docker-archive") -> None:
         """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``."""
-        from lamina import images
+        from lamina.images import ops as images
 
         images.save(self, refs, path, format)
 
@@ -294,7 +294,7 @@ class ImageService:
         platform: Platform | None = None,
     ) -> Image:
         """A one-layer image from a root filesystem tar (any compression lamina reads)."""
-        from lamina import images
+        from lamina.images import ops as images
 
         return images.import_rootfs(self.image_store, stream, ref, changes or [], message, platform)
 
@@ -303,7 +303,7 @@ class ImageService:
         self, image_ref: str, name: str | None = None, labels: dict[str, str] | None = None
     ) -> Container:
         """A container from an image: an init layer (runtime placeholders) and a read-write layer on it."""
-        from lamina.containers import exists_in
+        from lamina.store.containers import exists_in
 
         img = self.get_image(image_ref)
         top = img.chain[-1] if img.chain else None
@@ -379,7 +379,7 @@ class ImageService:
         changes: list[str] | None = None,
     ) -> Image:
         """Docker's CommitImage: the container's changes become a layer on its image, in a new image."""
-        from lamina import images
+        from lamina.images import ops as images
 
         c = self.get_container(ref)
         img = self.get_image(c.image_id)
@@ -392,7 +392,7 @@ class ImageService:
 
     def squash_image(self, ref: str, parent: str | None = None) -> Image:
         """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""
-        from lamina import images
+        from lamina.images import ops as images
 
         img = self.get_image(ref)
         pimg = self.get_image(parent) if parent else None
@@ -494,8 +494,9 @@ class ImageService:
     ) -> Image:
         """Pull an image. A truncated ID of a local image is that image (nothing is pulled); an unqualified
         name is tried on each of ``[images] registries`` in turn; a pull by digest verifies the manifest."""
-        from lamina import images, remote
-        from lamina.reference import looks_like_id_prefix, resolve_names
+        from lamina.formats.reference import looks_like_id_prefix, resolve_names
+        from lamina.images import ops as images
+        from lamina.registry import remote
 
         if looks_like_id_prefix(name) and len(name.removeprefix("sha256:")) < 64:
             rec = self.image_store.by_prefix(name.removeprefix("sha256:"))
@@ -523,8 +524,9 @@ class ImageService:
         progress: ProgressFn | None = None,
     ) -> str:
         """Push an image to ``dest`` (default: the name it was given); returns the manifest digest."""
-        from lamina import remote, transfer
-        from lamina.reference import parse_normalized
+        from lamina.formats.reference import parse_normalized
+        from lamina.images import transfer
+        from lamina.registry import remote
 
         img = self.get_image(ref)
         if dest is None:
@@ -562,7 +564,7 @@ class ImageService:
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
         """Check the credentials against the registry, then store them in lamina's auth file."""
-        from lamina import auth, remote
+        from lamina.registry import auth, remote
 
         with remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password)) as client:
             client.ping()

@@ -40,14 +40,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import apply_recorded
-from lamina.changes import diff_size, diff_tar, entry_differs, tree_changes
-from lamina.compression import DiffStream
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
-from lamina.fsops import remove_at, rmtree
-from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, assemble
+from lamina.fs.apply import apply_recorded
+from lamina.fs.changes import diff_size, diff_tar, entry_differs, tree_changes
+from lamina.fs.ops import remove_at, rmtree
+from lamina.plugins.hookspecs import hookimpl
+from lamina.tar.compression import DiffStream
+from lamina.tar.split import ExactTarStream, assemble
 
 log = logging.getLogger("lamina.drivers.overlay")
 
@@ -147,7 +147,7 @@ class OverlayDriver(Driver):
         if not sys.platform.startswith("linux"):
             raise DriverUnsupported("overlay needs Linux; use vfs")
         base = existing_ancestor(home)
-        from lamina.mounts import fs_type_of
+        from lamina.fs.mounts import fs_type_of
 
         fstype = fs_type_of(str(base))
         if fstype in ("overlay", "fuse.fuse-overlayfs"):
@@ -184,7 +184,7 @@ class OverlayDriver(Driver):
 
     @classmethod
     def probe_details(cls, home: Path, runhome: Path, options: Mapping[str, Any]) -> list[tuple[str, str]]:
-        from lamina.mounts import has_new_mount_api
+        from lamina.fs.mounts import has_new_mount_api
 
         mode = cls._mode_for(options)
         prog = cls._mount_program(options) or (shutil.which("fuse-overlayfs") if mode == "fuse" else None)
@@ -236,7 +236,7 @@ class OverlayDriver(Driver):
                 return dict(data)
         except (OSError, ValueError):
             pass
-        from lamina.mounts import has_new_mount_api
+        from lamina.fs.mounts import has_new_mount_api
 
         data = {
             "key": key,
@@ -325,7 +325,7 @@ class OverlayDriver(Driver):
         return strings, flags
 
     def _do_mount(self, plan: MountPlan, feats: Mapping[str, Any], readonly: bool) -> None:
-        from lamina import mounts
+        from lamina.fs import mounts
 
         strings, flags = self._options(feats)
         if self.mode == "fuse":
@@ -364,7 +364,7 @@ class OverlayDriver(Driver):
             os.close(cwd)
 
     def _do_unmount(self, target: str) -> None:
-        from lamina import mounts
+        from lamina.fs import mounts
 
         try:
             mounts.umount(target)
@@ -393,7 +393,7 @@ class OverlayDriver(Driver):
 
     @hookimpl
     def lamina_status(self) -> list[tuple[str, str]]:
-        from lamina.mounts import fs_type_of
+        from lamina.fs.mounts import fs_type_of
 
         prog = self._mount_program(self.options) or (shutil.which("fuse-overlayfs") if self.mode == "fuse" else None)
         native = "yes" if self.features.get("native_diff") else "no"
@@ -460,7 +460,7 @@ class OverlayDriver(Driver):
         plan = self._plan(layer_id)
         if plan is None:
             return str(d / "diff")  # a base layer: its own directory is the whole tree
-        from lamina.mounts import is_mountpoint
+        from lamina.fs.mounts import is_mountpoint
 
         if is_mountpoint(plan.target):
             return plan.target
@@ -474,7 +474,7 @@ class OverlayDriver(Driver):
     def lamina_unmount(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
         target = str(d / "merged")
-        from lamina.mounts import is_mountpoint
+        from lamina.fs.mounts import is_mountpoint
 
         while is_mountpoint(target):
             self._do_unmount(target)
@@ -508,7 +508,7 @@ class OverlayDriver(Driver):
         if plan is None:
             yield str(self._dir(layer_id) / "diff")
             return
-        from lamina.mounts import is_mountpoint
+        from lamina.fs.mounts import is_mountpoint
 
         if is_mountpoint(plan.target):
             yield plan.target
@@ -736,8 +736,8 @@ def _probe_key(base: Path, fstype: str | None, mode: str, prog: str | None) -> s
 
 def _sweep_probes(base: Path) -> None:
     """Remove probe directories (and their test mounts) left by start-up checks of killed processes."""
-    from lamina import mounts
-    from lamina.fsops import rmtree
+    from lamina.fs import mounts
+    from lamina.fs.ops import rmtree
 
     try:
         names = os.listdir(base)
@@ -768,7 +768,7 @@ def _has_d_type(path: Path) -> bool:
     """Whether readdir on this filesystem reports entry types (overlayfs needs it)."""
     import ctypes
 
-    from lamina.mounts import libc
+    from lamina.fs.mounts import libc
 
     nr = {"x86_64": 217, "aarch64": 61}.get(os.uname().machine)
     if nr is None:
@@ -799,7 +799,7 @@ def _has_d_type(path: Path) -> bool:
 
 def _test_mount(base: Path, mode: str, prog: str | None) -> str | None:
     """Mount a tiny overlay next to the store; return why it failed, or None."""
-    from lamina import mounts
+    from lamina.fs import mounts
 
     try:
         td = tempfile.mkdtemp(dir=base, prefix=f".lamina-overlay-probe-{os.getpid()}-")

@@ -16,11 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lamina.compression import DiffStream
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
-from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream
+from lamina.plugins.hookspecs import hookimpl
+from lamina.tar.compression import DiffStream
+from lamina.tar.split import ExactTarStream
 
 CANNOT_MOUNT = "tarball driver cannot mount; use vfs or overlay"
 
@@ -94,10 +94,10 @@ class TarballDriver(Driver):
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
         # so hard links can only point at files that exist in it.
-        from lamina.apply import WHITEOUT_PREFIX, check_symlink, check_whiteout_name
         from lamina.errors import ArchiveError, UnsafePathError
-        from lamina.fsops import normalize
-        from lamina.tarformat import LNK, SYM, TarReader
+        from lamina.fs.apply import WHITEOUT_PREFIX, check_symlink, check_whiteout_name
+        from lamina.fs.ops import normalize
+        from lamina.tar.format import LNK, SYM, TarReader
 
         tree = self._tree(parent)
         mine: set[str] = set()
@@ -151,9 +151,9 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        from lamina.compression import DiffStream as _DS
-        from lamina.fsops import normalize
-        from lamina.tarformat import TarReader
+        from lamina.fs.ops import normalize
+        from lamina.tar.compression import DiffStream as _DS
+        from lamina.tar.format import TarReader
 
         before = self._tree(parent)
         out: dict[str, Change] = {}
@@ -177,8 +177,8 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
-        from lamina.compression import DiffStream as _DS
-        from lamina.tarformat import TarReader
+        from lamina.tar.compression import DiffStream as _DS
+        from lamina.tar.format import TarReader
 
         total = 0
         with open(self._tar(layer_id), "rb") as f:

@@ -18,15 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import DeleteWhiteouts, apply_recorded
-from lamina.changes import diff_size, diff_tar, tree_changes
-from lamina.compression import DiffStream
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound
-from lamina.fsops import rmtree
-from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, assemble
-from lamina.treecopy import copy_tree
+from lamina.fs.apply import DeleteWhiteouts, apply_recorded
+from lamina.fs.changes import diff_size, diff_tar, tree_changes
+from lamina.fs.ops import rmtree
+from lamina.fs.treecopy import copy_tree
+from lamina.plugins.hookspecs import hookimpl
+from lamina.tar.compression import DiffStream
+from lamina.tar.split import ExactTarStream, assemble
 
 log = logging.getLogger("lamina.drivers.vfs")
 

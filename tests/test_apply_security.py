@@ -27,7 +27,7 @@ import pytest
 
 from lamina.config import Config, Limits
 from lamina.errors import FormatError, LimitExceeded, UnsafePathError
-from lamina.plugins import discover
+from lamina.plugins.discovery import discover
 from lamina.service import ImageService
 from lamina.testing import TarBuilder, require_root, tree_snapshot
 

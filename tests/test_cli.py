@@ -16,7 +16,7 @@ import pytest
 import lamina
 from lamina.testing import TarBuilder
 
-HEAVY = ("sqlite3", "pluggy", "isal", "zstandard", "psutil", "lamina.layerstore")
+HEAVY = ("sqlite3", "pluggy", "isal", "zstandard", "psutil", "lamina.store.layers")
 
 
 def base_env(tmp_path: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Dockerfile-style --change instructions applied to an image config (lamina.imageconfig)."""
+"""Dockerfile-style --change instructions applied to an image config (lamina.formats.imageconfig)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lamina.errors import ImageError, InvalidChange, InvalidDocument
-from lamina.imageconfig import apply_changes, parse_change
+from lamina.formats.imageconfig import apply_changes, parse_change
 
 
 def base() -> dict[str, Any]:

@@ -393,7 +393,7 @@ def _multi_platform_layout(src: ImageFacts, dest: Path) -> tuple[str, str]:
     linux/arm64 (the same config and layers, another digest). Returns both manifest digests."""
     import shutil
 
-    from lamina import oci
+    from lamina.formats import oci
 
     shutil.copytree(src.path, dest)
     raw = skopeo("inspect", "--raw", src.ref())
@@ -420,8 +420,8 @@ def _multi_platform_layout(src: ImageFacts, dest: Path) -> tuple[str, str]:
 
 
 def test_platform_selection_from_an_index(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
-    from lamina import oci
     from lamina.errors import PlatformNotFound
+    from lamina.formats import oci
 
     host_digest, arm_digest = _multi_platform_layout(umoci_small_image, tmp_path / "multi")
     with _open(tmp_path / "a", "vfs") as svc:

@@ -1,4 +1,4 @@
-"""The C fast path of the apply engine (lamina._native) against the Python path it stands in for.
+"""The C fast path of the apply engine (lamina.fs._native) against the Python path it stands in for.
 
 Every test applies the same stream twice, once with ``LAMINA_NATIVE=1`` and once with ``LAMINA_NATIVE=0``,
 and requires the same outcome: the same tree (modes, owners, times, contents, link targets, hard-link
@@ -22,11 +22,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lamina import apply as apply_mod
-from lamina.apply import apply_recorded, native_enabled
-from lamina.compression import DiffStream
 from lamina.errors import LaminaError
-from lamina.tarsplit import assemble
+from lamina.fs import apply as apply_mod
+from lamina.fs.apply import apply_recorded, native_enabled
+from lamina.tar.compression import DiffStream
+from lamina.tar.split import assemble
 
 MTIME = 1_700_000_000
 
@@ -93,14 +93,14 @@ def same_outcome(data: bytes, where: Path, monkeypatch: pytest.MonkeyPatch, piec
     return fast
 
 
-needs_native = pytest.mark.skipif(apply_mod._native is None, reason="lamina._native is not built (no C compiler)")
+needs_native = pytest.mark.skipif(apply_mod._native is None, reason="lamina.fs._native is not built (no C compiler)")
 
 
 def test_native_module_is_built_in_ci() -> None:
     if apply_mod._native is None:
         if os.environ.get("CI") == "true":
-            pytest.fail("lamina._native was not built: CI must exercise the C fast path")
-        pytest.skip("lamina._native is not built (no C compiler)")
+            pytest.fail("lamina.fs._native was not built: CI must exercise the C fast path")
+        pytest.skip("lamina.fs._native is not built (no C compiler)")
     assert native_enabled() or os.environ.get("LAMINA_NATIVE") == "0"
 
 

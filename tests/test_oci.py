@@ -1,4 +1,4 @@
-"""OCI / Docker schema2 documents, descriptors, image configs and platform matching (lamina.oci)."""
+"""OCI / Docker schema2 documents, descriptors, image configs and platform matching (lamina.formats.oci)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lamina import oci
 from lamina.errors import FormatError, InvalidDocument, PlatformNotFound
-from lamina.oci import (
+from lamina.formats import oci
+from lamina.formats.oci import (
     MAX_DOCUMENT_BYTES,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_DOCKER_CONFIG,
@@ -622,9 +622,9 @@ def test_parse_config_hostile_bytes(data: bytes) -> None:
 
 @pytest.fixture
 def amd64_host(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lamina.oci._host.system", lambda: "Linux")
-    monkeypatch.setattr("lamina.oci._host.machine", lambda: "x86_64")
-    monkeypatch.setattr("lamina.oci._pointer_size", lambda: 8)
+    monkeypatch.setattr("lamina.formats.oci._host.system", lambda: "Linux")
+    monkeypatch.setattr("lamina.formats.oci._host.machine", lambda: "x86_64")
+    monkeypatch.setattr("lamina.formats.oci._pointer_size", lambda: 8)
 
 
 @pytest.mark.usefixtures("amd64_host")
@@ -743,16 +743,16 @@ def test_format_parse_round_trip(
 def test_host_platform(
     monkeypatch: pytest.MonkeyPatch, system: str, machine: str, bits: int, expected: Platform
 ) -> None:
-    monkeypatch.setattr("lamina.oci._host.system", lambda: system)
-    monkeypatch.setattr("lamina.oci._host.machine", lambda: machine)
-    monkeypatch.setattr("lamina.oci._pointer_size", lambda: bits)
+    monkeypatch.setattr("lamina.formats.oci._host.system", lambda: system)
+    monkeypatch.setattr("lamina.formats.oci._host.machine", lambda: machine)
+    monkeypatch.setattr("lamina.formats.oci._pointer_size", lambda: bits)
     assert host_platform() == expected
 
 
 def test_host_platform_windows_has_os_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("lamina.oci._host.system", lambda: "Windows")
-    monkeypatch.setattr("lamina.oci._host.machine", lambda: "AMD64")
-    monkeypatch.setattr("lamina.oci._host.version", lambda: "10.0.20348")
+    monkeypatch.setattr("lamina.formats.oci._host.system", lambda: "Windows")
+    monkeypatch.setattr("lamina.formats.oci._host.machine", lambda: "AMD64")
+    monkeypatch.setattr("lamina.formats.oci._host.version", lambda: "10.0.20348")
     assert host_platform() == Platform("windows", "amd64", os_version="10.0.20348")
 
 

@@ -172,7 +172,7 @@ for m in pkgutil.walk_packages(lamina.__path__, "lamina."):
     if not m.name.endswith(("test_conformance", "__main__")):
         importlib.import_module(m.name)
 import ctypes, json, secrets, shutil, sqlite3, subprocess, tempfile, psutil, xattr, isal.igzip, zstandard
-from lamina.mounts import libc
+from lamina.fs.mounts import libc
 from lamina.config import Config
 from lamina.service import ImageService
 from lamina.testing import TarBuilder

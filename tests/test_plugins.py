@@ -29,7 +29,7 @@ from lamina.errors import (
     LaminaError,
     PluginError,
 )
-from lamina.plugins import DISABLE_ENV, BrokenPlugin, DriverCatalog, discover, lookup
+from lamina.plugins.discovery import DISABLE_ENV, BrokenPlugin, DriverCatalog, discover, lookup
 from lamina.service import ImageService
 from lamina.testing import TarBuilder
 
@@ -90,7 +90,7 @@ def vfs_like(name: str, extra_class_body: str = "", extra_module: str = "",
     body = textwrap.indent(textwrap.dedent(extra_class_body), "    ")
     return (
         "from lamina.drivers.vfs import VfsDriver\n"
-        "from lamina.hookspecs import hookimpl\n"
+        "from lamina.plugins.hookspecs import hookimpl\n"
         "from lamina.errors import DriverUnsupported\n\n"
         "class Drv(VfsDriver):\n"
         f"    name = {name!r}\n"
@@ -187,7 +187,7 @@ BROKEN_CASES = {
         "lamina_bogus",
     ),
     "unknown-argument-register": (
-        "from lamina.hookspecs import hookimpl\n\n"
+        "from lamina.plugins.hookspecs import hookimpl\n\n"
         "@hookimpl\n"
         "def lamina_register_drivers(registry, flavour):\n"
         "    pass\n",
@@ -205,14 +205,14 @@ BROKEN_CASES = {
     "builtin-name": (vfs_like("vfs"), "'vfs'"),
     "no-register-hook": ("X = 1\n", "lamina_register_drivers"),
     "register-raises": (
-        "from lamina.hookspecs import hookimpl\n\n"
+        "from lamina.plugins.hookspecs import hookimpl\n\n"
         "@hookimpl\n"
         "def lamina_register_drivers(registry):\n"
         "    raise ValueError('registry exploded')\n",
         "registry exploded",
     ),
     "not-a-driver-class": (
-        "from lamina.hookspecs import hookimpl\n\n"
+        "from lamina.plugins.hookspecs import hookimpl\n\n"
         "class NotADriver:\n"
         "    name = '{entry}'\n\n"
         "@hookimpl\n"
@@ -474,7 +474,7 @@ def test_entry_point_scan_agrees_with_importlib_metadata(site: Site, tmp_path: P
     """lamina reads entry points itself (start-up); its answer must be importlib.metadata's."""
     import importlib.metadata
 
-    from lamina.plugins import driver_entry_points
+    from lamina.plugins.discovery import driver_entry_points
 
     site.add(vfs_like("scan1"), entry="scan1")
     site.add(vfs_like("scan2"), entry="scan2", value="lamina_fake_x : attr")

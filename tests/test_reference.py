@@ -1,4 +1,4 @@
-"""Image reference parsing, normalization, familiar forms and reference filters (lamina.reference)."""
+"""Image reference parsing, normalization, familiar forms and reference filters (lamina.formats.reference)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from lamina.errors import ImageError, InvalidReference
-from lamina.reference import (
+from lamina.formats.reference import (
     NAME_TOTAL_LENGTH_MAX,
     Reference,
     familiar_match,
@@ -472,7 +472,7 @@ def test_glob_agrees_with_regex_oracle(pattern: str, parts: list[str]) -> None:
 
 
 def test_resolve_names_follows_cri_o() -> None:
-    from lamina.reference import resolve_names
+    from lamina.formats.reference import resolve_names
 
     assert [str(r) for r in resolve_names("busybox", ["docker.io", "quay.io"])] == [
         "docker.io/library/busybox:latest", "quay.io/busybox:latest"]

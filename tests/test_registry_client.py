@@ -27,9 +27,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from lamina import auth
 from lamina.errors import DigestError, DigestMismatch, InvalidDocument, InvalidReference, LaminaError
-from lamina.oci import (
+from lamina.formats.oci import (
     MAX_DOCUMENT_BYTES,
     MEDIA_TYPE_CONFIG,
     MEDIA_TYPE_DOCKER_MANIFEST,
@@ -38,7 +37,8 @@ from lamina.oci import (
     MEDIA_TYPE_MANIFEST,
     Descriptor,
 )
-from lamina.registry import (
+from lamina.registry import auth
+from lamina.registry.client import (
     AuthError,
     RegistryClient,
     RegistryError,

@@ -1,4 +1,4 @@
-"""The streaming tar reader (lamina.tarformat) and exact round trips through a real vfs store."""
+"""The streaming tar reader (lamina.tar.format) and exact round trips through a real vfs store."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lamina.compression import DiffStream
 from lamina.config import Config
 from lamina.errors import ArchiveError, FormatError
-from lamina.plugins import discover
+from lamina.plugins.discovery import discover
 from lamina.service import ImageService
-from lamina.tarformat import DIR, LNK, REG, SYM, Entry, TarReader, parse_pax
+from lamina.tar.compression import DiffStream
+from lamina.tar.format import DIR, LNK, REG, SYM, Entry, TarReader, parse_pax
 from lamina.testing import TarBuilder
 
 BLOCK = 512
@@ -688,7 +688,7 @@ def test_background_hash_matches_sha256_whatever_the_pieces(sizes: list[int], se
     import hashlib
     import random
 
-    from lamina.compression import BackgroundHash
+    from lamina.tar.compression import BackgroundHash
 
     data = random.Random(seed).randbytes(sum(sizes))
     bg = BackgroundHash()
@@ -704,7 +704,7 @@ def test_background_hash_takes_empty_pieces() -> None:
     """An empty piece (an empty file's kept payload, say) is data like any other, not the end of the stream."""
     import hashlib
 
-    from lamina.compression import BackgroundHash
+    from lamina.tar.compression import BackgroundHash
 
     big = bytes(range(256)) * 2048  # large enough to be handed over unbatched
     bg = BackgroundHash()

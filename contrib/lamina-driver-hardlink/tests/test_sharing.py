@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from lamina.config import Config, Limits
 from lamina.errors import DriverUnsupported, ExportError, LimitExceeded
-from lamina.layerstore import Layer
-from lamina.plugins import discover
+from lamina.plugins.discovery import discover
 from lamina.service import ImageService
+from lamina.store.layers import Layer
 from lamina.testing import TarBuilder, tree_snapshot
 
 from lamina_hardlink import HardlinkDriver

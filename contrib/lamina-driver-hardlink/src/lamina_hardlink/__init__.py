@@ -5,7 +5,7 @@ on a committed parent gets new directories, symlinks, FIFOs and device nodes, bu
 hard links to the parent's inodes: creating a snapshot costs one directory entry per file, not a copy.
 
 Why sharing inodes is safe here: the only code that writes into a committed layer is
-:func:`lamina.apply.apply_tar`, and for anything that is not a directory it removes the existing path and
+:func:`lamina.fs.apply.apply_tar`, and for anything that is not a directory it removes the existing path and
 creates a new inode (``O_CREAT | O_EXCL``, ``symlink``, ``mknod``, ``link``); ownership, mode, xattrs and
 times are only ever set on an inode it just created, or on a directory (and directories are never
 shared). A diff that changes only the metadata of a file carries a full entry for that file, so the
@@ -14,7 +14,7 @@ layer gets its own copy and the parent's inode is not touched. Whiteouts unlink 
 What is not safe, and so not done:
 
 * read-write layers (``rw=True``) are handed to containers, which write files in place: they, and any
-  layer created on top of one, get private copies (:func:`lamina.treecopy.copy_tree`, reflinks where the
+  layer created on top of one, get private copies (:func:`lamina.fs.treecopy.copy_tree`, reflinks where the
   filesystem has them).
 * A mounted committed layer is read-only by convention only. Writing *in place* through its path changes
   the parent and every other layer sharing the inode; :meth:`lamina.ImageService.export_layer` of each of
@@ -42,14 +42,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.apply import DeleteWhiteouts, apply_recorded
-from lamina.changes import diff_size, diff_tar, tree_changes
 from lamina.driver import ByteStream, Capabilities, Change, DiffStream, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
-from lamina.fsops import rmtree
-from lamina.hookspecs import hookimpl
-from lamina.tarsplit import ExactTarStream, assemble
-from lamina.treecopy import copy_tree
+from lamina.fs.apply import DeleteWhiteouts, apply_recorded
+from lamina.fs.changes import diff_size, diff_tar, tree_changes
+from lamina.fs.ops import rmtree
+from lamina.fs.treecopy import copy_tree
+from lamina.plugins.hookspecs import hookimpl
+from lamina.tar.split import ExactTarStream, assemble
 
 __all__ = ["HardlinkDriver", "lamina_register_drivers"]
 
@@ -368,7 +368,7 @@ def _setxattr(target: int | str, key: str, value: bytes) -> None:
 
 def remove_tree(path: Path) -> None:
     """Remove a layer's tree; without root, directories we may not write, read or search are opened up
-    first by ``lamina.fsops.rmtree``, which changes directories only, never the (shared) files."""
+    first by ``lamina.fs.ops.rmtree``, which changes directories only, never the (shared) files."""
     try:
         rmtree(path)
     except OSError as e:

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from lamina.compression import Readable
 from lamina.digest import Digest, parse_digest
 from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, LimitExceeded, StoreError
+from lamina.tar.compression import Readable
 
 CHUNK = 1 << 20
 

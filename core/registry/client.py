@@ -14,9 +14,9 @@
   service, scopes, user) and retries. Credentials and tokens go to the registry host and the token realm only,
   never to the host a redirect points at.
 * **Verification.** Every name, tag and digest is validated before it is put in a URL. Manifests are read to at
-  most :data:`~lamina.oci.MAX_DOCUMENT_BYTES`, checked against the digest asked for and the
+  most :data:`~lamina.formats.oci.MAX_DOCUMENT_BYTES`, checked against the digest asked for and the
   ``Docker-Content-Digest`` the registry sends, and their declared ``mediaType`` must agree with the
-  ``Content-Type``. Blobs stream through :class:`~lamina.content.VerifyingReader` (size and digest checked at
+  ``Content-Type``. Blobs stream through :class:`~lamina.store.content.VerifyingReader` (size and digest checked at
   the end) and a broken download resumes with ``Range: bytes=N-``.
 
 Only lamina errors escape: :class:`RegistryError` and its subclasses, and the format errors of
@@ -43,10 +43,9 @@ import urllib3
 import urllib3.exceptions
 
 from lamina import __version__
-from lamina.content import VerifyingReader
 from lamina.digest import parse_digest
 from lamina.errors import DigestError, DigestMismatch, InvalidDocument, InvalidReference, LaminaError
-from lamina.oci import (
+from lamina.formats.oci import (
     INDEX_TYPES,
     MANIFEST_TYPES,
     MAX_DOCUMENT_BYTES,
@@ -58,7 +57,8 @@ from lamina.oci import (
     Descriptor,
     parse_document,
 )
-from lamina.reference import Reference, parse_tag
+from lamina.formats.reference import Reference, parse_tag
+from lamina.store.content import VerifyingReader
 
 __all__ = [
     "ALL_MANIFEST_TYPES",

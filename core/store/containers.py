@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID
 from lamina.errors import ContainerNotFound, ImageError, InvalidReference, LayerInUse
-from lamina.layerstore import LayerStore, _owner_alive
+from lamina.store.layers import LayerStore, _owner_alive
 
 if TYPE_CHECKING:
-    from lamina.imagestore import ImageStore
+    from lamina.store.images import ImageStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS containers (

@@ -1,8 +1,8 @@
-"""Pull and push: images between a store and registries, over :mod:`lamina.registry`'s client.
+"""Pull and push: images between a store and registries, over :mod:`lamina.registry.client`'s client.
 
 Pulling reads a manifest (an index is resolved to the wanted platform), the config and the layer
-descriptors into an :class:`~lamina.imagemodel.ImageSource`, exactly like the archive formats do, and
-hands it to :func:`lamina.transfer.load_source`: layers already stored are not fetched at all, the first
+descriptors into an :class:`~lamina.formats.imagemodel.ImageSource`, exactly like the archive formats do, and
+hands it to :func:`lamina.images.transfer.load_source`: layers already stored are not fetched at all, the first
 missing layer streams straight from the registry into the driver while later ones are fetched into the
 content store concurrently (``max_concurrent_downloads``), every blob is verified as it streams, and the
 image commits in one transaction. A pull by digest verifies the manifest against it.
@@ -24,16 +24,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lamina import oci
-from lamina.compression import Readable
 from lamina.config import Config
-from lamina.content import CHUNK, VerifyingReader, read_verified
 from lamina.digest import DiffID
 from lamina.errors import ImageNotFound, InvalidDocument, LaminaError
-from lamina.imagemodel import BlobRef, ImageSource, LayerSource
-from lamina.imagestore import ImageStore
-from lamina.reference import Reference, parse_normalized
-from lamina.transfer import Loaded, ProgressFn, load_source
+from lamina.formats import oci
+from lamina.formats.imagemodel import BlobRef, ImageSource, LayerSource
+from lamina.formats.reference import Reference, parse_normalized
+from lamina.images.transfer import Loaded, ProgressFn, load_source
+from lamina.store.content import CHUNK, VerifyingReader, read_verified
+from lamina.store.images import ImageStore
+from lamina.tar.compression import Readable
 
 Creds = tuple[str, str]
 
@@ -68,8 +68,8 @@ def is_insecure(host: str, insecure: tuple[str, ...] | list[str]) -> bool:
 
 
 def make_client(host: str, config: Config, *, tls_verify: bool | None = None, creds: Creds | None = None) -> Any:
-    from lamina.auth import find_credentials, normalize_host
-    from lamina.registry import RegistryClient, RegistryOptions
+    from lamina.registry.auth import find_credentials, normalize_host
+    from lamina.registry.client import RegistryClient, RegistryOptions
 
     insecure = is_insecure(host, config.registry.insecure_registries) if tls_verify is None else not tls_verify
     options = RegistryOptions(
@@ -216,8 +216,8 @@ def pull(
     creds: Creds | None = None,
     progress: ProgressFn | None = None,
 ) -> Pulled:
-    """Pull the first of ``candidates`` (see :func:`lamina.reference.resolve_names`) a registry has."""
-    from lamina.registry import RegistryError
+    """Pull the first of ``candidates`` (see :func:`lamina.formats.reference.resolve_names`) a registry has."""
+    from lamina.registry.client import RegistryError
 
     errors: list[str] = []
     for ref in candidates:
@@ -263,7 +263,7 @@ def push(
     progress: ProgressFn | None = None,
     mount_from: list[str] | None = None,
 ) -> str:
-    """Push an :class:`~lamina.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
+    """Push an :class:`~lamina.formats.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
     digest."""
     with make_client(dest.domain, config, tls_verify=tls_verify, creds=creds) as client:
         return _push_with(client, config, export, dest, progress, mount_from)

@@ -1,7 +1,7 @@
 """The safe apply engine: unpack a layer diff into a directory.
 
-The tar stream is parsed by :mod:`lamina.tarformat`; every filesystem operation goes through
-:class:`lamina.fsops.Root`, relative to directory fds, so no entry -- whatever its name, link target or the
+The tar stream is parsed by :mod:`lamina.tar.format`; every filesystem operation goes through
+:class:`lamina.fs.ops.Root`, relative to directory fds, so no entry -- whatever its name, link target or the
 symlinks already in the tree -- can write outside the layer root.
 
 Rules, in the order a demanding user expects them:
@@ -29,18 +29,18 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Protocol
 
-from lamina.compression import DiffStream
 from lamina.errors import ArchiveError, StoreError, UnsafePathError
-from lamina.fsops import Root, lstat_at, normalize, remove_at
-from lamina.tarformat import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
-from lamina.tarsplit import RecordWriter
+from lamina.fs.ops import Root, lstat_at, normalize, remove_at
+from lamina.tar.compression import DiffStream
+from lamina.tar.format import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
+from lamina.tar.split import RecordWriter
 
 try:
-    from lamina import _native
+    from lamina.fs import _native
 except ImportError:  # built without a C compiler: the Python path does everything
     _native = None  # type: ignore[assignment]
 
-_LOG_HEAD = struct.Struct("<BII")  # lamina._native's log of applied entries: kind, F-operation index, path length
+_LOG_HEAD = struct.Struct("<BII")  # lamina.fs._native's log of applied entries: kind, F-operation index, path length
 _LOG_FILE = ord("F")
 
 WHITEOUT_PREFIX = ".wh."
@@ -71,7 +71,7 @@ class DeleteWhiteouts:
         remove_at(parent_fd, name)
 
     def opaque(self, dir_fd: int, keep: set[str]) -> None:
-        from lamina.fsops import clear_dir
+        from lamina.fs.ops import clear_dir
 
         clear_dir(dir_fd, keep)
 
@@ -479,7 +479,7 @@ class _Applier:
 
 
 def native_enabled() -> bool:
-    """Whether the C fast path (``lamina._native``) is built and not turned off (``LAMINA_NATIVE=0``)."""
+    """Whether the C fast path (``lamina.fs._native``) is built and not turned off (``LAMINA_NATIVE=0``)."""
     return _native is not None and os.environ.get("LAMINA_NATIVE", "1") != "0"
 
 
@@ -493,7 +493,7 @@ def _tune_malloc() -> None:
 
 class _FastPath:
     """Hands runs of plain entries (regular files and symlinks of one directory, whole in the stream's
-    buffer) to :func:`lamina._native.run`, which applies and records them as :class:`_Applier` would.
+    buffer) to :func:`lamina.fs._native.run`, which applies and records them as :class:`_Applier` would.
     Anything else -- and anything the C code is unsure of -- comes back to the Python path, one entry
     at a time."""
 
@@ -553,7 +553,7 @@ def apply_recorded(
     warn: Callable[[str], None] | None = None,
     implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
 ) -> ApplyResult:
-    """:func:`apply_tar`, keeping a :mod:`lamina.tarsplit` record at ``record`` for byte-exact export.
+    """:func:`apply_tar`, keeping a :mod:`lamina.tar.split` record at ``record`` for byte-exact export.
 
     The stream is read to its end (trailing bytes go into the record too); on failure the record is
     removed and the error propagates.

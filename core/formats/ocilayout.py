@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import json
 
-from lamina import oci
-from lamina.archivefs import Sink, Source, read_member
-from lamina.content import read_verified
 from lamina.digest import DiffID, parse_digest
 from lamina.errors import ArchiveError, FormatError, InvalidDocument, InvalidReference
-from lamina.imagemodel import BlobRef, ImageExport, ImageSource, LayerSource
-from lamina.reference import parse_normalized
+from lamina.formats import oci
+from lamina.formats.archivefs import Sink, Source, read_member
+from lamina.formats.imagemodel import BlobRef, ImageExport, ImageSource, LayerSource
+from lamina.formats.reference import parse_normalized
+from lamina.store.content import read_verified
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"

@@ -1,6 +1,6 @@
 """Where image archives are read from and written to: a directory or a tar file.
 
-Format modules (:mod:`lamina.ocilayout`, :mod:`lamina.dockerarchive`) see only :class:`Source` and
+Format modules (:mod:`lamina.formats.ocilayout`, :mod:`lamina.formats.dockerarchive`) see only :class:`Source` and
 :class:`Sink`; every filesystem decision lives here.
 
 Reading is safe against hostile archives: a tar is indexed once from its headers (members are never
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from lamina.compression import Readable
 from lamina.errors import ArchiveError, ExportError, InvalidDocument, UnsafePathError
-from lamina.tarformat import BLOCK, Header, parse_pax
+from lamina.tar.compression import Readable
+from lamina.tar.format import BLOCK, Header, parse_pax
 
 CHUNK = 1 << 20
 

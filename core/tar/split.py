@@ -3,7 +3,7 @@
 While a layer is applied, a :class:`RecordWriter` keeps every byte of the tar stream that is *not* a file
 payload stored in the layer (headers, PAX records, padding, the end-of-archive blocks and anything after
 them), plus, for each stored payload, the file's layer-relative path and size. :func:`assemble` replays the
-record, reading payloads back from the layer directory through :class:`lamina.fsops.Root`, and so
+record, reading payloads back from the layer directory through :class:`lamina.fs.ops.Root`, and so
 reproduces the original stream exactly; :class:`ExactTarStream` checks the result against the DiffID.
 
 Record format (gzip-compressed): a magic line, then operations ``R <len> <bytes>`` (raw bytes) and
@@ -19,9 +19,9 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from lamina.compression import BackgroundHash
 from lamina.errors import ExportError
-from lamina.fsops import Root
+from lamina.fs.ops import Root
+from lamina.tar.compression import BackgroundHash
 
 MAGIC = b"LAMINA-TARSPLIT-1\n"
 _U32 = struct.Struct(">I")
@@ -30,7 +30,7 @@ _READ = 1 << 20
 
 
 class RecordWriter:
-    """A :class:`lamina.tarformat.Recorder` that writes the record file."""
+    """A :class:`lamina.tar.format.Recorder` that writes the record file."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         from isal import igzip
@@ -75,16 +75,16 @@ class RecordWriter:
         self._index += 1
 
     def native_state(self) -> tuple[bytearray, bytearray, int]:
-        """What :func:`lamina._native.run` appends to: pending raw bytes, framed operations, and the next
+        """What :func:`lamina.fs._native.run` appends to: pending raw bytes, framed operations, and the next
         operation's index."""
         return self._raw, self._out, self._index
 
     def note_file(self, path: str, index: int) -> None:
-        """The F operation ``index`` (written by :func:`lamina._native.run`) stored ``path``."""
+        """The F operation ``index`` (written by :func:`lamina.fs._native.run`) stored ``path``."""
         self._files[path] = index
 
     def native_done(self, index: int) -> None:
-        """After :func:`lamina._native.run` appended operations up to ``index``."""
+        """After :func:`lamina.fs._native.run` appended operations up to ``index``."""
         self._index = index
         self._flush_full()
 

@@ -17,12 +17,12 @@ import json
 import re
 from typing import Any
 
-from lamina import oci
-from lamina.archivefs import Sink, Source, check_member_name, read_member
 from lamina.digest import DiffID, sha256_digest
 from lamina.errors import ArchiveError, DigestMismatch, InvalidDocument, InvalidReference
-from lamina.imagemodel import ImageExport, ImageSource, LayerSource
-from lamina.reference import parse_normalized
+from lamina.formats import oci
+from lamina.formats.archivefs import Sink, Source, check_member_name, read_member
+from lamina.formats.imagemodel import ImageExport, ImageSource, LayerSource
+from lamina.formats.reference import parse_normalized
 
 MANIFEST_FILE = "manifest.json"
 MAX_CONFIG_BYTES = 16 << 20

@@ -17,7 +17,7 @@ Keys are matched on the host: ``host``, ``https://host`` or ``http://host/...`` 
 ``index.docker.io``, ``registry-1.docker.io`` and ``https://index.docker.io/v1/`` all mean ``docker.io``.
 Repository-scoped keys (``host/namespace``) and entries that defer to a credential helper (``credsStore``,
 ``credHelpers``, an empty entry, an ``identitytoken``) are skipped without a word. A file that exists but
-cannot be read or parsed raises :class:`~lamina.registry.AuthError` naming the file.
+cannot be read or parsed raises :class:`~lamina.registry.client.AuthError` naming the file.
 
 :func:`login` checks credentials against the registry before :func:`store_credentials` writes them to
 lamina's file (mode 0600, replaced atomically); :func:`logout` removes them again.
@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from lamina.registry import AuthError, Credentials, RegistryClient, RegistryOptions
+from lamina.registry.client import AuthError, Credentials, RegistryClient, RegistryOptions
 
 __all__ = [
     "ClientFactory",

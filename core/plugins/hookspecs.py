@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from lamina.compression import DiffStream
     from lamina.driver import ByteStream, Capabilities, Change, DriverRegistry
+    from lamina.tar.compression import DiffStream
 
 hookspec = pluggy.HookspecMarker("lamina")
 hookimpl = pluggy.HookimplMarker("lamina")
@@ -45,7 +45,7 @@ def lamina_register_drivers(registry: DriverRegistry) -> None:
     """Add driver classes: ``registry.add(MyDriver)``. Called each time lamina discovers drivers.
 
     A name registered twice is an error naming both sources. A driver class must implement at least
-    the hooks in :data:`lamina.plugins.REQUIRED_HOOKS`, or the plugin is reported as broken.
+    the hooks in :data:`lamina.plugins.discovery.REQUIRED_HOOKS`, or the plugin is reported as broken.
     """
 
 
@@ -90,7 +90,7 @@ def lamina_create(layer_id: str, parent: str | None, rw: bool) -> bool:
 def lamina_apply_diff(layer_id: str, parent: str | None, diff: DiffStream) -> int:
     """Apply an uncompressed tar diff to the freshly created ``layer_id``; return the content size.
 
-    ``diff`` computes the DiffID as it is read. Use :func:`lamina.apply.apply_tar` to unpack it safely
+    ``diff`` computes the DiffID as it is read. Use :func:`lamina.fs.apply.apply_tar` to unpack it safely
     (it also captures a record for exact re-export); never extract with ``tarfile``. The driver need
     not read the stream to its end: lamina drains it afterwards.
     """

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from lamina.compression import DiffStream, Readable, verify
 from lamina.config import Config
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverInfo
@@ -44,9 +43,10 @@ from lamina.errors import (
     StoreError,
     StoreLocked,
 )
-from lamina.plugins import DriverCatalog, activate, discover, lookup
+from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
+from lamina.tar.compression import DiffStream, Readable, verify
 
-log = logging.getLogger("lamina.layerstore")
+log = logging.getLogger("lamina.store.layers")
 SCHEMA_VERSION = 1
 MAX_DEPTH = 1000
 _SCHEMA = """

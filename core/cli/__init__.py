@@ -162,7 +162,7 @@ def drivers(g: Globals) -> None:
     probes found."""
     from lamina.config import load_config
     from lamina.errors import DriverUnsupported
-    from lamina.plugins import discover
+    from lamina.plugins.discovery import discover
 
     cfg = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot)
     cat = discover()
@@ -338,7 +338,7 @@ def _ago(ts: float | None) -> str:
 def _platform(value: str | None) -> Any:
     if value is None:
         return None
-    from lamina.oci import parse_platform
+    from lamina.formats.oci import parse_platform
 
     return parse_platform(value)
 
@@ -380,7 +380,7 @@ def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
     with g.open() as svc:
         loaded = svc.load_image(path, platform=plat, progress=progress)
         data = [{"Id": r.image.id, "Names": list(r.image.names)} for r in loaded]
-        from lamina.reference import parse_normalized
+        from lamina.formats.reference import parse_normalized
 
         lines = []
         for r in loaded:
@@ -495,7 +495,7 @@ def inspect(g: Globals, refs: tuple[str, ...]) -> None:
 @click.pass_obj
 def history(g: Globals, ref: str, no_trunc: bool) -> None:
     """Show the history of an image, newest first."""
-    from lamina.transfer import parse_time
+    from lamina.images.transfer import parse_time
 
     with g.open() as svc:
         items = svc.image_history(ref)
@@ -584,7 +584,7 @@ def create(g: Globals, image: str, name: str | None, labels: tuple[str, ...]) ->
 @click.pass_obj
 def ps(g: Globals, all_: bool, quiet: bool, no_trunc: bool) -> None:
     """List containers."""
-    from lamina.reference import parse_normalized
+    from lamina.formats.reference import parse_normalized
 
     with g.open() as svc:
         items = [c for c in svc.containers() if all_ or c.status == "running"]
@@ -860,8 +860,8 @@ def login(g: Globals, host: str, username: str, password: str | None, password_s
 @click.argument("host", metavar="REGISTRY")
 def logout(host: str) -> None:
     """Forget the credentials stored for a registry."""
-    from lamina import auth
     from lamina.errors import LaminaError
+    from lamina.registry import auth
 
     if not auth.logout(host):
         raise LaminaError(f"not logged in to {host}")

@@ -194,7 +194,7 @@ def whiteout_header(path: str) -> bytes:
 
 def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
     """Yield a tar stream carrying ``changes`` (as returned by :func:`tree_changes` on ``layer_dir``)."""
-    from lamina.fsops import Root
+    from lamina.fs.ops import Root
 
     seen_inodes: dict[tuple[int, int], str] = {}
     with Root(layer_dir) as root:
@@ -242,7 +242,7 @@ def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
 
 
 def diff_size(layer_dir: str, changes: list[Change]) -> int:
-    from lamina.fsops import Root
+    from lamina.fs.ops import Root
 
     total = 0
     with Root(layer_dir) as root:

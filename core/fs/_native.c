@@ -1,7 +1,7 @@
 /*
- * lamina._native: the apply engine's fast path for plain entries.
+ * lamina.fs._native: the apply engine's fast path for plain entries.
  *
- * lamina.apply drives a layer apply in Python; for runs of ordinary entries (regular files and symlinks
+ * lamina.fs.apply drives a layer apply in Python; for runs of ordinary entries (regular files and symlinks
  * in one directory, already whole in the decompressed buffer) it hands the buffer to run() below, which
  * parses their headers, writes them with openat/symlinkat relative to the directory fd Python resolved,
  * and records them exactly as the Python path would. run() only takes entries it fully understands: a
@@ -35,7 +35,7 @@ typedef struct {
     Py_ssize_t n;
 } span;
 
-/* Python's lamina.tarformat._num for the strict subset: optional spaces, octal digits, then NUL/spaces. */
+/* Python's lamina.tar.format._num for the strict subset: optional spaces, octal digits, then NUL/spaces. */
 static int octal(const unsigned char *f, int len, long long *out) {
     int end = 0;
     while (end < len && f[end] != 0) end++;
@@ -139,7 +139,7 @@ static int header(const unsigned char *b, entry *e, char *typ) {
     return 0;
 }
 
-/* PAX records, as lamina.tarformat.parse_pax; overrides into e. -1 = malformed or not applicable here. */
+/* PAX records, as lamina.tar.format.parse_pax; overrides into e. -1 = malformed or not applicable here. */
 static int pax(span d, entry *e, int *has_path, int *has_link) {
     Py_ssize_t pos = 0;
     while (pos < d.n) {
@@ -205,7 +205,7 @@ static void be64(unsigned char *o, uint64_t v) {
     for (int i = 7; i >= 0; i--) { o[i] = v & 0xff; v >>= 8; }
 }
 
-/* Frame the raw bytes pending before a payload as one R operation (lamina.tarsplit.RecordWriter._frame_raw):
+/* Frame the raw bytes pending before a payload as one R operation (lamina.tar.split.RecordWriter._frame_raw):
    what the recorder already held, then buf[from:to] (the headers and padding read since). */
 static int frame_raw(PyObject *raw, PyObject *out, const unsigned char *from, Py_ssize_t n) {
     Py_ssize_t held = PyByteArray_GET_SIZE(raw);
@@ -218,7 +218,7 @@ static int frame_raw(PyObject *raw, PyObject *out, const unsigned char *from, Py
     return append(out, from, n);
 }
 
-/* One applied entry for lamina.apply._Applier.sync_native: kind, F-operation index, path length, path. */
+/* One applied entry for lamina.fs.apply._Applier.sync_native: kind, F-operation index, path length, path. */
 static int note(PyObject *log, char kind, Py_ssize_t index, const char *real, Py_ssize_t rn) {
     unsigned char h[9];
     h[0] = (unsigned char)kind;
@@ -337,7 +337,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
         } else {
             break;
         }
-        /* The name: PAX path, else ustar prefix + name. Normalised like lamina.fsops.normalize. */
+        /* The name: PAX path, else ustar prefix + name. Normalised like lamina.fs.ops.normalize. */
         char joined[MAX_NAME + 1];
         Py_ssize_t jn = 0;
         if (!has_path && e.has_prefix) {
@@ -447,7 +447,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             total += e.size;
             pos = payload + e.size + pad(e.size);
         } else {
-            /* symlink: a relative target may not climb above the root (lamina.apply.check_symlink) */
+            /* symlink: a relative target may not climb above the root (lamina.fs.apply.check_symlink) */
             if (e.link.n == 0 || e.link.n > MAX_NAME) break;
             memcpy(link, e.link.p, e.link.n);
             link[e.link.n] = 0;
@@ -528,12 +528,12 @@ static PyObject *tune_malloc(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"run", (PyCFunction)(void (*)(void))run, METH_VARARGS | METH_KEYWORDS,
-     "Apply the plain entries at the start of buf[pos:] (see lamina.apply)."},
+     "Apply the plain entries at the start of buf[pos:] (see lamina.fs.apply)."},
     {"tune_malloc", tune_malloc, METH_NOARGS, "Keep large buffers in the heap between chunks."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lamina._native", NULL, -1, methods};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "lamina.fs._native", NULL, -1, methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&module);

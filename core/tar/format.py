@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lamina.compression import DiffStream
 from lamina.errors import ArchiveError
+from lamina.tar.compression import DiffStream
 
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from lamina import oci
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest, sha256_digest
 from lamina.errors import (
     DigestError,
@@ -21,15 +20,16 @@ from lamina.errors import (
     InvalidReference,
     LaminaError,
 )
-from lamina.imagestore import ImageRecord, ImageStore, NewImage
-from lamina.reference import Reference, familiar_match, looks_like_id_prefix, parse_normalized
+from lamina.formats import oci
+from lamina.formats.reference import Reference, familiar_match, looks_like_id_prefix, parse_normalized
+from lamina.store.images import ImageRecord, ImageStore, NewImage
 
 if TYPE_CHECKING:
-    from lamina.compression import Readable
     from lamina.service import ImageService
+    from lamina.tar.compression import Readable
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
-log = logging.getLogger("lamina.images")
+log = logging.getLogger("lamina.images.ops")
 
 
 @dataclass(frozen=True)
@@ -403,7 +403,7 @@ def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: 
 
 # -- save -----------------------------------------------------------------------------------------------
 def save(service: ImageService, refs: list[str], path: str | os.PathLike[str], fmt: str) -> None:
-    from lamina import transfer
+    from lamina.images import transfer
 
     if fmt not in transfer.SAVE_FORMATS:
         raise ImageError(f"unknown format {fmt!r}; use one of {', '.join(transfer.SAVE_FORMATS)}")
@@ -432,8 +432,8 @@ def import_rootfs(
     message: str,
     platform: oci.Platform | None,
 ) -> Image:
-    from lamina import transfer
-    from lamina.imageconfig import apply_changes
+    from lamina.formats.imageconfig import apply_changes
+    from lamina.images import transfer
 
     name = None
     if ref:
@@ -474,7 +474,7 @@ def _child_config(img: Image, diff_ids: list[str], history: list[dict[str, Any]]
 
 
 def _store_image(store: ImageStore, raw: bytes, name: str | None, parent: str | None, origin: str) -> Image:
-    from lamina import transfer
+    from lamina.images import transfer
 
     cfg = oci.parse_config(raw)
     image_id = sha256_digest(raw)
@@ -507,8 +507,8 @@ def commit(
     changes: list[str] | None = None,
 ) -> Image:
     """A new image: ``img`` plus one layer made of ``diff`` (a container's changes), with a history entry."""
-    from lamina import transfer
-    from lamina.imageconfig import apply_changes
+    from lamina.formats.imageconfig import apply_changes
+    from lamina.images import transfer
 
     name = _target_name(ref)
     config = apply_changes(dict(img.config.config), changes or [])
@@ -533,7 +533,7 @@ def commit(
 def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) -> Image:
     """Docker's SquashImage: ``parent``'s layers plus one layer holding ``diff`` (the image's tree against
     the parent's, or the whole tree); history entries past the parent's are marked empty."""
-    from lamina import transfer
+    from lamina.images import transfer
 
     if parent is not None and img.diff_ids[: len(parent.diff_ids)] != parent.diff_ids:
         raise ImageError(f"image {parent.short_id} is not an ancestor of {img.short_id}")

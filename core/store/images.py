@@ -20,10 +20,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lamina.content import ContentStore
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest
 from lamina.errors import AmbiguousImage, ImageNotFound, InvalidReference
-from lamina.layerstore import LayerStore, _owner_alive
+from lamina.store.content import ContentStore
+from lamina.store.layers import LayerStore, _owner_alive
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (

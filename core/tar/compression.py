@@ -235,7 +235,7 @@ class DiffStream:
         max_entries: int = 0,
         hash_compressed: bool = False,
     ) -> None:
-        self.max_entries = max_entries  # read by lamina.tarformat.TarReader
+        self.max_entries = max_entries  # read by lamina.tar.format.TarReader
         try:
             prefix = src.read(8)
         except OSError as e:

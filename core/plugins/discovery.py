@@ -2,7 +2,7 @@
 
 Built-in driver modules are registered by import path, third-party ones through the ``lamina.drivers``
 entry-point group (skipped when ``LAMINA_DISABLE_PLUGIN_AUTOLOAD=1``); both then go through the same
-:func:`~lamina.hookspecs.lamina_register_drivers` hook. A plugin that fails to import, implements an unknown
+:func:`~lamina.plugins.hookspecs.lamina_register_drivers` hook. A plugin that fails to import, implements an unknown
 hook, or registers a malformed driver is recorded as *broken* with its distribution's name; other drivers
 keep working, and selecting a broken one reports why.
 """
@@ -22,9 +22,9 @@ from typing import Any
 
 import pluggy
 
-from lamina import hookspecs
 from lamina.driver import Driver, DriverInfo, DriverRegistry
 from lamina.errors import DriverNotFound, LaminaError, PluginError
+from lamina.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "lamina.drivers"
 BUILTIN_DRIVERS = ("lamina.drivers.vfs", "lamina.drivers.overlay", "lamina.drivers.tarball")

@@ -1,12 +1,12 @@
 """Moving images in and out of a store: load, save and import.
 
-Loading reads an archive through a format module into :class:`~lamina.imagemodel.ImageSource` objects,
+Loading reads an archive through a format module into :class:`~lamina.formats.imagemodel.ImageSource` objects,
 then, per image: stores the config and manifest byte-exact, applies every layer not already present (on
 its parent, leased, each blob's size and digest verified as it streams and its DiffID checked before the
 layer is committed) while copying the blob into the content store, and finally commits the image in one
 transaction. A failure anywhere drops this process's leases, so nothing half-loaded stays behind.
 
-Saving turns stored images into :class:`~lamina.imagemodel.ImageExport` objects: the kept manifest and
+Saving turns stored images into :class:`~lamina.formats.imagemodel.ImageExport` objects: the kept manifest and
 blobs when the content store has them all (every digest reproduced), otherwise a manifest made anew with
 layers recompressed deterministically from the driver's exact tar streams.
 """
@@ -24,14 +24,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lamina import oci
-from lamina.archivefs import DirSink, Sink, TarSink, open_source
-from lamina.compression import Readable, deterministic_gzip
-from lamina.content import CHUNK, VerifyingReader
 from lamina.digest import ChainID, DiffID, chain_ids, sha256_digest
 from lamina.errors import BlobNotFound, ExportError, FormatError, LayerNotFound
-from lamina.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource
-from lamina.imagestore import ImageRecord, ImageStore, ManifestRecord, NewImage
+from lamina.formats import oci
+from lamina.formats.archivefs import DirSink, Sink, TarSink, open_source
+from lamina.formats.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource
+from lamina.store.content import CHUNK, VerifyingReader
+from lamina.store.images import ImageRecord, ImageStore, ManifestRecord, NewImage
+from lamina.tar.compression import Readable, deterministic_gzip
 
 ProgressFn = Callable[[dict[str, Any]], None]
 SAVE_FORMATS = ("docker-archive", "oci-dir", "oci-archive")
@@ -85,7 +85,7 @@ class Loaded:
 
 # -- load -----------------------------------------------------------------------------------------------
 def read_sources(path: str | os.PathLike[str], platform: oci.Platform | None = None) -> tuple[Any, list[ImageSource]]:
-    from lamina import dockerarchive, ocilayout
+    from lamina.formats import dockerarchive, ocilayout
 
     src = open_source(path)
     try:
@@ -333,7 +333,7 @@ def save(
     export_layer: ExportLayer,
     keep_layer_blobs: bool = True,
 ) -> None:
-    from lamina import dockerarchive, ocilayout
+    from lamina.formats import dockerarchive, ocilayout
 
     if fmt not in SAVE_FORMATS:
         raise ExportError(f"unknown save format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}")
@@ -368,7 +368,7 @@ def new_config(
     created_by: str = "lamina import",
     base: dict[str, Any] | None = None,
 ) -> bytes:
-    from lamina.imageconfig import apply_changes
+    from lamina.formats.imageconfig import apply_changes
 
     created = utc_now_rfc3339()
     doc: dict[str, Any] = {

@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from lamina.compression import Readable
 from lamina.digest import DiffID
+from lamina.tar.compression import Readable
 
 
 @dataclass(frozen=True)

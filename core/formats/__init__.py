@@ -1,0 +1,1 @@
+"""Image formats: OCI and Docker documents, image configs, references, OCI layouts and docker-archives."""

@@ -1,0 +1,1 @@
+"""Image operations: lookup, listing, names, deletion, inspection, history, import, commit, squash, load and save."""

@@ -1,0 +1,1 @@
+"""Registries: the OCI distribution client, credentials, pull and push."""

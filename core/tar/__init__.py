@@ -1,0 +1,1 @@
+"""Tar streams: decompression and verification, header decoding, the tar-split record of exact exports."""
