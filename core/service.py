@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.config import Config, load_config
 from lamina.driver import Capabilities, Change
-from lamina.errors import ImageError
+from lamina.errors import ImageError, ImageNotFound, LayerNotFound
 from lamina.plugins.discovery import DriverCatalog
+from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
 from lamina.tar.compression import Readable
 
@@ -32,27 +33,18 @@ if TYPE_CHECKING:
 
 
 class ImageService:
-    def __init__(self, store: LayerStore) -> None:
-        self._layers = store
-        self._images_store: ImageStore | None = None
-        self._container_store: ContainerStore | None = None
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._layers = store.layers
 
     @property
     def container_store(self) -> ContainerStore:
-        if self._container_store is None:
-            from lamina.store.containers import ContainerStore
-
-            self._container_store = ContainerStore(self._layers, self.image_store)
-        return self._container_store
+        return self.store.containers
 
     @property
     def image_store(self) -> ImageStore:
         """The image store (created on first use, so layer-only commands stay lean)."""
-        if self._images_store is None:
-            from lamina.store.images import ImageStore
-
-            self._images_store = ImageStore(self._layers)
-        return self._images_store
+        return self.store.images
 
     @classmethod
     def open(
@@ -72,7 +64,7 @@ class ImageService:
         """
         if config is None:
             config = load_config(config_path, driver=driver, root=root, runroot=runroot)
-        return cls(LayerStore(config, catalog=catalog))
+        return cls(Store(config, catalog=catalog))
 
     def __enter__(self) -> ImageService:
         return self
@@ -82,7 +74,7 @@ class ImageService:
 
     def cleanup(self) -> None:
         """Release the driver and close the store's databases."""
-        self._layers.close()
+        self.store.close()
 
     # -- store ----------------------------------------------------------------------------------------
     @property
@@ -90,29 +82,29 @@ class ImageService:
         return self._layers.config
 
     def storage_driver(self) -> str:
-        return self._layers.info.cls.name
+        return self.store.driver.name
 
     def capabilities(self) -> Capabilities:
-        return self._layers.capabilities()
+        return self.store.driver.capabilities()
 
     def layer_store_status(self) -> list[tuple[str, str]]:
         st = self._layers
         out = [
-            ("Storage Driver", st.info.cls.name),
-            ("Driver Source", st.info.source),
+            ("Storage Driver", st.driver.name),
+            ("Driver Source", st.driver.source),
             ("Root", str(st.root)),
             ("Run Root", str(st.runroot)),
             ("Layers", str(len(st.all()))),
             ("Images", str(self.count_images())),
         ]
-        out.extend(st.hook.lamina_status() or [])
+        out.extend(st.driver.status())
         return out
 
     def layer_disk_usage(self) -> int:
         return self._layers.disk_usage()
 
     def timings(self) -> dict[str, dict[str, Any]]:
-        return {k: v.as_dict() for k, v in sorted(self._layers.observer.stats.items())}
+        return {k: v.as_dict() for k, v in sorted(self.store.driver.observer.stats.items())}
 
     # -- layers ---------------------------------------------------------------------------------------
     def register_layer(
@@ -142,34 +134,14 @@ class ImageService:
         return self._layers.retain(chain)
 
     def release_layer(self, ref: str) -> list[str]:
-        """Drop one reference; returns the ChainIDs removed as a result. References images hold are refused."""
-        from lamina.errors import LayerInUse
-
-        layer = self._layers.find(ref)
-        users = self.image_store.images_on(layer.chain_id)
-        if users and layer.refs <= len(users):
-            raise LayerInUse(f"layer {layer.chain_id} is used by image {users[0]}; remove the image instead")
-        return list(self._layers.release(layer.chain_id))
+        """Drop one reference taken by :meth:`register_layer` or :meth:`retain_layer`; returns the ChainIDs
+        removed as a result. References that images and containers hold are not the caller's to drop: a
+        layer they use is refused (:class:`LayerInUse` names them), and so is one with child layers."""
+        return list(self._layers.release(self._layers.find(ref).chain_id))
 
     def export_layer(self, ref: str) -> BinaryIO:
         """The exact tar stream of a layer; raises ExportError at its end if it no longer matches."""
-        from lamina.tar.split import ExactTarStream
-
-        layer = self._layers.find(ref)
-        raw = self._layers.export(layer.chain_id)
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                direct = getattr(raw, "chunks", None)  # a driver's exact stream: take its pieces as made
-                if direct is not None:
-                    yield from direct()
-                    return
-                while chunk := raw.read(1 << 20):
-                    yield chunk
-            finally:
-                raw.close()
-
-        return ExactTarStream(chunks(), layer.diff_id)  # type: ignore[return-value]
+        return self._layers.export_exact(self._layers.find(ref).chain_id)  # type: ignore[return-value]
 
     def layer_changes(self, ref: str) -> list[Change]:
         return self._layers.changes(self._layers.find(ref).chain_id)
@@ -282,7 +254,7 @@ class ImageService:
         """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``."""
         from lamina.images import ops as images
 
-        images.save(self, refs, path, format)
+        images.save(self.image_store, refs, path, format, self.config.keep_layer_blobs)
 
     def import_image(
         self,
@@ -308,11 +280,14 @@ class ImageService:
         img = self.get_image(image_ref)
         top = img.chain[-1] if img.chain else None
         if top is None:
-            from lamina.errors import ImageError
-
             raise ImageError(f"image {img.short_id} has no layers")
-        with self.mounted_layer(top) as path:
-            return self.container_store.create(img.id, top, name, dict(labels or {}), exists_in(path))
+        with self.store.lease() as lease:
+            try:
+                layer = self._layers.lease(top, lease)  # an rmi meanwhile cannot take the layer away now
+            except LayerNotFound:
+                raise ImageNotFound(f"image {img.short_id} was removed") from None
+            with self._layers.mounted(layer.cache_id) as path:
+                return self.container_store.create(img.id, top, name, dict(labels or {}), exists_in(path), lease)
 
     create_layer = create_container
 
@@ -383,12 +358,13 @@ class ImageService:
 
         c = self.get_container(ref)
         img = self.get_image(c.image_id)
-        diff = self._layers.diff_of(c.rw_layer, c.init_layer)
-        try:
-            return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
-                                 changes=changes)
-        finally:
-            diff.close()
+        with self._layers.mounted(c.rw_layer):  # a concurrent rm without --force is refused meanwhile
+            diff = self._layers.diff_of(c.rw_layer, c.init_layer)
+            try:
+                return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
+                                     changes=changes)
+            finally:
+                diff.close()
 
     def squash_image(self, ref: str, parent: str | None = None) -> Image:
         """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""
@@ -536,13 +512,14 @@ class ImageService:
             dest = str(named if named.digest else named.with_default_tag())
         target = remote.parse_destination(dest)
         store = self.image_store
-        export = transfer.export_for(
-            store, img.record, [str(target)], "oci-dir", self._export_chain, self.config.keep_layer_blobs
-        )
         same_registry = [
             parse_normalized(n).path for n in img.record.names if parse_normalized(n).domain == target.domain
         ]
-        try:
+        with self.store.lease() as lease:
+            record = store.lease_image(lease, img.id)
+            export = transfer.export_for(
+                store, record, [str(target)], "oci-dir", self._export_chain, self.config.keep_layer_blobs, lease
+            )
             return remote.push(
                 store,
                 self.config,
@@ -553,11 +530,6 @@ class ImageService:
                 progress=progress,
                 mount_from=same_registry,
             )
-        finally:
-            with self._layers._tx() as db:
-                store.end_blob_leases(db)
-            if not self.config.keep_layer_blobs:
-                store.gc()
 
     def _export_chain(self, chain: str) -> Any:
         return self.export_layer(chain)

@@ -44,7 +44,7 @@ from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegist
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
 from lamina.fs.apply import apply_recorded
 from lamina.fs.changes import diff_size, diff_tar, entry_differs, tree_changes
-from lamina.fs.ops import remove_at, rmtree
+from lamina.fs.ops import remove_at, rmtree, write_atomic
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar.compression import DiffStream
 from lamina.tar.split import ExactTarStream, assemble
@@ -82,15 +82,8 @@ def _overlay_available() -> bool:
     return False
 
 
-def _write_atomic(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+def _write_atomic(path: Path, data: str, *, exclusive: bool = False) -> bool:
+    return write_atomic(path, data.encode(), exclusive=exclusive)
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -220,8 +213,8 @@ class OverlayDriver(Driver):
                 f"this overlay store mounts in {recorded!r} mode but this process can only use {wanted!r} "
                 "(a store made inside a user namespace must be used from one, and vice versa)"
             )
-        if not recorded:
-            _write_atomic(path, wanted + "\n")
+        if not recorded and not _write_atomic(path, wanted + "\n", exclusive=True):
+            return self._choose_mode()  # another process recorded the store's mode first: check against it
         if wanted == "fuse" and not (self._mount_program(self.options) or shutil.which("fuse-overlayfs")):
             raise DriverUnsupported("fuse mode needs fuse-overlayfs (mount_program)")
         return wanted
@@ -254,7 +247,7 @@ class OverlayDriver(Driver):
         """Rename a directory and chmod a file through a test mount: the upper must hold full copies."""
         if self.mode == "fuse":
             return False, "fuse-overlayfs keeps its own metadata"
-        with tempfile.TemporaryDirectory(dir=self.home, prefix=".probe-") as td:
+        with tempfile.TemporaryDirectory(dir=self.home, prefix=f".lamina-overlay-probe-{os.getpid()}-") as td:
             t = Path(td)
             for d in ("lower", "upper", "work", "merged"):
                 (t / d).mkdir()

@@ -96,7 +96,7 @@ def _on_disk(tmp: Path, driver: str) -> set[str]:
 
 def _layer_rows(svc: ImageService) -> dict[str, tuple[str, int]]:
     """Every row of the layer table, read-write and unfinished ones included: CacheID -> (state, rw)."""
-    rows = svc.layer_store._db.execute("SELECT id, state, rw FROM layers").fetchall()
+    rows = svc.store.db.db.execute("SELECT id, state, rw FROM layers").fetchall()
     return {r[0]: (r[1], r[2]) for r in rows}
 
 
@@ -582,7 +582,7 @@ def _consistent(tmp: Path, driver: str, mounted: str | None = None) -> list[Any]
             with svc.perform_with_base_fs(c.id) as root:
                 assert (Path(root) / "d0/f0").read_bytes() == b"f0" * 2048
                 assert (Path(root) / "etc/hosts").is_file()
-        db_containers = svc.layer_store._db.execute("SELECT id, state FROM containers").fetchall()
+        db_containers = svc.store.db.db.execute("SELECT id, state FROM containers").fetchall()
         assert sorted(db_containers) == sorted((c.id, "created") for c in cs)
         return cs
 

@@ -491,7 +491,7 @@ def test_rmi_prunes_untagged_parents_and_refuses_parents_of_children(tmp_path: P
         mid = _import(svc, None, b"mid")
         child = _import(svc, "child:1", b"child")
         other = _import(svc, "other:1", b"other")
-        db = svc.layer_store._db  # parents are recorded by commit (containers); set them here directly
+        db = svc.store.db.db  # parents are recorded by commit (containers); set them here directly
         db.execute("UPDATE images SET parent=? WHERE id=?", (base, mid))
         db.execute("UPDATE images SET parent=? WHERE id=?", (mid, child))
         db.execute("UPDATE images SET parent=? WHERE id=?", (base, other))

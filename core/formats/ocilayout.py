@@ -20,7 +20,7 @@ from lamina.formats import oci
 from lamina.formats.archivefs import Sink, Source, read_member
 from lamina.formats.imagemodel import BlobRef, ImageExport, ImageSource, LayerSource
 from lamina.formats.reference import parse_normalized
-from lamina.store.content import read_verified
+from lamina.tar.compression import read_verified
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"

@@ -226,6 +226,38 @@ def rmtree(path: str | os.PathLike[str]) -> None:
     shutil.rmtree(path)
 
 
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False, mode: int = 0o644) -> bool:
+    """Write a small file whole or not at all: a temporary file beside it, unique to this write (so
+    processes writing the same file at once never share one), synced, then renamed over ``path``.
+
+    With ``exclusive`` the file is only created, never replaced (``link`` instead of ``rename``): returns
+    False when another writer created it first.
+    """
+    path = os.fspath(path)
+    head, name = os.path.split(path)
+    tmp = os.path.join(head, f".{name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not exclusive:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 def remove_at(dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:
     """Remove ``name`` below ``dir_fd`` whatever it is (directories recursively, symlink-safe).
 

@@ -25,7 +25,7 @@ from lamina.formats.reference import Reference, familiar_match, looks_like_id_pr
 from lamina.store.images import ImageRecord, ImageStore, NewImage
 
 if TYPE_CHECKING:
-    from lamina.service import ImageService
+    from lamina.store.leases import Lease
     from lamina.tar.compression import Readable
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
@@ -298,11 +298,9 @@ def untag(store: ImageStore, img: Image, name: str, users: UsersOf | None = None
     key = _name_key(ref)
     if key not in img.record.names:
         raise InvalidReference(f"image {img.short_id} has no name {ref.familiar()}")
-    store.remove_name(key)
+    store.remove_name(key, img.id)
     out = [{"Untagged": ref.familiar()}]
-    rec = store.get(img.id)
-    if not rec.names and not store.children(img.id) and not (users or _no_users)(img.id):
-        store.delete(img.id)
+    if store.delete(img.id, if_unused=True) is not None:  # no name, child or container left: it goes
         out.append({"Deleted": img.id})
     return out
 
@@ -342,14 +340,14 @@ def delete(
             raise ImageConflict(
                 f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0][:12]}"
             )
-        store.remove_name(key)
+        store.remove_name(key, rec.id)
         out.append({"Untagged": named.familiar()})
         rec = store.get(rec.id)
         if not rec.tags:
             # With no tag left, the image's digest names of that repository go too (as docker does).
             for n in rec.digests:
                 if parse_normalized(n).name == named.name:
-                    store.remove_name(n)
+                    store.remove_name(n, rec.id)
                     out.append({"Untagged": parse_normalized(n).familiar()})
             rec = store.get(rec.id)
         if rec.names or users(rec.id):
@@ -371,7 +369,7 @@ def delete(
             "remove them by name or use --force"
         )
     for n in rec.names:
-        store.remove_name(n)
+        store.remove_name(n, rec.id)
         out.append({"Untagged": parse_normalized(n).familiar()})
     if in_use:
         return out  # forced: the containers keep the (now nameless) image
@@ -382,34 +380,39 @@ def delete(
 def _delete_quietly(
     store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf
 ) -> None:
-    if store.children(image_id) or users(image_id):
+    """Delete an image left without names, unless a child or container uses it (checked as it is deleted)."""
+    parent = store.get(image_id).parent
+    if store.delete(image_id, if_unused=True) is None:
         return
-    _delete(store, image_id, out, prune, users)
+    out.append({"Deleted": image_id})
+    _prune_parents(store, parent, out, prune)
 
 
 def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf) -> None:
     parent = store.get(image_id).parent
     store.delete(image_id)
     out.append({"Deleted": image_id})
+    _prune_parents(store, parent, out, prune)
+
+
+def _prune_parents(store: ImageStore, parent: str | None, out: list[dict[str, str]], prune: bool) -> None:
+    """Delete the parents that nothing names or uses any more, nearest first."""
     while prune and parent and store.exists(parent):
-        prec = store.get(parent)
-        if prec.names or store.children(parent) or users(parent):
+        nxt = store.get(parent).parent
+        if store.delete(parent, if_unused=True) is None:
             break
-        nxt = prec.parent
-        store.delete(parent)
         out.append({"Deleted": parent})
         parent = nxt
 
 
 # -- save -----------------------------------------------------------------------------------------------
-def save(service: ImageService, refs: list[str], path: str | os.PathLike[str], fmt: str) -> None:
+def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: str, keep_layer_blobs: bool) -> None:
     from lamina.images import transfer
 
     if fmt not in transfer.SAVE_FORMATS:
         raise ImageError(f"unknown format {fmt!r}; use one of {', '.join(transfer.SAVE_FORMATS)}")
     if not refs:
         raise ImageError("no image to save")
-    store = service.image_store
     chosen: dict[str, tuple[ImageRecord, list[str]]] = {}
     for ref in refs:
         rec = find(store, ref)
@@ -417,10 +420,7 @@ def save(service: ImageService, refs: list[str], path: str | os.PathLike[str], f
         names = list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))]
         rec_names.extend(n for n in names if n not in rec_names)
 
-    def export_layer(chain: ChainID) -> Readable:
-        return service.export_layer(chain)
-
-    transfer.save(store, list(chosen.values()), path, fmt, export_layer, service.config.keep_layer_blobs)
+    transfer.save(store, list(chosen.values()), path, fmt, store.layers.export_exact, keep_layer_blobs)
 
 
 # -- import ---------------------------------------------------------------------------------------------
@@ -442,21 +442,18 @@ def import_rootfs(
             raise InvalidReference(f"cannot import to a digest reference {ref!r}")
         name = str(named.with_default_tag())
     apply_changes({}, changes)  # bad --change instructions fail before any layer is written
-    try:
-        layer = store.layers.register(stream, None, lease=True)
+    with store.store.lease() as lease:
+        layer = store.layers.register(stream, None, lease=lease)
         config = transfer.new_config(
             [layer.diff_id], platform or oci.host_platform(), changes, message, created_by="lamina import"
         )
         image_id = sha256_digest(config)
-        store.lease_blob(image_id)
+        lease.blob(image_id)
         store.content.put(config, image_id)
         rec, _ = store.create(NewImage(
             id=image_id, diff_ids=[layer.diff_id], created=transfer.parse_time(oci.parse_config(config).created),
             origin="import", names=[name] if name else [], blobs=[image_id],
-        ))
-    except BaseException:
-        store.abandon()
-        raise
+        ), lease)
     return load(store, rec)
 
 
@@ -473,17 +470,19 @@ def _child_config(img: Image, diff_ids: list[str], history: list[dict[str, Any]]
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _store_image(store: ImageStore, raw: bytes, name: str | None, parent: str | None, origin: str) -> Image:
+def _store_image(
+    store: ImageStore, lease: Lease, raw: bytes, name: str | None, parent: str | None, origin: str
+) -> Image:
     from lamina.images import transfer
 
     cfg = oci.parse_config(raw)
     image_id = sha256_digest(raw)
-    store.lease_blob(image_id)
+    lease.blob(image_id)
     store.content.put(raw, image_id)
     rec, _ = store.create(NewImage(
         id=image_id, diff_ids=[DiffID(d) for d in cfg.diff_ids], created=transfer.parse_time(cfg.created),
         origin=origin, names=[name] if name else [], blobs=[image_id], parent=parent,
-    ))
+    ), lease)
     return load(store, rec)
 
 
@@ -512,8 +511,8 @@ def commit(
 
     name = _target_name(ref)
     config = apply_changes(dict(img.config.config), changes or [])
-    try:
-        layer = store.layers.register(diff, img.chain[-1] if img.chain else None, lease=True)
+    with store.store.lease() as lease:
+        layer = store.layers.register(diff, img.chain[-1] if img.chain else None, lease=lease)
         now = transfer.utc_now_rfc3339()
         entry: dict[str, Any] = {"created": now, "created_by": "lamina commit"}
         if author:
@@ -524,10 +523,7 @@ def commit(
             img, [*img.config.diff_ids, layer.diff_id], [*img.config.history, entry],
             created=now, author=author or None, config=config,
         )
-        return _store_image(store, raw, name, img.id, "commit")
-    except BaseException:
-        store.abandon()
-        raise
+        return _store_image(store, lease, raw, name, img.id, "commit")
 
 
 def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) -> Image:
@@ -538,8 +534,8 @@ def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) 
     if parent is not None and img.diff_ids[: len(parent.diff_ids)] != parent.diff_ids:
         raise ImageError(f"image {parent.short_id} is not an ancestor of {img.short_id}")
     base = parent.chain[-1] if parent and parent.chain else None
-    try:
-        layer = store.layers.register(diff, base, lease=True)
+    with store.store.lease() as lease:
+        layer = store.layers.register(diff, base, lease=lease)
         keep = len(parent.config.history) if parent else 0
         history = [dict(h) if i < keep else {**h, "empty_layer": True} for i, h in enumerate(img.config.history)]
         now = transfer.utc_now_rfc3339()
@@ -547,7 +543,4 @@ def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) 
         history.append({"created": now, "comment": comment})
         diff_ids = [*(parent.config.diff_ids if parent else ()), layer.diff_id]
         raw = _child_config(img, diff_ids, history, created=now)
-        return _store_image(store, raw, None, None, "squash")
-    except BaseException:
-        store.abandon()
-        raise
+        return _store_image(store, lease, raw, None, None, "squash")

@@ -4,7 +4,8 @@ Loading reads an archive through a format module into :class:`~lamina.formats.im
 then, per image: stores the config and manifest byte-exact, applies every layer not already present (on
 its parent, leased, each blob's size and digest verified as it streams and its DiffID checked before the
 layer is committed) while copying the blob into the content store, and finally commits the image in one
-transaction. A failure anywhere drops this process's leases, so nothing half-loaded stays behind.
+transaction. All of it happens inside one lease, which ends with the load whatever its outcome, so
+nothing half-loaded stays behind.
 
 Saving turns stored images into :class:`~lamina.formats.imagemodel.ImageExport` objects: the kept manifest and
 blobs when the content store has them all (every digest reproduced), otherwise a manifest made anew with
@@ -29,9 +30,9 @@ from lamina.errors import BlobNotFound, ExportError, FormatError, LayerNotFound
 from lamina.formats import oci
 from lamina.formats.archivefs import DirSink, Sink, TarSink, open_source
 from lamina.formats.imagemodel import BlobRef, BlobSource, ImageExport, ImageSource
-from lamina.store.content import CHUNK, VerifyingReader
 from lamina.store.images import ImageRecord, ImageStore, ManifestRecord, NewImage
-from lamina.tar.compression import Readable, deterministic_gzip
+from lamina.store.leases import Lease
+from lamina.tar.compression import CHUNK, Readable, VerifyingReader, deterministic_gzip
 
 ProgressFn = Callable[[dict[str, Any]], None]
 SAVE_FORMATS = ("docker-archive", "oci-dir", "oci-archive")
@@ -114,19 +115,19 @@ def load(
     out = []
     try:
         for img in sources:
-            out.append(load_source(store, img, keep_layer_blobs=keep_layer_blobs, progress=progress))
-    except BaseException:
-        store.abandon()
-        raise
+            with store.store.lease() as lease:
+                out.append(load_source(store, img, lease, keep_layer_blobs=keep_layer_blobs, progress=progress))
     finally:
         src.close()
     return out
 
 
 def load_source(
-    store: ImageStore, img: ImageSource, *, keep_layer_blobs: bool = True, progress: ProgressFn | None = None
+    store: ImageStore, img: ImageSource, lease: Lease, *, keep_layer_blobs: bool = True,
+    progress: ProgressFn | None = None,
 ) -> Loaded:
-    """Store one image whose documents the format reader has verified; apply the layers it lacks."""
+    """Store one image whose documents the format reader has verified; apply the layers it lacks. The
+    layers and blobs are held by ``lease`` until the image commits (which ends it)."""
     config = oci.parse_config(img.config)
     diff_ids = [DiffID(d) for d in config.diff_ids]
     chains = chain_ids(diff_ids)
@@ -134,7 +135,7 @@ def load_source(
     blobs: list[str] = []
 
     def keep_doc(digest: str, data: bytes) -> None:
-        store.lease_blob(digest)
+        lease.blob(digest)
         content.put(data, digest)
         blobs.append(digest)
 
@@ -155,9 +156,9 @@ def load_source(
         event = {"event": "layer", "index": i + 1, "count": len(img.layers), "diff_id": layer.diff_id,
                  "size": layer.blob.size if layer.blob else None}
         if keep and layer.blob is not None:
-            store.lease_blob(layer.blob.digest)  # before looking: a collection cannot take it from now on
+            lease.blob(layer.blob.digest)  # before looking: a collection cannot take it from now on
         try:
-            store.layers.lease(chain)
+            store.layers.lease(chain, lease)
             present = True
         except LayerNotFound:
             present = False
@@ -167,7 +168,7 @@ def load_source(
             if progress:
                 progress({**event, "status": "exists"})
         else:
-            _apply(store, layer, parent, keep, progress, event)
+            _apply(store, lease, layer, parent, keep, progress, event)
         if keep and layer.blob is not None:
             blobs.append(layer.blob.digest)
         parent = chain
@@ -179,7 +180,7 @@ def load_source(
         names=_unique(names),
         manifests=manifests,
         blobs=blobs,
-    ))
+    ), lease)
     return Loaded(record, moved)
 
 
@@ -192,14 +193,14 @@ def _unique(items: Sequence[str]) -> list[str]:
 
 
 def _apply(
-    store: ImageStore, layer: Any, parent: ChainID | None, keep: bool, progress: ProgressFn | None,
+    store: ImageStore, lease: Lease, layer: Any, parent: ChainID | None, keep: bool, progress: ProgressFn | None,
     event: dict[str, Any],
 ) -> None:
     blob: BlobRef | None = layer.blob
     with contextlib.ExitStack() as stack:
         writer = None
         if keep and blob is not None and not store.content.exists(blob.digest):
-            store.lease_blob(blob.digest)
+            lease.blob(blob.digest)
             writer = stack.enter_context(store.content.writer(blob.digest))
         raw: Readable = layer.open()
         close = getattr(raw, "close", None)
@@ -219,7 +220,7 @@ def _apply(
                     progress({**event, "status": "applying", "done": done})
 
             raw = _Counting(raw, report)
-        store.layers.register(raw, parent, expected_diff_id=layer.diff_id, lease=True)
+        store.layers.register(raw, parent, expected_diff_id=layer.diff_id, lease=lease)
         if verifying is not None:
             verifying.finish()
         if writer is not None:
@@ -272,7 +273,10 @@ def export_for(
     fmt: str,
     export_layer: ExportLayer,
     keep_layer_blobs: bool,
+    lease: Lease,
 ) -> ImageExport:
+    """What a save or push writes of one image; ``lease`` holds the image (see ImageStore.lease_image) and
+    any blob made here."""
     config_raw = store.config_bytes(record.id)
     config = oci.parse_config(config_raw)
     diff_ids = [DiffID(d) for d in config.diff_ids]
@@ -289,7 +293,7 @@ def export_for(
         return ImageExport(record.id, config_raw, names, layers)
     kept = _kept_manifest(store, record)
     if kept is None:
-        kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs)
+        kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs, lease)
     raw, mrec = kept
     manifest = oci.parse_manifest(raw, mrec.media_type)
     layers = [
@@ -306,18 +310,19 @@ def _remake_manifest(
     chains: list[ChainID],
     export_layer: ExportLayer,
     keep_layer_blobs: bool,
+    lease: Lease,
 ) -> tuple[bytes, ManifestRecord]:
     """An OCI manifest with every layer recompressed deterministically from the driver's exact tar."""
     descs = []
     for chain in chains:
         digest, size = store.content.put_stream(
-            deterministic_gzip(_stream_chunks(functools.partial(export_layer, chain))()), store.lease_blob
+            deterministic_gzip(_stream_chunks(functools.partial(export_layer, chain))()), lease.blob
         )
         descs.append(oci.Descriptor(oci.MEDIA_TYPE_LAYER_GZIP, digest, size))
     config_desc = oci.Descriptor(oci.MEDIA_TYPE_CONFIG, record.id, len(config_raw))
     raw = oci.build_manifest(config_desc, descs)
     digest = sha256_digest(raw)
-    store.lease_blob(digest)
+    lease.blob(digest)
     store.content.put(raw, digest)
     mrec = ManifestRecord(digest, oci.MEDIA_TYPE_MANIFEST)
     if keep_layer_blobs:
@@ -339,24 +344,23 @@ def save(
         raise ExportError(f"unknown save format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}")
     path = Path(dest)
     sink: Sink = DirSink(path) if fmt == "oci-dir" else TarSink(path)
-    try:
-        items = [export_for(store, rec, names, fmt, export_layer, keep_layer_blobs) for rec, names in exports]
-        if fmt == "docker-archive":
-            dockerarchive.write_archive(sink, items)
-        else:
-            ocilayout.write_layout(sink, items)
-        sink.commit()
-    except OSError as e:
-        sink.abort()
-        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        with store.layers._tx() as db:
-            store.end_blob_leases(db)
-        if not keep_layer_blobs:
-            store.gc()
+    with store.store.lease() as lease:  # an rmi meanwhile cannot take away what is being written
+        try:
+            items = []
+            for rec, names in exports:
+                held = store.lease_image(lease, rec.id)
+                items.append(export_for(store, held, names, fmt, export_layer, keep_layer_blobs, lease))
+            if fmt == "docker-archive":
+                dockerarchive.write_archive(sink, items)
+            else:
+                ocilayout.write_layout(sink, items)
+            sink.commit()
+        except OSError as e:
+            sink.abort()
+            raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+        except BaseException:
+            sink.abort()
+            raise
 
 
 # -- import ---------------------------------------------------------------------------------------------

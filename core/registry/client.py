@@ -58,7 +58,7 @@ from lamina.formats.oci import (
     parse_document,
 )
 from lamina.formats.reference import Reference, parse_tag
-from lamina.store.content import VerifyingReader
+from lamina.tar.compression import VerifyingReader
 
 __all__ = [
     "ALL_MANIFEST_TYPES",

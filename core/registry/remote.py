@@ -31,9 +31,9 @@ from lamina.formats import oci
 from lamina.formats.imagemodel import BlobRef, ImageSource, LayerSource
 from lamina.formats.reference import Reference, parse_normalized
 from lamina.images.transfer import Loaded, ProgressFn, load_source
-from lamina.store.content import CHUNK, VerifyingReader, read_verified
 from lamina.store.images import ImageStore
-from lamina.tar.compression import Readable
+from lamina.store.leases import Lease
+from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
 
 Creds = tuple[str, str]
 
@@ -145,7 +145,8 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
 
 
 def _prefetch(
-    store: ImageStore, img: ImageSource, workers: int, progress: ProgressFn | None, cancel: threading.Event
+    store: ImageStore, lease: Lease, img: ImageSource, workers: int, progress: ProgressFn | None,
+    cancel: threading.Event,
 ) -> list[Any]:
     """Fetch layers 2..n into the content store concurrently; their sources then read from it.
 
@@ -162,7 +163,7 @@ def _prefetch(
     def fetch(layer: LayerSource) -> None:
         blob = layer.blob
         assert blob is not None
-        store.lease_blob(blob.digest)
+        lease.blob(blob.digest)
         if store.content.exists(blob.digest):
             return
         with store.content.writer(blob.digest) as w:
@@ -236,16 +237,16 @@ def pull(
 def _pull_source(store: ImageStore, config: Config, img: ImageSource, ref: Reference,
                  progress: ProgressFn | None) -> Pulled:
     cancel = threading.Event()
-    futures = _prefetch(store, img, config.registry.max_concurrent_downloads - 1, progress, cancel)
-    try:
-        loaded = load_source(store, img, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
-    except BaseException:
-        cancel.set()
-        for f in futures:
-            f.cancel()
-        concurrent.futures.wait(futures)
-        store.abandon()
-        raise
+    with store.store.lease() as lease:
+        futures = _prefetch(store, lease, img, config.registry.max_concurrent_downloads - 1, progress, cancel)
+        try:
+            loaded = load_source(store, img, lease, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
+        except BaseException:
+            cancel.set()
+            for f in futures:
+                f.cancel()
+            concurrent.futures.wait(futures)
+            raise
     if not config.keep_layer_blobs:
         store.gc()
     return Pulled(loaded, str(ref))

@@ -21,38 +21,19 @@ import io
 import json
 import re
 import secrets
-import sqlite3
 import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID
-from lamina.errors import ContainerNotFound, ImageError, InvalidReference, LayerInUse
-from lamina.store.layers import LayerStore, _owner_alive
+from lamina.errors import ContainerNotFound, ImageError, ImageNotFound, InvalidReference, LayerInUse
+from lamina.store.db import owner_alive
 
 if TYPE_CHECKING:
-    from lamina.store.images import ImageStore
+    from lamina.store.kernel import Store
+    from lamina.store.leases import Lease
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS containers (
-    id TEXT PRIMARY KEY,
-    name TEXT UNIQUE,
-    image_id TEXT NOT NULL,
-    init_layer TEXT,
-    rw_layer TEXT,
-    created REAL NOT NULL,
-    labels TEXT NOT NULL DEFAULT '{}',
-    state TEXT NOT NULL CHECK (state IN ('creating', 'created', 'removing')),
-    status TEXT NOT NULL DEFAULT 'created',
-    exit_code INTEGER,
-    run_pid INTEGER,
-    run_start REAL,
-    owner_pid INTEGER,
-    owner_start REAL
-);
-CREATE INDEX IF NOT EXISTS containers_image ON containers(image_id);
-"""
 
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
@@ -135,116 +116,109 @@ def init_tar(exists: Any) -> bytes:
 
 
 class ContainerStore:
-    def __init__(self, layers: LayerStore, images: ImageStore) -> None:
-        self.layers = layers
-        self.images = images
-        self._db = layers._db
-        with layers._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        self.recover()
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+        self.layers = store.layers
 
     # -- rows -----------------------------------------------------------------------------------------
     _COLS = "id, name, image_id, init_layer, rw_layer, created, labels, status, exit_code, run_pid, run_start"
 
     def _row(self, r: tuple[Any, ...]) -> Container:
         status = r[7]
-        if status == "running" and not _owner_alive(r[9], r[10]):
+        if status == "running" and not owner_alive(r[9], r[10]):
             status = "exited"
         return Container(r[0], r[1], r[2], r[3] or "", r[4] or "", r[5], json.loads(r[6]), status, r[8])
 
     def all(self) -> list[Container]:
-        rows = self._db.execute(
-            f"SELECT {self._COLS} FROM containers WHERE state='created' ORDER BY created DESC"
-        ).fetchall()
+        rows = self.db.query(f"SELECT {self._COLS} FROM containers WHERE state='created' ORDER BY created DESC")
         return [self._row(r) for r in rows]
 
     def find(self, ref: str) -> Container:
         """By full ID, unique ID prefix (≥ 3 hex characters) or name."""
         if not isinstance(ref, str) or not ref:
             raise ContainerNotFound("no container given")
-        row = self._db.execute(
+        row = self.db.one(
             f"SELECT {self._COLS} FROM containers WHERE state='created' AND (id=? OR name=?)", (ref, ref)
-        ).fetchone()
+        )
         if row is not None:
             return self._row(row)
         if re.fullmatch(r"[0-9a-f]{3,63}", ref):
-            rows = self._db.execute(
+            rows = self.db.query(
                 f"SELECT {self._COLS} FROM containers WHERE state='created' AND id LIKE ? LIMIT 11", (ref + "%",)
-            ).fetchall()
+            )
             if len(rows) == 1:
                 return self._row(rows[0])
             if len(rows) > 1:
                 raise ContainerNotFound(
                     f"container ID prefix {ref!r} is ambiguous: " + ", ".join(r[0][:12] for r in rows[:10])
                 )
-        raise ContainerNotFound(f"no container {ref!r}")
+        shown = ref if len(ref) <= 80 else ref[:77] + "..."
+        raise ContainerNotFound(f"no container {shown!r}")
 
     def using_image(self, image_id: str) -> list[Container]:
-        rows = self._db.execute(
+        rows = self.db.query(
             f"SELECT {self._COLS} FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)
-        ).fetchall()
+        )
         return [self._row(r) for r in rows]
 
     # -- recovery -------------------------------------------------------------------------------------
     def recover(self) -> None:
-        rows = self._db.execute(
+        rows = self.db.query(
             "SELECT id, state, rw_layer, init_layer, owner_pid, owner_start FROM containers"
             " WHERE state != 'created'"
-        ).fetchall()
+        )
         for cid, state, rw, init, pid, start in rows:
-            if _owner_alive(pid, start):
+            if owner_alive(pid, start):
                 continue
             if state == "creating":
-                with self.layers._tx() as db:
+                with self.db.tx() as db:
                     db.execute("DELETE FROM containers WHERE id=? AND state='creating'", (cid,))
             else:
                 self._finish_remove(cid, rw, init)
 
     # -- create / remove ------------------------------------------------------------------------------
     def create(
-        self, image_id: str, top: ChainID | None, name: str | None, labels: dict[str, str], exists: Any
+        self, image_id: str, top: ChainID | None, name: str | None, labels: dict[str, str], exists: Any,
+        lease: Lease,
     ) -> Container:
-        """``exists(path)`` tells whether the image's tree has ``path`` (for the init layer)."""
+        """``exists(path)`` tells whether the image's tree has ``path`` (for the init layer); ``lease``
+        holds the image's top layer (and now the init layer) until the container commits."""
         if name is not None:
             check_name(name)
         if top is None:
             raise ImageError(f"image {image_id} has no layers; a container needs at least one")
         cid = secrets.token_hex(32)
-        me = self.layers._me
+        me = self.db.me
         now = time.time()
-        try:
-            with self.layers._tx() as db:
-                db.execute(
-                    "INSERT INTO containers (id, name, image_id, created, labels, state, owner_pid, owner_start)"
-                    " VALUES (?, ?, ?, ?, ?, 'creating', ?, ?)",
-                    (cid, name, image_id, now, json.dumps(labels, sort_keys=True), me[0], me[1]),
-                )
-        except sqlite3.IntegrityError:
-            raise InvalidReference(f"the container name {name!r} is already in use") from None
+        with self.db.tx() as db:
+            if name is not None and db.execute("SELECT 1 FROM containers WHERE name=?", (name,)).fetchone():
+                raise InvalidReference(f"the container name {name!r} is already in use")
+            db.execute(
+                "INSERT INTO containers (id, name, image_id, created, labels, state, owner_pid, owner_start)"
+                " VALUES (?, ?, ?, ?, ?, 'creating', ?, ?)",
+                (cid, name, image_id, now, json.dumps(labels, sort_keys=True), me[0], me[1]),
+            )
         rw = None
         try:
-            init = self.layers.register(io.BytesIO(init_tar(exists)), top, lease=True)
-            rw = self.layers.create_rw(init.chain_id)
-            with self.layers._tx() as db:
-                self.layers.reference(db, init.chain_id)
+            init = self.layers.register(io.BytesIO(init_tar(exists)), top, lease=lease)
+            rw = self.layers.create_rw(init.cache_id)
+            with self.db.tx() as db:
+                if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
+                    raise ImageNotFound(f"image {image_id.split(':')[-1][:12]} was removed")
+                init_id = self.layers.reference(db, init.chain_id)
                 self.layers.commit_rw(db, rw)
                 db.execute(
                     "UPDATE containers SET state='created', init_layer=?, rw_layer=?, owner_pid=NULL,"
                     " owner_start=NULL WHERE id=?",
-                    (init.cache_id, rw, cid),
+                    (init_id, rw, cid),
                 )
-                leased = self.layers.clear_leases(db)
-            self.layers.collect(leased)
         except BaseException:
             if rw is not None:
                 with contextlib.suppress(Exception):  # recovery finishes it; the original error matters
                     self.layers.remove_rw(rw)
-            with self.layers._tx() as db:
+            with self.db.tx() as db:
                 db.execute("DELETE FROM containers WHERE id=? AND state='creating'", (cid,))
-                leased = self.layers.clear_leases(db)
-            self.layers.collect(leased)
             raise
         return self.find(cid)
 
@@ -253,38 +227,39 @@ class ContainerStore:
             raise LayerInUse(f"container {c.short_id} is mounted; unmount it first or use --force")
         if c.status == "running" and not force:
             raise LayerInUse(f"container {c.short_id} is running; stop it first or use --force")
-        me = self.layers._me
-        with self.layers._tx() as db:
-            db.execute(
-                "UPDATE containers SET state='removing', owner_pid=?, owner_start=? WHERE id=?", (me[0], me[1], c.id)
-            )
+        me = self.db.me
+        with self.db.tx() as db:
+            if db.execute(
+                "UPDATE containers SET state='removing', owner_pid=?, owner_start=? WHERE id=? AND state='created'",
+                (me[0], me[1], c.id),
+            ).rowcount != 1:
+                raise ContainerNotFound(f"no container {c.name or c.short_id!r}")
         self._finish_remove(c.id, c.rw_layer, c.init_layer)
 
     def _finish_remove(self, cid: str, rw: str | None, init: str | None) -> None:
-        if rw and self._db.execute("SELECT 1 FROM layers WHERE id=?", (rw,)).fetchone():
+        if rw and self.db.one("SELECT 1 FROM layers WHERE id=?", (rw,)):
             self.layers.remove_rw(rw)
-        with self.layers._tx() as db:
-            init_chain = None
+        init_id = None
+        with self.db.tx() as db:
             gone = db.execute("DELETE FROM containers WHERE id=?", (cid,)).rowcount
             if init and gone:  # only the process that removed the row drops its reference
-                row = db.execute("SELECT chain_id FROM layers WHERE id=?", (init,)).fetchone()
-                init_chain = row[0] if row else None
-            if init_chain:
-                self.layers.unreference(db, init_chain)
-        if init_chain and init:
-            self.layers.collect([init])
+                row = db.execute("SELECT chain_id FROM layers WHERE id=? AND state='committed'", (init,)).fetchone()
+                if row is not None:
+                    init_id = self.layers.unreference(db, row[0])
+        if init_id:
+            self.layers.collect([init_id])
 
     # -- run state ------------------------------------------------------------------------------------
     def set_running(self, cid: str) -> None:
-        me = self.layers._me
-        with self.layers._tx() as db:
+        me = self.db.me
+        with self.db.tx() as db:
             db.execute(
                 "UPDATE containers SET status='running', run_pid=?, run_start=?, exit_code=NULL WHERE id=?",
                 (me[0], me[1], cid),
             )
 
     def set_exited(self, cid: str, code: int | None) -> None:
-        with self.layers._tx() as db:
+        with self.db.tx() as db:
             db.execute(
                 "UPDATE containers SET status='exited', exit_code=?, run_pid=NULL WHERE id=?", (code, cid)
             )

@@ -8,9 +8,9 @@ correct, whenever the writing process is killed. (Like layer contents, blobs are
 survives killed processes; a power cut may need the blob loaded again.)
 
 Which blobs are alive is decided in the store database: images refer to blobs (``image_blobs``), and a
-process that is writing blobs for an image not yet committed holds *leases* on them (``content_leases``,
-with its pid and start time). :meth:`ContentStore.gc` removes every blob file that no image refers to
-and no live process leases; leases of dead processes are dropped by the image store's recovery.
+process that is writing (or reading) blobs for an image not yet committed holds them in a *lease*
+(``lease_blobs``; see :mod:`lamina.store.leases`). :meth:`ContentStore.gc` removes every blob file that
+no image refers to and no live lease holds; leases of dead processes are ended by the store's recovery.
 """
 
 from __future__ import annotations
@@ -23,79 +23,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.digest import Digest, parse_digest
-from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, LimitExceeded, StoreError
-from lamina.tar.compression import Readable
-
-CHUNK = 1 << 20
-
-
-
-class VerifyingReader:
-    """Reads exactly ``size`` bytes from ``src`` and checks they hash to ``digest``.
-
-    Raises :class:`DigestMismatch` on a wrong size or digest, :class:`ArchiveError` on a short read; the
-    check runs when the last byte has been read (a consumer that stops early must call :meth:`finish`).
-    Bytes read can be copied to ``tee`` (an open file) on the way.
-    """
-
-    def __init__(self, src: Readable, digest: str, size: int, what: str, tee: BinaryIO | None = None) -> None:
-        self._src = src
-        self.digest = parse_digest(digest)
-        algo = self.digest.split(":", 1)[0]
-        self._hash = hashlib.new(algo)
-        self._left = size
-        self.size = size
-        self._what = what
-        self._tee = tee
-        self._done = False
-
-    def read(self, n: int = -1, /) -> bytes:
-        if self._left <= 0:
-            self._check_end()
-            return b""
-        want = self._left if n is None or n < 0 else min(n, self._left)
-        try:
-            data = self._src.read(want)
-        except OSError as e:
-            raise ArchiveError(f"cannot read {self._what}: {e.strerror or e}") from e
-        if not data:
-            raise ArchiveError(f"{self._what} is truncated: {self._left} of {self.size} bytes missing")
-        self._left -= len(data)
-        self._hash.update(data)
-        if self._tee is not None:
-            self._tee.write(data)
-        if self._left == 0:
-            self._check_end()
-        return data
-
-    def _check_end(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        extra = self._src.read(1)
-        if extra:
-            raise DigestMismatch(f"{self._what} is longer than its descriptor's size {self.size}")
-        actual = self._hash.name + ":" + self._hash.hexdigest()
-        if actual != self.digest:
-            raise DigestMismatch(f"{self._what} does not match its digest: expected {self.digest}, got {actual}")
-
-    def finish(self) -> None:
-        """Read whatever the consumer left and verify."""
-        while self._left > 0:
-            self.read(CHUNK)
-        self._check_end()
-
-
-def read_verified(src: Readable, digest: str, size: int, what: str, limit: int) -> bytes:
-    """A small document read whole, with its size bounded and its digest checked."""
-    if size > limit:
-        raise LimitExceeded(f"{what} is {size} bytes; documents are limited to {limit}")
-    reader = VerifyingReader(src, digest, size, what)
-    parts = []
-    while chunk := reader.read(CHUNK):
-        parts.append(chunk)
-    reader.finish()
-    return b"".join(parts)
+from lamina.errors import BlobNotFound, DigestMismatch, StoreError
+from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
 
 
 class ContentStore:

@@ -18,50 +18,16 @@ import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest
-from lamina.errors import AmbiguousImage, ImageNotFound, InvalidReference
+from lamina.errors import AmbiguousImage, ImageConflict, ImageNotFound, InvalidReference
 from lamina.store.content import ContentStore
-from lamina.store.layers import LayerStore, _owner_alive
+from lamina.store.db import owner_alive
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    id TEXT PRIMARY KEY,
-    top_layer TEXT,
-    parent TEXT,
-    created REAL,
-    loaded REAL NOT NULL,
-    last_updated REAL NOT NULL,
-    origin TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
-CREATE TABLE IF NOT EXISTS image_names (
-    name TEXT PRIMARY KEY,
-    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    added REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS image_names_image ON image_names(image_id);
-CREATE TABLE IF NOT EXISTS image_manifests (
-    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    digest TEXT NOT NULL,
-    media_type TEXT NOT NULL,
-    added REAL NOT NULL,
-    PRIMARY KEY (image_id, digest)
-);
-CREATE TABLE IF NOT EXISTS image_blobs (
-    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    digest TEXT NOT NULL,
-    PRIMARY KEY (image_id, digest)
-);
-CREATE INDEX IF NOT EXISTS image_blobs_digest ON image_blobs(digest);
-CREATE TABLE IF NOT EXISTS content_leases (
-    digest TEXT NOT NULL,
-    owner_pid INTEGER NOT NULL,
-    owner_start REAL,
-    PRIMARY KEY (digest, owner_pid)
-);
-"""
+if TYPE_CHECKING:
+    from lamina.store.kernel import Store
+    from lamina.store.leases import Lease
 
 
 @dataclass(frozen=True)
@@ -106,65 +72,55 @@ class NewImage:
 
 
 class ImageStore:
-    def __init__(self, layers: LayerStore) -> None:
-        self.layers = layers
-        self._db = layers._db
-        self.content = ContentStore(layers.root)
-        with layers._tx() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        self.recover()
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = store.db
+        self.layers = store.layers
+        self.content = ContentStore(store.root)
+        self.content.clean_ingest(lambda pid: owner_alive(pid, None))
 
-    # -- recovery and garbage collection ----------------------------------------------------------------
-    def recover(self) -> None:
-        rows = self._db.execute("SELECT DISTINCT owner_pid, owner_start FROM content_leases").fetchall()
-        dead = [pid for pid, start in rows if not _owner_alive(pid, start)]
-        if dead:
-            with self.layers._tx() as db:
-                for pid in dead:
-                    db.execute("DELETE FROM content_leases WHERE owner_pid=?", (pid,))
-            self.gc()
-        self.content.clean_ingest(lambda pid: _owner_alive(pid, None))
+    # -- leases and garbage collection ----------------------------------------------------------------
+    def lease_blob(self, lease: Lease, digest: str) -> None:
+        """Protect a blob this process is about to write (or read) from collection while ``lease`` lasts."""
+        lease.blob(digest)
 
-    def lease_blob(self, digest: str) -> None:
-        """Protect a blob this process is about to write from garbage collection until its image commits."""
-        me = self.layers._me
-        with self.layers._tx() as db:
-            db.execute("INSERT OR IGNORE INTO content_leases VALUES (?, ?, ?)", (digest, me[0], me[1]))
-
-    def end_blob_leases(self, db: sqlite3.Connection) -> None:
-        db.execute("DELETE FROM content_leases WHERE owner_pid=?", (self.layers._me[0],))
+    def lease_image(self, lease: Lease, image_id: str) -> ImageRecord:
+        """Hold an image's blobs and layers in ``lease`` (for a save or push that reads them while another
+        process may delete the image); :class:`ImageNotFound` if it is gone."""
+        with self.db.tx() as db:
+            row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None:
+                raise ImageNotFound(f"image {image_id} not found")
+            for (digest,) in db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,)).fetchall():
+                lease.add_blob(db, digest)
+            if row[0]:
+                top = db.execute("SELECT id FROM layers WHERE chain_id=? AND state='committed'", (row[0],)).fetchone()
+                if top is not None:
+                    lease.add_layer(db, top[0])
+        return self.get(image_id)
 
     def gc(self) -> list[str]:
-        """Remove blobs no image refers to and no live process leases.
+        """Remove blobs no image refers to and no live lease holds.
 
         The blob files are listed first, then the live set is read and the dead files unlinked inside one
         write transaction, so a process that leases a blob (a write transaction too) and then writes it
         cannot lose it to a collection running at the same time.
         """
         files = list(self.content.walk())
-        with self.layers._tx() as db:
+        with self.db.tx() as db:
             alive = {r[0] for r in db.execute("SELECT digest FROM image_blobs")}
-            alive |= {r[0] for r in db.execute("SELECT digest FROM content_leases")}
+            alive |= {r[0] for r in db.execute("SELECT digest FROM lease_blobs")}
             return self.content.gc(alive, files)
-
-    def abandon(self) -> None:
-        """After a failed load: drop this process's leases and whatever only they kept."""
-        with self.layers._tx() as db:
-            self.end_blob_leases(db)
-        self.layers.end_leases()
-        self.gc()
 
     # -- queries ----------------------------------------------------------------------------------------
     _COLS = "id, top_layer, parent, created, loaded, last_updated, origin"
 
     def _record(self, row: tuple[Any, ...]) -> ImageRecord:
         iid = row[0]
-        names = tuple(r[0] for r in self._db.execute(
+        names = tuple(r[0] for r in self.db.query(
             "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (iid,)
         ))
-        manifests = tuple(ManifestRecord(r[0], r[1]) for r in self._db.execute(
+        manifests = tuple(ManifestRecord(r[0], r[1]) for r in self.db.query(
             "SELECT digest, media_type FROM image_manifests WHERE image_id=? ORDER BY added, digest", (iid,)
         ))
         return ImageRecord(
@@ -172,29 +128,32 @@ class ImageStore:
         )
 
     def get(self, image_id: str) -> ImageRecord:
-        row = self._db.execute(f"SELECT {self._COLS} FROM images WHERE id=?", (image_id,)).fetchone()
+        row = self.db.one(f"SELECT {self._COLS} FROM images WHERE id=?", (image_id,))
         if row is None:
             raise ImageNotFound(f"image {image_id} not found")
         return self._record(row)
 
     def exists(self, image_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is not None
+        return self.db.one("SELECT 1 FROM images WHERE id=?", (image_id,)) is not None
 
     def all(self) -> list[ImageRecord]:
-        return [self._record(r) for r in self._db.execute(f"SELECT {self._COLS} FROM images ORDER BY loaded")]
+        return [self._record(r) for r in self.db.query(f"SELECT {self._COLS} FROM images ORDER BY loaded")]
 
     def count(self) -> int:
-        return int(self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0])
+        return int(self.db.one("SELECT COUNT(*) FROM images")[0])
 
     def by_name(self, name: str) -> ImageRecord | None:
-        row = self._db.execute("SELECT image_id FROM image_names WHERE name=?", (name,)).fetchone()
-        return self.get(row[0]) if row else None
+        row = self.db.one("SELECT image_id FROM image_names WHERE name=?", (name,))
+        if row is None:
+            return None
+        try:
+            return self.get(row[0])
+        except ImageNotFound:
+            return None  # removed between the two reads
 
     def by_prefix(self, prefix: str) -> ImageRecord | None:
         """An image by a hex prefix of its ID; :class:`AmbiguousImage` lists the candidates."""
-        rows = self._db.execute(
-            "SELECT id FROM images WHERE id LIKE ? ORDER BY id LIMIT 11", (f"sha256:{prefix}%",)
-        ).fetchall()
+        rows = self.db.query("SELECT id FROM images WHERE id LIKE ? ORDER BY id LIMIT 11", (f"sha256:{prefix}%",))
         if not rows:
             return None
         if len(rows) > 1:
@@ -203,31 +162,32 @@ class ImageStore:
         return self.get(rows[0][0])
 
     def by_manifest(self, digest: str) -> list[ImageRecord]:
-        rows = self._db.execute("SELECT DISTINCT image_id FROM image_manifests WHERE digest=?", (digest,))
-        return [self.get(r[0]) for r in rows.fetchall()]
+        rows = self.db.query("SELECT DISTINCT image_id FROM image_manifests WHERE digest=?", (digest,))
+        return [self.get(r[0]) for r in rows]
 
     def heads(self) -> list[str]:
         """Images no other image names as its parent (Docker's image store Heads)."""
-        return [r[0] for r in self._db.execute(
+        return [r[0] for r in self.db.query(
             "SELECT id FROM images i WHERE NOT EXISTS (SELECT 1 FROM images c WHERE c.parent=i.id) ORDER BY loaded"
         )]
 
     def children(self, image_id: str) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
+        return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
 
     def images_on(self, chain: str) -> list[str]:
         """The images whose top layer is ``chain`` (each holds one reference on it)."""
-        return [r[0] for r in self._db.execute("SELECT id FROM images WHERE top_layer=?", (chain,))]
+        return [r[0] for r in self.db.query("SELECT id FROM images WHERE top_layer=?", (chain,))]
 
     def blobs(self, image_id: str) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,))]
+        return [r[0] for r in self.db.query("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,))]
 
     def config_bytes(self, image_id: str) -> bytes:
         return self.content.read(image_id)
 
     # -- changes ----------------------------------------------------------------------------------------
-    def create(self, new: NewImage) -> tuple[ImageRecord, list[str]]:
-        """Commit an image (or add names/manifests to an existing one) in one transaction.
+    def create(self, new: NewImage, lease: Lease | None = None) -> tuple[ImageRecord, list[str]]:
+        """Commit an image (or add names/manifests to an existing one) in one transaction, which also ends
+        ``lease`` (the one its layers and blobs were held by while they were written).
 
         Returns the record and the names that moved here from other images.
         """
@@ -236,7 +196,8 @@ class ImageStore:
         top = chains[-1] if chains else None
         now = time.time()
         moved: list[str] = []
-        with self.layers._tx() as db:
+        leased: list[str] = []
+        with self.db.tx() as db:
             exists = db.execute("SELECT 1 FROM images WHERE id=?", (new.id,)).fetchone() is not None
             if not exists:
                 if top is not None:
@@ -258,9 +219,10 @@ class ImageStore:
             for name in new.names:
                 if self._set_name(db, name, new.id, now):
                     moved.append(name)
-            self.end_blob_leases(db)
-            leased = self.layers.clear_leases(db)
-        self.layers.collect(leased)
+            if lease is not None:
+                leased = lease.end_in(db)
+        if leased:
+            self.layers.collect(leased)
         return self.get(new.id), moved
 
     def _set_name(self, db: sqlite3.Connection, name: str, image_id: str, now: float) -> bool:
@@ -277,7 +239,7 @@ class ImageStore:
 
     def add_manifest(self, image_id: str, manifest: ManifestRecord, blobs: Iterable[str]) -> bool:
         """Record another manifest (and the blobs it needs) for an existing image; False if the image is gone."""
-        with self.layers._tx() as db:
+        with self.db.tx() as db:
             if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
                 return False
             db.execute(
@@ -286,36 +248,55 @@ class ImageStore:
             )
             for b in blobs:
                 db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (image_id, b))
-            self.end_blob_leases(db)
             return True
 
     def add_name(self, image_id: str, name: str) -> bool:
         """Give ``image_id`` the name ``name`` (moving it from another image); True when it moved."""
-        with self.layers._tx() as db:
+        with self.db.tx() as db:
             if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
                 raise ImageNotFound(f"image {image_id} not found")
             return self._set_name(db, name, image_id, time.time())
 
-    def remove_name(self, name: str) -> str:
-        """Remove a name; returns the image it belonged to."""
-        with self.layers._tx() as db:
+    def remove_name(self, name: str, image_id: str | None = None) -> str:
+        """Remove a name (only if it still names ``image_id``, when given); returns the image it belonged to."""
+        with self.db.tx() as db:
             row = db.execute("SELECT image_id FROM image_names WHERE name=?", (name,)).fetchone()
-            if row is None:
+            if row is None or (image_id is not None and row[0] != image_id):
                 raise InvalidReference(f"no image is named {name}")
             db.execute("DELETE FROM image_names WHERE name=?", (name,))
             db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), row[0]))
             return str(row[0])
 
-    def delete(self, image_id: str) -> list[ChainID]:
+    def containers_of(self, db: sqlite3.Connection, image_id: str) -> list[str]:
+        return [r[0] for r in db.execute(
+            "SELECT id FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)
+        )]
+
+    def delete(self, image_id: str, *, if_unused: bool = False) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
-        Returns the layers removed as a result. Callers decide about conflicts first.
+        Checked in the same transaction: child images and containers are a conflict
+        (:class:`ImageConflict`); with ``if_unused`` an image that has names, children or containers is
+        left alone and None returned (the caller's view of it was out of date). Returns the layers removed.
         """
-        with self.layers._tx() as db:
+        with self.db.tx() as db:
             row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
             if row is None:
+                if if_unused:
+                    return None
                 raise ImageNotFound(f"image {image_id} not found")
-            db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
+            children = [r[0] for r in db.execute("SELECT id FROM images WHERE parent=?", (image_id,))]
+            containers = self.containers_of(db, image_id)
+            if if_unused and (children or containers or db.execute(
+                "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
+            ).fetchone()):
+                return None
+            short = image_id.split(":", 1)[-1][:12]
+            if containers:
+                raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
+            if children:
+                shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
+                raise ImageConflict(f"image {short} has dependent child images ({shown})")
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
             top = self.layers.unreference(db, row[0]) if row[0] else None
         removed = self.layers.collect([top]) if top else []

@@ -1,0 +1,105 @@
+"""The active driver: one typed object in front of the plugin manager's operation hooks.
+
+The store calls the driver only through :class:`ActiveDriver`. Each method calls one hook (so observers
+that wrap hooks, the timing observer among them, see every call) and turns a hook nobody implements into
+:class:`OperationUnsupported`, in one place, naming the driver and what it cannot do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverInfo
+from lamina.errors import OperationUnsupported
+from lamina.plugins.discovery import TimingObserver
+from lamina.tar.compression import DiffStream
+
+
+class ActiveDriver:
+    def __init__(self, info: DriverInfo, driver: Driver, pm: pluggy.PluginManager, observer: TimingObserver) -> None:
+        self.info = info
+        self.name = info.cls.name
+        self.source = info.source
+        self.instance = driver
+        self.pm = pm
+        self.observer = observer
+        self._caps: Capabilities | None = None
+
+    @property
+    def hook(self) -> Any:
+        """The plugin manager's hook relay, for tests and tools that call a hook by name."""
+        return self.pm.hook
+
+    def _unsupported(self, what: str) -> OperationUnsupported:
+        return OperationUnsupported(f"driver {self.name!r} cannot {what}")
+
+    # -- facts ----------------------------------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            caps = self.pm.hook.lamina_capabilities()
+            if not isinstance(caps, Capabilities):
+                raise self._unsupported("say what it supports (lamina_capabilities)")
+            self._caps = caps
+        return self._caps
+
+    def status(self) -> list[tuple[str, str]]:
+        return list(self.pm.hook.lamina_status() or [])
+
+    def metadata(self, layer_id: str) -> dict[str, str]:
+        return dict(self.pm.hook.lamina_metadata(layer_id=layer_id) or {})
+
+    def exists(self, layer_id: str) -> bool:
+        return bool(self.pm.hook.lamina_exists(layer_id=layer_id))
+
+    # -- layers ---------------------------------------------------------------------------------------
+    def create(self, layer_id: str, parent: str | None, rw: bool) -> None:
+        if rw and not self.capabilities().supports_rw_layers:
+            raise OperationUnsupported(f"driver {self.name!r} has no read-write layers; use vfs or overlay")
+        self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
+
+    def apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
+        return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
+
+    def remove(self, layer_id: str) -> None:
+        self.pm.hook.lamina_remove(layer_id=layer_id)
+
+    def cleanup(self) -> None:
+        self.pm.hook.lamina_cleanup()
+
+    # -- mounts ---------------------------------------------------------------------------------------
+    def mount(self, layer_id: str, options: list[str]) -> str:
+        if not self.capabilities().can_mount:
+            raise OperationUnsupported(f"{self.name} driver cannot mount; use a driver that can (vfs or overlay)")
+        path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
+        if path is None:
+            raise self._unsupported("mount layers")
+        return str(path)
+
+    def unmount(self, layer_id: str) -> None:
+        """Undo any mount of the layer (nothing to do for a driver that cannot mount)."""
+        if self.capabilities().can_mount:
+            self.pm.hook.lamina_unmount(layer_id=layer_id)
+
+    # -- content --------------------------------------------------------------------------------------
+    def changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        changes = self.pm.hook.lamina_changes(layer_id=layer_id, parent=parent)
+        if changes is None:
+            raise self._unsupported("list changes")
+        return list(changes)
+
+    def diff(self, layer_id: str, parent: str | None) -> ByteStream:
+        stream: ByteStream | None = self.pm.hook.lamina_diff(layer_id=layer_id, parent=parent)
+        if stream is None:
+            raise self._unsupported("produce diffs")
+        return stream
+
+    def diff_size(self, layer_id: str, parent: str | None) -> int:
+        return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
+
+    def tar_stream(self, layer_id: str) -> ByteStream:
+        stream: ByteStream | None = self.pm.hook.lamina_tar_stream(layer_id=layer_id)
+        if stream is None:
+            raise self._unsupported("stream layers")
+        return stream

@@ -1,0 +1,316 @@
+"""The store's database: connections, the schema and its migrations, transactions, process identity.
+
+Two SQLite files: ``root/lamina.db`` (layers, images, names, containers, leases: what must survive a
+reboot) and ``runroot/mounts.db`` (mount references and hook timings: as volatile as the mounts). Both run
+in WAL mode; every write is a ``BEGIN IMMEDIATE`` transaction with a busy timeout, so a check and the act
+it decides happen under one write lock, whichever process runs them.
+
+No ``sqlite3`` exception leaves this module's callers: opening maps them to :class:`StoreError`, a busy
+store to :class:`StoreLocked`, and a transaction that fails on a constraint to :class:`StoreError` naming
+the statement's table (a bug in lamina, never a user's mistake, but still one line).
+
+A row that a process owns while it works (an incomplete layer, a container being created, a lease) records
+the owner's pid and start time; :func:`owner_alive` tells whether that process still runs, so the next
+process can finish off what a killed one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lamina.errors import StoreError, StoreLocked
+
+SCHEMA_VERSION = 2
+BUSY_TIMEOUT_S = 60.0
+
+# One place for every table of lamina.db. Version 1 kept leases per process (layer_leases, content_leases);
+# version 2 has lease objects that own layers and blobs.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    id TEXT PRIMARY KEY,
+    chain_id TEXT UNIQUE,
+    diff_id TEXT,
+    parent TEXT REFERENCES layers(id),
+    state TEXT NOT NULL CHECK (state IN ('incomplete', 'committed', 'removing')),
+    rw INTEGER NOT NULL DEFAULT 0,
+    owner_pid INTEGER,
+    owner_start REAL,
+    size INTEGER NOT NULL DEFAULT 0,
+    tar_size INTEGER NOT NULL DEFAULT 0,
+    compressed_digest TEXT,
+    compression TEXT,
+    refs INTEGER NOT NULL DEFAULT 0,
+    depth INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE TABLE IF NOT EXISTS leases (
+    id TEXT PRIMARY KEY,
+    owner_pid INTEGER NOT NULL,
+    owner_start REAL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS lease_layers (
+    lease TEXT NOT NULL REFERENCES leases(id) ON DELETE CASCADE,
+    layer TEXT NOT NULL,
+    PRIMARY KEY (lease, layer)
+);
+CREATE INDEX IF NOT EXISTS lease_layers_layer ON lease_layers(layer);
+CREATE TABLE IF NOT EXISTS lease_blobs (
+    lease TEXT NOT NULL REFERENCES leases(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (lease, digest)
+);
+CREATE INDEX IF NOT EXISTS lease_blobs_digest ON lease_blobs(digest);
+CREATE TABLE IF NOT EXISTS images (
+    id TEXT PRIMARY KEY,
+    top_layer TEXT,
+    parent TEXT,
+    created REAL,
+    loaded REAL NOT NULL,
+    last_updated REAL NOT NULL,
+    origin TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
+CREATE INDEX IF NOT EXISTS images_top_layer ON images(top_layer);
+CREATE TABLE IF NOT EXISTS image_names (
+    name TEXT PRIMARY KEY,
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    added REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS image_names_image ON image_names(image_id);
+CREATE TABLE IF NOT EXISTS image_manifests (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    added REAL NOT NULL,
+    PRIMARY KEY (image_id, digest)
+);
+CREATE TABLE IF NOT EXISTS image_blobs (
+    image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (image_id, digest)
+);
+CREATE INDEX IF NOT EXISTS image_blobs_digest ON image_blobs(digest);
+CREATE TABLE IF NOT EXISTS containers (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    image_id TEXT NOT NULL,
+    init_layer TEXT,
+    rw_layer TEXT,
+    created REAL NOT NULL,
+    labels TEXT NOT NULL DEFAULT '{}',
+    state TEXT NOT NULL CHECK (state IN ('creating', 'created', 'removing')),
+    status TEXT NOT NULL DEFAULT 'created',
+    exit_code INTEGER,
+    run_pid INTEGER,
+    run_start REAL,
+    owner_pid INTEGER,
+    owner_start REAL
+);
+CREATE INDEX IF NOT EXISTS containers_image ON containers(image_id);
+CREATE INDEX IF NOT EXISTS containers_init ON containers(init_layer);
+"""
+
+_RUN_SCHEMA = """
+CREATE TABLE IF NOT EXISTS timings (hook TEXT PRIMARY KEY, calls INTEGER, errors INTEGER, total_s REAL,
+    max_s REAL);
+CREATE TABLE IF NOT EXISTS mount_refs (id TEXT NOT NULL, holder TEXT NOT NULL, count INTEGER NOT NULL,
+    path TEXT NOT NULL, PRIMARY KEY (id, holder));
+"""
+
+_BOOT_TIME: list[float] = []
+
+
+def proc_start(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), or None if it is gone or a zombie.
+
+    Read from /proc directly on Linux (the same arithmetic psutil does, without importing it on every
+    command); psutil elsewhere.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        if not _BOOT_TIME:
+            with open("/proc/stat", "rb") as f:
+                _BOOT_TIME.append(float(next(ln for ln in f if ln.startswith(b"btime")).split()[1]))
+        fields = data[data.rindex(b")") + 2:].split()
+        if fields[0] == b"Z":
+            return None
+        return _BOOT_TIME[0] + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def owner_alive(pid: int | None, start: float | None) -> bool:
+    """Whether the process that recorded (``pid``, ``start``) still runs (pids are reused: compare starts)."""
+    if pid is None:
+        return False
+    if pid == os.getpid():
+        return True
+    actual = proc_start(pid)
+    return actual is not None and (start is None or abs(actual - start) < 1.0)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """Open ``path`` in WAL mode. A database another process is creating at this instant can refuse the
+    switch to WAL with "locked" without waiting on the busy timeout, so that step is retried."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    delay = 0.002
+    while True:
+        db = None
+        try:
+            db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            return db
+        except sqlite3.OperationalError as e:
+            if db is not None:
+                db.close()
+            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
+                raise StoreError(f"cannot open store database {path}: {e}") from e
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
+        except sqlite3.Error as e:
+            if db is not None:
+                db.close()
+            raise StoreError(f"cannot open store database {path}: {e}") from e
+
+
+class Database:
+    """Both of a store's SQLite files, with this process's identity for the rows it owns."""
+
+    def __init__(self, root: Path, runroot: Path) -> None:
+        self.root = root
+        self.runroot = runroot
+        self.me: tuple[int, float | None] = (os.getpid(), proc_start(os.getpid()))
+        self._lock = threading.RLock()  # one connection per file, shared by this process's threads
+        self.db = _connect(root / "lamina.db")
+        try:
+            self.mdb = _connect(runroot / "mounts.db")
+        except BaseException:
+            self.db.close()
+            raise
+        try:
+            self._init_schema()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- transactions and queries -----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def tx(self, *, runroot: bool = False) -> Iterator[sqlite3.Connection]:
+        """A write transaction (``BEGIN IMMEDIATE``) on lamina.db, or on mounts.db with ``runroot``."""
+        db = self.mdb if runroot else self.db
+        with self._lock:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreLocked(f"store {self.root} is busy: {e}") from e
+            try:
+                yield db
+            except sqlite3.Error as e:
+                db.execute("ROLLBACK")
+                raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error as e:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+
+    def query(self, sql: str, params: tuple[Any, ...] = (), *, runroot: bool = False) -> list[Any]:
+        """Rows of a read (a consistent snapshot of its own; inside :meth:`tx`, that transaction's view)."""
+        with self._lock:
+            try:
+                return (self.mdb if runroot else self.db).execute(sql, params).fetchall()
+            except sqlite3.Error as e:
+                raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+
+    def one(self, sql: str, params: tuple[Any, ...] = (), *, runroot: bool = False) -> Any:
+        rows = self.query(sql, params, runroot=runroot)
+        return rows[0] if rows else None
+
+    # -- schema -----------------------------------------------------------------------------------------
+    def _init_schema(self) -> None:
+        """Create or migrate the schema. Cheap when the version matches: one read, no write lock."""
+        row = self._version()
+        if row is not None and int(row) == SCHEMA_VERSION and self._run_ready():
+            return
+        if row is not None and int(row) > SCHEMA_VERSION:
+            raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
+        with self.tx() as db:
+            version = self._version()
+            if version is not None and int(version) > SCHEMA_VERSION:
+                raise StoreError(f"store {self.root} was written by a newer lamina (schema {version})")
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if version is not None and int(version) < 2:
+                _migrate_v1_leases(db)
+            db.execute(
+                "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+        with self.tx(runroot=True) as mdb:
+            for statement in _RUN_SCHEMA.split(";"):
+                if statement.strip():
+                    mdb.execute(statement)
+
+    def _version(self) -> str | None:
+        try:
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.OperationalError:
+            return None  # a new database: no meta table yet
+        return str(row[0]) if row else None
+
+    def _run_ready(self) -> bool:
+        try:
+            return bool(self.mdb.execute("SELECT 1 FROM sqlite_master WHERE name='mount_refs'").fetchone())
+        except sqlite3.Error:
+            return False
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.one("SELECT value FROM meta WHERE key=?", (key,))
+        return str(row[0]) if row else None
+
+    def close(self) -> None:
+        self.db.close()
+        self.mdb.close()
+
+
+def _migrate_v1_leases(db: sqlite3.Connection) -> None:
+    """Version 1 leased per process; each process's leases become one lease object."""
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    now = time.time()
+    if "layer_leases" in tables:
+        for lid, pid, start in db.execute("SELECT id, owner_pid, owner_start FROM layer_leases").fetchall():
+            db.execute("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?)", (f"pid-{pid}", pid, start, now))
+            db.execute("INSERT OR IGNORE INTO lease_layers VALUES (?, ?)", (f"pid-{pid}", lid))
+        db.execute("DROP TABLE layer_leases")
+    if "content_leases" in tables:
+        for digest, pid, start in db.execute("SELECT digest, owner_pid, owner_start FROM content_leases").fetchall():
+            db.execute("INSERT OR IGNORE INTO leases VALUES (?, ?, ?, ?)", (f"pid-{pid}", pid, start, now))
+            db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (f"pid-{pid}", digest))
+        db.execute("DROP TABLE content_leases")

@@ -1,0 +1,176 @@
+"""The store kernel: one object that owns a store's integrity.
+
+:class:`Store` opens the database, selects and starts the driver, and holds the layer, image and container
+stores, which share its database and its driver. It is the one place that finishes off what killed
+processes left (:meth:`Store.recover`), hands out leases (:meth:`Store.lease`) and collects what nothing
+references any more (:meth:`Store.collect`). Everything above it (``ImageService``, image operations,
+registries) goes through these objects and never through SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from lamina.config import Config
+from lamina.driver import DriverInfo
+from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError
+from lamina.plugins.active import ActiveDriver
+from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
+from lamina.store.db import Database, owner_alive
+from lamina.store.layers import LayerStore
+from lamina.store.leases import Lease
+
+if TYPE_CHECKING:
+    from lamina.store.containers import ContainerStore
+    from lamina.store.images import ImageStore
+
+log = logging.getLogger("lamina.store")
+
+
+class Store:
+    def __init__(self, config: Config, *, catalog: DriverCatalog | None = None) -> None:
+        self.config = config
+        self.root = config.root
+        self.runroot = config.runroot
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.runroot.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
+        self.db = Database(self.root, self.runroot)
+        try:
+            self.catalog = catalog if catalog is not None else discover()
+            self.driver = self._start_driver()
+            self.layers = LayerStore(self)
+            self._images: ImageStore | None = None
+            self._containers: ContainerStore | None = None
+            self.recover()
+        except BaseException:
+            self.db.close()
+            raise
+
+    # -- the parts ------------------------------------------------------------------------------------
+    @property
+    def images(self) -> ImageStore:
+        if self._images is None:
+            from lamina.store.images import ImageStore
+
+            self._images = ImageStore(self)
+        return self._images
+
+    @property
+    def containers(self) -> ContainerStore:
+        if self._containers is None:
+            from lamina.store.containers import ContainerStore
+
+            self._containers = ContainerStore(self)
+        return self._containers
+
+    # -- the driver -----------------------------------------------------------------------------------
+    def stored_driver(self) -> str | None:
+        return self.db.get_meta("driver")
+
+    def _probe(self, info: DriverInfo) -> None:
+        info.cls.probe(self.root / info.cls.name, self.config.options_for(info.cls.name))
+
+    def _start_driver(self) -> ActiveDriver:
+        existing = self.stored_driver()
+        wanted = self.config.driver
+        if wanted and existing and wanted != existing:
+            raise DriverConflict(
+                f"store {self.root} was created with driver {existing!r}, not {wanted!r}; "
+                f"use --driver {existing} or another --root"
+            )
+        name = wanted or existing
+        if name:
+            info = lookup(self.catalog, name)
+            try:
+                self._probe(info)
+            except DriverUnsupported as e:
+                others = [n for n in self.config.driver_priority if n != name and n in self.catalog.drivers]
+                hint = f"; try --driver {others[0]}" if others and not existing else ""
+                raise DriverUnsupported(f"driver {name!r} is not supported here: {e.message}{hint}") from e
+        else:
+            reasons: list[str] = []
+            found: DriverInfo | None = None
+            for cand in self.config.driver_priority:
+                ci = self.catalog.drivers.get(cand)
+                if ci is None:
+                    reasons.append(f"{cand}: not installed")
+                    continue
+                try:
+                    self._probe(ci)
+                except DriverUnsupported as e:
+                    reasons.append(f"{cand}: {e.message}")
+                    continue
+                found = ci
+                break
+            if found is None:
+                raise DriverUnsupported("no storage driver in driver_priority works here: " + "; ".join(reasons))
+            info = found
+        name = info.cls.name
+        home = self.root / name
+        runhome = self.runroot / name
+        home.mkdir(exist_ok=True, mode=0o700)
+        runhome.mkdir(exist_ok=True, mode=0o700)
+        try:
+            instance = info.cls(home, runhome, self.config.options_for(name))
+        except LaminaError:
+            raise
+        except Exception as e:
+            raise DriverUnsupported(f"driver {name!r} from {info.source} failed to start: {e}") from e
+        if existing is None:
+            with self.db.tx() as db:
+                row = db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
+                if row is None:
+                    db.execute("INSERT INTO meta VALUES ('driver', ?)", (name,))
+                elif row[0] != name:
+                    raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
+        pm, observer = activate(info, instance, self.catalog.observers)
+        return ActiveDriver(info, instance, pm, observer)
+
+    # -- leases and collection ------------------------------------------------------------------------
+    def lease(self) -> Lease:
+        """A new lease owned by this process; use it as a context manager (it ends itself)."""
+        return Lease(self)
+
+    def collect(self, cache_ids: list[str], *, blobs: bool = False) -> list[str]:
+        """Remove those of ``cache_ids`` (then their parents) that nothing uses; with ``blobs``, also the
+        content-store blobs no image names and no lease holds. Returns the ChainIDs removed."""
+        removed = [str(c) for c in self.layers.collect(cache_ids)]
+        if blobs:
+            self.images.gc()
+        return removed
+
+    # -- recovery -------------------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Finish off what processes that no longer run left behind: their leases, their incomplete or
+        half-removed layers and containers, layers nothing keeps, and their mount references.
+
+        Cheap when nothing is unfinished: a few indexed reads, no write lock."""
+        dead = [
+            (lid, pid) for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
+            if not owner_alive(pid, start)
+        ]
+        layers: list[str] = []
+        had_blobs = False
+        for lid, pid in dead:
+            with self.db.tx() as db:
+                layers += [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (lid,))]
+                had_blobs |= db.execute("SELECT 1 FROM lease_blobs WHERE lease=?", (lid,)).fetchone() is not None
+                db.execute("DELETE FROM leases WHERE id=? AND owner_pid=?", (lid, pid))
+        if self.db.one("SELECT 1 FROM containers WHERE state != 'committed' AND state != 'created' LIMIT 1"):
+            self.containers.recover()
+        self.layers.recover()
+        if layers or had_blobs:
+            self.collect(layers, blobs=had_blobs)
+        self.layers.collect_orphans()
+        self.layers.reclaim_mounts()
+
+    def close(self) -> None:
+        try:
+            self.driver.cleanup()
+            self.layers.save_timings()
+        finally:
+            self.db.close()

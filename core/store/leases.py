@@ -1,0 +1,78 @@
+"""Leases: what keeps layers and blobs alive while an operation builds on them, without a reference.
+
+An image load applies its layers before the image exists, a save reads blobs an ``rmi`` could collect, a
+container's init layer is applied before the container commits. Each of them works inside a lease::
+
+    with store.lease() as lease:
+        layer = store.layers.register(stream, parent, lease=lease)   # leased, no reference
+        store.images.create(new_image, lease=lease)                   # ends the lease in its transaction
+
+A lease is a row owned by the creating process (pid and start time). Leasing a layer or blob is part of
+the transaction that looks it up, so a collector running at the same moment either sees the lease or ran
+first (and the lookup then fails cleanly). The lease ends itself when its block exits, whether the
+operation succeeded or not, and what only it kept is collected; a killed process's leases are ended by the
+next process that opens the store.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lamina.store.kernel import Store
+
+
+class Lease:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.id = os.urandom(16).hex()
+        me = store.db.me
+        with store.db.tx() as db:
+            db.execute("INSERT INTO leases VALUES (?, ?, ?, ?)", (self.id, me[0], me[1], time.time()))
+        self.ended = False
+        self.had_blobs = False
+
+    # -- inside a caller's transaction ----------------------------------------------------------------
+    def add_layer(self, db: sqlite3.Connection, cache_id: str) -> None:
+        db.execute("INSERT OR IGNORE INTO lease_layers VALUES (?, ?)", (self.id, cache_id))
+
+    def add_blob(self, db: sqlite3.Connection, digest: str) -> None:
+        db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (self.id, digest))
+
+    def end_in(self, db: sqlite3.Connection) -> list[str]:
+        """End the lease inside a caller's transaction; returns the layers it held, for collection once
+        that transaction commits (:meth:`Store.collect`)."""
+        layers = [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (self.id,))]
+        # blobs only this lease kept (written for an image that never came) call for a collection
+        self.had_blobs = db.execute(
+            "SELECT 1 FROM lease_blobs b WHERE lease=? AND NOT EXISTS"
+            " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest) LIMIT 1",
+            (self.id,),
+        ).fetchone() is not None
+        db.execute("DELETE FROM leases WHERE id=?", (self.id,))
+        self.ended = True
+        return layers
+
+    # -- own transactions -----------------------------------------------------------------------------
+    def blob(self, digest: str) -> None:
+        """Protect a blob (present or about to be written) from collection while the lease lasts."""
+        with self._store.db.tx() as db:
+            self.add_blob(db, digest)
+
+    def end(self) -> None:
+        """End the lease (if the operation has not already) and collect what only it kept."""
+        if self.ended:
+            return
+        with self._store.db.tx() as db:
+            layers = self.end_in(db)
+        self._store.collect(layers, blobs=self.had_blobs)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.end()
