@@ -66,6 +66,32 @@ class ImageService:
             config = load_config(config_path, driver=driver, root=root, runroot=runroot)
         return cls(Store(config, catalog=catalog))
 
+    @staticmethod
+    def available_drivers(config: Config | None = None) -> list[dict[str, Any]]:
+        """Every storage driver installed (built-in and third-party, and broken plugins with why), whether
+        it works here and what its probe found; needs no store (``lamina drivers``)."""
+        from lamina.errors import DriverUnsupported
+        from lamina.plugins.discovery import discover
+
+        cfg = config or load_config()
+        cat = discover()
+        rows: list[dict[str, Any]] = []
+        for name, info in sorted(cat.drivers.items()):
+            reason = ""
+            details: list[tuple[str, str]] = []
+            try:
+                info.cls.probe(cfg.root / name, cfg.options_for(name))
+                ok = True
+                details = info.cls.probe_details(cfg.root / name, cfg.runroot / name, cfg.options_for(name))
+            except DriverUnsupported as e:
+                ok, reason = False, e.message
+            rows.append({"name": name, "source": info.source, "supported": ok, "reason": reason,
+                         "description": info.cls.description, "details": dict(details)})
+        for b in cat.broken:
+            rows.append({"name": ",".join(b.names) or "?", "source": b.source, "supported": False,
+                         "reason": b.error, "description": "broken plugin"})
+        return rows
+
     def __enter__(self) -> ImageService:
         return self
 
@@ -541,3 +567,12 @@ class ImageService:
         with remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password)) as client:
             client.ping()
         auth.store_credentials(host, user, password)
+
+    @staticmethod
+    def logout(host: str) -> None:
+        """Forget the credentials lamina stored for a registry; :class:`LaminaError` if there were none."""
+        from lamina.errors import LaminaError
+        from lamina.registry import auth
+
+        if not auth.logout(host):
+            raise LaminaError(f"not logged in to {host}")

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
 from lamina.plugins.hookspecs import hookimpl
+from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
 from lamina.tar.split import ExactTarStream
 
@@ -95,7 +96,7 @@ class TarballDriver(Driver):
         # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
         # so hard links can only point at files that exist in it.
         from lamina.errors import ArchiveError, UnsafePathError
-        from lamina.fs.apply import WHITEOUT_PREFIX, check_symlink, check_whiteout_name
+        from lamina.fs.apply import check_symlink
         from lamina.fs.ops import normalize
         from lamina.tar.format import LNK, SYM, TarReader
 
@@ -107,8 +108,8 @@ class TarballDriver(Driver):
             while (e := reader.next()) is not None:
                 path = normalize(e.name)
                 head, _, base = path.rpartition("/")
-                if base.startswith(WHITEOUT_PREFIX):
-                    target = check_whiteout_name(base, e.name)
+                if whiteout.is_whiteout(base):
+                    target = whiteout.target_of(base, e.name)
                     prefix = f"{head}/" if head else ""
                     if target is None:
                         tree = {p for p in tree if not p.startswith(prefix) or p in mine}
@@ -162,10 +163,10 @@ class TarballDriver(Driver):
             while (e := reader.next()) is not None:
                 path = normalize(e.name)
                 head, _, base = path.rpartition("/")
-                if base == ".wh..wh..opq":
+                if base == whiteout.OPAQUE:
                     continue
-                if base.startswith(".wh."):
-                    p = (f"{head}/" if head else "") + base[4:]
+                if whiteout.is_whiteout(base):
+                    p = (f"{head}/" if head else "") + base[len(whiteout.PREFIX):]
                     out[p] = Change("/" + p, "D")
                 elif path:
                     out[path] = Change("/" + path, "C" if path in before else "A")

@@ -31,6 +31,7 @@ from typing import Protocol
 
 from lamina.errors import ArchiveError, StoreError, UnsafePathError
 from lamina.fs.ops import Root, lstat_at, normalize, remove_at
+from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
 from lamina.tar.format import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
 from lamina.tar.split import RecordWriter
@@ -43,9 +44,6 @@ except ImportError:  # built without a C compiler: the Python path does everythi
 _LOG_HEAD = struct.Struct("<BII")  # lamina.fs._native's log of applied entries: kind, F-operation index, path length
 _LOG_FILE = ord("F")
 
-WHITEOUT_PREFIX = ".wh."
-WHITEOUT_META_PREFIX = ".wh..wh."
-WHITEOUT_OPAQUE = ".wh..wh..opq"
 _PRIVATE_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.")
 _STORE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EMFILE}
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -95,16 +93,6 @@ def check_symlink(path: str, linkname: str, name: str) -> None:
         normalize(f"{head}/{linkname}" if head else linkname)
     except UnsafePathError:
         raise UnsafePathError(f"symlink {name!r} -> {linkname!r} leads out of the layer root") from None
-
-
-def check_whiteout_name(name: str, full: str) -> str | None:
-    """For a basename starting with ``.wh.``: the whited-out name, or None for the opaque marker."""
-    if name == WHITEOUT_OPAQUE:
-        return None
-    target = name[len(WHITEOUT_PREFIX) :]
-    if target in ("", ".", "..") or "/" in target:
-        raise UnsafePathError(f"invalid whiteout entry {full!r}")
-    return target
 
 
 class _Applier:
@@ -281,7 +269,7 @@ class _Applier:
         self.root.release()  # no directory fd of the previous entry is in use any more
         path = normalize(e.name)
         head, _, base = path.rpartition("/")
-        if base.startswith(WHITEOUT_PREFIX):
+        if whiteout.is_whiteout(base):
             self._whiteout(path, head, base, e)
             return
         if path == "":
@@ -417,7 +405,7 @@ class _Applier:
 
     def _whiteout(self, path: str, head: str, base: str, e: Entry) -> None:
         self.sync_native()
-        target = check_whiteout_name(base, e.name)
+        target = whiteout.target_of(base, e.name)
         if target is None:
             try:
                 dfd, dreal = self.root.dir(head, create=True)
@@ -431,7 +419,7 @@ class _Applier:
             self.wo.opaque(dfd, keep)
             self._forget()
             return
-        if base.startswith(WHITEOUT_META_PREFIX):
+        if base.startswith(whiteout.META_PREFIX):
             return  # other AUFS metadata: ignored
         try:
             pfd, preal = self.root.dir(head, create=True)

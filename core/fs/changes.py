@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterator
 
 from lamina.driver import Change
+from lamina.tar import whiteout
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKIP_XATTR = ("trusted.overlay.", "user.overlay.")
@@ -184,8 +185,7 @@ def header_bytes(ti: tarfile.TarInfo) -> bytes:
 
 
 def whiteout_header(path: str) -> bytes:
-    head, _, base = path.rpartition("/")
-    ti = tarfile.TarInfo((head + "/" if head else "") + ".wh." + base)
+    ti = tarfile.TarInfo(whiteout.whiteout_of(path))
     ti.mode = 0
     ti.mtime = 0
     ti.uname = ti.gname = ""

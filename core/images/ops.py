@@ -407,10 +407,11 @@ def _prune_parents(store: ImageStore, parent: str | None, out: list[dict[str, st
 
 # -- save -----------------------------------------------------------------------------------------------
 def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: str, keep_layer_blobs: bool) -> None:
+    from lamina.formats.archives import WRITERS
     from lamina.images import transfer
 
-    if fmt not in transfer.SAVE_FORMATS:
-        raise ImageError(f"unknown format {fmt!r}; use one of {', '.join(transfer.SAVE_FORMATS)}")
+    if fmt not in WRITERS:
+        raise ImageError(f"unknown format {fmt!r}; use one of {', '.join(WRITERS)}")
     if not refs:
         raise ImageError("no image to save")
     chosen: dict[str, tuple[ImageRecord, list[str]]] = {}

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID, DiffID, chain_ids, sha256_digest
 from lamina.errors import BlobNotFound, ExportError, FormatError, LayerNotFound
@@ -34,8 +34,10 @@ from lamina.store.images import ImageRecord, ImageStore, ManifestRecord, NewImag
 from lamina.store.leases import Lease
 from lamina.tar.compression import CHUNK, Readable, VerifyingReader, deterministic_gzip
 
+if TYPE_CHECKING:
+    from lamina.formats.archives import Writer
+
 ProgressFn = Callable[[dict[str, Any]], None]
-SAVE_FORMATS = ("docker-archive", "oci-dir", "oci-archive")
 
 
 def parse_time(value: object) -> float | None:
@@ -86,21 +88,18 @@ class Loaded:
 
 # -- load -----------------------------------------------------------------------------------------------
 def read_sources(path: str | os.PathLike[str], platform: oci.Platform | None = None) -> tuple[Any, list[ImageSource]]:
-    from lamina.formats import dockerarchive, ocilayout
+    from lamina.formats.archives import READERS
 
     src = open_source(path)
     try:
-        if ocilayout.is_layout(src):
-            return src, ocilayout.read_layout(src, platform)
-        if dockerarchive.is_docker_archive(src):
-            return src, dockerarchive.read_archive(src)
+        for reader in READERS:
+            if reader.detect(src):
+                return src, reader.read(src, platform)
     except BaseException:
         src.close()
         raise
     src.close()
-    raise FormatError(
-        f"{path} is neither an OCI image layout (oci-layout + index.json) nor a docker-archive (manifest.json)"
-    )
+    raise FormatError(f"{path} is neither " + " nor ".join(r.what for r in READERS))
 
 
 def load(
@@ -281,7 +280,7 @@ def export_for(
     config = oci.parse_config(config_raw)
     diff_ids = [DiffID(d) for d in config.diff_ids]
     chains = chain_ids(diff_ids)
-    if fmt == "docker-archive":
+    if not _writer(fmt).manifest:
         layers = []
         for chain, diff_id in zip(chains, diff_ids, strict=True):
             size = store.layers.get(chain).tar_size
@@ -330,6 +329,15 @@ def _remake_manifest(
     return raw, mrec
 
 
+def _writer(fmt: str) -> Writer:
+    from lamina.formats.archives import WRITERS
+
+    writer = WRITERS.get(fmt)
+    if writer is None:
+        raise ExportError(f"unknown save format {fmt!r}; use one of {', '.join(WRITERS)}")
+    return writer
+
+
 def save(
     store: ImageStore,
     exports: list[tuple[ImageRecord, list[str]]],
@@ -338,22 +346,16 @@ def save(
     export_layer: ExportLayer,
     keep_layer_blobs: bool = True,
 ) -> None:
-    from lamina.formats import dockerarchive, ocilayout
-
-    if fmt not in SAVE_FORMATS:
-        raise ExportError(f"unknown save format {fmt!r}; use one of {', '.join(SAVE_FORMATS)}")
+    writer = _writer(fmt)
     path = Path(dest)
-    sink: Sink = DirSink(path) if fmt == "oci-dir" else TarSink(path)
+    sink: Sink = DirSink(path) if writer.directory else TarSink(path)
     with store.store.lease() as lease:  # an rmi meanwhile cannot take away what is being written
         try:
             items = []
             for rec, names in exports:
                 held = store.lease_image(lease, rec.id)
                 items.append(export_for(store, held, names, fmt, export_layer, keep_layer_blobs, lease))
-            if fmt == "docker-archive":
-                dockerarchive.write_archive(sink, items)
-            else:
-                ocilayout.write_layout(sink, items)
+            writer.write(sink, items)
             sink.commit()
         except OSError as e:
             sink.abort()

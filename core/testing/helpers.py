@@ -11,6 +11,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from lamina.tar import whiteout
+
 _TYPES = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
           "hardlink": tarfile.LNKTYPE, "fifo": tarfile.FIFOTYPE, "char": tarfile.CHRTYPE}
 
@@ -89,11 +91,10 @@ class TarBuilder:
         return self
 
     def whiteout(self, path: str) -> TarBuilder:
-        head, _, base = path.rpartition("/")
-        return self.file((head + "/" if head else "") + ".wh." + base, mode=0o600)
+        return self.file(whiteout.whiteout_of(path), mode=0o600)
 
     def opaque(self, directory: str) -> TarBuilder:
-        return self.file(directory.rstrip("/") + "/.wh..wh..opq", mode=0o600)
+        return self.file(whiteout.opaque_of(directory), mode=0o600)
 
     def build(self, compression: str = "none") -> bytes:
         buf = io.BytesIO()
