@@ -1,117 +1,104 @@
-"""Types shared by lamina and its drivers: the driver base class, capabilities, changes, the registry."""
+"""What a driver author imports: the contract's types, the hook marker, the safe apply engine, tree
+helpers, and :class:`TreeDriver`, the base class of drivers that keep layers as directory trees.
+
+Everything a driver needs is here, so a driver package depends on this one module (see plugins.md)::
+
+    from lamina.driver import Capabilities, DriverRegistry, TreeDriver, apply_tar, hookimpl
+
+Exact export is lamina's, not the driver's: while a tree driver applies a layer with :func:`apply_tar`,
+lamina records the stream's headers and padding (the tar-split record, which lamina stores and removes
+itself), and it assembles the layer's exact tar from that record and the files under the driver's
+``lamina_diff_root``. A driver that keeps the stream itself says so (``Capabilities.keeps_stream``) and
+implements ``lamina_tar_stream``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
 
-from lamina.errors import DriverError
-from lamina.tar.compression import DiffStream
+from lamina.contract import (
+    ByteStream,
+    Capabilities,
+    Change,
+    ChangeKind,
+    DiffStream,
+    Driver,
+    DriverInfo,
+    DriverRegistry,
+    existing_ancestor,
+)
+from lamina.errors import LayerNotFound
+from lamina.fs.apply import ApplyResult, DeleteWhiteouts, WhiteoutStrategy, apply_tar
+from lamina.fs.changes import diff_size, diff_tar, tree_changes
+from lamina.fs.ops import rmtree
+from lamina.fs.treecopy import copy_tree
+from lamina.plugins.hookspecs import hookimpl
+from lamina.tar.split import ExactTarStream
 
-__all__ = ["ByteStream", "Capabilities", "Change", "DiffStream", "Driver", "DriverRegistry"]
+__all__ = [
+    "ApplyResult",
+    "ByteStream",
+    "Capabilities",
+    "Change",
+    "ChangeKind",
+    "DeleteWhiteouts",
+    "DiffStream",
+    "Driver",
+    "DriverInfo",
+    "DriverRegistry",
+    "ExactTarStream",
+    "TreeDriver",
+    "WhiteoutStrategy",
+    "apply_tar",
+    "copy_tree",
+    "diff_size",
+    "diff_tar",
+    "existing_ancestor",
+    "hookimpl",
+    "rmtree",
+    "tree_changes",
+]
 
 
-class ByteStream(Protocol):
-    """What stream-returning hooks return: a readable, closable byte stream (a file, an ExactTarStream)."""
-
-    def read(self, n: int = -1, /) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    can_mount: bool
-    native_diff: bool
-    exact_tar: bool
-    supports_rw_layers: bool
-
-    def as_dict(self) -> dict[str, bool]:
-        return {
-            "can_mount": self.can_mount,
-            "native_diff": self.native_diff,
-            "exact_tar": self.exact_tar,
-            "supports_rw_layers": self.supports_rw_layers,
-        }
+def check_layer_id(layer_id: str, driver: str) -> str:
+    """A CacheID is a plain name: no separator, not hidden, not empty (it becomes a path component)."""
+    if not isinstance(layer_id, str) or not layer_id or "/" in layer_id or "\0" in layer_id \
+            or layer_id.startswith("."):
+        shown = repr(layer_id)[:40]
+        raise LayerNotFound(f"{driver}: bad layer id {shown}")
+    return layer_id
 
 
-ChangeKind = Literal["A", "C", "D"]
+class TreeDriver(Driver):
+    """Base class for drivers whose every layer is a complete directory tree (containers/storage's
+    naive-diff drivers): vfs, the contrib hardlink driver, and third parties.
 
-
-@dataclass(frozen=True, order=True)
-class Change:
-    """One change of a layer against its parent: ``A``dded, ``C``hanged or ``D``eleted ``/path``."""
-
-    path: str
-    kind: ChangeKind
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.path}"
-
-
-class Driver:
-    """Base class for storage drivers.
-
-    Subclasses set :attr:`name`, may override :meth:`probe`, and implement the operation hooks of
-    :mod:`lamina.plugins.hookspecs` as methods decorated with ``@hookimpl``. lamina creates one instance per open
-    store with ``home`` (a directory under the store root the driver owns), ``runhome`` (the same under
-    the runroot, for volatile state) and the ``[storage.options.<name>]`` table.
+    A subclass implements :meth:`layer_dir` (where a layer's tree lives), ``lamina_create``,
+    ``lamina_apply_diff`` (with :func:`apply_tar`), ``lamina_remove`` and the rest of its lifecycle; it
+    gets changes, diffs and diff sizes by comparing trees, the directory lamina assembles exact exports
+    from, and layer-id validation (:meth:`layer_path`).
     """
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    def layer_dir(self, layer_id: str) -> Path:
+        """The directory holding the full tree of ``layer_id`` (a validated CacheID)."""
+        raise NotImplementedError
 
-    def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
-        self.home = home
-        self.runhome = runhome
-        self.options = dict(options)
+    def layer_path(self, layer_id: str) -> Path:
+        """:meth:`layer_dir` of a CacheID checked to be a plain name."""
+        return self.layer_dir(check_layer_id(layer_id, self.name))
 
-    @classmethod
-    def probe(cls, home: Path, options: Mapping[str, Any]) -> None:
-        """Raise :class:`lamina.errors.DriverUnsupported` (saying why) if the driver cannot work here.
+    @hookimpl
+    def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
+        return tree_changes(str(self.layer_path(layer_id)), str(self.layer_path(parent)) if parent else None)
 
-        ``home`` may not exist yet; probe its nearest existing ancestor for filesystem features.
-        """
+    @hookimpl
+    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
+        return ExactTarStream(diff_tar(str(self.layer_path(layer_id)), self.lamina_changes(layer_id, parent)), None)
 
-    @classmethod
-    def probe_details(cls, home: Path, runhome: Path, options: Mapping[str, Any]) -> list[tuple[str, str]]:
-        """Facts the probe found, for ``lamina drivers`` (kernel features, modes...). Must not create
-        anything; may read what an open store cached under ``runhome``."""
-        return []
+    @hookimpl
+    def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
+        return diff_size(str(self.layer_path(layer_id)), self.lamina_changes(layer_id, parent))
 
-
-def existing_ancestor(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
-@dataclass
-class DriverInfo:
-    cls: type[Driver]
-    source: str  # distribution name or module that registered it
-
-
-class DriverRegistry:
-    """Handed to :func:`lamina.plugins.hookspecs.lamina_register_drivers`; collects driver classes by name."""
-
-    def __init__(self) -> None:
-        self.drivers: dict[str, DriverInfo] = {}
-        self._current_source = "lamina"
-
-    def add(self, cls: type[Driver]) -> None:
-        name = getattr(cls, "name", "")
-        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
-            raise DriverError(f"driver class {cls.__qualname__} from {self._current_source} has no valid name")
-        if not (isinstance(cls, type) and issubclass(cls, Driver)):
-            raise DriverError(f"{cls!r} from {self._current_source} is not a lamina.driver.Driver subclass")
-        if name in self.drivers:
-            prev = self.drivers[name].source
-            raise DriverError(
-                f"driver name {name!r} registered twice: by {prev} and by {self._current_source}"
-            )
-        self.drivers[name] = DriverInfo(cls, self._current_source)
-
+    @hookimpl
+    def lamina_diff_root(self, layer_id: str) -> str:
+        return str(self.layer_path(layer_id))

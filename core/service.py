@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.config import Config, load_config
-from lamina.driver import Capabilities, Change
-from lamina.errors import ImageError, ImageNotFound, LayerNotFound
+from lamina.contract import Capabilities, Change
+from lamina.errors import ContainerNotFound, ImageError, ImageNotFound, LayerNotFound
 from lamina.plugins.discovery import DriverCatalog
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
@@ -128,6 +128,10 @@ class ImageService:
 
     def layer_disk_usage(self) -> int:
         return self._layers.disk_usage()
+
+    def recorded_timings(self) -> dict[str, dict[str, Any]]:
+        """Per-hook timings accumulated by every process since the runroot was created (``lamina info``)."""
+        return self._layers.recorded_timings()
 
     def timings(self) -> dict[str, dict[str, Any]]:
         return {k: v.as_dict() for k, v in sorted(self.store.driver.observer.stats.items())}
@@ -324,9 +328,20 @@ class ImageService:
         """By ID, unique ID prefix (≥ 3 hex) or name."""
         return self.container_store.find(ref)
 
+    def image_tags(self, image_id: str) -> tuple[str, ...]:
+        """The tags of an image by its full ID; none for an image that is gone (a container keeps its ID)."""
+        try:
+            return self.image_store.get(image_id).tags
+        except ImageNotFound:
+            return ()
+
     def mount(self, ref: str) -> str:
         """Mount a container's root filesystem until :meth:`unmount` (refcounted); returns the path."""
-        return self._layers.mount(self.get_container(ref).rw_layer)
+        c = self.get_container(ref)
+        try:
+            return self._layers.mount(c.rw_layer)
+        except LayerNotFound:
+            raise ContainerNotFound(f"no container {ref!r}: it was removed") from None
 
     def unmount(self, ref: str, force: bool = False) -> int:
         return self._layers.unmount(self.get_container(ref).rw_layer, force=force)
@@ -335,7 +350,10 @@ class ImageService:
     def perform_with_base_fs(self, ref: str) -> Iterator[str]:
         """The container's root filesystem, mounted for the block (and for this process only)."""
         c = self.get_container(ref)
-        path = self._layers.mount(c.rw_layer, scoped=True)
+        try:
+            path = self._layers.mount(c.rw_layer, scoped=True)
+        except LayerNotFound:
+            raise ContainerNotFound(f"no container {ref!r}: it was removed") from None
         try:
             yield path
         finally:
@@ -384,7 +402,7 @@ class ImageService:
 
         c = self.get_container(ref)
         img = self.get_image(c.image_id)
-        with self._layers.mounted(c.rw_layer):  # a concurrent rm without --force is refused meanwhile
+        with self.perform_with_base_fs(c.id):  # a concurrent rm without --force is refused meanwhile
             diff = self._layers.diff_of(c.rw_layer, c.init_layer)
             try:
                 return images.commit(self.image_store, img, diff, new_name, author=author, message=message,

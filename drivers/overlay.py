@@ -13,7 +13,7 @@ On-disk layout under the driver's home::
     <cache-id>/link           this layer's short name
     <cache-id>/lower          parents' short names, nearest first: "l/AAAAAA:l/BBBBBB" (no file for a base)
     <cache-id>/rw             present for read-write (container) layers
-    <cache-id>/tarsplit       record of the applied diff (exact re-export)
+    <cache-id>/tarsplit       tar-split record of a layer applied before lamina kept these records itself
     mode                      how this store mounts: kernel, userxattr (user namespace) or fuse
 
 ``link`` and ``lower`` are written to a temporary file, synced and renamed, so a kill never leaves them
@@ -42,7 +42,7 @@ from typing import Any
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
-from lamina.fs.apply import apply_recorded
+from lamina.fs.apply import apply_tar
 from lamina.fs.changes import diff_size, diff_tar, entry_differs, tree_changes
 from lamina.fs.ops import remove_at, rmtree, write_atomic
 from lamina.plugins.hookspecs import hookimpl
@@ -440,8 +440,8 @@ class OverlayDriver(Driver):
             found = lowers._lower_lookup(rel)
             return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
 
-        result = apply_recorded(diff, d / "diff", d / "tarsplit", whiteouts=OverlayWhiteouts(self.opaque_xattr),
-                                warn=log.warning, implicit_dirs=shadowed)
+        result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), warn=log.warning,
+                           implicit_dirs=shadowed)
         return result.size
 
     # -- hooks: mounting ----------------------------------------------------------------------------
@@ -533,7 +533,12 @@ class OverlayDriver(Driver):
             return diff_size(mine, changes)
 
     @hookimpl
+    def lamina_diff_root(self, layer_id: str) -> str:
+        return str(self._dir(layer_id) / "diff")
+
+    @hookimpl
     def lamina_tar_stream(self, layer_id: str) -> ByteStream:
+        """Only for a layer applied before lamina kept tar-split records itself."""
         d = self._dir(layer_id)
         record = d / "tarsplit"
         if not record.exists():

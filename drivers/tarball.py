@@ -63,7 +63,8 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_capabilities(self) -> Capabilities:
-        return Capabilities(can_mount=False, native_diff=True, exact_tar=True, supports_rw_layers=False)
+        return Capabilities(can_mount=False, native_diff=True, exact_tar=True, supports_rw_layers=False,
+                            keeps_stream=True)
 
     @hookimpl
     def lamina_status(self) -> list[tuple[str, str]]:

@@ -3,11 +3,12 @@
 On-disk layout under the driver's home::
 
     dir/<cache-id>/            the layer's complete root filesystem
-    records/<cache-id>.tsr     tar-split record of the applied diff (exact re-export)
+    records/<cache-id>.tsr     tar-split record of a layer applied before lamina kept these records itself
 
 Snapshots clone file data with FICLONE where the backing filesystem supports reflinks (btrfs, xfs),
-otherwise ``copy_file_range``. Mounting returns the directory. Diffs compare trees (naive diff).
-Works anywhere, as any user; costs disk and creation time proportional to the image.
+otherwise ``copy_file_range``. Mounting returns the directory. Diffs compare trees (naive diff, from
+:class:`lamina.driver.TreeDriver`); lamina assembles exact exports from the tree. Works anywhere, as any
+user; costs disk and creation time proportional to the image.
 """
 
 from __future__ import annotations
@@ -18,20 +19,27 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
+from lamina.driver import (
+    ByteStream,
+    Capabilities,
+    DeleteWhiteouts,
+    DiffStream,
+    DriverRegistry,
+    ExactTarStream,
+    TreeDriver,
+    apply_tar,
+    copy_tree,
+    existing_ancestor,
+    hookimpl,
+    rmtree,
+)
 from lamina.errors import DriverUnsupported, LayerNotFound
-from lamina.fs.apply import DeleteWhiteouts, apply_recorded
-from lamina.fs.changes import diff_size, diff_tar, tree_changes
-from lamina.fs.ops import rmtree
-from lamina.fs.treecopy import copy_tree
-from lamina.plugins.hookspecs import hookimpl
-from lamina.tar.compression import DiffStream
-from lamina.tar.split import ExactTarStream, assemble
+from lamina.tar.split import assemble
 
 log = logging.getLogger("lamina.drivers.vfs")
 
 
-class VfsDriver(Driver):
+class VfsDriver(TreeDriver):
     name = "vfs"
     description = "full copies of every layer (reflink when available); works everywhere"
 
@@ -40,7 +48,6 @@ class VfsDriver(Driver):
         self.dirs = home / "dir"
         self.records = home / "records"
         self.dirs.mkdir(exist_ok=True)
-        self.records.mkdir(exist_ok=True)
         self.copy_method = "unknown"
 
     @classmethod
@@ -52,10 +59,11 @@ class VfsDriver(Driver):
         if not os.access(base, os.W_OK):
             raise DriverUnsupported(f"{base} is not writable")
 
-    def _dir(self, layer_id: str) -> Path:
-        if not layer_id or "/" in layer_id or layer_id.startswith("."):
-            raise LayerNotFound(f"bad layer id {layer_id!r}")
+    def layer_dir(self, layer_id: str) -> Path:
         return self.dirs / layer_id
+
+    def _dir(self, layer_id: str) -> Path:
+        return self.layer_path(layer_id)
 
     def _record(self, layer_id: str) -> Path:
         return self.records / f"{layer_id}.tsr"
@@ -71,7 +79,7 @@ class VfsDriver(Driver):
 
     @hookimpl
     def lamina_metadata(self, layer_id: str) -> dict[str, str]:
-        return {"dir": str(self._dir(layer_id)), "record": str(self._record(layer_id))}
+        return {"dir": str(self._dir(layer_id))}
 
     @hookimpl
     def lamina_create(self, layer_id: str, parent: str | None, rw: bool) -> bool:
@@ -83,9 +91,7 @@ class VfsDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        result = apply_recorded(diff, self._dir(layer_id), self._record(layer_id), whiteouts=DeleteWhiteouts(),
-                                warn=log.warning)
-        return result.size
+        return apply_tar(diff, self._dir(layer_id), whiteouts=DeleteWhiteouts(), warn=log.warning).size
 
     @hookimpl
     def lamina_mount(self, layer_id: str, options: list[str]) -> str:
@@ -99,23 +105,11 @@ class VfsDriver(Driver):
         return True
 
     @hookimpl
-    def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        return tree_changes(str(self._dir(layer_id)), str(self._dir(parent)) if parent else None)
-
-    @hookimpl
-    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
-        changes = self.lamina_changes(layer_id, parent)
-        return ExactTarStream(diff_tar(str(self._dir(layer_id)), changes), None)
-
-    @hookimpl
-    def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
-        return diff_size(str(self._dir(layer_id)), self.lamina_changes(layer_id, parent))
-
-    @hookimpl
     def lamina_tar_stream(self, layer_id: str) -> ByteStream:
+        """Only for a layer applied before lamina kept tar-split records itself."""
         record = self._record(layer_id)
         if not record.exists():
-            raise LayerNotFound(f"vfs layer {layer_id} has no tar record (a read-write layer?)")
+            raise LayerNotFound(f"vfs layer {layer_id[:12]} has no tar record (a read-write layer?)")
         return ExactTarStream(assemble(record, self._dir(layer_id)), None)
 
     @hookimpl

@@ -6,6 +6,8 @@ lamina, so it keeps working while lamina's modules move.
 
 On-disk layouts relied on (see drivers/vfs.py, drivers/overlay.py and core/content.py):
 
+- every tree driver's read-only layer: ``root/tar-split/<cache-id>.tsr`` (the exact-export record lamina
+  keeps; ``.tsr.sup`` beside it for superseded payloads);
 - vfs: ``root/vfs/dir/<cache-id>/`` (the tree) and ``root/vfs/records/<cache-id>.tsr`` (exact re-export
   record; read-only layers only);
 - overlay: ``root/overlay/<cache-id>/{diff,work,merged,link[,lower][,rw][,tarsplit]}``,
@@ -222,12 +224,8 @@ def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]])
     committed_ro = {lid for lid, r in layers.items() if not r[5] and r[4] == "committed"}
     if driver == "vfs":
         dirs = set(os.listdir(home / "dir")) if (home / "dir").is_dir() else set()
-        records = set(os.listdir(home / "records")) if (home / "records").is_dir() else set()
         problems += [f"vfs directory {n} has no layer row" for n in sorted(dirs - set(layers))]
         problems += [f"layer {lid[:12]} has no vfs directory" for lid in sorted(set(layers) - dirs)]
-        expected = {f"{lid}.tsr" for lid in committed_ro}
-        problems += [f"vfs record {n} has no read-only layer row" for n in sorted(records - expected)]
-        problems += [f"layer {n[:12]} has no vfs record" for n in sorted(expected - records)]
     elif driver == "overlay":
         entries = set(os.listdir(home)) if home.is_dir() else set()
         dirs = entries - _OVERLAY_FIXED
@@ -249,10 +247,13 @@ def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]])
                 continue
             if links.get(short) != f"../{lid}/diff":
                 problems.append(f"overlay layer {lid[:12]}: l/{short} is not its link")
-            if lid in committed_ro and not (d / "tarsplit").is_file():
-                problems.append(f"overlay layer {lid[:12]} has no tarsplit record")
             if bool(layers[lid][5]) != (d / "rw").exists():
                 problems.append(f"overlay layer {lid[:12]}: rw marker does not match its row")
     else:
         problems.append(f"no orphan check for driver {driver!r}")
+    store_records = home.parent / "tar-split"
+    records = {n for n in os.listdir(store_records) if n.endswith(".tsr")} if store_records.is_dir() else set()
+    expected = {f"{lid}.tsr" for lid in committed_ro}
+    problems += [f"tar-split record {n} has no read-only layer row" for n in sorted(records - expected)]
+    problems += [f"layer {n[:12]} has no tar-split record" for n in sorted(expected - records)]
     return problems

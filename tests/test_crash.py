@@ -27,10 +27,10 @@ def _big_tar(tmp_path: Path, n: int = 400, size: int = 256 * 1024) -> Path:
 
 
 def _driver_leftovers(root: Path, driver: str) -> list[str]:
+    """What the driver keeps (vfs: trees, tarball: streams) and the tar-split records lamina keeps."""
     base = root / "root" / driver
     out = []
-    for sub in ("dir", "records", "layers"):
-        d = base / sub
+    for d in (base / "dir", base / "records", base / "layers", root / "root" / "tar-split"):
         if d.exists():
             out.extend(os.listdir(d))
     return out

@@ -132,7 +132,7 @@ def test_no_import_cycles_inside_lamina() -> None:
     assert _cycles(graph) == []
 
 
-# Each package and the packages it may import, besides the leaf modules (errors, digest, config, driver, and
+# Each package and the packages it may import, besides the leaf modules (errors, digest, config, contract, and
 # the directory-fd primitives of lamina.fs.ops, which the tar-split record reads payloads back with).
 ALLOWED = {
     "lamina.tar": set(),
@@ -143,7 +143,7 @@ ALLOWED = {
     "lamina.images": {"lamina.tar", "lamina.formats", "lamina.store", "lamina.fs"},
     "lamina.registry": {"lamina.tar", "lamina.formats", "lamina.store", "lamina.images"},
 }
-LEAVES = {"lamina", "lamina.errors", "lamina.digest", "lamina.config", "lamina.driver", "lamina.fs.ops"}
+LEAVES = {"lamina", "lamina.errors", "lamina.digest", "lamina.config", "lamina.contract", "lamina.fs.ops"}
 
 
 def _package(mod: str) -> str:
@@ -161,3 +161,11 @@ def test_packages_import_only_downwards(pkg: str) -> None:
         if dep not in LEAVES and _package(dep) != pkg and _package(dep) not in ALLOWED[pkg]
     )
     assert wrong == []
+
+
+def test_lamina_driver_is_a_face_for_drivers_only() -> None:
+    """``lamina.driver`` gathers what driver authors use; nothing inside lamina but the kit leans on it."""
+    graph = _graph()
+    users = sorted(m for m, deps in graph.items() if "lamina.driver" in deps and not m.startswith("lamina.testing"))
+    assert users == []
+    assert {"lamina.contract", "lamina.fs.apply", "lamina.plugins.hookspecs"} <= graph["lamina.driver"]

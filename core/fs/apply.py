@@ -548,8 +548,7 @@ def apply_recorded(
     """
     rec = RecordWriter(record)
     try:
-        result = apply_tar(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn,
-                           implicit_dirs=implicit_dirs)
+        result = _apply(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn, implicit_dirs=implicit_dirs)
         stream.drain(rec.raw)
     except BaseException:
         rec.abort()
@@ -575,9 +574,30 @@ def apply_tar(
     directory that path shadows in the layers below (or None), whose owner, mode and time the new
     directory then takes, as a copy-up would. Without it such directories are 0755, owned by the caller.
 
+    When the layer store asked for the stream's tar-split record (``stream.record``) and no ``recorder``
+    is given, the record is kept there (:func:`apply_recorded`): that is what makes a tree driver's
+    layers export byte for byte without any code of its own.
+
     Raises :class:`~lamina.errors.FormatError` subclasses for bad input; the caller owns cleanup of
     ``target`` on failure.
     """
+    record = getattr(stream, "record", None)
+    if recorder is None and record is not None and not isinstance(target, int):
+        return apply_recorded(stream, target, record, whiteouts=whiteouts, warn=warn, implicit_dirs=implicit_dirs)
+    return _apply(stream, target, whiteouts=whiteouts, recorder=recorder, max_entries=max_entries, warn=warn,
+                  implicit_dirs=implicit_dirs)
+
+
+def _apply(
+    stream: DiffStream,
+    target: str | os.PathLike[str] | int,
+    *,
+    whiteouts: WhiteoutStrategy | None = None,
+    recorder: Recorder | None = None,
+    max_entries: int = 0,
+    warn: Callable[[str], None] | None = None,
+    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+) -> ApplyResult:
     reader = TarReader(stream, recorder, max_entries=max_entries)
     with Root(target, defer_close=True) as root:
         ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, implicit_dirs)

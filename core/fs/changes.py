@@ -12,7 +12,7 @@ import stat
 import tarfile
 from collections.abc import Iterator
 
-from lamina.driver import Change
+from lamina.contract import Change
 from lamina.tar import whiteout
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -11,7 +11,7 @@ from typing import Any
 
 import pluggy
 
-from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverInfo
+from lamina.contract import ByteStream, Capabilities, Change, Driver, DriverInfo
 from lamina.errors import OperationUnsupported
 from lamina.plugins.discovery import TimingObserver
 from lamina.tar.compression import DiffStream
@@ -97,6 +97,12 @@ class ActiveDriver:
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
         return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
+
+    def diff_root(self, layer_id: str) -> str | None:
+        """Where the files of a layer's diff are (for assembling its exact export), or None if the driver
+        does not say (it keeps the stream itself)."""
+        root = self.pm.hook.lamina_diff_root(layer_id=layer_id)
+        return None if root is None else str(root)
 
     def tar_stream(self, layer_id: str) -> ByteStream:
         stream: ByteStream | None = self.pm.hook.lamina_tar_stream(layer_id=layer_id)

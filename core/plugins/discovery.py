@@ -22,7 +22,7 @@ from typing import Any
 
 import pluggy
 
-from lamina.driver import Driver, DriverInfo, DriverRegistry
+from lamina.contract import Driver, DriverInfo, DriverRegistry
 from lamina.errors import DriverNotFound, LaminaError, PluginError
 from lamina.plugins import hookspecs
 
@@ -45,8 +45,9 @@ class DriverCatalog:
     observers: list[tuple[ModuleType, str]] = field(default_factory=list)  # modules wrapping operation hooks
 
 
-REQUIRED_HOOKS = ("lamina_capabilities", "lamina_create", "lamina_apply_diff", "lamina_tar_stream",
-                  "lamina_exists", "lamina_remove")
+REQUIRED_HOOKS = ("lamina_capabilities", "lamina_create", "lamina_apply_diff", "lamina_exists", "lamina_remove")
+# and at least one way to export a layer: lamina assembles it from a tree, or the driver keeps the stream
+EXPORT_HOOKS = ("lamina_diff_root", "lamina_tar_stream")
 
 
 def new_manager() -> pluggy.PluginManager:
@@ -115,6 +116,8 @@ def _register_module(pm: pluggy.PluginManager, module: ModuleType, source: str, 
         validate_impls(cls, f"{source} (driver {name!r})")
         have = {n for n, _ in _operation_impls(cls)}
         missing = [h for h in REQUIRED_HOOKS if h not in have]
+        if not any(h in have for h in EXPORT_HOOKS):
+            missing.append(" or ".join(EXPORT_HOOKS))
         if missing:
             raise PluginError(f"{source}: driver {name!r} lacks required hook(s) {', '.join(missing)}")
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from lamina.driver import ByteStream, Capabilities, Change, DriverRegistry
+    from lamina.contract import ByteStream, Capabilities, Change, DriverRegistry
     from lamina.tar.compression import DiffStream
 
 hookspec = pluggy.HookspecMarker("lamina")
@@ -56,7 +56,7 @@ def lamina_register_drivers(registry: DriverRegistry) -> None:
 
 @hookspec(firstresult=True)
 def lamina_capabilities() -> Capabilities:
-    """What the driver can do (see :class:`lamina.driver.Capabilities`)."""
+    """What the driver can do (see :class:`lamina.contract.Capabilities`)."""
     raise NotImplementedError
 
 
@@ -143,8 +143,18 @@ def lamina_diff_size(layer_id: str, parent: str | None) -> int:
 
 
 @hookspec(firstresult=True)
+def lamina_diff_root(layer_id: str) -> str:
+    """The directory holding the files a committed layer's diff wrote, under the names it wrote them (a
+    full-copy driver's layer tree, overlay's upper directory). lamina assembles the layer's exact tar
+    stream from this directory and the tar-split record it kept while the layer was applied."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
 def lamina_tar_stream(layer_id: str) -> ByteStream:
-    """The exact tar stream a committed layer was applied from (its sha256 is the DiffID)."""
+    """The exact tar stream a committed layer was applied from (its sha256 is the DiffID), for drivers
+    that keep the stream themselves (``Capabilities.keeps_stream``). lamina asks a tree driver only for a
+    layer it holds no tar-split record of (one applied before lamina kept the records)."""
     raise NotImplementedError
 
 
@@ -182,6 +192,7 @@ OPERATION_HOOKS = (
     "lamina_changes",
     "lamina_diff",
     "lamina_diff_size",
+    "lamina_diff_root",
     "lamina_tar_stream",
     "lamina_exists",
     "lamina_remove",

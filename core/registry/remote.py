@@ -241,12 +241,13 @@ def _pull_source(store: ImageStore, config: Config, img: ImageSource, ref: Refer
         futures = _prefetch(store, lease, img, config.registry.max_concurrent_downloads - 1, progress, cancel)
         try:
             loaded = load_source(store, img, lease, keep_layer_blobs=config.keep_layer_blobs, progress=progress)
-        except BaseException:
+        finally:
+            # Downloads nobody waited for (their layer turned up meanwhile) stop too: none may outlive the
+            # lease its blobs are held by.
             cancel.set()
             for f in futures:
                 f.cancel()
             concurrent.futures.wait(futures)
-            raise
     if not config.keep_layer_blobs:
         store.gc()
     return Pulled(loaded, str(ref))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import re
 import secrets
 import tarfile
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from lamina.store.leases import Lease
 
 
+log = logging.getLogger("lamina.store.containers")
 _NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 # (path, kind, target): moby's initlayer placeholders
@@ -173,9 +175,17 @@ class ContainerStore:
                 continue
             if state == "creating":
                 with self.db.tx() as db:
-                    db.execute("DELETE FROM containers WHERE id=? AND state='creating'", (cid,))
-            else:
+                    db.execute(
+                        "DELETE FROM containers WHERE id=? AND state='creating' AND owner_pid IS ?", (cid, pid)
+                    )
+                continue
+            if not self.db.claim("containers", cid, (pid, start), "state='removing'"):
+                continue  # another process is finishing it off
+            try:
                 self._finish_remove(cid, rw, init)
+            except Exception as e:
+                # Left claimed by this process: the next process after it tries again; the store stays usable.
+                log.warning("could not yet finish removing container %s: %s", cid[:12], e)
 
     # -- create / remove ------------------------------------------------------------------------------
     def create(
@@ -223,17 +233,28 @@ class ContainerStore:
         return self.find(cid)
 
     def remove(self, c: Container, force: bool = False) -> None:
-        if not force and self.layers.mount_count(c.rw_layer):
-            raise LayerInUse(f"container {c.short_id} is mounted; unmount it first or use --force")
-        if c.status == "running" and not force:
-            raise LayerInUse(f"container {c.short_id} is running; stop it first or use --force")
+        """Remove a container; mounted or running is a conflict unless ``force``. The checks and the mark
+        that starts the removal are one step under the mount lock, so a mount (a ``commit`` reading the
+        container, a ``lamina mount``) taken meanwhile either came first and is seen, or finds the
+        container's layer on its way out."""
         me = self.db.me
-        with self.db.tx() as db:
-            if db.execute(
-                "UPDATE containers SET state='removing', owner_pid=?, owner_start=? WHERE id=? AND state='created'",
-                (me[0], me[1], c.id),
-            ).rowcount != 1:
+        with self.layers.mount_lock(), self.db.tx() as db:
+            row = db.execute(
+                "SELECT status, run_pid, run_start FROM containers WHERE id=? AND state='created'", (c.id,)
+            ).fetchone()
+            if row is None:
                 raise ContainerNotFound(f"no container {c.name or c.short_id!r}")
+            if not force and self.layers.mount_count(c.rw_layer):
+                raise LayerInUse(f"container {c.name or c.short_id} is mounted; unmount it first or use --force")
+            if not force and row[0] == "running" and owner_alive(row[1], row[2]):
+                raise LayerInUse(f"container {c.name or c.short_id} is running; stop it first or use --force")
+            db.execute(
+                "UPDATE containers SET state='removing', owner_pid=?, owner_start=? WHERE id=?", (me[0], me[1], c.id)
+            )
+            db.execute(
+                "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=? AND rw=1",
+                (me[0], me[1], c.rw_layer),
+            )
         self._finish_remove(c.id, c.rw_layer, c.init_layer)
 
     def _finish_remove(self, cid: str, rw: str | None, init: str | None) -> None:

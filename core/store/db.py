@@ -222,23 +222,31 @@ class Database:
         with self._lock:
             try:
                 db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
-                raise StoreLocked(f"store {self.root} is busy: {e}") from e
+            except sqlite3.Error as e:
+                if "locked" in str(e) or "busy" in str(e):
+                    raise StoreLocked(f"store {self.root} is busy: {e}") from e
+                raise StoreError(f"cannot write the store database under {self.root}: {e}") from e
             try:
                 yield db
             except sqlite3.Error as e:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
             except BaseException:
-                db.execute("ROLLBACK")
+                self._rollback(db)
                 raise
             else:
                 try:
                     db.execute("COMMIT")
                 except sqlite3.Error as e:
-                    with contextlib.suppress(sqlite3.Error):
-                        db.execute("ROLLBACK")
+                    self._rollback(db)
                     raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        """Roll back what is left: after a full disk or an I/O error SQLite may have done it already."""
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
 
     def query(self, sql: str, params: tuple[Any, ...] = (), *, runroot: bool = False) -> list[Any]:
         """Rows of a read (a consistent snapshot of its own; inside :meth:`tx`, that transaction's view)."""
@@ -290,6 +298,19 @@ class Database:
             return bool(self.mdb.execute("SELECT 1 FROM sqlite_master WHERE name='mount_refs'").fetchone())
         except sqlite3.Error:
             return False
+
+    def claim(self, table: str, row_id: str, owner: tuple[int | None, float | None], where: str,
+              state: str | None = None) -> bool:
+        """Take over a row that a process no longer running owned (``owner``), so that of several processes
+        finishing off its work exactly one does; ``where`` narrows the row's states, ``state`` sets a new one.
+        True when this process now owns it."""
+        me = self.me
+        sets = "owner_pid=?, owner_start=?" + (", state=?" if state else "")
+        params: tuple[Any, ...] = (me[0], me[1], *((state,) if state else ()), row_id, owner[0], owner[1])
+        with self.tx() as db:
+            return db.execute(
+                f"UPDATE {table} SET {sets} WHERE id=? AND {where} AND owner_pid IS ? AND owner_start IS ?", params
+            ).rowcount == 1
 
     def get_meta(self, key: str) -> str | None:
         row = self.one("SELECT value FROM meta WHERE key=?", (key,))

@@ -221,6 +221,8 @@ class ImageStore:
                     moved.append(name)
             if lease is not None:
                 leased = lease.end_in(db)
+        if lease is not None:
+            lease.ended = True
         if leased:
             self.layers.collect(leased)
         return self.get(new.id), moved

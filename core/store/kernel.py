@@ -13,7 +13,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from lamina.config import Config
-from lamina.driver import DriverInfo
+from lamina.contract import DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError
 from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup

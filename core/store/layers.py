@@ -29,14 +29,15 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from lamina.contract import ByteStream, Change
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
-from lamina.driver import ByteStream, Change
 from lamina.errors import LayerInUse, LayerLimitExceeded, LayerNotFound
 from lamina.store.db import owner_alive
 from lamina.tar.compression import DiffStream, Readable, verify
-from lamina.tar.split import ExactTarStream
+from lamina.tar.split import ExactTarStream, assemble
 
 if TYPE_CHECKING:
     from lamina.store.kernel import Store
@@ -84,6 +85,8 @@ class LayerStore:
         self.runroot = store.runroot
         self.db = store.db
         self.driver = store.driver
+        self.records = store.root / "tar-split"  # the exact-export records of tree drivers' layers
+        self.records.mkdir(exist_ok=True, mode=0o700)
 
     @property
     def hook(self) -> Any:
@@ -95,20 +98,22 @@ class LayerStore:
         """Finish off layer operations of dead processes; return the CacheIDs cleaned."""
         rows = self.db.query("SELECT id, owner_pid, owner_start FROM layers WHERE state != 'committed'")
         cleaned = []
+        me = self.db.me
         for lid, pid, start in rows:
             if owner_alive(pid, start):
                 continue
+            if not self.db.claim("layers", lid, (pid, start), "state != 'committed'", state="removing"):
+                continue  # another process is finishing it off
             try:
                 self.driver.unmount(lid)
                 self.driver.remove(lid)
+                self._forget_record(lid)
             except Exception as e:
-                # Leave the row for a later attempt; the store stays usable meanwhile.
+                # Left claimed by this process: the next process after it tries again; the store stays usable.
                 log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
                 continue
             with self.db.tx() as db:
-                db.execute(
-                    "DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid IS ?", (lid, pid)
-                )
+                db.execute("DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid=?", (lid, me[0]))
                 db.execute("DELETE FROM lease_layers WHERE layer=?", (lid,))
             cleaned.append(lid)
         return cleaned
@@ -119,6 +124,8 @@ class LayerStore:
             "SELECT id FROM layers l WHERE state='committed' AND rw=0 AND refs=0"
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
             " AND NOT EXISTS (SELECT 1 FROM lease_layers k WHERE k.layer=l.id)"
+            " AND NOT EXISTS (SELECT 1 FROM images i WHERE i.top_layer=l.chain_id)"
+            " AND NOT EXISTS (SELECT 1 FROM containers n WHERE n.init_layer=l.id)"
         )]
         return self.collect(orphans) if orphans else []
 
@@ -136,7 +143,7 @@ class LayerStore:
         ]
         if not dead and not gone:
             return
-        with self._mount_lock():
+        with self.mount_lock():
             affected = set()
             with self.db.tx(runroot=True) as mdb:
                 for holder in dead:
@@ -199,7 +206,8 @@ class LayerStore:
 
     def users(self, cache_id: str) -> dict[str, list[str]]:
         """Who uses a layer: images (top layer), containers (init layer), child layers, leases."""
-        return _users(self.db.db, cache_id)
+        with self.db.tx() as db:  # one consistent view of every table
+            return _users(db, cache_id)
 
     # -- registration ---------------------------------------------------------------------------------
     def register(
@@ -227,6 +235,8 @@ class LayerStore:
             hash_compressed=expected_digest is not None,
         )
         lid = os.urandom(32).hex()
+        if not self.driver.capabilities().keeps_stream:
+            stream.record = str(self._record(lid))  # kept by lamina.fs.apply.apply_tar as the driver applies
         pcache = parent_row.cache_id if parent_row else None
         me = self.db.me
         try:
@@ -286,11 +296,23 @@ class LayerStore:
         return self.get(chain)
 
     def _discard(self, lid: str) -> None:
+        """Remove a layer this process created and did not commit. If the driver cannot remove it now, the
+        row stays ``removing`` under this process and the next process after it finishes the job."""
         try:
             self.driver.remove(lid)
-        finally:
+            self._forget_record(lid)
+        except Exception as e:
+            log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
+            me = self.db.me
             with self.db.tx() as db:
-                db.execute("DELETE FROM layers WHERE id=? AND state != 'committed'", (lid,))
+                db.execute(
+                    "UPDATE layers SET state='removing', owner_pid=?, owner_start=?"
+                    " WHERE id=? AND state != 'committed'",
+                    (me[0], me[1], lid),
+                )
+            return
+        with self.db.tx() as db:
+            db.execute("DELETE FROM layers WHERE id=? AND state != 'committed'", (lid,))
 
     # -- read-write layers (containers) ---------------------------------------------------------------
     def create_rw(self, parent: str) -> str:
@@ -328,7 +350,7 @@ class LayerStore:
     def remove_rw(self, lid: str) -> None:
         """Unmount (every holder) and remove a read-write layer."""
         me = self.db.me
-        with self.db.tx() as db:
+        with self.mount_lock(), self.db.tx() as db:
             db.execute(
                 "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=? AND rw=1",
                 (me[0], me[1], lid),
@@ -380,11 +402,18 @@ class LayerStore:
         removed: list[ChainID] = []
         me = self.db.me
         while lid is not None:
-            with self.db.tx() as db:
+            # under the mount lock, so that no mount reference is taken between the check and the mark
+            with self.mount_lock(), self.db.tx() as db:
                 row = db.execute(
                     "SELECT refs, parent, chain_id FROM layers WHERE id=? AND state='committed' AND rw=0", (lid,)
                 ).fetchone()
-                if row is None or row[0] > 0 or _users(db, lid, leases=False)["layers"]:
+                if row is None or row[0] > 0:
+                    break
+                users = _users(db, lid, leases=False)
+                if users["layers"]:
+                    break
+                if users["images"] or users["containers"]:
+                    log.warning("layer %s has no reference but is used by %s; kept", _short(row[2]), _describe(users))
                     break
                 if self.mount_count(lid) or self._leased(db, lid):
                     break
@@ -400,6 +429,7 @@ class LayerStore:
         """The content and row of a layer this process has marked ``removing``."""
         self.driver.unmount(lid)
         self.driver.remove(lid)
+        self._forget_record(lid)
         with self.db.tx() as db:
             db.execute("DELETE FROM layers WHERE id=?", (lid,))
             db.execute("DELETE FROM lease_layers WHERE layer=?", (lid,))
@@ -421,7 +451,7 @@ class LayerStore:
         containers are not the caller's to drop, and a layer with child layers or mounts keeps its last one.
         """
         me = self.db.me
-        with self.db.tx() as db:
+        with self.mount_lock(), self.db.tx() as db:
             row = db.execute(
                 "SELECT id, refs, parent FROM layers WHERE chain_id=? AND state='committed' AND rw=0", (chain,)
             ).fetchone()
@@ -431,6 +461,8 @@ class LayerStore:
             users = _users(db, lid)
             held = len(users["images"]) + len(users["containers"])
             if refs <= held:
+                if not held:
+                    raise LayerInUse(f"layer {_short(chain)} holds no reference to drop (an operation is using it)")
                 raise LayerInUse(f"layer {_short(chain)} is used by {_describe(users)}; remove those first")
             if refs == 1 and users["layers"]:
                 raise LayerInUse(
@@ -469,14 +501,25 @@ class LayerStore:
         return str(row[0])
 
     # -- content --------------------------------------------------------------------------------------
-    def export(self, chain: str) -> ByteStream:
-        """The driver's tar stream of a layer, as it gives it."""
-        return self.driver.tar_stream(self.get(chain).cache_id)
+    def _record(self, cache_id: str) -> Path:
+        return self.records / f"{cache_id}.tsr"
+
+    def _forget_record(self, cache_id: str) -> None:
+        for p in (self._record(cache_id), self.records / f"{cache_id}.tsr.sup"):
+            p.unlink(missing_ok=True)
 
     def export_exact(self, chain: str) -> ExactTarStream:
         """The exact tar stream of a layer, checked against its DiffID as it is read: an
-        :class:`~lamina.errors.ExportError` at its end if the layer no longer matches."""
+        :class:`~lamina.errors.ExportError` at its end if the layer no longer matches.
+
+        A tree driver's layer is assembled here, from the tar-split record kept while it was applied and
+        the files under the driver's diff root; a driver that keeps streams (or a layer applied before
+        lamina kept records) hands over its own stream."""
         layer = self.get(chain)
+        record = self._record(layer.cache_id)
+        root = self.driver.diff_root(layer.cache_id) if record.exists() else None
+        if root is not None:
+            return ExactTarStream(assemble(record, root), layer.diff_id)
         raw = self.driver.tar_stream(layer.cache_id)
 
         def chunks() -> Iterator[bytes]:
@@ -499,7 +542,9 @@ class LayerStore:
 
     # -- mounts ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _mount_lock(self) -> Iterator[None]:
+    def mount_lock(self) -> Iterator[None]:
+        """Serializes mount references against the decisions that need none to exist (removals).
+        Taken before any database transaction, never inside one."""
         fd = os.open(self.runroot / "mounts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -514,7 +559,7 @@ class LayerStore:
         """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
         self.driver.capabilities()
         holder = self._holder(scoped)
-        with self._mount_lock():
+        with self.mount_lock():
             if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (cache_id,)) is None:
                 raise LayerNotFound(f"layer {cache_id[:12]} was removed")
             # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
@@ -530,7 +575,7 @@ class LayerStore:
     def unmount(self, cache_id: str, force: bool = False, *, scoped: bool = False) -> int:
         """Drop one mount reference (every holder's with ``force``); return the count left."""
         holder = self._holder(scoped)
-        with self._mount_lock():
+        with self.mount_lock():
             with self.db.tx(runroot=True) as mdb:
                 if force:
                     mdb.execute("DELETE FROM mount_refs WHERE id=?", (cache_id,))

@@ -22,6 +22,8 @@ import time
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from lamina.errors import StoreError
+
 if TYPE_CHECKING:
     from lamina.store.kernel import Store
 
@@ -38,10 +40,16 @@ class Lease:
 
     # -- inside a caller's transaction ----------------------------------------------------------------
     def add_layer(self, db: sqlite3.Connection, cache_id: str) -> None:
+        self._check_open()
         db.execute("INSERT OR IGNORE INTO lease_layers VALUES (?, ?)", (self.id, cache_id))
 
     def add_blob(self, db: sqlite3.Connection, digest: str) -> None:
+        self._check_open()
         db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (self.id, digest))
+
+    def _check_open(self) -> None:
+        if self.ended:
+            raise StoreError(f"lease {self.id[:12]} has ended; nothing more can be held by it")
 
     def end_in(self, db: sqlite3.Connection) -> list[str]:
         """End the lease inside a caller's transaction; returns the layers it held, for collection once
@@ -54,8 +62,7 @@ class Lease:
             (self.id,),
         ).fetchone() is not None
         db.execute("DELETE FROM leases WHERE id=?", (self.id,))
-        self.ended = True
-        return layers
+        return layers  # the caller marks the lease ended once its transaction has committed
 
     # -- own transactions -----------------------------------------------------------------------------
     def blob(self, digest: str) -> None:
@@ -69,6 +76,7 @@ class Lease:
             return
         with self._store.db.tx() as db:
             layers = self.end_in(db)
+        self.ended = True
         self._store.collect(layers, blobs=self.had_blobs)
 
     def __enter__(self) -> Lease:

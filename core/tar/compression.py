@@ -236,6 +236,9 @@ class DiffStream:
         hash_compressed: bool = False,
     ) -> None:
         self.max_entries = max_entries  # read by lamina.tar.format.TarReader
+        # Where lamina.fs.apply.apply_tar keeps the tar-split record of this stream (set by the layer
+        # store for drivers that do not keep streams themselves), or None.
+        self.record: str | None = None
         try:
             prefix = src.read(8)
         except OSError as e:

@@ -5,7 +5,7 @@ on a committed parent gets new directories, symlinks, FIFOs and device nodes, bu
 hard links to the parent's inodes: creating a snapshot costs one directory entry per file, not a copy.
 
 Why sharing inodes is safe here: the only code that writes into a committed layer is
-:func:`lamina.fs.apply.apply_tar`, and for anything that is not a directory it removes the existing path and
+:func:`lamina.driver.apply_tar`, and for anything that is not a directory it removes the existing path and
 creates a new inode (``O_CREAT | O_EXCL``, ``symlink``, ``mknod``, ``link``); ownership, mode, xattrs and
 times are only ever set on an inode it just created, or on a directory (and directories are never
 shared). A diff that changes only the metadata of a file carries a full entry for that file, so the
@@ -14,7 +14,7 @@ layer gets its own copy and the parent's inode is not touched. Whiteouts unlink 
 What is not safe, and so not done:
 
 * read-write layers (``rw=True``) are handed to containers, which write files in place: they, and any
-  layer created on top of one, get private copies (:func:`lamina.fs.treecopy.copy_tree`, reflinks where the
+  layer created on top of one, get private copies (:func:`lamina.driver.copy_tree`, reflinks where the
   filesystem has them).
 * A mounted committed layer is read-only by convention only. Writing *in place* through its path changes
   the parent and every other layer sharing the inode; :meth:`lamina.ImageService.export_layer` of each of
@@ -23,8 +23,10 @@ What is not safe, and so not done:
 On-disk layout under the driver's home::
 
     dir/<cache-id>/            the layer's complete root filesystem
-    records/<cache-id>.tsr     tar-split record of the applied diff (exact re-export)
     rw/<cache-id>              marker: a read-write layer (its files are private copies)
+
+Changes, diffs, diff sizes and layer-id checks come from :class:`lamina.driver.TreeDriver`; lamina keeps
+the tar-split record of each applied layer and assembles exact exports from the tree itself.
 
 Options (``[storage.options.hardlink]``): ``copy_below`` (integer, bytes, default 0): regular files
 smaller than this are copied instead of linked.
@@ -42,14 +44,19 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from lamina.driver import ByteStream, Capabilities, Change, DiffStream, Driver, DriverRegistry, existing_ancestor
+from lamina.driver import (
+    Capabilities,
+    DeleteWhiteouts,
+    DiffStream,
+    DriverRegistry,
+    TreeDriver,
+    apply_tar,
+    copy_tree,
+    existing_ancestor,
+    hookimpl,
+    rmtree,
+)
 from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
-from lamina.fs.apply import DeleteWhiteouts, apply_recorded
-from lamina.fs.changes import diff_size, diff_tar, tree_changes
-from lamina.fs.ops import rmtree
-from lamina.fs.treecopy import copy_tree
-from lamina.plugins.hookspecs import hookimpl
-from lamina.tar.split import ExactTarStream, assemble
 
 __all__ = ["HardlinkDriver", "lamina_register_drivers"]
 
@@ -70,7 +77,7 @@ class SnapshotStats:
         self.copied = 0
 
 
-class HardlinkDriver(Driver):
+class HardlinkDriver(TreeDriver):
     name = "hardlink"
     description = "full trees; unchanged files hard-linked to the parent layer's (lamina-driver-hardlink)"
 
@@ -78,9 +85,8 @@ class HardlinkDriver(Driver):
         super().__init__(home, runhome, options)
         self.copy_below = int(self.options.get("copy_below", OPTIONS["copy_below"]))
         self.dirs = home / "dir"
-        self.records = home / "records"
         self.rw_marks = home / "rw"
-        for d in (self.dirs, self.records, self.rw_marks):
+        for d in (self.dirs, self.rw_marks):
             d.mkdir(exist_ok=True)
         self.last: SnapshotStats | None = None
 
@@ -108,13 +114,11 @@ class HardlinkDriver(Driver):
             shutil.rmtree(probe_dir, ignore_errors=True)
 
     # -- paths ----------------------------------------------------------------------------------------
-    def _dir(self, layer_id: str) -> Path:
-        if not layer_id or "/" in layer_id or layer_id.startswith("."):
-            raise LayerNotFound(f"bad layer id {layer_id!r}")
+    def layer_dir(self, layer_id: str) -> Path:
         return self.dirs / layer_id
 
-    def _record(self, layer_id: str) -> Path:
-        return self.records / f"{layer_id}.tsr"
+    def _dir(self, layer_id: str) -> Path:
+        return self.layer_path(layer_id)
 
     def _rw_mark(self, layer_id: str) -> Path:
         return self.rw_marks / layer_id
@@ -139,7 +143,6 @@ class HardlinkDriver(Driver):
     def lamina_metadata(self, layer_id: str) -> dict[str, str]:
         return {
             "dir": str(self._dir(layer_id)),
-            "record": str(self._record(layer_id)),
             "files": "private copies" if self._is_rw(layer_id) else "shared with parent",
         }
 
@@ -167,10 +170,8 @@ class HardlinkDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        # Unpacks safely and keeps the tar-split record that makes the export byte-exact.
-        result = apply_recorded(diff, self._dir(layer_id), self._record(layer_id), whiteouts=DeleteWhiteouts(),
-                                warn=log.warning)
-        return result.size
+        # Unpacks safely; lamina keeps the tar-split record that makes the export byte-exact.
+        return apply_tar(diff, self._dir(layer_id), whiteouts=DeleteWhiteouts(), warn=log.warning).size
 
     # -- mounting -------------------------------------------------------------------------------------
     @hookimpl
@@ -183,27 +184,6 @@ class HardlinkDriver(Driver):
     @hookimpl
     def lamina_unmount(self, layer_id: str) -> bool:
         return True
-
-    # -- diffs and tar streams ------------------------------------------------------------------------
-    @hookimpl
-    def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        return tree_changes(str(self._dir(layer_id)), str(self._dir(parent)) if parent else None)
-
-    @hookimpl
-    def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
-        changes = self.lamina_changes(layer_id, parent)
-        return ExactTarStream(diff_tar(str(self._dir(layer_id)), changes), None)
-
-    @hookimpl
-    def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
-        return diff_size(str(self._dir(layer_id)), self.lamina_changes(layer_id, parent))
-
-    @hookimpl
-    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
-        record = self._record(layer_id)
-        if not record.exists():
-            raise LayerNotFound(f"hardlink layer {layer_id} has no tar record (a read-write layer?)")
-        return ExactTarStream(assemble(record, self._dir(layer_id)), None)
 
     # -- lifecycle ------------------------------------------------------------------------------------
     @hookimpl
@@ -220,9 +200,7 @@ class HardlinkDriver(Driver):
             os.replace(d, trash)
         if trash.exists():
             remove_tree(trash)
-        record = self._record(layer_id)
-        for p in (record, record.with_name(record.name + ".sup"), self._rw_mark(layer_id)):
-            p.unlink(missing_ok=True)
+        self._rw_mark(layer_id).unlink(missing_ok=True)
         return True
 
     @hookimpl
@@ -368,7 +346,7 @@ def _setxattr(target: int | str, key: str, value: bytes) -> None:
 
 def remove_tree(path: Path) -> None:
     """Remove a layer's tree; without root, directories we may not write, read or search are opened up
-    first by ``lamina.fs.ops.rmtree``, which changes directories only, never the (shared) files."""
+    first by ``lamina.driver.rmtree``, which changes directories only, never the (shared) files."""
     try:
         rmtree(path)
     except OSError as e:

@@ -1,0 +1,176 @@
+"""The ``lamina`` click group, its global options and the helpers every command module shares.
+
+Only :mod:`click` and the standard library's light modules are imported here; :mod:`json`,
+:mod:`traceback` and everything of lamina's beyond ``__version__`` are imported where they are used.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from lamina import __version__
+
+if TYPE_CHECKING:
+    from lamina.service import ImageService
+
+
+@dataclass
+class Globals:
+    config: str | None
+    root: str | None
+    runroot: str | None
+    driver: str | None
+    format: str
+    debug: bool
+
+    def open(self) -> ImageService:
+        from lamina.service import ImageService
+
+        return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.3g}{unit}"
+        size /= 1000
+    return str(n)
+
+
+def print_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
+    widths = [len(h) for h in headers]
+    for r in rows:
+        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    for r in [headers, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def print_lines(lines: Iterable[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+def emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
+    if g.format == "json":
+        import json
+
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        table()
+
+
+def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--format`` on a command too (``lamina info --format json``), overriding the global one."""
+
+    def set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+        if value is not None and isinstance(ctx.obj, Globals):
+            ctx.obj.format = value
+
+    return click.option("--format", "fmt_local", type=click.Choice(["table", "json"]), default=None,
+                        expose_value=False, callback=set_format, help="Output format.")(f)
+
+
+def ago(ts: float | None) -> str:
+    import time
+
+    if ts is None:
+        return "unknown"
+    d = max(0.0, time.time() - ts)
+    for unit, secs in (("years", 31536000), ("months", 2592000), ("weeks", 604800), ("days", 86400),
+                       ("hours", 3600), ("minutes", 60)):
+        if d >= 2 * secs:
+            return f"{int(d // secs)} {unit} ago"
+    return "About a minute ago" if d >= 60 else "Less than a minute ago"
+
+
+def to_platform(value: str | None) -> Any:
+    """The ``--platform OS/ARCH[/VARIANT]`` of a command, parsed; None when it was not given."""
+    if value is None:
+        return None
+    from lamina.formats.oci import parse_platform
+
+    return parse_platform(value)
+
+
+class Progress:
+    """Per-layer progress on a terminal (stderr); silent otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, ev: dict[str, Any]) -> None:
+        if not self.tty or ev.get("event") != "layer":
+            return
+        from lamina.digest import short
+
+        head = f"layer {ev['index']}/{ev['count']} {short(ev['diff_id'])}"
+        status = ev.get("status")
+        if status == "applying":
+            total = ev.get("size")
+            done = human(int(ev.get("done", 0)))
+            line = f"{head}: applying {done}" + (f" / {human(total)}" if total else "")
+            sys.stderr.write("\r\x1b[2K" + line)
+        else:
+            sys.stderr.write("\r\x1b[2K" + f"{head}: {'already present' if status == 'exists' else 'done'}\n")
+        sys.stderr.flush()
+
+
+class LaminaGroup(click.Group):
+    """Turns lamina's errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from lamina.errors import LaminaError
+
+        debug = "--debug" in sys.argv or os.environ.get("LAMINA_DEBUG") == "1"
+        try:
+            return super().invoke(ctx)
+        except LaminaError as e:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            fail(e.message)
+        except KeyboardInterrupt:
+            fail("interrupted", 130)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except BrokenPipeError:
+            sys.exit(141)
+        except Exception as e:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            fail(f"internal error: {type(e).__name__}: {e} (run with --debug for details)", 2)
+
+
+@click.group(cls=LaminaGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="lamina")
+@click.option("--config", "config", metavar="FILE", help="Configuration file (default: $LAMINA_CONFIG, "
+              "/etc/lamina/storage.toml, $XDG_CONFIG_HOME/lamina/storage.toml).")
+@click.option("--root", metavar="DIR", help="Store root directory.")
+@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts).")
+@click.option("--driver", metavar="NAME", help="Storage driver (also $LAMINA_DRIVER).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
+              help="Output format.")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, root: str | None, runroot: str | None, driver: str | None,
+        fmt: str, debug: bool) -> None:
+    """lamina: container image and layer storage with pluggable drivers."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
+    ctx.obj = Globals(config, root, runroot, driver, fmt, debug)

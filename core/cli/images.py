@@ -1,0 +1,207 @@
+"""Image commands: ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``, ``untag`` and
+``rmi``."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from lamina.cli.app import (
+    Globals,
+    Progress,
+    ago,
+    cli,
+    emit,
+    format_option,
+    human,
+    print_lines,
+    print_table,
+    to_platform,
+)
+
+
+@cli.command()
+@click.option("-i", "--input", "path", required=True, type=click.Path(), metavar="PATH",
+              help="docker-archive or OCI layout: a directory or a tar file (detected automatically).")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pick from an index (default: this host).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@format_option
+@click.pass_obj
+def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
+    """Load images from a docker-archive or an OCI image layout."""
+    plat = to_platform(platform)
+    progress = None if quiet else Progress()
+    with g.open() as svc:
+        loaded = svc.load_image(path, platform=plat, progress=progress)
+        data = [{"Id": r.image.id, "Names": list(r.image.names)} for r in loaded]
+        from lamina.formats.reference import parse_normalized
+
+        lines = []
+        for r in loaded:
+            tags = [parse_normalized(n).familiar() for n in r.image.tags]
+            lines += [f"Loaded image: {t}" for t in tags] or [f"Loaded image ID: {r.image.id}"]
+    emit(g, data, lambda: print_lines(lines))
+
+
+@cli.command()
+@click.option("-o", "--output", required=True, type=click.Path(), metavar="PATH", help="Where to write.")
+@click.option("--format", "archive_format", type=click.Choice(["docker-archive", "oci-dir", "oci-archive"]),
+              default="docker-archive", show_default=True, help="Archive format.")
+@click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
+@click.pass_obj
+def save(g: Globals, output: str, archive_format: str, refs: tuple[str, ...]) -> None:
+    """Save images as a docker-archive, an OCI layout directory or an OCI layout tar."""
+    with g.open() as svc:
+        svc.export_image(list(refs), output, archive_format)
+    emit(g, {"output": output, "format": archive_format}, lambda: None)
+
+
+@cli.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("ref", required=False, metavar="[REFERENCE]")
+@click.option("-c", "--change", "changes", multiple=True, metavar="INSTRUCTION",
+              help="Dockerfile instruction to apply (CMD, ENTRYPOINT, ENV, EXPOSE, LABEL, USER, WORKDIR, VOLUME, "
+                   "STOPSIGNAL); repeatable.")
+@click.option("-m", "--message", default="", help="Comment for the history entry.")
+@click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform recorded in the config (default: host).")
+@format_option
+@click.pass_obj
+def import_(g: Globals, file: str, ref: str | None, changes: tuple[str, ...], message: str,
+            platform: str | None) -> None:
+    """Create a one-layer image from a root filesystem tarball (- for stdin); prints the image ID."""
+    from lamina.errors import FormatError
+
+    plat = to_platform(platform)
+    with g.open() as svc:
+        if file == "-":
+            img = svc.import_image(sys.stdin.buffer, ref, changes=list(changes), message=message, platform=plat)
+        else:
+            try:
+                f = open(file, "rb")  # noqa: SIM115 - closed below
+            except OSError as e:
+                raise FormatError(f"cannot open {file}: {e.strerror}") from e
+            with f:
+                img = svc.import_image(f, ref, changes=list(changes), message=message, platform=plat)
+    emit(g, {"Id": img.id, "RepoTags": img.repo_tags}, lambda: click.echo(img.id))
+
+
+def _filters(values: tuple[str, ...]) -> dict[str, list[str]]:
+    from lamina.errors import ImageError
+
+    out: dict[str, list[str]] = {}
+    for v in values:
+        key, eq, val = v.partition("=")
+        if not eq or not key:
+            raise ImageError(f"bad filter {v!r}: use key=value")
+        out.setdefault(key, []).append(val)
+    return out
+
+
+@cli.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Show intermediate images too.")
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="dangling=true|false, label=KEY[=VALUE], before=IMAGE, since=IMAGE, reference=PATTERN.")
+@click.option("--digests", is_flag=True, help="Show digests.")
+@click.option("-q", "--quiet", is_flag=True, help="Print image IDs only.")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate IDs.")
+@format_option
+@click.pass_obj
+def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quiet: bool, no_trunc: bool) -> None:
+    """List images."""
+    with g.open() as svc:
+        items = svc.images(_filters(filters), all=all_)
+
+    def ident(i: str) -> str:
+        return i if no_trunc else i.split(":", 1)[1][:12]
+
+    if quiet and g.format == "table":
+        print_lines(dict.fromkeys(ident(s.id) for s in items))
+        return
+    rows = []
+    for s in items:
+        tags = s.repo_tags or ["<none>:<none>"]
+        dig = {d.split("@", 1)[0]: d.split("@", 1)[1] for d in s.repo_digests}
+        for t in tags:
+            repo, _, tag = t.rpartition(":")
+            row = [repo, tag]
+            if digests:
+                row.append(dig.get(repo, "<none>"))
+            row += [ident(s.id), ago(s.created), human(s.size)]
+            rows.append(row)
+    headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"]
+    emit(g, [s.as_dict() for s in items], lambda: print_table(rows, headers))
+
+
+@cli.command()
+@click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
+@click.pass_obj
+def inspect(g: Globals, refs: tuple[str, ...]) -> None:
+    """Show images' details as JSON."""
+    import json
+
+    with g.open() as svc:
+        out = [svc.inspect_image(r) for r in refs]
+    click.echo(json.dumps(out, indent=2))
+
+
+@cli.command()
+@click.argument("ref", metavar="IMAGE")
+@click.option("--no-trunc", is_flag=True, help="Do not truncate output.")
+@format_option
+@click.pass_obj
+def history(g: Globals, ref: str, no_trunc: bool) -> None:
+    """Show the history of an image, newest first."""
+    from lamina.images.transfer import parse_time
+
+    with g.open() as svc:
+        items = svc.image_history(ref)
+
+    def cut(text: str, n: int) -> str:
+        return text if no_trunc or len(text) <= n else text[: n - 3] + "..."
+
+    rows = [[h["Id"] if no_trunc or h["Id"] == "<missing>" else h["Id"].split(":", 1)[1][:12],
+             ago(parse_time(h["Created"])), cut(h["CreatedBy"], 45), human(h["Size"]), cut(h["Comment"], 30)]
+            for h in items]
+    emit(g, items, lambda: print_table(rows, ["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]))
+
+
+@cli.command()
+@click.argument("source", metavar="SOURCE")
+@click.argument("targets", metavar="TARGET...", nargs=-1, required=True)
+@format_option
+@click.pass_obj
+def tag(g: Globals, source: str, targets: tuple[str, ...]) -> None:
+    """Give an image more names."""
+    with g.open() as svc:
+        names = [svc.tag_image(source, t) for t in targets]
+    emit(g, {"names": names}, lambda: None)
+
+
+@cli.command()
+@click.argument("ref", metavar="IMAGE")
+@click.argument("names", metavar="NAME...", nargs=-1, required=True)
+@format_option
+@click.pass_obj
+def untag(g: Globals, ref: str, names: tuple[str, ...]) -> None:
+    """Remove names from an image; an image left without a name (and no children) is deleted."""
+    out: list[dict[str, str]] = []
+    with g.open() as svc:
+        for n in names:
+            out += svc.untag_image(ref, n)
+    emit(g, out, lambda: print_lines(f"{k}: {v}" for d in out for k, v in d.items()))
+
+
+@cli.command()
+@click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Remove an image referenced in several repositories.")
+@click.option("--no-prune", is_flag=True, help="Keep untagged parent images.")
+@format_option
+@click.pass_obj
+def rmi(g: Globals, refs: tuple[str, ...], force: bool, no_prune: bool) -> None:
+    """Remove images: by name untags (deleting the image with its last name), by ID deletes."""
+    out: list[dict[str, str]] = []
+    with g.open() as svc:
+        for r in refs:
+            out += svc.image_delete(r, force=force, prune=not no_prune)
+    emit(g, out, lambda: print_lines(f"{k}: {v}" for d in out for k, v in d.items()))
