@@ -27,13 +27,13 @@ from lamina.contract import (
     DriverRegistry,
     existing_ancestor,
 )
-from lamina.errors import LayerNotFound
+from lamina.errors import ExportError, LayerNotFound
 from lamina.fs.apply import ApplyResult, DeleteWhiteouts, WhiteoutStrategy, apply_tar
 from lamina.fs.changes import diff_size, diff_tar, tree_changes
 from lamina.fs.ops import rmtree
 from lamina.fs.treecopy import copy_tree
 from lamina.plugins.hookspecs import hookimpl
-from lamina.tar.split import ExactTarStream
+from lamina.tar.split import ExactTarStream, assemble
 
 __all__ = [
     "ApplyResult",
@@ -76,7 +76,8 @@ class TreeDriver(Driver):
     A subclass implements :meth:`layer_dir` (where a layer's tree lives), ``lamina_create``,
     ``lamina_apply_diff`` (with :func:`apply_tar`), ``lamina_remove`` and the rest of its lifecycle; it
     gets changes, diffs and diff sizes by comparing trees, the directory lamina assembles exact exports
-    from, and layer-id validation (:meth:`layer_path`).
+    from, and layer-id validation (:meth:`layer_path`). A driver that kept tar-split records itself before
+    lamina did names them in :meth:`legacy_record`, so those layers still export.
     """
 
     def layer_dir(self, layer_id: str) -> Path:
@@ -102,3 +103,27 @@ class TreeDriver(Driver):
     @hookimpl
     def lamina_diff_root(self, layer_id: str) -> str:
         return str(self.layer_path(layer_id))
+
+    # -- layers from before lamina kept the records ---------------------------------------------------
+    def legacy_record(self, layer_id: str) -> Path | None:
+        """Where this driver kept a layer's tar-split record itself, before lamina kept them (None: it never
+        did). lamina asks for the stream of a layer it holds no record of; :meth:`lamina_tar_stream`
+        answers from this record, and :meth:`forget_legacy_record` removes it with the layer."""
+        return None
+
+    @hookimpl
+    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
+        record = self.legacy_record(check_layer_id(layer_id, self.name))
+        if record is None or not record.exists():
+            raise ExportError(
+                f"{self.name} layer {layer_id[:12]} has no tar-split record, so it cannot be exported exactly; "
+                "load or pull its image again"
+            )
+        return ExactTarStream(assemble(record, self.layer_path(layer_id)), None)
+
+    def forget_legacy_record(self, layer_id: str) -> None:
+        """Call from ``lamina_remove``: the legacy record (and its kept payloads) go with the layer."""
+        record = self.legacy_record(check_layer_id(layer_id, self.name))
+        if record is not None:
+            for p in (record, record.with_name(record.name + ".sup")):
+                p.unlink(missing_ok=True)

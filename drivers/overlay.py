@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverError, DriverUnsupported, LayerNotFound
+from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound
 from lamina.fs.apply import apply_tar
 from lamina.fs.changes import diff_size, diff_tar, entry_differs, tree_changes
 from lamina.fs.ops import remove_at, rmtree, write_atomic
@@ -542,7 +542,10 @@ class OverlayDriver(Driver):
         d = self._dir(layer_id)
         record = d / "tarsplit"
         if not record.exists():
-            raise LayerNotFound(f"overlay layer {layer_id} has no tar record (a read-write layer?)")
+            raise ExportError(
+                f"overlay layer {layer_id[:12]} has no tar-split record, so it cannot be exported exactly; "
+                "load or pull its image again"
+            )
         return ExactTarStream(assemble(record, d / "diff"), None)
 
     # -- hooks: lifecycle ---------------------------------------------------------------------------

@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from lamina.driver import (
-    ByteStream,
     Capabilities,
     DeleteWhiteouts,
     DiffStream,
     DriverRegistry,
-    ExactTarStream,
     TreeDriver,
     apply_tar,
     copy_tree,
@@ -34,7 +32,6 @@ from lamina.driver import (
     rmtree,
 )
 from lamina.errors import DriverUnsupported, LayerNotFound
-from lamina.tar.split import assemble
 
 log = logging.getLogger("lamina.drivers.vfs")
 
@@ -65,7 +62,7 @@ class VfsDriver(TreeDriver):
     def _dir(self, layer_id: str) -> Path:
         return self.layer_path(layer_id)
 
-    def _record(self, layer_id: str) -> Path:
+    def legacy_record(self, layer_id: str) -> Path | None:
         return self.records / f"{layer_id}.tsr"
 
     @hookimpl
@@ -105,14 +102,6 @@ class VfsDriver(TreeDriver):
         return True
 
     @hookimpl
-    def lamina_tar_stream(self, layer_id: str) -> ByteStream:
-        """Only for a layer applied before lamina kept tar-split records itself."""
-        record = self._record(layer_id)
-        if not record.exists():
-            raise LayerNotFound(f"vfs layer {layer_id[:12]} has no tar record (a read-write layer?)")
-        return ExactTarStream(assemble(record, self._dir(layer_id)), None)
-
-    @hookimpl
     def lamina_exists(self, layer_id: str) -> bool:
         return self._dir(layer_id).exists()
 
@@ -124,8 +113,7 @@ class VfsDriver(TreeDriver):
             os.replace(d, trash)  # first, so a half-removed tree is never mistaken for a layer
         if trash.exists():
             rmtree(trash)
-        for p in (self._record(layer_id), Path(str(self._record(layer_id)) + ".sup")):
-            p.unlink(missing_ok=True)
+        self.forget_legacy_record(layer_id)
         return True
 
     @hookimpl

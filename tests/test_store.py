@@ -13,7 +13,7 @@ import pytest
 
 from lamina import ImageService
 from lamina.errors import LayerInUse, StoreError
-from lamina.store.db import Database
+from lamina.store.db import SCHEMA_VERSION, Database
 from lamina.testing import TarBuilder
 
 
@@ -116,7 +116,7 @@ def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
         db.execute("UPDATE meta SET value='1' WHERE key='schema'")
     db.close()
     with _svc(tmp_path) as svc:
-        assert svc.store.db.get_meta("schema") == "2"
+        assert svc.store.db.get_meta("schema") == str(SCHEMA_VERSION)
         assert svc.store.db.query("SELECT * FROM leases") == []  # the dead process's lease ended
         assert [x.chain_id for x in svc.layers()] == [layer.chain_id]  # its reference kept it
         tables = {r[0] for r in svc.store.db.query("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -144,3 +144,29 @@ def test_exports_are_assembled_by_the_store_and_old_layers_still_export(tmp_path
             assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == layer.diff_id
         svc.release_layer(layer.chain_id)
         assert not list(legacy.iterdir()) and not list((tmp_path / "root" / "tar-split").iterdir())
+
+
+def test_a_layer_without_any_record_says_so_on_export(tmp_path: Path) -> None:
+    from lamina.errors import ExportError
+
+    with _svc(tmp_path) as svc:
+        layer = svc.register_layer(io.BytesIO(TarBuilder().file("a", b"1").build()))
+        (tmp_path / "root" / "tar-split" / f"{layer.cache_id}.tsr").unlink()
+        with pytest.raises(ExportError, match=r"vfs layer [0-9a-f]{12} has no tar-split record"), \
+                svc.export_layer(layer.chain_id) as f:
+            f.read()
+
+
+def test_a_tree_driver_hook_overridden_without_the_marker_is_refused() -> None:
+    from lamina.driver import Change, TreeDriver
+    from lamina.errors import PluginError
+    from lamina.plugins.discovery import validate_impls
+
+    class Forgetful(TreeDriver):
+        name = "forgetful"
+
+        def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
+            return []
+
+    with pytest.raises(PluginError, match="lamina_changes overrides the hook of TreeDriver without @hookimpl"):
+        validate_impls(Forgetful, "test")

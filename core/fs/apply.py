@@ -534,12 +534,13 @@ class _FastPath:
 
 def apply_recorded(
     stream: DiffStream,
-    target: str | os.PathLike[str],
+    target: str | os.PathLike[str] | int,
     record: str | os.PathLike[str],
     *,
     whiteouts: WhiteoutStrategy | None = None,
     warn: Callable[[str], None] | None = None,
     implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+    max_entries: int = 0,
 ) -> ApplyResult:
     """:func:`apply_tar`, keeping a :mod:`lamina.tar.split` record at ``record`` for byte-exact export.
 
@@ -548,7 +549,8 @@ def apply_recorded(
     """
     rec = RecordWriter(record)
     try:
-        result = _apply(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn, implicit_dirs=implicit_dirs)
+        result = _apply(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn, implicit_dirs=implicit_dirs,
+                        max_entries=max_entries)
         stream.drain(rec.raw)
     except BaseException:
         rec.abort()
@@ -582,8 +584,9 @@ def apply_tar(
     ``target`` on failure.
     """
     record = getattr(stream, "record", None)
-    if recorder is None and record is not None and not isinstance(target, int):
-        return apply_recorded(stream, target, record, whiteouts=whiteouts, warn=warn, implicit_dirs=implicit_dirs)
+    if recorder is None and record is not None:
+        return apply_recorded(stream, target, record, whiteouts=whiteouts, warn=warn, implicit_dirs=implicit_dirs,
+                              max_entries=max_entries)
     return _apply(stream, target, whiteouts=whiteouts, recorder=recorder, max_entries=max_entries, warn=warn,
                   implicit_dirs=implicit_dirs)
 

@@ -32,6 +32,10 @@ class ActiveDriver:
         """The plugin manager's hook relay, for tests and tools that call a hook by name."""
         return self.pm.hook
 
+    def implements(self, hook: str) -> bool:
+        """Whether the driver itself (not only an observer wrapping it) implements ``hook``."""
+        return any(not impl.hookwrapper and not impl.wrapper for impl in getattr(self.pm.hook, hook).get_hookimpls())
+
     def _unsupported(self, what: str) -> OperationUnsupported:
         return OperationUnsupported(f"driver {self.name!r} cannot {what}")
 

@@ -69,7 +69,16 @@ def validate_impls(obj: object, where: str) -> None:
         if not attr.startswith("lamina_"):
             continue
         fn = getattr(obj, attr, None)
-        if fn is None or not hasattr(fn, "lamina_impl"):
+        if fn is None:
+            continue
+        if not hasattr(fn, "lamina_impl"):
+            if isinstance(obj, type):
+                marked = next((base for base in obj.__mro__[1:] if hasattr(vars(base).get(attr), "lamina_impl")), None)
+                if marked is not None:
+                    raise PluginError(
+                        f"{where}: {attr} overrides the hook of {marked.__name__} without @hookimpl, so it would "
+                        "never be called"
+                    )
             continue
         allowed = _spec_args(attr)
         if allowed is None:

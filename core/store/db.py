@@ -27,11 +27,12 @@ from typing import Any
 
 from lamina.errors import StoreError, StoreLocked
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
 BUSY_TIMEOUT_S = 60.0
 
 # One place for every table of lamina.db. Version 1 kept leases per process (layer_leases, content_leases);
-# version 2 has lease objects that own layers and blobs.
+# version 2 has lease objects that own layers and blobs; version 3 has the same tables, and the exact-export
+# records of tree drivers' layers under <root>/tar-split, which an older lamina would not know to keep.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -34,8 +35,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.contract import ByteStream, Change
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
-from lamina.errors import LayerInUse, LayerLimitExceeded, LayerNotFound
-from lamina.store.db import owner_alive
+from lamina.errors import DriverError, LayerInUse, LayerLimitExceeded, LayerNotFound, StoreLocked
+from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
 from lamina.tar.compression import DiffStream, Readable, verify
 from lamina.tar.split import ExactTarStream, assemble
 
@@ -258,6 +259,12 @@ class LayerStore:
             self.driver.create(lid, pcache, rw=False)
             size = self.driver.apply_diff(lid, pcache, stream)
             stream.drain()
+            if stream.record is not None and not os.path.exists(stream.record) \
+                    and not self.driver.implements("lamina_tar_stream"):
+                raise DriverError(
+                    f"driver {self.driver.name!r} applied the layer without lamina.driver.apply_tar, so no exact "
+                    "export of it could be kept"
+                )
             diff_id = stream.diff_id
             verify(diff_id, expected_diff_id, "layer DiffID")
             if expected_digest is not None:
@@ -547,7 +554,20 @@ class LayerStore:
         Taken before any database transaction, never inside one."""
         fd = os.open(self.runroot / "mounts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            deadline = time.monotonic() + BUSY_TIMEOUT_S
+            delay = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreLocked(
+                            f"store {self.root} is busy: another process has held its mount lock for "
+                            f"{BUSY_TIMEOUT_S:.0f} s"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.05)
             yield
         finally:
             os.close(fd)
@@ -620,7 +640,8 @@ class LayerStore:
     def disk_usage(self) -> int:
         total = 0
         seen: set[tuple[int, int]] = set()
-        for dirpath, dirnames, filenames in os.walk(self.root / self.driver.name):
+        walks = itertools.chain(os.walk(self.root / self.driver.name), os.walk(self.records))
+        for dirpath, dirnames, filenames in walks:
             for n in filenames + dirnames:
                 try:
                     st = os.lstat(os.path.join(dirpath, n))

@@ -145,7 +145,12 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
     except OSError as e:
         raise ExportError(f"layer record {rpath} unreadable: {e}") from e
     sup = _read_superseded(rpath)
-    with f, Root(layer_dir) as root:
+    try:
+        root = Root(layer_dir)
+    except OSError as e:
+        f.close()
+        raise ExportError(f"the layer's files are gone: {e.strerror}") from e
+    with f, root:
         try:
             if f.read(len(MAGIC)) != MAGIC:
                 raise ExportError(f"{rpath} is not a lamina layer record")

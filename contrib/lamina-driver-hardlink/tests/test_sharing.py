@@ -253,3 +253,18 @@ def test_copy_below_copies_small_files(tmp_path: Path) -> None:
 def test_bad_options_are_rejected_by_the_probe(tmp_path: Path, options: dict[str, Any]) -> None:
     with pytest.raises(DriverUnsupported):
         HardlinkDriver.probe(tmp_path / "home", options)
+
+
+def test_layers_recorded_by_the_driver_itself_still_export(svc: ImageService, tmp_path: Path) -> None:
+    """Before lamina kept tar-split records, this driver kept them under records/: such layers export."""
+    import hashlib
+
+    base = add(svc, base_tar().build())
+    store_record = tmp_path / "root" / "tar-split" / f"{base.cache_id}.tsr"
+    legacy = tmp_path / "root" / "hardlink" / "records"
+    legacy.mkdir()
+    os.replace(store_record, legacy / store_record.name)
+    with svc.export_layer(base.chain_id) as f:
+        assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == base.diff_id
+    svc.release_layer(base.chain_id)
+    assert list(legacy.iterdir()) == []

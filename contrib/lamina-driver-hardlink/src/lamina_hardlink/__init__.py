@@ -120,6 +120,9 @@ class HardlinkDriver(TreeDriver):
     def _dir(self, layer_id: str) -> Path:
         return self.layer_path(layer_id)
 
+    def legacy_record(self, layer_id: str) -> Path | None:
+        return self.home / "records" / f"{layer_id}.tsr"  # kept by the driver before lamina kept records
+
     def _rw_mark(self, layer_id: str) -> Path:
         return self.rw_marks / layer_id
 
@@ -201,6 +204,7 @@ class HardlinkDriver(TreeDriver):
         if trash.exists():
             remove_tree(trash)
         self._rw_mark(layer_id).unlink(missing_ok=True)
+        self.forget_legacy_record(layer_id)
         return True
 
     @hookimpl
