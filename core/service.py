@@ -402,11 +402,18 @@ class ImageService:
 
         c = self.get_container(ref)
         img = self.get_image(c.image_id)
+        from lamina.errors import LaminaError
+
         with self.perform_with_base_fs(c.id):  # a concurrent rm without --force is refused meanwhile
             diff = self._layers.diff_of(c.rw_layer, c.init_layer)
             try:
                 return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
                                      changes=changes)
+            except LaminaError:
+                if self.container_store.exists(c.id):
+                    raise
+                # an rm --force took the container away while its changes were read
+                raise ContainerNotFound(f"container {c.name or c.short_id} was removed during the commit") from None
             finally:
                 diff.close()
 

@@ -224,13 +224,19 @@ def _zipped_entry_points(group: str, path: str, seen: set[str]) -> Iterator[tupl
             yield ep.name, ep.value, dist.name
 
 
-def discover() -> DriverCatalog:
-    """All drivers known here: built-ins, then entry points (unless disabled)."""
+def discover(only: str | None = None) -> DriverCatalog:
+    """All drivers known here: built-ins, then entry points (unless disabled).
+
+    With ``only`` (the driver a store is opened with), the other built-in drivers are not imported: a
+    command pays for one driver module, not three. Every entry point is still loaded, since any of them
+    may hold observers (or the driver itself)."""
     pm = new_manager()
     registry = DriverRegistry()
     broken: list[BrokenPlugin] = []
     observers: list[tuple[ModuleType, str]] = []
     for modname in BUILTIN_DRIVERS:
+        if only is not None and modname.rsplit(".", 1)[-1] != only:
+            continue
         try:
             module = importlib.import_module(modname)
         except ModuleNotFoundError as e:

@@ -158,6 +158,10 @@ class ContainerStore:
         shown = ref if len(ref) <= 80 else ref[:77] + "..."
         raise ContainerNotFound(f"no container {shown!r}")
 
+    def exists(self, cid: str) -> bool:
+        """Whether the container with this full ID exists (and is not being removed)."""
+        return self.db.one("SELECT 1 FROM containers WHERE id=? AND state='created'", (cid,)) is not None
+
     def using_image(self, image_id: str) -> list[Container]:
         rows = self.db.query(
             f"SELECT {self._COLS} FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)

@@ -40,7 +40,9 @@ class Store:
             raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
         self.db = Database(self.root, self.runroot)
         try:
-            self.catalog = catalog if catalog is not None else discover()
+            only = self.config.driver or self.stored_driver()
+            self.catalog = catalog if catalog is not None else discover(only=only)
+            self._partial = catalog is None and only is not None  # other built-in drivers not imported
             self.driver = self._start_driver()
             self.layers = LayerStore(self)
             self._images: ImageStore | None = None
@@ -84,10 +86,14 @@ class Store:
             )
         name = wanted or existing
         if name:
+            if name not in self.catalog.drivers and self._partial:
+                self.catalog = discover()  # the full list, for the error naming the drivers there are
             info = lookup(self.catalog, name)
             try:
                 self._probe(info)
             except DriverUnsupported as e:
+                if not existing and self._partial:
+                    self.catalog = discover()  # the hint names another installed driver
                 others = [n for n in self.config.driver_priority if n != name and n in self.catalog.drivers]
                 hint = f"; try --driver {others[0]}" if others and not existing else ""
                 raise DriverUnsupported(f"driver {name!r} is not supported here: {e.message}{hint}") from e
