@@ -170,3 +170,33 @@ def test_a_tree_driver_hook_overridden_without_the_marker_is_refused() -> None:
 
     with pytest.raises(PluginError, match="lamina_changes overrides the hook of TreeDriver without @hookimpl"):
         validate_impls(Forgetful, "test")
+
+
+def test_an_image_deletion_refused_in_its_transaction_leaves_the_image_whole(tmp_path: Path) -> None:
+    """The last check of an image deletion runs in the transaction that deletes it (a container created a
+    moment before wins): a refusal there leaves the image with its names."""
+    from lamina.errors import ImageConflict
+
+    with _svc(tmp_path) as svc:
+        img = svc.import_image(io.BytesIO(TarBuilder().file("a", b"1").build()), "example.com/a:1")
+        svc.tag_image("example.com/a:1", "example.com/b:1")
+        svc.create_container(img.id, name="box")
+        names: list[str] = []
+        with pytest.raises(ImageConflict, match="used by container"):
+            svc.image_store.delete(img.id, names_out=names)
+        assert names == []
+        assert set(svc.get_image(img.id).record.names) == {"example.com/a:1", "example.com/b:1"}
+        svc.remove_container("box")
+        assert [e for e in svc.image_delete(img.id, force=True) if "Deleted" in e] == [{"Deleted": img.id}]
+
+
+def test_a_commit_whose_parent_image_went_meanwhile_stands_alone(tmp_path: Path) -> None:
+    from lamina.store.images import NewImage
+
+    with _svc(tmp_path) as svc:
+        img = svc.import_image(io.BytesIO(TarBuilder().file("a", b"1").build()), "example.com/a:1")
+        store = svc.image_store
+        with svc.store.lease() as lease:
+            rec, _ = store.create(NewImage(id="sha256:" + "e" * 64, diff_ids=img.diff_ids, created=None,
+                                           origin="test", parent="sha256:" + "f" * 64), lease)
+        assert rec.parent is None

@@ -368,12 +368,19 @@ def delete(
             f"({', '.join(sorted(parse_normalized(n).familiar_name() for n in rec.names))}); "
             "remove them by name or use --force"
         )
-    for n in rec.names:
-        store.remove_name(n, rec.id)
-        out.append({"Untagged": parse_normalized(n).familiar()})
-    if in_use:
-        return out  # forced: the containers keep the (now nameless) image
-    _delete(store, rec.id, out, prune, users)
+    if in_use:  # forced: the containers keep the (now nameless) image
+        for n in rec.names:
+            store.remove_name(n, rec.id)
+            out.append({"Untagged": parse_normalized(n).familiar()})
+        return out
+    # The names go with the image, in the transaction that checks for children and containers once more:
+    # a refusal there leaves the image as it was.
+    parent = rec.parent
+    names: list[str] = []
+    store.delete(rec.id, names_out=names)
+    out.extend({"Untagged": parse_normalized(n).familiar()} for n in names)
+    out.append({"Deleted": rec.id})
+    _prune_parents(store, parent, out, prune)
     return out
 
 
@@ -384,13 +391,6 @@ def _delete_quietly(
     parent = store.get(image_id).parent
     if store.delete(image_id, if_unused=True) is None:
         return
-    out.append({"Deleted": image_id})
-    _prune_parents(store, parent, out, prune)
-
-
-def _delete(store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf) -> None:
-    parent = store.get(image_id).parent
-    store.delete(image_id)
     out.append({"Deleted": image_id})
     _prune_parents(store, parent, out, prune)
 

@@ -202,10 +202,13 @@ class ImageStore:
             if not exists:
                 if top is not None:
                     self.layers.reference(db, top)
+                parent = new.parent
+                if parent is not None and db.execute("SELECT 1 FROM images WHERE id=?", (parent,)).fetchone() is None:
+                    parent = None  # removed meanwhile: the new image stands on its own layers all the same
                 db.execute(
                     "INSERT INTO images (id, top_layer, parent, created, loaded, last_updated, origin)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (new.id, top, new.parent, new.created, now, now, new.origin),
+                    (new.id, top, parent, new.created, now, now, new.origin),
                 )
                 db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (new.id, new.id))
             else:
@@ -274,12 +277,15 @@ class ImageStore:
             "SELECT id FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)
         )]
 
-    def delete(self, image_id: str, *, if_unused: bool = False) -> list[ChainID] | None:
+    def delete(
+        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None
+    ) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
         Checked in the same transaction: child images and containers are a conflict
         (:class:`ImageConflict`); with ``if_unused`` an image that has names, children or containers is
-        left alone and None returned (the caller's view of it was out of date). Returns the layers removed.
+        left alone and None returned (the caller's view of it was out of date). The image's names go with it
+        (listed in ``names_out`` when given). Returns the layers removed.
         """
         with self.db.tx() as db:
             row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
@@ -299,6 +305,10 @@ class ImageStore:
             if children:
                 shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
                 raise ImageConflict(f"image {short} has dependent child images ({shown})")
+            if names_out is not None:
+                names_out.extend(r[0] for r in db.execute(
+                    "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
+                ))
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
             top = self.layers.unreference(db, row[0]) if row[0] else None
         removed = self.layers.collect([top]) if top else []
