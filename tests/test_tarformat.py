@@ -553,8 +553,9 @@ def trees(draw: st.DrawFn, fmt: str) -> list[dict[str, Any]]:
     component = st.text(alphabet, min_size=1, max_size=8 if short else 12).filter(
         lambda s: s not in (".", "..") and not s.startswith(".wh."))
     if not short:
-        # now and then a very long component (> 100 bytes): PAX/GNU long-name records
-        component = st.one_of(component, component.map(lambda s: (s * 60)[:150]))
+        # now and then a very long component (> 100 bytes): PAX/GNU long-name records; at most 127 characters,
+        # so that one of two-byte characters stays within a filesystem's 255-byte name limit
+        component = st.one_of(component, component.map(lambda s: (s * 60)[:127]))
     ids = st.sampled_from(IDS + ([] if short else [3_000_000]))
     mtimes = st.integers(0, 2**33 - 1)
     dirs = [""]
