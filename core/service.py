@@ -179,12 +179,8 @@ class ImageService:
     @contextmanager
     def mounted_layer(self, ref: str) -> Iterator[str]:
         """Mount a layer's full tree read-only-by-convention for the duration of the block."""
-        layer = self._layers.find(ref)
-        path = self._layers.mount(layer.cache_id, scoped=True)
-        try:
+        with self._layers.mounted(self._layers.find(ref).cache_id) as path:
             yield path
-        finally:
-            self._layers.unmount(layer.cache_id, scoped=True)
 
     def mount_layer(self, ref: str) -> str:
         """Take a mount reference that outlives this process (``lamina mount``); see unmount_layer."""
@@ -337,10 +333,12 @@ class ImageService:
 
     def mount(self, ref: str) -> str:
         """Mount a container's root filesystem until :meth:`unmount` (refcounted); returns the path."""
-        c = self.get_container(ref)
+        return self._mount_container(self.get_container(ref), ref, scoped=False)
+
+    def _mount_container(self, c: Container, ref: str, *, scoped: bool) -> str:
         try:
-            return self._layers.mount(c.rw_layer)
-        except LayerNotFound:
+            return self._layers.mount(c.rw_layer, scoped=scoped)
+        except LayerNotFound:  # its read-write layer is on its way out with it
             raise ContainerNotFound(f"no container {ref!r}: it was removed") from None
 
     def unmount(self, ref: str, force: bool = False) -> int:
@@ -350,10 +348,7 @@ class ImageService:
     def perform_with_base_fs(self, ref: str) -> Iterator[str]:
         """The container's root filesystem, mounted for the block (and for this process only)."""
         c = self.get_container(ref)
-        try:
-            path = self._layers.mount(c.rw_layer, scoped=True)
-        except LayerNotFound:
-            raise ContainerNotFound(f"no container {ref!r}: it was removed") from None
+        path = self._mount_container(c, ref, scoped=True)
         try:
             yield path
         finally:
@@ -569,7 +564,8 @@ class ImageService:
         with self.store.lease() as lease:
             record = store.lease_image(lease, img.id)
             export = transfer.export_for(
-                store, record, [str(target)], "oci-dir", self._export_chain, self.config.keep_layer_blobs, lease
+                store, record, [str(target)], "oci-dir", self._layers.export_exact, self.config.keep_layer_blobs,
+                lease,
             )
             return remote.push(
                 store,
@@ -581,9 +577,6 @@ class ImageService:
                 progress=progress,
                 mount_from=same_registry,
             )
-
-    def _export_chain(self, chain: str) -> Any:
-        return self.export_layer(chain)
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
         """Check the credentials against the registry, then store them in lamina's auth file."""

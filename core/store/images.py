@@ -80,10 +80,6 @@ class ImageStore:
         self.content.clean_ingest(lambda pid: owner_alive(pid, None))
 
     # -- leases and garbage collection ----------------------------------------------------------------
-    def lease_blob(self, lease: Lease, digest: str) -> None:
-        """Protect a blob this process is about to write (or read) from collection while ``lease`` lasts."""
-        lease.blob(digest)
-
     def lease_image(self, lease: Lease, image_id: str) -> ImageRecord:
         """Hold an image's blobs and layers in ``lease`` (for a save or push that reads them while another
         process may delete the image); :class:`ImageNotFound` if it is gone."""
@@ -173,10 +169,6 @@ class ImageStore:
 
     def children(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
-
-    def images_on(self, chain: str) -> list[str]:
-        """The images whose top layer is ``chain`` (each holds one reference on it)."""
-        return [r[0] for r in self.db.query("SELECT id FROM images WHERE top_layer=?", (chain,))]
 
     def blobs(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,))]

@@ -19,7 +19,7 @@ from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
 from lamina.store.db import Database, owner_alive
 from lamina.store.layers import LayerStore
-from lamina.store.leases import Lease
+from lamina.store.leases import Lease, end_lease
 
 if TYPE_CHECKING:
     from lamina.store.containers import ContainerStore
@@ -156,16 +156,16 @@ class Store:
 
         Cheap when nothing is unfinished: a few indexed reads, no write lock."""
         dead = [
-            (lid, pid) for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
+            lid for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
             if not owner_alive(pid, start)
         ]
         layers: list[str] = []
         had_blobs = False
-        for lid, pid in dead:
+        for lid in dead:
             with self.db.tx() as db:
-                layers += [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (lid,))]
-                had_blobs |= db.execute("SELECT 1 FROM lease_blobs WHERE lease=?", (lid,)).fetchone() is not None
-                db.execute("DELETE FROM leases WHERE id=? AND owner_pid=?", (lid, pid))
+                held, blobs = end_lease(db, lid)
+            layers += held
+            had_blobs |= blobs
         if self.db.one("SELECT 1 FROM containers WHERE state != 'committed' AND state != 'created' LIMIT 1"):
             self.containers.recover()
         self.layers.recover()

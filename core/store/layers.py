@@ -99,23 +99,18 @@ class LayerStore:
         """Finish off layer operations of dead processes; return the CacheIDs cleaned."""
         rows = self.db.query("SELECT id, owner_pid, owner_start FROM layers WHERE state != 'committed'")
         cleaned = []
-        me = self.db.me
         for lid, pid, start in rows:
             if owner_alive(pid, start):
                 continue
             if not self.db.claim("layers", lid, (pid, start), "state != 'committed'", state="removing"):
                 continue  # another process is finishing it off
             try:
-                self.driver.unmount(lid)
-                self.driver.remove(lid)
-                self._forget_record(lid)
+                self._remove_content(lid)
             except Exception as e:
                 # Left claimed by this process: the next process after it tries again; the store stays usable.
                 log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
                 continue
-            with self.db.tx() as db:
-                db.execute("DELETE FROM layers WHERE id=? AND state != 'committed' AND owner_pid=?", (lid, me[0]))
-                db.execute("DELETE FROM lease_layers WHERE layer=?", (lid,))
+            self._drop_row(lid)
             cleaned.append(lid)
         return cleaned
 
@@ -157,7 +152,6 @@ class LayerStore:
                     self.driver.unmount(lid)
 
     # -- queries --------------------------------------------------------------------------------------
-    _COLS = "id, chain_id, diff_id, parent, size, tar_size, compressed_digest, compression, refs, depth, created"
     _SELECT = (
         "SELECT l.id, l.chain_id, l.diff_id, p.chain_id, l.size, l.tar_size, l.compressed_digest, l.compression,"
         " l.refs, l.depth, l.created FROM layers l LEFT JOIN layers p ON p.id = l.parent"
@@ -193,10 +187,6 @@ class LayerStore:
     def all(self) -> list[Layer]:
         rows = self.db.query(f"{self._SELECT} WHERE l.state='committed' AND l.rw=0 ORDER BY l.depth, l.created")
         return [self._layer(r) for r in rows]
-
-    def by_cache_id(self, cache_id: str) -> Layer | None:
-        row = self.db.one(f"{self._SELECT} WHERE l.id=? AND l.state='committed' AND l.rw=0", (cache_id,))
-        return self._layer(row) if row else None
 
     def children(self, cache_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM layers WHERE parent=?", (cache_id,))]
@@ -306,8 +296,7 @@ class LayerStore:
         """Remove a layer this process created and did not commit. If the driver cannot remove it now, the
         row stays ``removing`` under this process and the next process after it finishes the job."""
         try:
-            self.driver.remove(lid)
-            self._forget_record(lid)
+            self._remove_content(lid)
         except Exception as e:
             log.warning("could not yet remove the leftovers of layer %s: %s", lid[:12], e)
             me = self.db.me
@@ -434,9 +423,16 @@ class LayerStore:
 
     def _destroy(self, lid: str) -> None:
         """The content and row of a layer this process has marked ``removing``."""
+        self._remove_content(lid)
+        self._drop_row(lid)
+
+    def _remove_content(self, lid: str) -> None:
+        """Everything kept for a layer but its row: the driver's files (unmounted first) and the record."""
         self.driver.unmount(lid)
         self.driver.remove(lid)
         self._forget_record(lid)
+
+    def _drop_row(self, lid: str) -> None:
         with self.db.tx() as db:
             db.execute("DELETE FROM layers WHERE id=?", (lid,))
             db.execute("DELETE FROM lease_layers WHERE layer=?", (lid,))
@@ -577,7 +573,6 @@ class LayerStore:
 
     def mount(self, cache_id: str, options: list[str] | None = None, *, scoped: bool = False) -> str:
         """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
-        self.driver.capabilities()
         holder = self._holder(scoped)
         with self.mount_lock():
             if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (cache_id,)) is None:

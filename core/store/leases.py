@@ -54,14 +54,7 @@ class Lease:
     def end_in(self, db: sqlite3.Connection) -> list[str]:
         """End the lease inside a caller's transaction; returns the layers it held, for collection once
         that transaction commits (:meth:`Store.collect`)."""
-        layers = [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (self.id,))]
-        # blobs only this lease kept (written for an image that never came) call for a collection
-        self.had_blobs = db.execute(
-            "SELECT 1 FROM lease_blobs b WHERE lease=? AND NOT EXISTS"
-            " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest) LIMIT 1",
-            (self.id,),
-        ).fetchone() is not None
-        db.execute("DELETE FROM leases WHERE id=?", (self.id,))
+        layers, self.had_blobs = end_lease(db, self.id)
         return layers  # the caller marks the lease ended once its transaction has committed
 
     # -- own transactions -----------------------------------------------------------------------------
@@ -84,3 +77,17 @@ class Lease:
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.end()
+
+
+def end_lease(db: sqlite3.Connection, lease_id: str) -> tuple[list[str], bool]:
+    """Inside a caller's transaction: delete lease ``lease_id`` (a live one's or a dead process's). Returns
+    the layers it held and whether it held blobs no image names (written for an image that never came):
+    both call for a collection once the transaction commits."""
+    layers = [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (lease_id,))]
+    unnamed_blobs = db.execute(
+        "SELECT 1 FROM lease_blobs b WHERE lease=? AND NOT EXISTS"
+        " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest) LIMIT 1",
+        (lease_id,),
+    ).fetchone() is not None
+    db.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+    return layers, unnamed_blobs
