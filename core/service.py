@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from lamina.formats.oci import Platform
     from lamina.images.ops import Image, ImageSummary
     from lamina.images.transfer import Loaded, ProgressFn
+    from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
     from lamina.store.images import ImageStore
 
@@ -56,15 +57,17 @@ class ImageService:
         root: str | os.PathLike[str] | None = None,
         runroot: str | os.PathLike[str] | None = None,
         catalog: DriverCatalog | None = None,
+        recover: bool = True,
     ) -> ImageService:
         """Open (creating if needed) the store the configuration describes.
 
         ``config`` wins when given; otherwise the configuration file is looked up and ``driver``,
-        ``root`` and ``runroot`` override it.
+        ``root`` and ``runroot`` override it. With ``recover=False`` what killed processes left is not
+        finished off on opening (for :meth:`check`, which reports it).
         """
         if config is None:
             config = load_config(config_path, driver=driver, root=root, runroot=runroot)
-        return cls(Store(config, catalog=catalog))
+        return cls(Store(config, catalog=catalog, recover=recover))
 
     @staticmethod
     def available_drivers(config: Config | None = None) -> list[dict[str, Any]]:
@@ -125,6 +128,13 @@ class ImageService:
         ]
         out.extend(st.driver.status())
         return out
+
+    def check(self, *, quick: bool = False, repair: bool = False, force: bool = False) -> CheckReport:
+        """Whether the store is sound (``lamina system check``): every problem found, one per object.
+        ``quick`` reads no file contents. With ``repair``, orphans and leftovers are removed, and each
+        damaged layer or image with the images that need it (and, with ``force``, the containers); the
+        report then also says what was removed and what a second check still finds."""
+        return self.store.check(quick=quick, repair=repair, force=force)
 
     def layer_disk_usage(self) -> int:
         return self._layers.disk_usage()

@@ -52,6 +52,7 @@ from lamina.tar.split import ExactTarStream, assemble
 log = logging.getLogger("lamina.drivers.overlay")
 
 _SHORT_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_FIXED_ENTRIES = frozenset({"l", "mode"})  # entries of the home that are not layers
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KNOWN_OPTIONS = {"mountopt", "mount_program", "force_mask"}
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -553,6 +554,27 @@ class OverlayDriver(Driver):
     def lamina_exists(self, layer_id: str) -> bool:
         return self._dir(layer_id).exists()
 
+    def _dangling_links(self) -> dict[str, str]:
+        """Short links in ``l/`` whose layer directory is gone: link name -> layer ID."""
+        out = {}
+        for e in os.scandir(self.home / "l"):
+            try:
+                target = os.readlink(e.path)
+            except OSError:
+                continue
+            parts = target.split("/")
+            if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff" and not (self.home / parts[1]).exists():
+                out[e.name] = parts[1]
+        return out
+
+    @hookimpl
+    def lamina_layers(self) -> list[str]:
+        ids = {
+            e.name.removeprefix(".removing-") for e in os.scandir(self.home)
+            if e.name not in _FIXED_ENTRIES and (not e.name.startswith(".") or e.name.startswith(".removing-"))
+        }
+        return sorted(ids | set(self._dangling_links().values()))
+
     @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
@@ -566,6 +588,10 @@ class OverlayDriver(Driver):
             if short:
                 (self.home / "l" / short).unlink(missing_ok=True)
             os.replace(d, trash)
+        else:
+            for short, owner in self._dangling_links().items():
+                if owner == layer_id:  # the directory went without lamina: its link goes now
+                    (self.home / "l" / short).unlink(missing_ok=True)
         if trash.exists():
             rmtree(trash)
         return True

@@ -207,6 +207,10 @@ class TarballDriver(Driver):
         return self._tar(layer_id).exists()
 
     @hookimpl
+    def lamina_layers(self) -> list[str]:
+        return sorted({e.name.split(".", 1)[0] for e in os.scandir(self.layers) if not e.name.startswith(".")})
+
+    @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         self._tar(layer_id).unlink(missing_ok=True)
         self._listing(layer_id).unlink(missing_ok=True)

@@ -106,6 +106,13 @@ class VfsDriver(TreeDriver):
         return self._dir(layer_id).exists()
 
     @hookimpl
+    def lamina_layers(self) -> list[str]:
+        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)}
+        if self.records.is_dir():
+            ids |= {e.name.split(".", 1)[0] for e in os.scandir(self.records) if not e.name.startswith(".")}
+        return sorted(ids)
+
+    @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
         trash = self.dirs / f".removing-{layer_id}"

@@ -29,10 +29,11 @@ class Globals:
     format: str
     debug: bool
 
-    def open(self) -> ImageService:
+    def open(self, *, recover: bool = True) -> ImageService:
         from lamina.service import ImageService
 
-        return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot)
+        return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot,
+                                 recover=recover)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

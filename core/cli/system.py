@@ -1,13 +1,15 @@
-"""``lamina info`` and ``lamina drivers``: the store and the storage drivers."""
+"""``lamina info``, ``lamina drivers`` and the ``lamina system`` group (``check``): the store and the
+storage drivers."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
 
 from lamina import __version__
-from lamina.cli.app import Globals, cli, emit, format_option, human, print_table
+from lamina.cli.app import Globals, cli, emit, fail, format_option, human, print_table
 
 
 @cli.command()
@@ -54,3 +56,68 @@ def drivers(g: Globals) -> None:
     emit(g, rows, lambda: print_table(
         [[r["name"], r["source"], "yes" if r["supported"] else "no", findings(r)] for r in rows],
         ["NAME", "SOURCE", "SUPPORTED", "WHY NOT / DETAILS"]))
+
+
+@cli.group()
+def system() -> None:
+    """Manage the store as a whole."""
+
+
+_HEADINGS = {
+    "database": "Damaged database",
+    "layer": "Damaged layers",
+    "image": "Damaged images",
+    "container": "Damaged containers",
+    "blob": "Damaged blobs",
+    "orphan": "Orphaned data",
+    "leftover": "Leftovers of interrupted operations",
+}
+
+
+@system.command()
+@click.option("--quick", is_flag=True, help="Check rows and presence only; read no file contents.")
+@click.option("--repair", "-r", is_flag=True,
+              help="Remove orphans and leftovers, and damaged layers and images with the images that need them.")
+@click.option("--force", "-f", is_flag=True, help="With --repair, also remove containers that need what is damaged.")
+@format_option
+@click.pass_obj
+def check(g: Globals, quick: bool, repair: bool, force: bool) -> None:
+    """Check the store's consistency: databases, layers (read back against their DiffIDs without --quick),
+    images, containers, blobs, orphans and leftovers of interrupted operations. One line per problem.
+
+    Exit status: 0 sound, 1 problems found (or left after --repair), 2 the check itself failed."""
+    from lamina.errors import LaminaError
+
+    if force and not repair:
+        fail("--force only goes with --repair", 2)
+    try:
+        with g.open(recover=False) as svc:
+            report = svc.check(quick=quick, repair=repair, force=force)
+    except LaminaError as e:
+        fail(f"check failed: {e.message}", 2)
+
+    def table() -> None:
+        for kind, heading in _HEADINGS.items():
+            found = [p for p in report.problems if p.kind == kind]
+            if found:
+                click.echo(f"{heading}:")
+                for p in found:
+                    click.echo(f"  {p}")
+        if report.repaired:
+            click.echo("Repair:")
+            for line in report.removed:
+                click.echo(f"  {line}")
+            for p in report.left:
+                click.echo(f"  still: {p}")
+        n, left = len(report.problems), len(report.left)
+        if not n:
+            click.echo("No problems found")
+        elif report.repaired:
+            click.echo(f"{n} problem{'s' if n > 1 else ''} found, {left or 'none'} left after repair")
+        else:
+            can = sum(1 for p in report.problems if p.fix is not None)
+            click.echo(f"{n} problem{'s' if n > 1 else ''} found; {can} can be repaired with --repair")
+
+    emit(g, report.as_dict(), table)
+    if not report.sound:
+        sys.exit(1)

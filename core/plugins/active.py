@@ -57,6 +57,11 @@ class ActiveDriver:
     def exists(self, layer_id: str) -> bool:
         return bool(self.pm.hook.lamina_exists(layer_id=layer_id))
 
+    def layers(self) -> list[str] | None:
+        """Every layer ID the driver holds anything for, or None if it cannot say."""
+        ids = self.pm.hook.lamina_layers()
+        return None if ids is None else [str(i) for i in ids]
+
     # -- layers ---------------------------------------------------------------------------------------
     def create(self, layer_id: str, parent: str | None, rw: bool) -> None:
         if rw and not self.capabilities().supports_rw_layers:

@@ -170,6 +170,15 @@ def lamina_exists(layer_id: str) -> bool:
 
 
 @hookspec(firstresult=True)
+def lamina_layers() -> list[str]:
+    """Optional: the ID of every layer the driver holds anything for, including what is left of a layer
+    it was creating or removing when its process died. ``lamina system check`` compares these with the
+    store's rows to find leftovers (and ``--repair`` hands each to ``lamina_remove``); a driver without
+    this hook is not searched for them."""
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
 def lamina_remove(layer_id: str) -> bool:
     """Delete ``layer_id`` and everything the driver keeps for it; idempotent. Return True."""
     raise NotImplementedError
@@ -195,6 +204,7 @@ OPERATION_HOOKS = (
     "lamina_diff_root",
     "lamina_tar_stream",
     "lamina_exists",
+    "lamina_layers",
     "lamina_remove",
     "lamina_cleanup",
 )

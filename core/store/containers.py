@@ -158,6 +158,10 @@ class ContainerStore:
         shown = ref if len(ref) <= 80 else ref[:77] + "..."
         raise ContainerNotFound(f"no container {shown!r}")
 
+    def by_id(self, cid: str) -> Container | None:
+        row = self.db.one(f"SELECT {self._COLS} FROM containers WHERE id=? AND state='created'", (cid,))
+        return None if row is None else self._row(row)
+
     def exists(self, cid: str) -> bool:
         """Whether the container with this full ID exists (and is not being removed)."""
         return self.db.one("SELECT 1 FROM containers WHERE id=? AND state='created'", (cid,)) is not None
@@ -169,7 +173,10 @@ class ContainerStore:
         return [self._row(r) for r in rows]
 
     # -- recovery -------------------------------------------------------------------------------------
-    def recover(self) -> None:
+    def recover(self) -> list[str]:
+        """Finish off containers that processes which no longer run were creating or removing; returns
+        their IDs."""
+        done: list[str] = []
         rows = self.db.query(
             "SELECT id, state, rw_layer, init_layer, owner_pid, owner_start FROM containers"
             " WHERE state != 'created'"
@@ -179,9 +186,10 @@ class ContainerStore:
                 continue
             if state == "creating":
                 with self.db.tx() as db:
-                    db.execute(
+                    if db.execute(
                         "DELETE FROM containers WHERE id=? AND state='creating' AND owner_pid IS ?", (cid, pid)
-                    )
+                    ).rowcount:
+                        done.append(cid)
                 continue
             if not self.db.claim("containers", cid, (pid, start), "state='removing'"):
                 continue  # another process is finishing it off
@@ -190,6 +198,9 @@ class ContainerStore:
             except Exception as e:
                 # Left claimed by this process: the next process after it tries again; the store stays usable.
                 log.warning("could not yet finish removing container %s: %s", cid[:12], e)
+                continue
+            done.append(cid)
+        return done
 
     # -- create / remove ------------------------------------------------------------------------------
     def create(

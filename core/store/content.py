@@ -133,12 +133,34 @@ class ContentStore:
                 removed.append(d)
         return removed
 
-    def clean_ingest(self, alive: Callable[[int], bool]) -> None:
-        """Remove partial writes of processes that are gone (files are named ``<pid>-<random>``)."""
+    def clean_ingest(self, alive: Callable[[int], bool]) -> int:
+        """Remove partial writes of processes that are gone (files are named ``<pid>-<random>``); returns
+        how many went."""
+        n = 0
         for f in self.ingest.iterdir():
             pid = f.name.split("-", 1)[0]
             if not pid.isdigit() or not alive(int(pid)):
                 f.unlink(missing_ok=True)
+                n += 1
+        return n
+
+    def matches(self, digest: str) -> bool:
+        """Whether a stored blob's bytes still hash to its digest (False when it is gone)."""
+        algo, hexpart = parse_digest(digest).split(":", 1)
+        h = hashlib.new(algo)
+        try:
+            with open(self.path(digest), "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+        except FileNotFoundError:
+            return False
+        return h.hexdigest() == hexpart
+
+    def discard(self, name: str) -> None:
+        """Remove a file of the blob area by the name :meth:`walk` gave it (``algo:rest``), digest or not."""
+        algo, _, rest = name.partition(":")
+        if algo and rest and "/" not in name and not algo.startswith(".") and not rest.startswith("."):
+            (self.blobs / algo / rest).unlink(missing_ok=True)
 
 
 class BlobWriter:

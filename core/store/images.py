@@ -264,13 +264,33 @@ class ImageStore:
             db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), row[0]))
             return str(row[0])
 
+    def chain_length(self, image_id: str) -> int:
+        """How many layers the image stands on (0 when it has none, or they are gone)."""
+        row = self.db.one(
+            "SELECT l.depth FROM images i JOIN layers l ON l.chain_id = i.top_layer WHERE i.id=?", (image_id,)
+        )
+        return int(row[0]) if row else 0
+
+    def forget_blob(self, name: str) -> bool:
+        """A blob that is missing or does not match its digest (``system check --repair``): images stop
+        recording it (a manifest that needs it is then made again when the image is saved or pushed) and
+        its file goes. An image's config is not forgotten this way: the image itself is damaged."""
+        with self.db.tx() as db:
+            if db.execute("SELECT 1 FROM images WHERE id=?", (name,)).fetchone() is not None:
+                return False
+            db.execute("DELETE FROM image_blobs WHERE digest=?", (name,))
+            db.execute("DELETE FROM image_manifests WHERE digest=?", (name,))
+            db.execute("DELETE FROM lease_blobs WHERE digest=?", (name,))
+        self.content.discard(name)
+        return True
+
     def containers_of(self, db: sqlite3.Connection, image_id: str) -> list[str]:
         return [r[0] for r in db.execute(
             "SELECT id FROM containers WHERE image_id=? AND state != 'removing'", (image_id,)
         )]
 
     def delete(
-        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None
+        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False
     ) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
@@ -278,6 +298,9 @@ class ImageStore:
         (:class:`ImageConflict`); with ``if_unused`` an image that has names, children or containers is
         left alone and None returned (the caller's view of it was out of date). The image's names go with it
         (listed in ``names_out`` when given). Returns the layers removed.
+
+        A ``damaged`` image (``system check --repair``) goes even with child images (they keep their own
+        layers and lose only the parent link) and without its top layer.
         """
         with self.db.tx() as db:
             row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
@@ -294,15 +317,20 @@ class ImageStore:
             short = image_id.split(":", 1)[-1][:12]
             if containers:
                 raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
-            if children:
+            if children and not damaged:
                 shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
                 raise ImageConflict(f"image {short} has dependent child images ({shown})")
+            db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
             if names_out is not None:
                 names_out.extend(r[0] for r in db.execute(
                     "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
                 ))
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
-            top = self.layers.unreference(db, row[0]) if row[0] else None
+            top = None
+            if row[0] and not (damaged and db.execute(
+                "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
+            ).fetchone() is None):
+                top = self.layers.unreference(db, row[0])
         removed = self.layers.collect([top]) if top else []
         self.gc()
         return removed

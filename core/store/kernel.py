@@ -22,6 +22,7 @@ from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_lease
 
 if TYPE_CHECKING:
+    from lamina.store.check import CheckReport
     from lamina.store.containers import ContainerStore
     from lamina.store.images import ImageStore
 
@@ -29,7 +30,9 @@ log = logging.getLogger("lamina.store")
 
 
 class Store:
-    def __init__(self, config: Config, *, catalog: DriverCatalog | None = None) -> None:
+    def __init__(self, config: Config, *, catalog: DriverCatalog | None = None, recover: bool = True) -> None:
+        """Open the store; unless ``recover`` is False (``system check``, which reports what killed
+        processes left), finish off what they left first."""
         self.config = config
         self.root = config.root
         self.runroot = config.runroot
@@ -47,7 +50,8 @@ class Store:
             self.layers = LayerStore(self)
             self._images: ImageStore | None = None
             self._containers: ContainerStore | None = None
-            self.recover()
+            if recover:
+                self.recover()
         except BaseException:
             self.db.close()
             raise
@@ -150,9 +154,10 @@ class Store:
         return removed
 
     # -- recovery -------------------------------------------------------------------------------------
-    def recover(self) -> None:
+    def recover(self) -> list[str]:
         """Finish off what processes that no longer run left behind: their leases, their incomplete or
-        half-removed layers and containers, layers nothing keeps, and their mount references.
+        half-removed layers and containers, layers nothing keeps, and their mount references. Returns one
+        line for each kind of thing done.
 
         Cheap when nothing is unfinished: a few indexed reads, no write lock."""
         dead = [
@@ -166,13 +171,28 @@ class Store:
                 held, blobs = end_lease(db, lid)
             layers += held
             had_blobs |= blobs
+        done: list[str] = []
+        if dead:
+            done.append(f"ended {len(dead)} lease{'s' if len(dead) > 1 else ''} of processes that are gone")
         if self.db.one("SELECT 1 FROM containers WHERE state != 'committed' AND state != 'created' LIMIT 1"):
-            self.containers.recover()
-        self.layers.recover()
+            done += [f"finished off container {cid[:12]}" for cid in self.containers.recover()]
+        done += [f"removed incomplete layer {lid[:12]}" for lid in self.layers.recover()]
         if layers or had_blobs:
-            self.collect(layers, blobs=had_blobs)
-        self.layers.collect_orphans()
-        self.layers.reclaim_mounts()
+            done += [f"removed unused layer {_short(c)}" for c in self.collect(layers, blobs=had_blobs)]
+        done += [f"removed unused layer {_short(c)}" for c in self.layers.collect_orphans()]
+        reclaimed = self.layers.reclaim_mounts()
+        if reclaimed:
+            done.append(f"dropped the mount references of {reclaimed} process{'es' if reclaimed > 1 else ''} "
+                        "or layers that are gone")
+        return done
+
+    # -- checking -------------------------------------------------------------------------------------
+    def check(self, *, quick: bool = False, repair: bool = False, force: bool = False) -> CheckReport:
+        """Is the store sound (``lamina system check``); with ``repair``, remove what is not (see
+        :mod:`lamina.store.check`)."""
+        from lamina.store.check import run
+
+        return run(self, quick=quick, repair_it=repair, force=force)
 
     def close(self) -> None:
         try:
@@ -180,3 +200,7 @@ class Store:
             self.layers.save_timings()
         finally:
             self.db.close()
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.contract import ByteStream, Change
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
-from lamina.errors import DriverError, LayerInUse, LayerLimitExceeded, LayerNotFound, StoreLocked
+from lamina.errors import DriverError, ExportError, LayerInUse, LayerLimitExceeded, LayerNotFound, StoreLocked
 from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
 from lamina.tar.compression import DiffStream, Readable, verify
 from lamina.tar.split import ExactTarStream, assemble
@@ -125,8 +125,9 @@ class LayerStore:
         )]
         return self.collect(orphans) if orphans else []
 
-    def reclaim_mounts(self) -> None:
-        """Drop mount references of processes that are gone; unmount what nobody holds any more."""
+    def reclaim_mounts(self) -> int:
+        """Drop mount references of processes that are gone; unmount what nobody holds any more. Returns
+        how many holders (or vanished layers) lost their references."""
         rows = self.db.query("SELECT DISTINCT holder FROM mount_refs WHERE holder LIKE 'pid:%'", runroot=True)
         dead = []
         for (holder,) in rows:
@@ -138,7 +139,7 @@ class LayerStore:
             if self.db.one("SELECT 1 FROM layers WHERE id=?", (r[0],)) is None
         ]
         if not dead and not gone:
-            return
+            return 0
         with self.mount_lock():
             affected = set()
             with self.db.tx(runroot=True) as mdb:
@@ -150,6 +151,7 @@ class LayerStore:
             for lid in sorted(affected - set(gone)):
                 if self.mount_count(lid) == 0:
                     self.driver.unmount(lid)
+        return len(dead) + len(gone)
 
     # -- queries --------------------------------------------------------------------------------------
     _SELECT = (
@@ -437,6 +439,103 @@ class LayerStore:
             db.execute("DELETE FROM layers WHERE id=?", (lid,))
             db.execute("DELETE FROM lease_layers WHERE layer=?", (lid,))
 
+    # -- repair (``lamina system check --repair``) -----------------------------------------------------
+    _ABOVE = "WITH RECURSIVE d(id) AS (SELECT ? UNION SELECT l.id FROM layers l JOIN d ON l.parent = d.id) "
+
+    def images_on(self, cache_id: str) -> list[str]:
+        """Images whose chain contains the layer (their top layer is it or one above it)."""
+        return [r[0] for r in self.db.query(
+            self._ABOVE + "SELECT i.id FROM images i JOIN layers l ON l.chain_id = i.top_layer WHERE l.id IN d",
+            (cache_id,),
+        )]
+
+    def containers_on(self, cache_id: str) -> list[str]:
+        """Containers whose layers stand on the layer."""
+        return [r[0] for r in self.db.query(
+            self._ABOVE + "SELECT c.id FROM containers c WHERE c.init_layer IN d OR c.rw_layer IN d", (cache_id,)
+        )]
+
+    def remove_damaged(self, cache_id: str) -> list[ChainID]:
+        """Remove a damaged layer with every layer above it, whatever references they hold, once no image,
+        container, live lease or mount uses any of them (:class:`LayerInUse` names what does); then the
+        layers below that nothing uses any more. Returns the ChainIDs removed."""
+        me = self.db.me
+        with self.mount_lock(), self.db.tx() as db:
+            rows = db.execute(
+                self._ABOVE + "SELECT l.id, l.chain_id, l.depth FROM layers l WHERE l.id IN d", (cache_id,)
+            ).fetchall()
+            if not rows:
+                return []
+            for lid, chain, _ in rows:
+                users = _users(db, lid)
+                users["containers"] += [r[0] for r in db.execute(
+                    "SELECT COALESCE(name, id) FROM containers WHERE rw_layer=?", (lid,)
+                )]
+                if users["images"] or users["containers"]:
+                    raise LayerInUse(f"layer {_short(chain or lid)} is used by {_describe(users)}")
+                if self.mount_count(lid):
+                    raise LayerInUse(f"layer {_short(chain or lid)} is mounted")
+                if self._leased(db, lid):
+                    raise LayerInUse(f"layer {_short(chain or lid)} is in use by a running operation")
+            parent = db.execute("SELECT parent FROM layers WHERE id=?", (cache_id,)).fetchone()[0]
+            db.execute(
+                self._ABOVE + "UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id IN d",
+                (cache_id, me[0], me[1]),
+            )
+        removed: list[ChainID] = []
+        for lid, chain, _ in sorted(rows, key=lambda r: -int(r[2])):  # the top first
+            self._destroy(lid)
+            if chain:
+                removed.append(ChainID(chain))
+        return removed + (self._remove_unused(parent) if parent else [])
+
+    def remove_orphan_rw(self, cache_id: str) -> bool:
+        """Remove a committed read-write layer no container uses (and the init layer below it, if unused)."""
+        me = self.db.me
+        with self.mount_lock(), self.db.tx() as db:
+            if db.execute("SELECT 1 FROM containers WHERE rw_layer=?", (cache_id,)).fetchone() is not None:
+                return False
+            row = db.execute(
+                "SELECT parent FROM layers WHERE id=? AND rw=1 AND state='committed'", (cache_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute("UPDATE layers SET state='removing', owner_pid=?, owner_start=? WHERE id=?",
+                       (me[0], me[1], cache_id))
+        self._mount_refs_gone(cache_id)
+        self._destroy(cache_id)
+        if row[0]:
+            self._remove_unused(row[0])
+        return True
+
+    def _mount_refs_gone(self, cache_id: str) -> None:
+        with self.db.tx(runroot=True) as mdb:
+            mdb.execute("DELETE FROM mount_refs WHERE id=?", (cache_id,))
+
+    def remove_orphan(self, cache_id: str) -> bool:
+        """Remove what the driver holds for a layer ID the store has no row of."""
+        if self.db.one("SELECT 1 FROM layers WHERE id=?", (cache_id,)) is not None:
+            return False
+        self._remove_content(cache_id)
+        return True
+
+    def remove_orphan_record(self, cache_id: str) -> bool:
+        if self.db.one("SELECT 1 FROM layers WHERE id=?", (cache_id,)) is not None:
+            return False
+        self._forget_record(cache_id)
+        return True
+
+    def unmount_stray(self, path: str) -> bool:
+        """Unmount a mount under the store that no mount reference names."""
+        from lamina.fs.mounts import is_mountpoint, umount
+
+        with self.mount_lock():
+            if self.db.one("SELECT 1 FROM mount_refs WHERE path=?", (path,), runroot=True) is not None:
+                return False
+            while is_mountpoint(path):
+                umount(path)
+        return True
+
     # -- references and removal -----------------------------------------------------------------------
     def retain(self, chain: str) -> Layer:
         with self.db.tx() as db:
@@ -511,7 +610,7 @@ class LayerStore:
         for p in (self._record(cache_id), self.records / f"{cache_id}.tsr.sup"):
             p.unlink(missing_ok=True)
 
-    def export_exact(self, chain: str) -> ExactTarStream:
+    def export_exact(self, chain: str, *, verify: bool = True) -> ExactTarStream:
         """The exact tar stream of a layer, checked against its DiffID as it is read: an
         :class:`~lamina.errors.ExportError` at its end if the layer no longer matches.
 
@@ -519,10 +618,11 @@ class LayerStore:
         the files under the driver's diff root; a driver that keeps streams (or a layer applied before
         lamina kept records) hands over its own stream."""
         layer = self.get(chain)
+        expected = layer.diff_id if verify else None
         record = self._record(layer.cache_id)
         root = self.driver.diff_root(layer.cache_id) if record.exists() else None
         if root is not None:
-            return ExactTarStream(assemble(record, root), layer.diff_id)
+            return ExactTarStream(assemble(record, root), expected)
         raw = self.driver.tar_stream(layer.cache_id)
 
         def chunks() -> Iterator[bytes]:
@@ -536,7 +636,42 @@ class LayerStore:
             finally:
                 raw.close()
 
-        return ExactTarStream(chunks(), layer.diff_id)
+        return ExactTarStream(chunks(), expected)
+
+    def has_record(self, cache_id: str) -> bool:
+        """Whether lamina keeps the exact-export record of a layer (a tree driver's, applied by this lamina)."""
+        return self._record(cache_id).exists()
+
+    def audit(self, chain: str) -> list[str]:
+        """Read a layer back whole (``lamina system check``): its exact stream must hash to its DiffID
+        (:class:`ExportError` otherwise, or when it cannot be read), and a tree driver's files must be what
+        the stream's entries say (:func:`lamina.fs.audit.compare`). Returns those differences."""
+        from lamina.fs.audit import compare, real_root
+        from lamina.tar.format import TarReader
+
+        layer = self.get(chain)
+        root = None if self.driver.capabilities().keeps_stream else self.driver.diff_root(layer.cache_id)
+        # a driver that keeps modes in extended attributes (overlay's force_mask) has other modes on disk
+        metadata = real_root() and not self.config.options_for(self.driver.name).get("force_mask")
+        raw = self.export_exact(chain, verify=False)
+        stream = DiffStream(raw)
+        try:
+            reader = TarReader(stream)
+            entries = iter(reader.next, None)
+            if root is None:
+                found = []
+                for _ in entries:
+                    pass
+            else:
+                found = [str(m) for m in compare(root, entries, metadata=metadata)]
+            stream.drain()
+            actual = stream.diff_id
+        finally:
+            stream.close()
+            raw.close()
+        if not found and actual != layer.diff_id:
+            raise ExportError(f"its content no longer matches its DiffID (it reads back as {_short(actual)})")
+        return found
 
     def changes(self, chain: str) -> list[Change]:
         layer = self.get(chain)

@@ -88,6 +88,18 @@ class DriverConformance:
         assert svc.layers() == []
         assert not svc.layer_store.hook.lamina_exists(layer_id=layer.cache_id)
 
+    def test_layers_listing_names_what_the_driver_holds(self, svc: ImageService) -> None:
+        """``lamina_layers`` (optional; ``system check`` finds leftovers with it) lists a layer while the
+        driver holds it and forgets it once removed, and a store of sound layers checks clean."""
+        driver = svc.layer_store.driver
+        if not driver.implements("lamina_layers"):
+            pytest.skip("driver does not list its layers")
+        layer = self.add(svc, TarBuilder().dir("etc").file("etc/hostname", b"box\n"))
+        assert layer.cache_id in (driver.layers() or [])
+        assert svc.check().problems == []
+        svc.release_layer(layer.chain_id)
+        assert layer.cache_id not in (driver.layers() or [])
+
     def test_apply_and_read_back(self, svc: ImageService, caps: Capabilities) -> None:
         tb = (TarBuilder().dir("usr").dir("usr/bin").file("usr/bin/tool", b"#!/bin/sh\necho hi\n", mode=0o755)
               .symlink("bin", "usr/bin").file("big", os.urandom(3 * 1024 * 1024 + 7)).dir("empty", mode=0o700)

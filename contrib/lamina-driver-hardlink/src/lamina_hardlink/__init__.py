@@ -194,6 +194,16 @@ class HardlinkDriver(TreeDriver):
         return self._dir(layer_id).exists() or self._rw_mark(layer_id).exists()
 
     @hookimpl
+    def lamina_layers(self) -> list[str]:
+        # what a removal left half-done counts too: lamina system check hands it back to lamina_remove
+        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)}
+        ids |= {e.name for e in os.scandir(self.rw_marks) if not e.name.startswith(".")}
+        records = self.home / "records"
+        if records.is_dir():
+            ids |= {e.name.split(".", 1)[0] for e in os.scandir(records) if not e.name.startswith(".")}
+        return sorted(ids)
+
+    @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
         trash = self.dirs / f".removing-{layer_id}"
