@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lamina.digest import chain_id, chain_ids
-from lamina.errors import DigestError, LaminaError, StoreError
+from lamina.errors import DigestError, LaminaError, LayerNotFound, StoreError
 from lamina.store.db import owner_alive
 
 if TYPE_CHECKING:
     from lamina.store.kernel import Store
+    from lamina.store.leases import Lease
 
 log = logging.getLogger("lamina.store.check")
 
@@ -112,6 +113,19 @@ class _Checker:
         self.problems.append(Problem(kind, obj, message, fix, key))
 
     def run(self) -> list[Problem]:
+        self.lease: Lease | None = None
+        if not self.quick:
+            # holds each layer while it is read back; a store this process cannot write to (read-only) is
+            # read without one
+            with contextlib.suppress(StoreError):
+                self.lease = self.store.lease()
+        try:
+            return self._run()
+        finally:
+            if self.lease is not None:
+                self.lease.end(collect=False)  # a check changes nothing
+
+    def _run(self) -> list[Problem]:
         # listings of files first, the rows they are compared with after (see the module's doc)
         held = self.driver.layers()
         records = sorted(os.listdir(self.layers.records))
@@ -219,10 +233,13 @@ class _Checker:
 
     def _read_back(self, lid: str, chain: str, what: str) -> None:
         """The layer's exact stream, hashed against its DiffID, and its files against its entries."""
+        if self.lease is not None:
+            try:
+                self.layers.lease(chain, self.lease)
+            except LayerNotFound:
+                return  # removed meanwhile
         try:
-            with self.store.lease() as lease:
-                self.layers.lease(chain, lease)
-                found = self.layers.audit(chain)
+            found = self.layers.audit(chain)
         except LaminaError as e:
             if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (lid,)) is None:
                 return  # removed meanwhile
@@ -293,6 +310,8 @@ class _Checker:
                 self.add("container", what, f"its image {_short(image)} is missing", FIX_CONTAINER, cid)
             for layer, role in ((init, "init"), (rw, "read-write")):
                 row = rows.get(layer or "")
+                if row is None:  # made after the layers were read?
+                    row = self.db.one("SELECT id, chain_id, diff_id, parent, state FROM layers WHERE id=?", (layer,))
                 if row is None or row[4] != "committed":
                     self.add("container", what, f"its {role} layer is missing", FIX_CONTAINER, cid)
                     break
@@ -313,13 +332,9 @@ class _Checker:
             if digest not in alive:
                 self.add("orphan", what, "no image names it", FIX_GC)
                 continue
-            if self.quick or content.matches(digest):
-                continue
-            if digest in images:
-                self.add("image", f"image {_short(digest)}", "its config blob does not match the image ID",
-                         FIX_IMAGE, digest)
-            else:
-                self.add("blob", what, "its content does not match its digest", FIX_BLOB, digest)
+            if self.quick or digest in images or content.matches(digest):
+                continue  # an image's config is checked with the image
+            self.add("blob", what, "its content does not match its digest", FIX_BLOB, digest)
 
     # -- leftovers ------------------------------------------------------------------------------------
     def _leftovers(self, ingest: list[str], uncounted: list[str]) -> None:
@@ -458,7 +473,8 @@ def run(store: Store, *, quick: bool = False, repair_it: bool = False, force: bo
     if not repair_it or not problems:
         return CheckReport(problems, [], problems)
     if any(p.kind == "database" for p in problems):
-        raise StoreError("the store's database is damaged; repair cannot work on it (restore it from a backup)")
+        note = ["left everything: the store's database is damaged, and repair works through it"]
+        return CheckReport(problems, note, problems, repaired=True)
     removed = repair(store, problems, force=force)
     left = check(store, quick=quick)
     return CheckReport(problems, removed, left, repaired=True)
