@@ -131,6 +131,11 @@ class ExportError(LaminaError):
     pass
 
 
+class ExportUnreadable(ExportError):
+    """A layer's files could not be read back for a reason other than their being gone or changed (no
+    permission, no file descriptors left, an I/O error): not evidence that the layer is damaged."""
+
+
 class InvalidDocument(FormatError):
     """A manifest, index or config that is malformed, of the wrong media type, or too large."""
 

@@ -107,7 +107,8 @@ class VfsDriver(TreeDriver):
 
     @hookimpl
     def lamina_layers(self) -> list[str]:
-        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)}
+        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)
+               if not e.name.startswith(".") or e.name.startswith(".removing-")}
         if self.records.is_dir():
             ids |= {e.name.split(".", 1)[0] for e in os.scandir(self.records) if not e.name.startswith(".")}
         return sorted(ids)

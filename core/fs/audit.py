@@ -4,9 +4,10 @@ The entries are the layer's own tar stream, read back from its record; the files
 root. Only what applying reproduces exactly is compared: each path's last entry in the layer against the
 object at that path (its type, a regular file's size, a symlink's target, and, where lamina applied as
 the real root, permission bits and owners). Paths the layer itself made unjudgeable are left alone
-rather than guessed at: paths below a whiteout or opaque marker of the same layer, below a later entry
-that is not a directory, or reached through a symlink (which apply resolves, possibly through lower
-layers). Modification times and extended attributes are not compared.
+rather than guessed at: paths below a whiteout or opaque marker of the same layer, below an entry that is
+not a directory (the final one, or a later one that replaced a directory the entry was written into),
+or reached through a symlink (which apply resolves, possibly through lower layers); device nodes, which
+apply skips where it may not make them. Modification times and extended attributes are not compared.
 
 Everything goes through directory fds opened with ``O_NOFOLLOW``, one level at a time from the nearest
 directory already open, so a tree of any depth is walked without recursion and without building long
@@ -73,6 +74,7 @@ class _Want(NamedTuple):
     gid: int
     size: int
     linkname: str
+    at: int  # its place in the stream
 
 
 class _Dirs:
@@ -124,13 +126,15 @@ class _Dirs:
         self._open.clear()
 
 
-def _judgeable(entries: Iterable[Entry]) -> tuple[dict[str, _Want], set[str], set[str]]:
-    """Each path's last entry, and the paths (whiteouts) and directories (opaque markers) the layer
-    itself hid."""
+def _judgeable(entries: Iterable[Entry]) -> tuple[dict[str, _Want], set[str], set[str], dict[str, int]]:
+    """Each path's last entry; the paths (whiteouts) and directories (opaque markers) the layer itself hid;
+    and for each path the last place in the stream where something not a directory replaced it (what the
+    layer wrote below it before then went with it)."""
     final: dict[str, _Want] = {}
     hidden: set[str] = set()
     opaque: set[str] = set()
-    for e in entries:
+    cut: dict[str, int] = {}
+    for index, e in enumerate(entries):
         try:
             path = normalize(e.name)
         except UnsafePathError:
@@ -144,8 +148,10 @@ def _judgeable(entries: Iterable[Entry]) -> tuple[dict[str, _Want], set[str], se
             continue
         if path:
             final.pop(path, None)  # keep stream order of last entries
-            final[path] = _Want(e.type, e.mode, e.uid, e.gid, e.size, e.linkname)
-    return final, hidden, opaque
+            final[path] = _Want(e.type, e.mode, e.uid, e.gid, e.size, e.linkname, index)
+            if e.type != DIR:
+                cut[path] = index
+    return final, hidden, opaque, cut
 
 
 def compare(
@@ -155,29 +161,33 @@ def compare(
     ``metadata`` (default: :func:`real_root`) also compares permission bits and owners."""
     if metadata is None:
         metadata = real_root()
-    final, hidden, opaque = _judgeable(entries)
-    skip: dict[str, bool] = {"": False}  # directory -> whether paths below it cannot be judged
+    final, hidden, opaque, cut = _judgeable(entries)
+    # directory -> (whether paths below it cannot be judged, the last place where it or a directory above
+    # it was replaced by something else: entries below it from before then were removed with it)
+    skip: dict[str, tuple[bool, int]] = {"": (False, -1)}
 
-    def skipped(head: str) -> bool:
+    def skipped(head: str) -> tuple[bool, int]:
         chain: list[str] = []
         d = head
         while d not in skip:
             chain.append(d)
             d = d.rpartition("/")[0]
-        verdict = skip[d]
+        verdict, last = skip[d]
         for d in reversed(chain):  # from the top down
             if not verdict:
                 e = final.get(d)
                 verdict = d in hidden or d in opaque or (e is not None and e.type != DIR)
-            skip[d] = verdict
-        return verdict
+            last = max(last, cut.get(d, -1))
+            skip[d] = (verdict, last)
+        return verdict, last
 
     root_fd = os.open(root, _DIR_FLAGS)
     dirs = _Dirs(root_fd)
     try:
         for path, e in final.items():
             head, _, base = path.rpartition("/")
-            if path in hidden or skipped(head):
+            unjudgeable, replaced = skipped(head)
+            if path in hidden or unjudgeable or replaced > e.at:
                 continue
             try:
                 pfd = dirs.get(head)
@@ -188,8 +198,8 @@ def compare(
             try:
                 st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:
-                if e.type in (CHR, BLK, FIFO) and not metadata:
-                    continue  # device nodes are skipped when lamina does not apply as root
+                if e.type in (CHR, BLK) or (e.type == FIFO and not metadata):
+                    continue  # device nodes are skipped where lamina may not make them
                 yield Mismatch(path, f"missing ({_NAMES.get(e.type, 'an entry')} in the layer)")
                 continue
             if e.type == LNK:

@@ -23,23 +23,31 @@ The check changes nothing (it opens the store without recovery, so it sees what 
 built on it; containers that need a damaged layer or image go only with ``force``. Every removal is
 reported; nothing sound is removed (a damaged layer an operation is using right now is left, and named).
 
-Problems are found without locking the store against other processes: listings of files are taken
-before the rows they are compared with (a row always exists before its files do, and goes after them),
-and each layer is held in a lease while it is read back.
+Problems are found without locking the store against other processes. Listings of files are taken
+before the rows they are compared with (a layer's row exists before its files do and goes after them),
+and each layer is held in a lease while it is read back. Other processes are caught between steps all the
+same (a blob whose image went a moment ago and that their collection is about to unlink, a row they just
+finished): every problem carries a check of whether it still holds, run again a moment after the pass
+(:data:`SETTLE_S`) and once more by repair before it acts, so only what lasts is reported or removed.
+Repair's removals check again in their own transactions (nothing in use goes, whatever the report said).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lamina.digest import chain_id, chain_ids
-from lamina.errors import DigestError, LaminaError, LayerNotFound, StoreError
+from lamina.errors import DigestError, ExportUnreadable, LaminaError, LayerNotFound, StoreError
 from lamina.store.db import owner_alive
 
 if TYPE_CHECKING:
@@ -60,7 +68,11 @@ FIX_UNUSED = "unused"  # a committed layer nothing uses
 FIX_RECOVER = "recover"  # rows, leases and mount references of processes that no longer run
 FIX_GC = "gc"  # blobs nothing names
 FIX_INGEST = "ingest"  # partial blob writes of processes that no longer run
-FIX_UNMOUNT = "unmount"  # a mount under the store that nothing counts
+FIX_UNMOUNT = "unmount"  # a mount of a layer that nothing counts
+
+# How long a problem must last to be reported: what a concurrent operation was in the middle of (the moment
+# between its transaction and its files) is over by then. Every problem is checked again after it.
+SETTLE_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -70,9 +82,14 @@ class Problem:
     message: str
     fix: str | None = None  # one of the FIX_ values; None: repair cannot do anything about it
     key: str = ""
+    # whether the problem is still there (a concurrent operation may have been in the middle of something)
+    verify: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.object}: {self.message}"
+
+    def still(self) -> bool:
+        return self.verify is None or self.verify()
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "object": self.object, "message": self.message,
@@ -99,6 +116,10 @@ def _short(digest: str | None) -> str:
     return (digest or "").split(":", 1)[-1][:12]
 
 
+def _bounded(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 2):]
+
+
 class _Checker:
     def __init__(self, store: Store, quick: bool) -> None:
         self.store = store
@@ -108,30 +129,46 @@ class _Checker:
         self.driver = store.driver
         self.quick = quick
         self.problems: list[Problem] = []
+        self.lease: Lease | None = None
 
-    def add(self, kind: str, obj: str, message: str, fix: str | None = None, key: str = "") -> None:
-        self.problems.append(Problem(kind, obj, message, fix, key))
+    def add(self, kind: str, obj: str, message: str, fix: str | None = None, key: str = "",
+            verify: Callable[[], bool] | None = None) -> None:
+        self.problems.append(Problem(kind, _bounded(obj, 120), _bounded(message), fix, key, verify))
 
     def run(self) -> list[Problem]:
-        self.lease: Lease | None = None
         if not self.quick:
             # holds each layer while it is read back; a store this process cannot write to (read-only) is
             # read without one
             with contextlib.suppress(StoreError):
                 self.lease = self.store.lease()
         try:
-            return self._run()
+            found = self._run()
         finally:
             if self.lease is not None:
-                self.lease.end(collect=False)  # a check changes nothing
+                self._end_lease()
+        if any(p.verify is not None for p in found):
+            # What another process was in the middle of (a removal between its transaction and its files,
+            # a row it just finished) is gone a moment later; what is left is a problem.
+            time.sleep(SETTLE_S)
+            found = [p for p in found if p.still()]
+        return found
+
+    def _end_lease(self) -> None:
+        """A layer another process let go of while this check held it is collected here, as that process
+        would have; one the check reports unused stays for repair to remove (a check changes nothing)."""
+        assert self.lease is not None
+        with self.db.tx() as db:
+            held = self.lease.end_in(db)
+        self.lease.ended = True
+        reported = {p.key for p in self.problems if p.fix == FIX_UNUSED}
+        self.store.collect([lid for lid in held if lid not in reported])
 
     def _run(self) -> list[Problem]:
         # listings of files first, the rows they are compared with after (see the module's doc)
         held = self.driver.layers()
-        records = sorted(os.listdir(self.layers.records))
+        records = sorted(n for n in os.listdir(self.layers.records) if not n.startswith("."))
         blobs = [str(d) for d in self.images.content.walk()]
         ingest = sorted(os.listdir(self.images.content.ingest))
-        mounts = self._mounts_uncounted()
         if not self._database():
             return self.problems  # nothing read from a damaged database can be trusted
         rows = self._layer_rows()
@@ -139,7 +176,8 @@ class _Checker:
         self._images()
         self._containers(rows)
         self._blobs(blobs)
-        self._leftovers(ingest, mounts)
+        self._leftovers(ingest)
+        self._mounts()
         return self.problems
 
     # -- the databases ----------------------------------------------------------------------------------
@@ -148,13 +186,8 @@ class _Checker:
         pragma = "PRAGMA quick_check" if self.quick else "PRAGMA integrity_check"
         for name, runroot in (("lamina.db", False), ("mounts.db", True)):
             where = f"database {self.store.runroot / name if runroot else self.store.root / name}"
-            try:
-                found = [str(r[0]) for r in self.db.query(pragma, runroot=runroot)]
-                keys = self.db.query("PRAGMA foreign_key_check", runroot=runroot)
-            except StoreError as e:
-                self.add("database", where, e.message)
-                ok = False
-                continue
+            found = [str(r[0]) for r in self.db.query(pragma, runroot=runroot)]  # unreadable: the check fails
+            keys = self.db.query("PRAGMA foreign_key_check", runroot=runroot)
             if found != ["ok"]:
                 more = f" and {len(found) - 3} more" if len(found) > 3 else ""
                 self.add("database", where, "; ".join(found[:3]) + more)
@@ -165,6 +198,13 @@ class _Checker:
         return ok
 
     # -- layers ---------------------------------------------------------------------------------------
+    def _committed(self, lid: str) -> bool:
+        return self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (lid,)) is not None
+
+    def _left_by(self, lid: str, state: str, pid: int | None, start: float | None) -> bool:
+        row = self.db.one("SELECT state, owner_pid, owner_start FROM layers WHERE id=?", (lid,))
+        return row is not None and tuple(row) == (state, pid, start) and not owner_alive(pid, start)
+
     def _layer_rows(self) -> dict[str, tuple[Any, ...]]:
         rows = {r[0]: r for r in self.db.query(
             "SELECT id, chain_id, diff_id, parent, state, rw, owner_pid, owner_start FROM layers"
@@ -173,38 +213,71 @@ class _Checker:
             "SELECT rw_layer, COALESCE(name, id) FROM containers WHERE rw_layer IS NOT NULL"
         ))
         keeps_stream = self.driver.capabilities().keeps_stream
+        exists = self.driver.exists
         for lid, chain, diff_id, parent, state, rw, pid, start in rows.values():
             if state != "committed":
                 if not owner_alive(pid, start):
                     self.add("leftover", f"layer {lid[:12]}", f"left {state} by process {pid}, which is gone",
-                             FIX_RECOVER)
+                             FIX_RECOVER, verify=functools.partial(self._left_by, lid, state, pid, start))
                 continue
             if rw:
                 owner = containers_rw.get(lid)
                 if owner is None:
-                    self.add("orphan", f"read-write layer {lid[:12]}", "no container uses it", FIX_RW, lid)
-                elif not self.driver.exists(lid):
+                    self.add("orphan", f"read-write layer {lid[:12]}", "no container uses it", FIX_RW, lid,
+                             verify=functools.partial(self._orphan_rw, lid))
+                elif not exists(lid):
                     self.add("container", f"container {owner[:64]}",
                              f"its read-write layer {lid[:12]} is missing from the {self.driver.name} driver",
-                             FIX_CONTAINER, self._container_id(lid))
+                             FIX_CONTAINER, self._container_id(lid),
+                             verify=functools.partial(self._content_gone, lid))
                 continue
             what = f"layer {_short(chain)}"
-            if not self.driver.exists(lid):
-                self.add("layer", what, f"its content is missing from the {self.driver.name} driver", FIX_LAYER, lid)
+            if self._unused(lid, chain):
+                self.add("leftover", what, "nothing uses it (no image, container, child layer or reference)",
+                         FIX_UNUSED, lid, verify=functools.partial(self._unused, lid, chain))
+            if not exists(lid):
+                self.add("layer", what, f"its content is missing from the {self.driver.name} driver", FIX_LAYER,
+                         lid, verify=functools.partial(self._content_gone, lid))
                 continue
             pchain = rows[parent][1] if parent in rows else None
             if chain != chain_id(pchain, diff_id):
-                self.add("layer", what, "its ChainID does not follow from its parent and DiffID", FIX_LAYER, lid)
+                self.add("layer", what, "its ChainID does not follow from its parent and DiffID", FIX_LAYER, lid,
+                         verify=functools.partial(self._committed, lid))
                 continue
             if not keeps_stream and not self._has_record(lid):
-                self.add("layer", what, "its exact-export record is missing", FIX_LAYER, lid)
+                self.add("layer", what, "its exact-export record is missing", FIX_LAYER, lid,
+                         verify=functools.partial(self._record_gone, lid))
                 continue
             if not self.quick:
                 self._read_back(lid, chain, what)
-            if self._unused(lid, chain):
-                self.add("leftover", what, "nothing uses it (no image, container, child layer or reference)",
-                         FIX_UNUSED, lid)
         return rows
+
+    # -- checks run again (Problem.verify) ------------------------------------------------------------
+    def _content_gone(self, lid: str) -> bool:
+        return self._committed(lid) and not self.driver.exists(lid)
+
+    def _record_gone(self, lid: str) -> bool:
+        return self._committed(lid) and not self._has_record(lid)
+
+    def _orphan_file(self, lid: str, path: Path) -> bool:
+        return self._no_row(lid) and path.exists()
+
+    @staticmethod
+    def _same(find: Callable[[str], str | None], key: str, why: str) -> bool:
+        return find(key) == why
+
+    def _row_there(self, table: str, key: str) -> bool:
+        return self.db.one(f"SELECT 1 FROM {table} WHERE id=?", (key,)) is not None
+
+    def _container_left_by(self, cid: str, state: str, pid: int | None, start: float | None) -> bool:
+        row = self.db.one("SELECT state, owner_pid, owner_start FROM containers WHERE id=?", (cid,))
+        return row is not None and tuple(row) == (state, pid, start) and not owner_alive(pid, start)
+
+    def _uncounted(self, lid: str) -> bool:
+        return any(m[0] == lid for m in self.layers.uncounted_mounts())
+
+    def _orphan_rw(self, lid: str) -> bool:
+        return self._committed(lid) and self.db.one("SELECT 1 FROM containers WHERE rw_layer=?", (lid,)) is None
 
     def _container_id(self, rw: str) -> str:
         row = self.db.one("SELECT id FROM containers WHERE rw_layer=?", (rw,))
@@ -222,13 +295,14 @@ class _Checker:
         return True
 
     def _unused(self, lid: str, chain: str) -> bool:
+        lease = self.lease.id if self.lease is not None else ""
         return self.db.one(
-            "SELECT 1 FROM layers l WHERE id=? AND refs=0"
+            "SELECT 1 FROM layers l WHERE id=? AND state='committed' AND refs=0"
             " AND NOT EXISTS (SELECT 1 FROM layers c WHERE c.parent=l.id)"
-            " AND NOT EXISTS (SELECT 1 FROM lease_layers k WHERE k.layer=l.id)"
+            " AND NOT EXISTS (SELECT 1 FROM lease_layers k WHERE k.layer=l.id AND k.lease != ?)"
             " AND NOT EXISTS (SELECT 1 FROM images i WHERE i.top_layer=?)"
             " AND NOT EXISTS (SELECT 1 FROM containers n WHERE n.init_layer=l.id)",
-            (lid, chain),
+            (lid, lease, chain),
         ) is not None
 
     def _read_back(self, lid: str, chain: str, what: str) -> None:
@@ -240,47 +314,75 @@ class _Checker:
                 return  # removed meanwhile
         try:
             found = self.layers.audit(chain)
+        except ExportUnreadable as e:
+            self.add("layer", what, f"cannot be read back: {e.message}",
+                     verify=functools.partial(self._committed, lid))
+            return
+        except OSError as e:
+            self.add("layer", what, f"cannot be read back: {e.strerror or e}",
+                     verify=functools.partial(self._committed, lid))
+            return
         except LaminaError as e:
-            if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (lid,)) is None:
-                return  # removed meanwhile
-            self.add("layer", what, e.message, FIX_LAYER, lid)
+            if self._committed(lid):
+                self.add("layer", what, e.message, FIX_LAYER, lid, verify=functools.partial(self._committed, lid))
             return
         if found:
             more = f" (and {len(found) - 1} more difference{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
-            self.add("layer", what, f"{found[0]}{more}", FIX_LAYER, lid)
+            self.add("layer", what, f"{found[0]}{more}", FIX_LAYER, lid, verify=functools.partial(self._committed, lid))
 
     # -- orphans --------------------------------------------------------------------------------------
+    def _no_row(self, lid: str) -> bool:
+        return self.db.one("SELECT 1 FROM layers WHERE id=?", (lid,)) is None
+
     def _orphans(self, held: list[str] | None, records: list[str], rows: dict[str, tuple[Any, ...]]) -> None:
+        driver = self.driver
+
+        def still_held(lid: str) -> bool:
+            return self._no_row(lid) and lid in (driver.layers() or [])
+
         for lid in held or []:
             if lid not in rows:
-                self.add("orphan", f"{self.driver.name} layer {lid[:12]}",
-                         "the driver holds it but the store has no layer of that ID", FIX_DRIVER, lid)
+                self.add("orphan", f"{driver.name} layer {lid[:12]}",
+                         "the driver holds it but the store has no layer of that ID", FIX_DRIVER, lid,
+                         verify=functools.partial(still_held, lid))
         for name in records:
             lid = name.split(".", 1)[0]
-            if lid not in rows and not name.startswith("."):
-                self.add("orphan", f"record {name[:70]}", "no layer of that ID", FIX_RECORD, lid)
+            path = self.layers.records / name
+            if lid not in rows:
+                self.add("orphan", f"record {name[:70]}", "no layer of that ID", FIX_RECORD, name,
+                         verify=functools.partial(self._orphan_file, lid, path))
 
     # -- images ---------------------------------------------------------------------------------------
+    def _image_problem(self, iid: str) -> str | None:
+        """What is wrong with an image as a whole (None: nothing, or it is gone)."""
+        row = self.db.one("SELECT top_layer FROM images WHERE id=?", (iid,))
+        if row is None:
+            return None
+        top = row[0]
+        if not self.images.content.exists(iid):
+            return "its config blob is missing"
+        if top and self.db.one("SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (top,)) is None:
+            return f"its top layer {_short(top)} is missing"
+        return None if self.quick else self._config_problem(iid, top)
+
     def _images(self) -> None:
         content = self.images.content
-        for iid, top in self.db.query("SELECT id, top_layer FROM images"):
+        for (iid,) in self.db.query("SELECT id FROM images"):
             what = f"image {_short(iid)}"
-            if not content.exists(iid):
-                self.add("image", what, "its config blob is missing", FIX_IMAGE, iid)
+            why = self._image_problem(iid)
+            if why:
+                self.add("image", what, why, FIX_IMAGE, iid,
+                         verify=functools.partial(self._same, self._image_problem, iid, why))
                 continue
-            if top and self.db.one("SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (top,)) is None:
-                self.add("image", what, f"its top layer {_short(top)} is missing", FIX_IMAGE, iid)
-                continue
-            if not self.quick:
-                why = self._config_problem(iid, top)
-                if why:
-                    self.add("image", what, why, FIX_IMAGE, iid)
-                    continue
             for (digest,) in self.db.query("SELECT digest FROM image_blobs WHERE image_id=? AND digest != ?",
                                            (iid, iid)):
                 if not content.exists(digest):
                     self.add("blob", f"blob {_short(digest)}", f"missing (recorded for image {_short(iid)})",
-                             FIX_BLOB, digest)
+                             FIX_BLOB, digest, verify=functools.partial(self._blob_missing, digest))
+
+    def _blob_missing(self, digest: str) -> bool:
+        named = self.db.one("SELECT 1 FROM image_blobs WHERE digest=?", (digest,)) is not None
+        return named and not self.images.content.exists(digest)
 
     def _config_problem(self, iid: str, top: str | None) -> str | None:
         """Why the config is not this image's (its layers are the chain of its ``rootfs.diff_ids``)."""
@@ -297,79 +399,93 @@ class _Checker:
         return None
 
     # -- containers -----------------------------------------------------------------------------------
+    def _container_problem(self, cid: str) -> str | None:
+        row = self.db.one("SELECT image_id, init_layer, rw_layer FROM containers WHERE id=? AND state='created'",
+                          (cid,))
+        if row is None:
+            return None
+        image, init, rw = row
+        if not self.images.exists(image):
+            return f"its image {_short(image)} is missing"
+        for layer, role in ((init, "init"), (rw, "read-write")):
+            if not layer or not self._committed(layer):
+                return f"its {role} layer is missing"
+        return None
+
     def _containers(self, rows: dict[str, tuple[Any, ...]]) -> None:
-        for cid, name, image, init, rw, state, pid, start in self.db.query(
-            "SELECT id, name, image_id, init_layer, rw_layer, state, owner_pid, owner_start FROM containers"
+        for cid, name, state, pid, start in self.db.query(
+            "SELECT id, name, state, owner_pid, owner_start FROM containers"
         ):
             what = f"container {(name or cid[:12])[:64]}"
             if state != "created":
                 if not owner_alive(pid, start):
-                    self.add("leftover", what, f"left {state} by process {pid}, which is gone", FIX_RECOVER)
+                    self.add("leftover", what, f"left {state} by process {pid}, which is gone", FIX_RECOVER,
+                             verify=functools.partial(self._container_left_by, cid, state, pid, start))
                 continue
-            if not self.images.exists(image):
-                self.add("container", what, f"its image {_short(image)} is missing", FIX_CONTAINER, cid)
-            for layer, role in ((init, "init"), (rw, "read-write")):
-                row = rows.get(layer or "")
-                if row is None:  # made after the layers were read?
-                    row = self.db.one("SELECT id, chain_id, diff_id, parent, state FROM layers WHERE id=?", (layer,))
-                if row is None or row[4] != "committed":
-                    self.add("container", what, f"its {role} layer is missing", FIX_CONTAINER, cid)
-                    break
+            why = self._container_problem(cid)
+            if why:
+                self.add("container", what, why, FIX_CONTAINER, cid,
+                         verify=functools.partial(self._same, self._container_problem, cid, why))
 
     # -- blobs ----------------------------------------------------------------------------------------
+    def _alive_blobs(self) -> set[str]:
+        alive = {r[0] for r in self.db.query("SELECT digest FROM image_blobs")}
+        return alive | {r[0] for r in self.db.query("SELECT digest FROM lease_blobs")}
+
     def _blobs(self, files: list[str]) -> None:
         content = self.images.content
-        alive = {r[0] for r in self.db.query("SELECT digest FROM image_blobs")}
-        alive |= {r[0] for r in self.db.query("SELECT digest FROM lease_blobs")}
+        alive = self._alive_blobs()
         images = {r[0] for r in self.db.query("SELECT id FROM images")}
+
+        def unnamed(digest: str) -> bool:
+            return content.exists(digest) and digest not in self._alive_blobs()
+
+        def mismatched(digest: str) -> bool:
+            return content.path(digest).exists() and not content.matches(digest)
+
         for digest in files:
             what = f"blob {_short(digest)}"
             try:
-                content.path(digest)
+                path = content.path(digest)
             except DigestError:
                 self.add("orphan", f"content file {digest[:80]}", "not named by a digest", FIX_BLOB, digest)
                 continue
             if digest not in alive:
-                self.add("orphan", what, "no image names it", FIX_GC)
+                self.add("orphan", what, "no image names it", FIX_GC, verify=functools.partial(unnamed, digest))
                 continue
-            if self.quick or digest in images or content.matches(digest):
+            if self.quick or digest in images or not path.exists() or content.matches(digest):
                 continue  # an image's config is checked with the image
-            self.add("blob", what, "its content does not match its digest", FIX_BLOB, digest)
+            self.add("blob", what, "its content does not match its digest", FIX_BLOB, digest,
+                     verify=functools.partial(mismatched, digest))
 
     # -- leftovers ------------------------------------------------------------------------------------
-    def _leftovers(self, ingest: list[str], uncounted: list[str]) -> None:
+    def _leftovers(self, ingest: list[str]) -> None:
         for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases"):
             if not owner_alive(pid, start):
-                self.add("leftover", f"lease {lid[:12]}", f"held by process {pid}, which is gone", FIX_RECOVER)
+                self.add("leftover", f"lease {lid[:12]}", f"held by process {pid}, which is gone", FIX_RECOVER,
+                         verify=functools.partial(self._row_there, "leases", lid))
         for (holder,) in self.db.query("SELECT DISTINCT holder FROM mount_refs WHERE holder LIKE 'pid:%'",
                                        runroot=True):
             _, pid, start = holder.split(":", 2)
             if not owner_alive(int(pid), float(start) if start != "None" else None):
                 self.add("leftover", f"mount reference of process {pid}", "the process is gone", FIX_RECOVER)
         for (lid,) in self.db.query("SELECT DISTINCT id FROM mount_refs", runroot=True):
-            if self.db.one("SELECT 1 FROM layers WHERE id=?", (lid,)) is None:
+            if self._no_row(lid):
                 self.add("leftover", f"mount reference of layer {lid[:12]}", "no layer of that ID", FIX_RECOVER)
         for name in ingest:
             pid = name.split("-", 1)[0]
             if not pid.isdigit() or not owner_alive(int(pid), None):
-                self.add("leftover", f"partial blob {name[:70]}", "its writer is gone", FIX_INGEST)
-        for path in uncounted:
-            self.add("leftover", f"mount {path}", "mounted under the store, but no lamina process holds it",
-                     FIX_UNMOUNT, path)
+                path = self.images.content.ingest / name
+                self.add("leftover", f"partial blob {name[:70]}", "its writer is gone", FIX_INGEST,
+                         verify=path.exists)
 
-    def _mounts_uncounted(self) -> list[str]:
-        """Mount points under the driver's area that no mount reference names (read under the mount lock,
-        so a mount being taken is either finished and counted, or not there yet)."""
-        from lamina.fs.mounts import mountinfo
-
-        area = os.path.realpath(self.store.root / self.driver.name) + "/"
-        lock = self.layers.mount_lock() if os.access(self.store.runroot, os.W_OK) else contextlib.nullcontext()
-        with lock:
-            points = [m.mountpoint for m in mountinfo() if m.mountpoint.startswith(area)]
-            if not points:
-                return []
-            counted = {r[0] for r in self.db.query("SELECT path FROM mount_refs", runroot=True)}
-        return sorted(p for p in points if p not in counted)
+    def _mounts(self) -> None:
+        """Mounts of a layer under the driver's area while nothing counts a mount of it (compared by layer
+        ID, on resolved paths; mounts inside a counted mount, such as a container's /proc, are its)."""
+        for lid, path in self.layers.uncounted_mounts():
+            self.add("leftover", f"mount {_bounded(path, 100)}", "mounted under the store, but no lamina process "
+                     "holds it", FIX_UNMOUNT, lid,
+                     verify=functools.partial(self._uncounted, lid))
 
 
 def check(store: Store, *, quick: bool = False) -> list[Problem]:
@@ -378,16 +494,15 @@ def check(store: Store, *, quick: bool = False) -> list[Problem]:
 
 # -- repair -------------------------------------------------------------------------------------------
 def repair(store: Store, problems: list[Problem], *, force: bool = False) -> list[str]:
-    """Remove what ``problems`` found; returns one line per removal (and per thing left, and why)."""
+    """Remove what ``problems`` found, each checked again first; returns one line per removal (and per
+    thing left, and why)."""
     out: list[str] = []
     fixes: dict[str, list[str]] = {}
     for p in problems:
-        if p.fix is not None:
-            fixes.setdefault(p.fix, [])
-            if p.key not in fixes[p.fix]:
-                fixes[p.fix].append(p.key)
+        if p.fix is not None and p.key not in fixes.get(p.fix, []) and p.still():
+            fixes.setdefault(p.fix, []).append(p.key)
 
-    def attempt(what: str, fn: Any, *args: Any) -> Any:
+    def attempt(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             return fn(*args)
         except LaminaError as e:
@@ -397,31 +512,29 @@ def repair(store: Store, problems: list[Problem], *, force: bool = False) -> lis
         return None
 
     if FIX_RECOVER in fixes:
-        out += store.recover()
+        out += attempt("leftovers of processes that are gone", store.recover) or []
     doomed_images: list[str] = list(fixes.get(FIX_IMAGE, []))
-    doomed_layers: list[str] = []
-    for lid in fixes.get(FIX_LAYER, []):
-        doomed_layers.append(lid)
-        doomed_images += [i for i in store.layers.images_on(lid) if i not in doomed_images]
+    doomed_layers: list[str] = list(fixes.get(FIX_LAYER, []))
+    for lid in doomed_layers:
+        doomed_images += [i for i in attempt(f"layer {lid[:12]}", store.layers.images_on, lid) or []
+                          if i not in doomed_images]
     containers = list(fixes.get(FIX_CONTAINER, []))
     for iid in doomed_images:
-        containers += [c.id for c in store.containers.using_image(iid) if c.id not in containers]
+        containers += [c.id for c in attempt(f"image {_short(iid)}", store.containers.using_image, iid) or []
+                       if c.id not in containers]
     for lid in doomed_layers:
-        containers += [c for c in store.layers.containers_on(lid) if c not in containers]
-    kept_images: set[str] = set()
+        containers += [c for c in attempt(f"layer {lid[:12]}", store.layers.containers_on, lid) or []
+                       if c not in containers]
     if containers and not force:
         for cid in containers:
             out.append(f"left container {cid[:12]}: it needs a damaged layer or image; --force removes it")
-        for iid in doomed_images:
-            if store.containers.using_image(iid):
-                kept_images.add(iid)
     else:
         for cid in containers:
             attempt(f"container {cid[:12]}", _remove_container, store, cid, out)
-    # children before parents: deepest chains first
-    for iid in sorted(doomed_images, key=lambda i: -store.images.chain_length(i)):
-        if iid not in kept_images:
-            attempt(f"image {_short(iid)}", _remove_image, store, iid, out)
+    # children before parents: deepest chains first; an image a container still uses stays (and says so)
+    depth = {iid: attempt(f"image {_short(iid)}", store.images.chain_length, iid) or 0 for iid in doomed_images}
+    for iid in sorted(doomed_images, key=lambda i: -depth[i]):
+        attempt(f"image {_short(iid)}", _remove_image, store, iid, out)
     for lid in doomed_layers:
         removed = attempt(f"layer {lid[:12]}", store.layers.remove_damaged, lid)
         out += [f"removed layer {_short(c)}" for c in removed or []]
@@ -430,12 +543,14 @@ def repair(store: Store, problems: list[Problem], *, force: bool = False) -> lis
         (FIX_BLOB, "blob {}", store.images.forget_blob, "removed blob {}"),
         (FIX_RW, "read-write layer {}", store.layers.remove_orphan_rw, "removed read-write layer {}"),
         (FIX_DRIVER, f"{driver} layer {{}}", store.layers.remove_orphan, f"removed {driver} layer {{}} (no row)"),
-        (FIX_RECORD, "record of {}", store.layers.remove_orphan_record, "removed record {}.tsr (no layer)"),
+        (FIX_RECORD, "record {}", store.layers.remove_orphan_record, "removed record {} (no layer)"),
+        (FIX_UNMOUNT, "mount of layer {}", store.layers.unmount_stray, "unmounted layer {} (nothing held it)"),
     )
     for fix, what, remove, done in one_by_one:
         for key in fixes.get(fix, []):
-            if attempt(what.format(_short(key)), remove, key):
-                out.append(done.format(_short(key)))
+            shown = key[:70] if fix == FIX_RECORD else _short(key)
+            if attempt(what.format(shown), remove, key):
+                out.append(done.format(shown))
     if FIX_UNUSED in fixes:
         removed = attempt("unused layers", store.layers.collect, fixes[FIX_UNUSED])
         out += [f"removed unused layer {_short(c)}" for c in removed or []]
@@ -443,18 +558,18 @@ def repair(store: Store, problems: list[Problem], *, force: bool = False) -> lis
         out += [f"removed unnamed blob {_short(d)}" for d in attempt("unnamed blobs", store.images.gc) or []]
     if FIX_INGEST in fixes:
         n = attempt("partial blobs", store.images.content.clean_ingest, lambda pid: owner_alive(pid, None))
-        out.append(f"removed {n} partial blob write{'s' if n != 1 else ''}")
-    for path in fixes.get(FIX_UNMOUNT, []):
-        if attempt(f"mount {path}", store.layers.unmount_stray, path):
-            out.append(f"unmounted {path}")
+        if n:
+            out.append(f"removed {n} partial blob write{'s' if n != 1 else ''}")
     return out
 
 
 def _remove_container(store: Store, cid: str, out: list[str]) -> None:
+    """A container that needs something damaged: removed unless it is running or mounted (then it is left,
+    with why)."""
     c = store.containers.by_id(cid)
     if c is None:
         return
-    store.containers.remove(c, force=True)
+    store.containers.remove(c, force=False)
     out.append(f"removed container {c.name or c.short_id}")
 
 
@@ -476,7 +591,11 @@ def run(store: Store, *, quick: bool = False, repair_it: bool = False, force: bo
         note = ["left everything: the store's database is damaged, and repair works through it"]
         return CheckReport(problems, note, problems, repaired=True)
     removed = repair(store, problems, force=force)
-    left = check(store, quick=quick)
+    try:
+        left = check(store, quick=quick)
+    except LaminaError as e:
+        removed.append(f"could not check again: {e.message}")
+        left = problems
     return CheckReport(problems, removed, left, repaired=True)
 
 

@@ -77,7 +77,8 @@ class ImageStore:
         self.db = store.db
         self.layers = store.layers
         self.content = ContentStore(store.root)
-        self.content.clean_ingest(lambda pid: owner_alive(pid, None))
+        if store.recovers:  # (system check opens without recovery: it reports partial writes instead)
+            self.content.clean_ingest(lambda pid: owner_alive(pid, None))
 
     # -- leases and garbage collection ----------------------------------------------------------------
     def lease_image(self, lease: Lease, image_id: str) -> ImageRecord:

@@ -34,6 +34,7 @@ class Store:
         """Open the store; unless ``recover`` is False (``system check``, which reports what killed
         processes left), finish off what they left first."""
         self.config = config
+        self.recovers = recover
         self.root = config.root
         self.runroot = config.runroot
         try:

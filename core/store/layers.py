@@ -360,16 +360,36 @@ class LayerStore:
         with self.db.tx() as db:
             db.execute("DELETE FROM layers WHERE id=?", (lid,))
 
+    # A driver may mount a layer to compare it (overlay without a native diff): the comparisons below hold
+    # a mount reference on both sides meanwhile, so such a mount is always counted (system check reports a
+    # mount nothing counts as a leak).
+    @contextlib.contextmanager
+    def _viewed(self, cache_id: str, parent: str | None) -> Iterator[None]:
+        if not self.driver.capabilities().can_mount:
+            yield
+            return
+        with contextlib.ExitStack() as held:
+            for lid in (cache_id, parent):
+                if lid is not None:
+                    held.enter_context(self.mounted(lid))
+            yield
+
     def changes_of(self, cache_id: str, parent: str | None) -> list[Change]:
         """Changes of a layer (committed or read-write) against ``parent`` (a CacheID, not necessarily the
         direct parent; None: everything)."""
-        return self.driver.changes(cache_id, parent)
+        with self._viewed(cache_id, parent):
+            return self.driver.changes(cache_id, parent)
 
     def diff_of(self, cache_id: str, parent: str | None) -> ByteStream:
-        return self.driver.diff(cache_id, parent)
+        def chunks() -> Iterator[bytes]:
+            with self._viewed(cache_id, parent):
+                yield from _pieces(self.driver.diff(cache_id, parent))
+
+        return ExactTarStream(chunks(), None)
 
     def diff_size_of(self, cache_id: str, parent: str | None) -> int:
-        return self.driver.diff_size(cache_id, parent)
+        with self._viewed(cache_id, parent):
+            return self.driver.diff_size(cache_id, parent)
 
     # -- leases ---------------------------------------------------------------------------------------
     def lease(self, chain: str, lease: Lease) -> Layer:
@@ -462,11 +482,13 @@ class LayerStore:
         me = self.db.me
         with self.mount_lock(), self.db.tx() as db:
             rows = db.execute(
-                self._ABOVE + "SELECT l.id, l.chain_id, l.depth FROM layers l WHERE l.id IN d", (cache_id,)
+                self._ABOVE + "SELECT l.id, l.chain_id, l.depth, l.state FROM layers l WHERE l.id IN d", (cache_id,)
             ).fetchall()
-            if not rows:
-                return []
-            for lid, chain, _ in rows:
+            if not any(r[0] == cache_id and r[3] == "committed" for r in rows):
+                return []  # gone, or on its way out already
+            if any(r[3] != "committed" for r in rows):
+                raise LayerInUse(f"layer {cache_id[:12]} has a layer being added or removed above it")
+            for lid, chain, _, _ in rows:
                 users = _users(db, lid)
                 users["containers"] += [r[0] for r in db.execute(
                     "SELECT COALESCE(name, id) FROM containers WHERE rw_layer=?", (lid,)
@@ -483,7 +505,7 @@ class LayerStore:
                 (cache_id, me[0], me[1]),
             )
         removed: list[ChainID] = []
-        for lid, chain, _ in sorted(rows, key=lambda r: -int(r[2])):  # the top first
+        for lid, chain, _, _ in sorted(rows, key=lambda r: -int(r[2])):  # the top first
             self._destroy(lid)
             if chain:
                 removed.append(ChainID(chain))
@@ -519,21 +541,52 @@ class LayerStore:
         self._remove_content(cache_id)
         return True
 
-    def remove_orphan_record(self, cache_id: str) -> bool:
-        if self.db.one("SELECT 1 FROM layers WHERE id=?", (cache_id,)) is not None:
+    def remove_orphan_record(self, name: str) -> bool:
+        """Remove a file of the records' directory whose layer has no row."""
+        if "/" in name or name.startswith(".") or \
+                self.db.one("SELECT 1 FROM layers WHERE id=?", (name.split(".", 1)[0],)) is not None:
             return False
-        self._forget_record(cache_id)
+        (self.records / name).unlink(missing_ok=True)
         return True
 
-    def unmount_stray(self, path: str) -> bool:
-        """Unmount a mount under the store that no mount reference names."""
-        from lamina.fs.mounts import is_mountpoint, umount
+    def uncounted_mounts(self) -> list[tuple[str, str]]:
+        """(CacheID, mount point) of each mount of a layer under the driver's area while no mount reference
+        of that layer exists: a leak of a process killed between mounting and counting (or a mount made by
+        hand). Paths are compared resolved; a mount below another one (a container's /proc) is that one's."""
+        from lamina.fs.mounts import mountinfo
+
+        area = os.path.realpath(self.root / self.driver.name) + "/"
+        points = sorted(m.mountpoint for m in mountinfo() if m.mountpoint.startswith(area))
+        if not points:
+            return []
+        out: list[tuple[str, str]] = []
+        with self.mount_lock() if os.access(self.runroot, os.W_OK) else contextlib.nullcontext():
+            counted = {r[0] for r in self.db.query("SELECT DISTINCT id FROM mount_refs", runroot=True)}
+            seen: list[str] = []
+            for point in points:
+                if any(point.startswith(p + "/") for p in seen):
+                    continue  # below a mount already judged: it goes (or stays) with that one
+                seen.append(point)
+                lid = point[len(area):].split("/", 1)[0]
+                if lid in counted or lid.startswith(".") \
+                        or self.db.one("SELECT 1 FROM layers WHERE id=?", (lid,)) is None:
+                    continue  # counted, a driver's own work area, or not a layer's
+                out.append((lid, point))
+        return out
+
+    def unmount_stray(self, cache_id: str) -> bool:
+        """Unmount a layer that no mount reference names (``system check --repair``), and what was mounted
+        below it."""
+        from lamina.fs.mounts import mountinfo, umount
 
         with self.mount_lock():
-            if self.db.one("SELECT 1 FROM mount_refs WHERE path=?", (path,), runroot=True) is not None:
+            if self.mount_count(cache_id):
                 return False
-            while is_mountpoint(path):
-                umount(path)
+            self.driver.unmount(cache_id)
+            base = os.path.realpath(self.root / self.driver.name / cache_id) + "/"
+            for point in sorted((m.mountpoint for m in mountinfo() if m.mountpoint.startswith(base)), reverse=True):
+                with contextlib.suppress(OSError):
+                    umount(point)
         return True
 
     # -- references and removal -----------------------------------------------------------------------
@@ -623,20 +676,7 @@ class LayerStore:
         root = self.driver.diff_root(layer.cache_id) if record.exists() else None
         if root is not None:
             return ExactTarStream(assemble(record, root), expected)
-        raw = self.driver.tar_stream(layer.cache_id)
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                direct = getattr(raw, "chunks", None)  # a driver's exact stream: take its pieces as made
-                if direct is not None:
-                    yield from direct()
-                    return
-                while chunk := raw.read(1 << 20):
-                    yield chunk
-            finally:
-                raw.close()
-
-        return ExactTarStream(chunks(), expected)
+        return ExactTarStream(_pieces(self.driver.tar_stream(layer.cache_id)), expected)
 
     def has_record(self, cache_id: str) -> bool:
         """Whether lamina keeps the exact-export record of a layer (a tree driver's, applied by this lamina)."""
@@ -651,8 +691,11 @@ class LayerStore:
 
         layer = self.get(chain)
         root = None if self.driver.capabilities().keeps_stream else self.driver.diff_root(layer.cache_id)
-        # a driver that keeps modes in extended attributes (overlay's force_mask) has other modes on disk
-        metadata = real_root() and not self.config.options_for(self.driver.name).get("force_mask")
+        # Owners and modes are compared only where they were applied as given: a store that real root owns
+        # (not one made by another user, or inside a user namespace, where lamina cannot chown), and not
+        # by a driver that keeps modes in extended attributes (overlay's force_mask).
+        metadata = real_root() and os.stat(self.root).st_uid == 0 \
+            and not self.config.options_for(self.driver.name).get("force_mask")
         raw = self.export_exact(chain, verify=False)
         stream = DiffStream(raw)
         try:
@@ -676,7 +719,7 @@ class LayerStore:
     def changes(self, chain: str) -> list[Change]:
         layer = self.get(chain)
         parent = self.get(layer.parent).cache_id if layer.parent else None
-        return self.driver.changes(layer.cache_id, parent)
+        return self.changes_of(layer.cache_id, parent)
 
     # -- mounts ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -806,6 +849,19 @@ class LayerStore:
                     (hook, st.calls, st.errors, st.total_s, st.max_s),
                 )
         stats.clear()
+
+
+def _pieces(stream: ByteStream) -> Iterator[bytes]:
+    """A driver's stream in pieces (an exact stream's as it makes them), closed at the end."""
+    try:
+        direct = getattr(stream, "chunks", None)
+        if direct is not None:
+            yield from direct()
+            return
+        while chunk := stream.read(1 << 20):
+            yield chunk
+    finally:
+        stream.close()
 
 
 def _short(digest: str) -> str:

@@ -63,17 +63,14 @@ class Lease:
         with self._store.db.tx() as db:
             self.add_blob(db, digest)
 
-    def end(self, *, collect: bool = True) -> None:
-        """End the lease (if the operation has not already) and collect what only it kept (unless not to
-        ``collect``: a layer that only this lease kept is then collected by the next process to open the
-        store, see :meth:`Store.recover`)."""
+    def end(self) -> None:
+        """End the lease (if the operation has not already) and collect what only it kept."""
         if self.ended:
             return
         with self._store.db.tx() as db:
             layers = self.end_in(db)
         self.ended = True
-        if collect:
-            self._store.collect(layers, blobs=self.had_blobs)
+        self._store.collect(layers, blobs=self.had_blobs)
 
     def __enter__(self) -> Lease:
         return self

@@ -14,12 +14,13 @@ side file ``<record>.sup`` keyed by the operation's index.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from lamina.errors import ExportError
+from lamina.errors import ExportError, ExportUnreadable
 from lamina.fs.ops import Root
 from lamina.tar.compression import BackgroundHash
 
@@ -178,15 +179,23 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
                     raise ExportError(f"layer record {rpath} is corrupt")
         except (EOFError, OSError) as e:
             if isinstance(e, OSError) and e.filename:
-                raise ExportError(f"cannot read {e.filename} back from the layer: {e.strerror}") from e
+                raise _read_error(e, f"cannot read {e.filename} back from the layer: {e.strerror}") from e
             raise ExportError(f"layer record {rpath} is corrupt: {e}") from e
+
+
+# What a layer's files being gone or changed looks like; any other failure to read them is not the layer's.
+_DAMAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL})
+
+
+def _read_error(e: OSError, message: str) -> ExportError:
+    return ExportError(message) if e.errno in _DAMAGE_ERRNOS else ExportUnreadable(message)
 
 
 def _payload(root: Root, path: str, size: int) -> Iterator[bytes]:
     try:
         fd = root.open_file(path)
     except OSError as e:
-        raise ExportError(f"file {path!r} of the layer is missing or changed: {e.strerror}") from e
+        raise _read_error(e, f"file {path!r} of the layer is missing or changed: {e.strerror}") from e
     try:
         left = size
         while left:

@@ -196,7 +196,8 @@ class HardlinkDriver(TreeDriver):
     @hookimpl
     def lamina_layers(self) -> list[str]:
         # what a removal left half-done counts too: lamina system check hands it back to lamina_remove
-        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)}
+        ids = {e.name.removeprefix(".removing-") for e in os.scandir(self.dirs)
+               if not e.name.startswith(".") or e.name.startswith(".removing-")}
         ids |= {e.name for e in os.scandir(self.rw_marks) if not e.name.startswith(".")}
         records = self.home / "records"
         if records.is_dir():
