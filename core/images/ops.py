@@ -73,7 +73,7 @@ class ImageSummary:
     labels: dict[str, str]
     parent: str | None
     layers: int
-    containers: int = -1
+    containers: int = 0  # containers created from the image (what `ps -a` lists)
     chain: list[ChainID] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -169,6 +169,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
     since = get_image(store, filters["since"][-1]).record.created if "since" in filters else None
     patterns = filters.get("reference", [])
     layers = {layer.chain_id: layer for layer in store.layers.all()}
+    containers = store.container_counts()
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
     for rec in store.all():
@@ -204,7 +205,8 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
             refcount[c] = refcount.get(c, 0) + 1
         size = sum(layers[c].size for c in chain if c in layers)
         out.append(ImageSummary(
-            rec.id, tags, digests, rec.created, size, 0, labels, rec.parent, len(chain), chain=chain,
+            rec.id, tags, digests, rec.created, size, 0, labels, rec.parent, len(chain),
+            containers=containers.get(rec.id, 0), chain=chain,
         ))
     for s in out:
         s.shared_size = sum(layers[c].size for c in s.chain if refcount.get(c, 0) > 1 and c in layers)

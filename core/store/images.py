@@ -170,6 +170,12 @@ class ImageStore:
     def children(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
 
+    def container_counts(self) -> dict[str, int]:
+        """How many containers (those ``ps -a`` lists) each image has, by image ID; images without any are absent."""
+        return {r[0]: int(r[1]) for r in self.db.query(
+            "SELECT image_id, COUNT(*) FROM containers WHERE state='created' GROUP BY image_id"
+        )}
+
     def blobs(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,))]
 
