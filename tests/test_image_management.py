@@ -47,3 +47,37 @@ def test_images_count_the_containers_using_each(tmp_path: Path, umoci_small_imag
     with _open(tmp_path) as svc:
         svc.remove_container("second")
         assert {s.id: s.containers for s in svc.images()} == {small: 0, other: 0}
+
+
+# -- 2. history of committed images --------------------------------------------------------------------------
+def _commit_edit(svc: ImageService, image: str, name: str, content: bytes) -> str:
+    c = svc.create_container(image)
+    with svc.perform_with_base_fs(c.id) as root:
+        (Path(root) / "edited").write_bytes(content)
+    new = svc.commit_image(c.id, name, message=f"made {name}")
+    svc.remove_container(c.id)
+    return new.id
+
+
+def test_history_names_the_local_parents(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    with _open(tmp_path) as svc:
+        [loaded] = svc.load_image(umoci_small_image.path)
+        base = loaded.image.id
+        base_rows = len(svc.image_history(base))
+        child = _commit_edit(svc, "small:1", "child:1", b"1")
+        grandchild = _commit_edit(svc, "child:1", "grandchild:1", b"2")
+        hist = svc.image_history("grandchild:1")
+        assert len(hist) == base_rows + 2
+        assert [(h["Id"], h["Tags"]) for h in hist[:3]] == [
+            (grandchild, ["grandchild:1"]), (child, ["child:1"]), (base, ["small:1"]),
+        ]
+        assert hist[0]["Comment"] == "made grandchild:1" and hist[1]["Comment"] == "made child:1"
+        assert {h["Id"] for h in hist[3:]} <= {"<missing>"}  # below the loaded image: no local image
+        # the image's own history is unchanged: its ID on top only
+        assert [h["Id"] for h in svc.image_history("small:1")] == [base] + ["<missing>"] * (base_rows - 1)
+        # a squash records no parent: its history names only itself
+        squashed = svc.squash_image("grandchild:1")
+        assert [h["Id"] for h in svc.image_history(squashed.id)][:2] == [squashed.id, "<missing>"]
+    table = lamina_cli("--driver", "vfs", "history", "child:1", root=tmp_path).stdout.decode().splitlines()
+    assert [row.split()[0] for row in table[1:3]] == [child[7:19], base[7:19]]
+    assert all(row.split()[0] == "<missing>" for row in table[3:])

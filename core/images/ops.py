@@ -252,7 +252,8 @@ def inspect(store: ImageStore, img: Image) -> dict[str, Any]:
 
 
 def history(store: ImageStore, img: Image) -> list[dict[str, Any]]:
-    """Newest first, like ``docker history``: the top entry carries the image ID, others ``<missing>``."""
+    """Newest first, like ``docker history``: the newest entry of the image and of each local ancestor (the
+    parents commits record) carries that image's ID and tags, every other entry ``<missing>``."""
     sizes = []
     for c in img.chain:
         try:
@@ -278,11 +279,31 @@ def history(store: ImageStore, img: Image) -> list[dict[str, Any]]:
             "Size": size,
             "Tags": [],
         })
+    for owner, count in _history_owners(store, img, entries):
+        if out[count - 1]["Id"] == "<missing>":  # the newer image keeps a row they would share
+            out[count - 1].update(Id=owner.id, Tags=owner.repo_tags)
     out.reverse()
-    if out:
-        out[0]["Id"] = img.id
-        out[0]["Tags"] = img.repo_tags
     return out
+
+
+def _history_owners(store: ImageStore, img: Image, entries: list[dict[str, Any]]) -> list[tuple[Image, int]]:
+    """The image and each local ancestor whose history begins ``entries``, with how many entries are theirs:
+    the walk up the parents stops at one that is gone or whose history is not a prefix of the image's."""
+    owners = [(img, len(entries))] if entries else []
+    seen = {img.id}
+    parent = img.record.parent
+    while parent and parent not in seen:
+        seen.add(parent)
+        try:
+            ancestor = load(store, store.get(parent))
+        except LaminaError:  # removed meanwhile, or damaged: the rest of the history stays <missing>
+            break
+        own = list(ancestor.config.history)
+        if not own or own != entries[: len(own)]:
+            break
+        owners.append((ancestor, len(own)))
+        parent = ancestor.record.parent
+    return owners
 
 
 # -- names ----------------------------------------------------------------------------------------------
