@@ -6,8 +6,11 @@ Images come from umoci and skopeo (``image_fixtures``) or are imported from smal
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,22 @@ def _open(tmp: Path, **kw: Any) -> ImageService:
 
 def _import(svc: ImageService, name: str | None, content: bytes) -> str:
     return svc.import_image(io.BytesIO(TarBuilder().file("f", content).build()), name).id
+
+
+def _docker_archive(path: Path, config: dict[str, Any], tag: str, content: bytes = b"x") -> str:
+    """A one-layer docker-archive whose config is ``config`` with the layer's DiffID filled in; returns the
+    image ID."""
+    layer = TarBuilder().file("f", content).build()
+    doc = {**config, "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}
+    raw = json.dumps(doc).encode()
+    image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+    manifest = json.dumps([{"Config": f"{image_id[7:]}.json", "RepoTags": [tag], "Layers": ["l/layer.tar"]}])
+    with tarfile.open(path, "w") as t:
+        for name, data in (("l/layer.tar", layer), (f"{image_id[7:]}.json", raw), ("manifest.json", manifest.encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return image_id
 
 
 def _listing(tmp: Path, *args: str) -> dict[str, dict[str, Any]]:
@@ -81,3 +100,26 @@ def test_history_names_the_local_parents(tmp_path: Path, umoci_small_image: Imag
     table = lamina_cli("--driver", "vfs", "history", "child:1", root=tmp_path).stdout.decode().splitlines()
     assert [row.split()[0] for row in table[1:3]] == [child[7:19], base[7:19]]
     assert all(row.split()[0] == "<missing>" for row in table[3:])
+
+
+# -- 3. before= and since= an image whose config has no created -----------------------------------------------
+def test_time_filters_fall_back_to_when_the_image_was_stored(tmp_path: Path) -> None:
+    undated = _docker_archive(tmp_path / "undated.tar", {"architecture": "amd64", "os": "linux"}, "undated:1")
+    with _open(tmp_path) as svc:
+        a = _import(svc, "a:1", b"a")
+        time.sleep(0.01)
+        svc.load_image(tmp_path / "undated.tar")
+        assert svc.inspect_image("undated:1")["Created"] is None
+        time.sleep(0.01)
+        c = _import(svc, "c:1", b"c")
+        # listed in the order they entered the store, newest first, the undated one by when it was loaded
+        assert [s.id for s in svc.images()] == [c, undated, a]
+        assert [s.id for s in svc.images({"before": ["undated:1"]})] == [a]
+        assert [s.id for s in svc.images({"since": ["undated:1"]})] == [c]
+        assert [s.id for s in svc.images({"since": ["a:1"]})] == [c, undated]
+        assert [s.id for s in svc.images({"before": ["c:1"]})] == [undated, a]
+        loaded_at = svc.image_store.get(undated).loaded
+        assert next(s for s in svc.images() if s.id == undated).created == loaded_at
+    listing = _listing(tmp_path, "--filter", "before=undated:1")
+    assert list(listing) == [a]
+    assert _listing(tmp_path)[undated]["Created"] == int(loaded_at)

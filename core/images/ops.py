@@ -67,7 +67,7 @@ class ImageSummary:
     id: str
     repo_tags: list[str]
     repo_digests: list[str]
-    created: float | None
+    created: float  # see created_time
     size: int
     shared_size: int
     labels: dict[str, str]
@@ -82,7 +82,7 @@ class ImageSummary:
             "ParentId": self.parent or "",
             "RepoTags": self.repo_tags,
             "RepoDigests": self.repo_digests,
-            "Created": int(self.created) if self.created is not None else None,
+            "Created": int(self.created),
             "Size": self.size,
             "SharedSize": self.shared_size,
             "Labels": self.labels,
@@ -160,13 +160,19 @@ def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
     return True
 
 
+def created_time(rec: ImageRecord) -> float:
+    """When an image was created: its config's ``created``, or, for a config without one, when the image
+    entered the store (podman's rule), so listings order it and ``before``/``since`` compare with it."""
+    return rec.created if rec.created is not None else rec.loaded
+
+
 def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool) -> list[ImageSummary]:
     _check_filters(store, filters)
     dangling: bool | None = None
     if "dangling" in filters:
         dangling = filters["dangling"][-1] in ("true", "1")
-    before = get_image(store, filters["before"][-1]).record.created if "before" in filters else None
-    since = get_image(store, filters["since"][-1]).record.created if "since" in filters else None
+    before = created_time(find(store, filters["before"][-1])) if "before" in filters else None
+    since = created_time(find(store, filters["since"][-1])) if "since" in filters else None
     patterns = filters.get("reference", [])
     layers = {layer.chain_id: layer for layer in store.layers.all()}
     containers = store.container_counts()
@@ -178,7 +184,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
         except LaminaError as e:  # one damaged image must not hide the others
             log.warning("skipping image %s: %s", rec.id, e.message)
             continue
-        created = rec.created or 0.0
+        created = created_time(rec)
         if before is not None and created >= before:
             continue
         if since is not None and created <= since:
@@ -205,12 +211,12 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
             refcount[c] = refcount.get(c, 0) + 1
         size = sum(layers[c].size for c in chain if c in layers)
         out.append(ImageSummary(
-            rec.id, tags, digests, rec.created, size, 0, labels, rec.parent, len(chain),
+            rec.id, tags, digests, created, size, 0, labels, rec.parent, len(chain),
             containers=containers.get(rec.id, 0), chain=chain,
         ))
     for s in out:
         s.shared_size = sum(layers[c].size for c in s.chain if refcount.get(c, 0) > 1 and c in layers)
-    out.sort(key=lambda s: s.created or 0.0, reverse=True)
+    out.sort(key=lambda s: s.created, reverse=True)
     return out
 
 
