@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+from registry_fixtures import Registry, push_with_skopeo
+
 from conftest import lamina_cli
 from image_fixtures import ImageFacts
 from lamina import ImageService
@@ -123,3 +126,70 @@ def test_time_filters_fall_back_to_when_the_image_was_stored(tmp_path: Path) -> 
     listing = _listing(tmp_path, "--filter", "before=undated:1")
     assert list(listing) == [a]
     assert _listing(tmp_path)[undated]["Created"] == int(loaded_at)
+
+
+# -- 4. an index whose entries name no platform -------------------------------------------------------------
+def _write_blob(layout: Path, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest[7:]).write_bytes(data)
+    return digest
+
+
+def _unplatformed_index(src: ImageFacts, dest: Path, foreign: str) -> tuple[str, str]:
+    """``src`` as the second entry of an index whose entries carry no platform; the first entry is the same
+    image with ``foreign`` as its config's architecture. Returns the (foreign, host) image IDs."""
+    import shutil
+
+    from lamina.formats import oci
+
+    shutil.copytree(src.path, dest)
+    top = json.loads((dest / "index.json").read_text())["manifests"][0]
+    raw = (dest / "blobs" / "sha256" / top["digest"][7:]).read_bytes()
+    manifest = json.loads(raw)
+    config = json.loads((dest / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_bytes())
+    host = oci.host_platform()
+    entries, ids = [], []
+    for arch, variant in ((foreign, None), (host.architecture, host.variant)):
+        cfg = {**config, "architecture": arch, "os": "linux"}
+        cfg.pop("variant", None)
+        if variant:
+            cfg["variant"] = variant
+        cfg_raw = json.dumps(cfg).encode()
+        ids.append(_write_blob(dest, cfg_raw))
+        m_raw = json.dumps({**manifest, "config": {**manifest["config"], "digest": ids[-1],
+                                                   "size": len(cfg_raw)}}).encode()
+        entries.append(oci.Descriptor(top["mediaType"], _write_blob(dest, m_raw), len(m_raw)))
+    index = oci.build_index(entries)
+    top_entry = {"mediaType": oci.MEDIA_TYPE_INDEX, "digest": _write_blob(dest, index), "size": len(index),
+                 "annotations": {"org.opencontainers.image.ref.name": "multi:1"}}
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top_entry]}))
+    return ids[0], ids[1]
+
+
+def test_index_without_platforms_is_resolved_by_the_configs(
+    tmp_path: Path, umoci_small_image: ImageFacts, registry: Registry
+) -> None:
+    from lamina.errors import PlatformNotFound
+    from lamina.formats import oci
+
+    foreign, host = _unplatformed_index(umoci_small_image, tmp_path / "multi", "s390x")
+    with _open(tmp_path / "a") as svc:
+        [loaded] = svc.load_image(tmp_path / "multi")  # the host's image, not the first entry
+        assert loaded.image.id == host
+        [loaded] = svc.load_image(tmp_path / "multi", platform=oci.parse_platform("linux/s390x"))
+        assert loaded.image.id == foreign
+        with pytest.raises(PlatformNotFound, match="s390x") as e:
+            svc.load_image(tmp_path / "multi", platform=oci.parse_platform("linux/ppc64le"))
+        assert str(oci.host_platform()) in str(e.value)
+    proc = lamina_cli("load", "-i", str(tmp_path / "multi"), "--platform", "linux/riscv64", root=tmp_path / "c",
+                      check=False)
+    err = proc.stderr.decode()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "linux/s390x" in err, err
+    # the same index in a registry
+    push_with_skopeo(f"oci:{tmp_path / 'multi'}:multi:1", registry, "unplatformed:1", None, "--all")
+    with _open(tmp_path / "b") as svc:
+        assert svc.pull_image(f"{registry.host}/unplatformed:1").id == host
+        s390x = svc.pull_image(f"{registry.host}/unplatformed:1", platform=oci.parse_platform("linux/s390x"))
+        assert s390x.id == foreign
+        with pytest.raises(PlatformNotFound, match="s390x"):
+            svc.pull_image(f"{registry.host}/unplatformed:1", platform=oci.parse_platform("linux/ppc64le"))
