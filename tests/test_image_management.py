@@ -193,3 +193,34 @@ def test_index_without_platforms_is_resolved_by_the_configs(
         assert s390x.id == foreign
         with pytest.raises(PlatformNotFound, match="s390x"):
             svc.pull_image(f"{registry.host}/unplatformed:1", platform=oci.parse_platform("linux/ppc64le"))
+
+
+# -- 5. a new tag's repository digest --------------------------------------------------------------------------
+def test_tag_adds_the_repository_digest(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    digest = umoci_small_image.manifest_digest
+    with _open(tmp_path) as svc:
+        [loaded] = svc.load_image(umoci_small_image.path)
+        svc.tag_image("small:1", "example.com/app:2")
+        img = svc.get_image("example.com/app:2")
+        assert sorted(img.repo_digests) == sorted([f"small@{digest}", f"example.com/app@{digest}"])
+        assert svc.get_image(f"example.com/app@{digest}").id == loaded.image.id
+        # another tag of the same repository adds nothing new; removing one of two tags keeps the digest
+        svc.tag_image("small:1", "example.com/app:3")
+        assert svc.untag_image("example.com/app:2", "example.com/app:3") == [{"Untagged": "example.com/app:3"}]
+        # the repository's last tag takes its digest name along; the image keeps its other names
+        assert svc.untag_image("small:1", "example.com/app:2") == [
+            {"Untagged": "example.com/app:2"}, {"Untagged": f"example.com/app@{digest}"},
+        ]
+        assert set(svc.get_image(loaded.image.id).record.names) == {
+            "docker.io/library/small:1", f"docker.io/library/small@{digest}",
+        }
+        # no manifest known (a docker-archive, an import): a tag is all there is
+        _docker_archive(tmp_path / "da.tar", {"architecture": "amd64", "os": "linux"}, "archived:1")
+        [archived] = svc.load_image(tmp_path / "da.tar")
+        imported = _import(svc, "imported:1", b"i")
+        for name, image_id in (("archived:1", archived.image.id), ("imported:1", imported)):
+            svc.tag_image(name, f"example.com/{name}")
+            assert sorted(svc.get_image(image_id).record.names) == [f"docker.io/library/{name}", f"example.com/{name}"]
+    lamina_cli("--driver", "vfs", "tag", "small:1", "example.com/cli:1", root=tmp_path)
+    rows = lamina_cli("--driver", "vfs", "images", "--digests", root=tmp_path).stdout.decode().splitlines()
+    assert any(r.split()[:3] == ["example.com/cli", "1", digest] for r in rows), rows

@@ -314,11 +314,16 @@ def _history_owners(store: ImageStore, img: Image, entries: list[dict[str, Any]]
 
 # -- names ----------------------------------------------------------------------------------------------
 def tag(store: ImageStore, img: Image, new_name: str) -> str:
+    """Name an image; when its manifest digest is known, the new repository gets ``NAME@DIGEST`` too (cri-o's
+    makeRepoDigests), so the name can be pushed, saved and looked up by digest like the ones it came with."""
     ref = parse_normalized(new_name)
     if ref.digest is not None:
         raise InvalidReference(f"cannot tag with a digest reference {new_name!r}; give name[:tag]")
     name = str(ref.with_default_tag())
-    store.add_name(img.id, name)
+    names = [name]
+    if img.record.manifests:
+        names.append(f"{ref.name}@{img.record.manifests[0].digest}")
+    store.add_names(img.id, names)
     return name
 
 
@@ -327,10 +332,27 @@ def untag(store: ImageStore, img: Image, name: str, users: UsersOf | None = None
     key = _name_key(ref)
     if key not in img.record.names:
         raise InvalidReference(f"image {img.short_id} has no name {ref.familiar()}")
-    store.remove_name(key, img.id)
-    out = [{"Untagged": ref.familiar()}]
+    out = _remove_name(store, img.id, ref)
     if store.delete(img.id, if_unused=True) is not None:  # no name, child or container left: it goes
         out.append({"Deleted": img.id})
+    return out
+
+
+def _remove_name(store: ImageStore, image_id: str, named: Reference) -> list[dict[str, str]]:
+    """Remove a name from an image. A tag that was the last of its repository on the image takes that
+    repository's digest names with it (docker's rule)."""
+    store.remove_name(_name_key(named), image_id)
+    out = [{"Untagged": named.familiar()}]
+    if named.digest is not None:
+        return out
+    rec = store.get(image_id)
+    if any(parse_normalized(t).name == named.name for t in rec.tags):
+        return out
+    for n in rec.digests:
+        digested = parse_normalized(n)
+        if digested.name == named.name:
+            store.remove_name(n, image_id)
+            out.append({"Untagged": digested.familiar()})
     return out
 
 
@@ -363,22 +385,13 @@ def delete(
     short = rec.id.split(":", 1)[1][:12]
     if not _is_id_ref(store, ref):
         named = parse_normalized(ref)
-        key = _name_key(named)
         in_use = users(rec.id)
         if in_use and len(rec.tags) <= 1 and not force:
             raise ImageConflict(
                 f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0][:12]}"
             )
-        store.remove_name(key, rec.id)
-        out.append({"Untagged": named.familiar()})
+        out.extend(_remove_name(store, rec.id, named))
         rec = store.get(rec.id)
-        if not rec.tags:
-            # With no tag left, the image's digest names of that repository go too (as docker does).
-            for n in rec.digests:
-                if parse_normalized(n).name == named.name:
-                    store.remove_name(n, rec.id)
-                    out.append({"Untagged": parse_normalized(n).familiar()})
-            rec = store.get(rec.id)
         if rec.names or users(rec.id):
             return out
         _delete_quietly(store, rec.id, out, prune, users)

@@ -255,10 +255,15 @@ class ImageStore:
 
     def add_name(self, image_id: str, name: str) -> bool:
         """Give ``image_id`` the name ``name`` (moving it from another image); True when it moved."""
+        return bool(self.add_names(image_id, [name]))
+
+    def add_names(self, image_id: str, names: Sequence[str]) -> list[str]:
+        """Give ``image_id`` every name of ``names`` in one transaction; returns those moved from other images."""
         with self.db.tx() as db:
             if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
                 raise ImageNotFound(f"image {image_id} not found")
-            return self._set_name(db, name, image_id, time.time())
+            now = time.time()
+            return [n for n in names if self._set_name(db, n, image_id, now)]
 
     def remove_name(self, name: str, image_id: str | None = None) -> str:
         """Remove a name (only if it still names ``image_id``, when given); returns the image it belonged to."""
