@@ -287,7 +287,8 @@ class ImageService:
         )
 
     def export_image(self, refs: list[str], path: str | os.PathLike[str], format: str = "docker-archive") -> None:
-        """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``."""
+        """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``; a repository without
+        tag or digest among ``refs`` means each of its tagged images (``docker save repo``)."""
         from lamina.images import ops as images
 
         images.save(self.image_store, refs, path, format, self.config.keep_layer_blobs)

@@ -224,3 +224,41 @@ def test_tag_adds_the_repository_digest(tmp_path: Path, umoci_small_image: Image
     lamina_cli("--driver", "vfs", "tag", "small:1", "example.com/cli:1", root=tmp_path)
     rows = lamina_cli("--driver", "vfs", "images", "--digests", root=tmp_path).stdout.decode().splitlines()
     assert any(r.split()[:3] == ["example.com/cli", "1", digest] for r in rows), rows
+
+
+# -- 6. save of a repository ----------------------------------------------------------------------------------
+def _archive_tags(path: Path) -> dict[str, list[str]]:
+    """Image ID -> RepoTags of a docker-archive's manifest.json."""
+    with tarfile.open(path) as t:
+        member = t.extractfile("manifest.json")
+        assert member is not None
+        entries = json.loads(member.read())
+    return {"sha256:" + e["Config"].removesuffix(".json").rsplit("/", 1)[-1]: e["RepoTags"] for e in entries}
+
+
+def test_save_of_a_repository_saves_each_of_its_tags(tmp_path: Path) -> None:
+    from lamina.errors import ImageNotFound
+
+    with _open(tmp_path) as svc:
+        one = _import(svc, "example.com/app:1", b"1")
+        two = _import(svc, "example.com/app:2", b"2")
+        _import(svc, "example.com/other:1", b"o")
+        _import(svc, "example.com/app-x:1", b"x")  # a repository whose name only begins like it
+        svc.export_image(["example.com/app"], tmp_path / "app.tar")  # there is no :latest
+        assert _archive_tags(tmp_path / "app.tar") == {one: ["example.com/app:1"], two: ["example.com/app:2"]}
+        # in general: :latest is one tag among the others, and a tag given is just that tag
+        svc.tag_image("example.com/app:2", "example.com/app:latest")
+        svc.export_image(["example.com/app", "example.com/other:1"], tmp_path / "all", "oci-dir")
+        index = json.loads((tmp_path / "all" / "index.json").read_text())
+        names = sorted(m["annotations"]["io.containerd.image.name"] for m in index["manifests"])
+        assert names == ["example.com/app:1", "example.com/app:2", "example.com/app:latest", "example.com/other:1"]
+        svc.export_image(["example.com/app:latest"], tmp_path / "latest.tar")
+        assert _archive_tags(tmp_path / "latest.tar") == {two: ["example.com/app:latest"]}
+        with pytest.raises(ImageNotFound):
+            svc.export_image(["example.com/nosuch"], tmp_path / "none.tar")
+    lamina_cli("--driver", "vfs", "save", "-o", str(tmp_path / "cli.tar"), "example.com/app", root=tmp_path)
+    with _open(tmp_path / "back") as svc:
+        loaded = svc.load_image(tmp_path / "cli.tar")
+        assert {r.image.id: sorted(r.image.tags) for r in loaded} == {
+            one: ["example.com/app:1"], two: ["example.com/app:2", "example.com/app:latest"],
+        }

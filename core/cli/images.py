@@ -51,7 +51,10 @@ def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
 @click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
 @click.pass_obj
 def save(g: Globals, output: str, archive_format: str, refs: tuple[str, ...]) -> None:
-    """Save images as a docker-archive, an OCI layout directory or an OCI layout tar."""
+    """Save images as a docker-archive, an OCI layout directory or an OCI layout tar.
+
+    A repository given without tag or digest saves every tagged image of it, under each of its tags.
+    """
     with g.open() as svc:
         svc.export_image(list(refs), output, archive_format)
     emit(g, {"output": output, "format": archive_format}, lambda: None)

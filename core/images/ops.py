@@ -458,12 +458,28 @@ def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: 
         raise ImageError("no image to save")
     chosen: dict[str, tuple[ImageRecord, list[str]]] = {}
     for ref in refs:
-        rec = find(store, ref)
-        rec_names = chosen.setdefault(rec.id, (rec, []))[1]
-        names = list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))]
-        rec_names.extend(n for n in names if n not in rec_names)
+        for rec, names in _to_save(store, ref):
+            rec_names = chosen.setdefault(rec.id, (rec, []))[1]
+            rec_names.extend(n for n in names if n not in rec_names)
 
     transfer.save(store, list(chosen.values()), path, fmt, store.layers.export_exact, keep_layer_blobs)
+
+
+def _to_save(store: ImageStore, ref: str) -> list[tuple[ImageRecord, list[str]]]:
+    """The images ``ref`` names for a save, each with the names to save it under: a repository without tag
+    or digest means every tagged image of it (``docker save repo``); an ID, the image with all its tags."""
+    try:
+        named: Reference | None = parse_normalized(ref)
+    except InvalidReference:
+        named = None
+    if named is not None and named.tag is None and named.digest is None:
+        by_image: dict[str, list[str]] = {}
+        for name, image_id in store.repository_tags(named.name):
+            by_image.setdefault(image_id, []).append(name)
+        if by_image:
+            return [(store.get(image_id), names) for image_id, names in by_image.items()]
+    rec = find(store, ref)
+    return [(rec, list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))])]
 
 
 # -- import ---------------------------------------------------------------------------------------------

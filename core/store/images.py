@@ -147,6 +147,14 @@ class ImageStore:
         except ImageNotFound:
             return None  # removed between the two reads
 
+    def repository_tags(self, repository: str) -> list[tuple[str, str]]:
+        """``(name, image ID)`` of every tag of ``repository`` (``domain/path``), oldest first."""
+        prefix = repository + ":"
+        return [(r[0], r[1]) for r in self.db.query(
+            "SELECT name, image_id FROM image_names WHERE substr(name, 1, ?) = ? AND instr(name, '@') = 0"
+            " ORDER BY added, name", (len(prefix), prefix),
+        )]
+
     def by_prefix(self, prefix: str) -> ImageRecord | None:
         """An image by a hex prefix of its ID; :class:`AmbiguousImage` lists the candidates."""
         rows = self.db.query("SELECT id FROM images WHERE id LIKE ? ORDER BY id LIMIT 11", (f"sha256:{prefix}%",))
