@@ -26,7 +26,7 @@ from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
-    from lamina.images.ops import Image, ImageSummary
+    from lamina.images.ops import Image, ImageSummary, ImageUser
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
@@ -264,16 +264,18 @@ class ImageService:
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.
 
-        Child images are a hard conflict; containers using the image are one unless ``force``, which then
-        removes only the image's names.
+        Child images and running containers are a hard conflict; stopped containers using the image are one
+        unless ``force``, which then removes only the image's names.
         """
         from lamina.images import ops as images
 
         return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
 
-    def _image_users(self, image_id: str) -> list[str]:
-        """The containers created from an image (a conflict for deleting it)."""
-        return [c.id for c in self.container_store.using_image(image_id)]
+    def _image_users(self, image_id: str) -> list[ImageUser]:
+        """The containers created from an image, running or not (a conflict for deleting it)."""
+        from lamina.images.ops import ImageUser
+
+        return [ImageUser(c.id, c.status == "running") for c in self.container_store.using_image(image_id)]
 
     def load_image(
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None

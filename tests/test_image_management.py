@@ -262,3 +262,39 @@ def test_save_of_a_repository_saves_each_of_its_tags(tmp_path: Path) -> None:
         assert {r.image.id: sorted(r.image.tags) for r in loaded} == {
             one: ["example.com/app:1"], two: ["example.com/app:2", "example.com/app:latest"],
         }
+
+
+# -- 7. rmi --force and running containers ---------------------------------------------------------------------
+def test_rmi_force_does_not_delete_an_image_a_running_container_uses(
+    tmp_path: Path, umoci_small_image: ImageFacts
+) -> None:
+    from lamina.errors import ImageConflict
+
+    with _open(tmp_path) as svc:
+        [loaded] = svc.load_image(umoci_small_image.path)
+        iid = loaded.image.id
+        c = svc.create_container("small:1")
+        svc.container_store.set_running(c.id)  # what `lamina run` records: this process runs it
+        assert svc.get_container(c.id).status == "running"
+        for force in (False, True):
+            with pytest.raises(ImageConflict, match=f"running container {c.id[:12]}"):
+                svc.image_delete(iid, force=force)
+        proc = lamina_cli("--driver", "vfs", "rmi", "--force", iid[7:19], root=tmp_path, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1 and "running container" in err, err
+        assert set(svc.get_image(iid).record.names) == set(loaded.image.names)  # nothing went
+        # a name is only a name: --force removes it whatever the container does (docker's rule)
+        with pytest.raises(ImageConflict, match=c.id[:12]):
+            svc.image_delete("small:1")
+        assert svc.image_delete("small:1", force=True)[0] == {"Untagged": "small:1"}
+        assert svc.get_image(iid).record.names == ()
+        # once it stopped, --force by ID is allowed: the names go, the image stays for the container
+        svc.tag_image(iid, "small:1")
+        svc.container_store.set_exited(c.id, 0)
+        with pytest.raises(ImageConflict, match=f"stopped container {c.id[:12]}"):
+            svc.image_delete(iid)
+        out = svc.image_delete(iid, force=True)
+        assert {"Untagged": "small:1"} in out and all("Deleted" not in e for e in out)
+        assert svc.get_image(iid).record.names == ()
+        svc.remove_container(c.id)
+        assert svc.image_delete(iid) == [{"Deleted": iid}]

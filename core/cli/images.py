@@ -197,7 +197,9 @@ def untag(g: Globals, ref: str, names: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove an image referenced in several repositories.")
+@click.option("-f", "--force", is_flag=True,
+              help="Override soft conflicts: names in several repositories, stopped containers (the image then loses "
+                   "only its names). Deleting an image with child images or running containers is still refused.")
 @click.option("--no-prune", is_flag=True, help="Keep untagged parent images.")
 @format_option
 @click.pass_obj

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest, sha256_digest
 from lamina.errors import (
@@ -368,18 +368,27 @@ def _is_id_ref(store: ImageStore, ref: str) -> bool:
     return looks_like_id_prefix(ref)
 
 
-UsersOf = Callable[[str], list[str]]
+class ImageUser(NamedTuple):
+    """A container created from an image, and whether it runs."""
+
+    container_id: str
+    running: bool
 
 
-def _no_users(image_id: str) -> list[str]:
+UsersOf = Callable[[str], list[ImageUser]]
+
+
+def _no_users(image_id: str) -> list[ImageUser]:
     return []
 
 
 def delete(
     store: ImageStore, ref: str, *, force: bool = False, prune: bool = True, users: UsersOf = _no_users
 ) -> list[dict[str, str]]:
-    """Docker's ImageDelete. ``users(image_id)`` names the containers created from an image: they are a
-    conflict unless ``force``, and then only the image's names go (the containers keep the image)."""
+    """Docker's ImageDelete. ``users(image_id)`` names the containers created from an image. Deleting the
+    image while one of them runs is a hard conflict, even with ``force``; stopped ones are a conflict unless
+    ``force``, and then only the image's names go (the containers keep the image). A name alone goes with
+    ``force`` whatever its image's containers do, as with docker."""
     rec = find(store, ref)
     out: list[dict[str, str]] = []
     short = rec.id.split(":", 1)[1][:12]
@@ -388,7 +397,7 @@ def delete(
         in_use = users(rec.id)
         if in_use and len(rec.tags) <= 1 and not force:
             raise ImageConflict(
-                f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0][:12]}"
+                f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0].container_id[:12]}"
             )
         out.extend(_remove_name(store, rec.id, named))
         rec = store.get(rec.id)
@@ -397,8 +406,14 @@ def delete(
         _delete_quietly(store, rec.id, out, prune, users)
         return out
     in_use = users(rec.id)
+    running = [u.container_id for u in in_use if u.running]
+    if running:  # a hard conflict: --force does not override it
+        raise ImageConflict(f"unable to delete {short}: image is used by running container {running[0][:12]}")
     if in_use and not force:
-        raise ImageConflict(f"unable to delete {short}: image is used by container {in_use[0][:12]}")
+        raise ImageConflict(
+            f"unable to delete {short}: image is used by stopped container {in_use[0].container_id[:12]} "
+            "(--force removes only its names)"
+        )
     children = store.children(rec.id)
     if children:
         short = ", ".join(c.split(":")[1][:12] for c in children)
