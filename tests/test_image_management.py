@@ -135,35 +135,36 @@ def _write_blob(layout: Path, data: bytes) -> str:
     return digest
 
 
-def _unplatformed_index(src: ImageFacts, dest: Path, foreign: str) -> tuple[str, str]:
-    """``src`` as the second entry of an index whose entries carry no platform; the first entry is the same
-    image with ``foreign`` as its config's architecture. Returns the (foreign, host) image IDs."""
+def _layout_of_configs(src: ImageFacts, dest: Path, configs: list[dict[str, Any]],
+                      index: bool = True) -> list[str]:
+    """A copy of ``src``'s layout with one manifest per config (its layers, the config's other members
+    replaced by those given; ``None`` drops a member), named ``multi:1``: under an index whose entries carry
+    no platform, or, with ``index=False``, directly. Returns the image IDs in order."""
     import shutil
 
     from lamina.formats import oci
 
     shutil.copytree(src.path, dest)
     top = json.loads((dest / "index.json").read_text())["manifests"][0]
-    raw = (dest / "blobs" / "sha256" / top["digest"][7:]).read_bytes()
-    manifest = json.loads(raw)
-    config = json.loads((dest / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_bytes())
-    host = oci.host_platform()
+    manifest = json.loads((dest / "blobs" / "sha256" / top["digest"][7:]).read_bytes())
+    original = json.loads((dest / "blobs" / "sha256" / manifest["config"]["digest"][7:]).read_bytes())
     entries, ids = [], []
-    for arch, variant in ((foreign, None), (host.architecture, host.variant)):
-        cfg = {**config, "architecture": arch, "os": "linux"}
-        cfg.pop("variant", None)
-        if variant:
-            cfg["variant"] = variant
+    for members in configs:
+        cfg = {k: v for k, v in {**original, **members}.items() if v is not None}
         cfg_raw = json.dumps(cfg).encode()
         ids.append(_write_blob(dest, cfg_raw))
         m_raw = json.dumps({**manifest, "config": {**manifest["config"], "digest": ids[-1],
                                                    "size": len(cfg_raw)}}).encode()
         entries.append(oci.Descriptor(top["mediaType"], _write_blob(dest, m_raw), len(m_raw)))
-    index = oci.build_index(entries)
-    top_entry = {"mediaType": oci.MEDIA_TYPE_INDEX, "digest": _write_blob(dest, index), "size": len(index),
-                 "annotations": {"org.opencontainers.image.ref.name": "multi:1"}}
-    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top_entry]}))
-    return ids[0], ids[1]
+    name = {"org.opencontainers.image.ref.name": "multi:1"}
+    if index:
+        raw = oci.build_index(entries)
+        tops = [{"mediaType": oci.MEDIA_TYPE_INDEX, "digest": _write_blob(dest, raw), "size": len(raw),
+                 "annotations": name}]
+    else:
+        tops = [{**e.to_json(), "annotations": name} for e in entries]
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": tops}))
+    return ids
 
 
 def test_index_without_platforms_is_resolved_by_the_configs(
@@ -172,7 +173,11 @@ def test_index_without_platforms_is_resolved_by_the_configs(
     from lamina.errors import PlatformNotFound
     from lamina.formats import oci
 
-    foreign, host = _unplatformed_index(umoci_small_image, tmp_path / "multi", "s390x")
+    host_platform = oci.host_platform()
+    foreign, host = _layout_of_configs(umoci_small_image, tmp_path / "multi", [
+        {"os": "linux", "architecture": "s390x", "variant": None},  # the first entry, not the host's
+        {"os": "linux", "architecture": host_platform.architecture, "variant": host_platform.variant},
+    ])
     with _open(tmp_path / "a") as svc:
         [loaded] = svc.load_image(tmp_path / "multi")  # the host's image, not the first entry
         assert loaded.image.id == host
@@ -298,3 +303,33 @@ def test_rmi_force_does_not_delete_an_image_a_running_container_uses(
         assert svc.get_image(iid).record.names == ()
         svc.remove_container(c.id)
         assert svc.image_delete(iid) == [{"Deleted": iid}]
+
+
+# -- 8. configs without os and architecture ---------------------------------------------------------------------
+def test_configs_without_a_platform_are_the_hosts(
+    tmp_path: Path, umoci_small_image: ImageFacts, registry: Registry
+) -> None:
+    from lamina.formats import oci
+
+    host = oci.host_platform()
+    archived = _docker_archive(tmp_path / "da.tar", {"config": {"Cmd": ["sh"]}}, "bare:1")
+    [in_layout] = _layout_of_configs(umoci_small_image, tmp_path / "layout",
+                                     [{"os": None, "architecture": ""}], index=False)
+    push_with_skopeo(f"oci:{tmp_path / 'layout'}:multi:1", registry, "bare:1")
+    with _open(tmp_path) as svc:
+        [loaded] = svc.load_image(tmp_path / "da.tar")
+        assert loaded.image.id == archived
+        [loaded] = svc.load_image(tmp_path / "layout")
+        assert loaded.image.id == in_layout
+        for ref in ("bare:1", "multi:1"):
+            info = svc.inspect_image(ref)
+            assert (info["Os"], info["Architecture"]) == (host.os, host.architecture)
+        assert svc.pull_image(f"{registry.host}/bare:1").id == in_layout
+        # a container of it commits to an image that loads as well; saving keeps the config's bytes
+        child = _commit_edit(svc, "multi:1", "child:1", b"c")
+        assert svc.inspect_image(child)["Architecture"] == host.architecture
+        svc.export_image(["multi:1"], tmp_path / "out", "oci-dir")
+    assert (tmp_path / "out" / "blobs" / "sha256" / in_layout[7:]).read_bytes() == (
+        tmp_path / "layout" / "blobs" / "sha256" / in_layout[7:]).read_bytes()
+    out = lamina_cli("--driver", "vfs", "load", "-i", str(tmp_path / "da.tar"), root=tmp_path / "cli")
+    assert out.stdout.decode().strip() == "Loaded image: bare:1"

@@ -975,10 +975,17 @@ class ImageConfig:
 
 
 def parse_config(data: bytes) -> ImageConfig:
-    """Parse and validate an image config; :class:`InvalidDocument` on anything malformed."""
+    """Parse and validate an image config; :class:`InvalidDocument` on anything malformed.
+
+    An ``os`` or ``architecture`` left out (absent, null or empty, as Go writes an unset string) is the
+    host's, as docker takes it; a missing architecture brings the host's CPU variant unless one is declared.
+    The bytes, and so the image ID, stay as they are.
+    """
     raw, doc = _load_document(data, "image config")
-    if "architecture" not in doc or "os" not in doc:
-        raise InvalidDocument("image config needs both architecture and os")
+    host = host_platform()
+    os_name = _opt_str(doc, "os") or host.os
+    architecture = _opt_str(doc, "architecture")
+    variant = _opt_str(doc, "variant") or (None if architecture else host.variant)
     rootfs = doc.get("rootfs")
     if rootfs is None:
         raise InvalidDocument("image config has no rootfs")
@@ -994,9 +1001,9 @@ def parse_config(data: bytes) -> ImageConfig:
     return ImageConfig(
         raw=raw,
         doc=doc,
-        architecture=_check_str(doc["architecture"], "architecture"),
-        os=_check_str(doc["os"], "os"),
-        variant=_opt_str(doc, "variant") or None,
+        architecture=architecture or host.architecture,
+        os=os_name,
+        variant=variant,
         os_version=_opt_str(doc, "os.version") or None,
         os_features=() if features is None else _check_str_list(features, "os.features"),
         created=_opt_str(doc, "created"),
