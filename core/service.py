@@ -592,16 +592,18 @@ class ImageService:
             )
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
-        """Check the credentials against the registry, then store them in lamina's auth file."""
+        """Check the credentials against the registry, then keep them: with the credential helper the user's
+        auth files name for the registry, else in lamina's auth file."""
         from lamina.registry import auth, remote
 
         with remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password)) as client:
             client.ping()
-        auth.store_credentials(host, user, password)
+        auth.save_login(host, user, password)
 
     @staticmethod
     def logout(host: str) -> None:
-        """Forget the credentials lamina stored for a registry; :class:`LaminaError` if there were none."""
+        """Forget the credentials lamina stored for a registry (in its auth file or the credential helper);
+        :class:`LaminaError` if there were none."""
         from lamina.errors import LaminaError
         from lamina.registry import auth
 
