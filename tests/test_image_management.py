@@ -1,7 +1,7 @@
-"""Image management as docker and podman users know it (issue 14): listings, history, filters, names, save and
-rmi.
+"""Image management as docker and podman users know it (issue 14): listings, history, filters, platforms,
+names, save, rmi and ps (credential helpers are in test_registry.py).
 
-Images come from umoci and skopeo (``image_fixtures``) or are imported from small tars.
+Images come from umoci and skopeo (``image_fixtures``) or are imported or archived from small tars.
 """
 
 from __future__ import annotations
@@ -333,3 +333,56 @@ def test_configs_without_a_platform_are_the_hosts(
         tmp_path / "layout" / "blobs" / "sha256" / in_layout[7:]).read_bytes()
     out = lamina_cli("--driver", "vfs", "load", "-i", str(tmp_path / "da.tar"), root=tmp_path / "cli")
     assert out.stdout.decode().strip() == "Loaded image: bare:1"
+
+
+# -- 10. ps shows each container's state ------------------------------------------------------------------------
+def test_ps_shows_created_running_and_exited_with_the_code(tmp_path: Path,
+                                                           debian_image_docker_archive: ImageFacts) -> None:
+    import subprocess
+    import sys
+
+    from lamina.testing import require_root, require_tool
+
+    require_root()
+    require_tool("runc")
+
+    def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+        return lamina_cli("--driver", "vfs", *args, root=tmp_path, check=check)
+
+    def table(*args: str) -> dict[str, str]:
+        """NAMES -> STATUS of `ps` (table)."""
+        lines = cli("ps", *args).stdout.decode().splitlines()
+        start = lines[0].index("STATUS")
+        return {line.split()[-1]: line[start:].rsplit(None, 1)[0].strip() for line in lines[1:]}
+
+    name = "example.com/debian:bookworm"
+    cli("load", "-q", "-i", str(debian_image_docker_archive.path))
+    cli("create", "--name", "made", name)
+    assert cli("run", "--name", "quitter", name, "sh", "-c", "exit 3", check=False).returncode == 3
+    # a container that runs until the test leaves a file in its root filesystem
+    cmd = [sys.executable, "-m", "lamina", "--driver", "vfs", "--root", str(tmp_path / "root"), "--runroot",
+           str(tmp_path / "run"), "run", "--name", "runner", name, "sh", "-c",
+           "while [ ! -e /stop ]; do sleep 0.1; done"]
+    runner = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while "runner" not in table():
+            assert runner.poll() is None and time.monotonic() < deadline, runner.stderr
+            time.sleep(0.2)
+        assert table() == {"runner": "Running"}  # without --all: the running ones only
+        assert table("--all") == {"runner": "Running", "quitter": "Exited (3)", "made": "Created"}
+        ps = json.loads(cli("--format", "json", "ps", "--all").stdout)
+        assert {c["Name"]: (c["Status"], c["ExitCode"]) for c in ps} == {
+            "runner": ("running", None), "quitter": ("exited", 3), "made": ("created", None),
+        }
+    finally:
+        mounted = cli("mount", "runner", check=False)  # vfs: the very directory runc runs in
+        if mounted.returncode == 0:
+            (Path(mounted.stdout.decode().strip()) / "stop").touch()
+            cli("umount", "runner")
+        elif runner.poll() is None:
+            runner.kill()
+        runner.wait(timeout=60)
+    assert runner.returncode == 0
+    assert table("--all") == {"runner": "Exited (0)", "quitter": "Exited (3)", "made": "Created"}
+    assert table() == {}
