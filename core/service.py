@@ -26,7 +26,7 @@ from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
-    from lamina.images.ops import Image, ImageSummary
+    from lamina.images.ops import Image, ImageSummary, ImageUser
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
@@ -264,16 +264,18 @@ class ImageService:
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.
 
-        Child images are a hard conflict; containers using the image are one unless ``force``, which then
-        removes only the image's names.
+        Child images and running containers are a hard conflict; stopped containers using the image are one
+        unless ``force``, which then removes only the image's names.
         """
         from lamina.images import ops as images
 
         return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
 
-    def _image_users(self, image_id: str) -> list[str]:
-        """The containers created from an image (a conflict for deleting it)."""
-        return [c.id for c in self.container_store.using_image(image_id)]
+    def _image_users(self, image_id: str) -> list[ImageUser]:
+        """The containers created from an image, running or not (a conflict for deleting it)."""
+        from lamina.images.ops import ImageUser
+
+        return [ImageUser(c.id, c.status == "running") for c in self.container_store.using_image(image_id)]
 
     def load_image(
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None
@@ -287,7 +289,8 @@ class ImageService:
         )
 
     def export_image(self, refs: list[str], path: str | os.PathLike[str], format: str = "docker-archive") -> None:
-        """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``."""
+        """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``; a repository without
+        tag or digest among ``refs`` means each of its tagged images (``docker save repo``)."""
         from lamina.images import ops as images
 
         images.save(self.image_store, refs, path, format, self.config.keep_layer_blobs)
@@ -589,16 +592,18 @@ class ImageService:
             )
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
-        """Check the credentials against the registry, then store them in lamina's auth file."""
+        """Check the credentials against the registry, then keep them: with the credential helper the user's
+        auth files name for the registry, else in lamina's auth file."""
         from lamina.registry import auth, remote
 
         with remote.make_client(host, self.config, tls_verify=tls_verify, creds=(user, password)) as client:
             client.ping()
-        auth.store_credentials(host, user, password)
+        auth.save_login(host, user, password)
 
     @staticmethod
     def logout(host: str) -> None:
-        """Forget the credentials lamina stored for a registry; :class:`LaminaError` if there were none."""
+        """Forget the credentials lamina stored for a registry (in its auth file or the credential helper);
+        :class:`LaminaError` if there were none."""
         from lamina.errors import LaminaError
         from lamina.registry import auth
 

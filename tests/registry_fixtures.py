@@ -604,3 +604,54 @@ def inspect_remote(registry: Registry, repo_tag: str, creds: str | None = None) 
     auth = ["--creds", creds] if creds is not None else ["--no-creds"]
     raw = _skopeo("inspect", "--tls-verify=false", "--raw", *auth, registry.ref(repo_tag))
     return {"raw": raw, "digest": "sha256:" + hashlib.sha256(raw).hexdigest(), "manifest": json.loads(raw)}
+
+
+# -- docker credential helpers -------------------------------------------------------------------------------
+_HELPER_SCRIPT = '''#!{python}
+"""A docker credential helper (get, store, erase) keeping its credentials in a JSON file."""
+import json
+import sys
+from pathlib import Path
+
+store = Path({store!r})
+action = sys.argv[1] if len(sys.argv) > 1 else ""
+data = sys.stdin.read()
+with open(str(store) + ".log", "a") as log:
+    log.write(json.dumps([action, data]) + "\\n")
+creds = json.loads(store.read_text()) if store.exists() else {{}}
+if action in ("get", "erase") and data.strip() not in creds:
+    print("credentials not found in native keychain")
+    sys.exit(1)
+if action == "get":
+    user, secret = creds[data.strip()]
+    print(json.dumps({{"ServerURL": data.strip(), "Username": user, "Secret": secret}}))
+elif action == "store":
+    doc = json.loads(data)
+    creds[doc["ServerURL"]] = [doc["Username"], doc["Secret"]]
+    store.write_text(json.dumps(creds))
+elif action == "erase":
+    del creds[data.strip()]
+    store.write_text(json.dumps(creds))
+else:
+    print("unknown action " + action)
+    sys.exit(1)
+'''
+
+
+def credential_helper(bin_dir: Path, name: str, store: Path) -> Path:
+    """``bin_dir/docker-credential-NAME``, a helper speaking docker's protocol that keeps its credentials in
+    the JSON file ``store`` (server -> [user, secret]) and logs each call as ``[action, stdin]`` to
+    ``store.log``; put ``bin_dir`` on PATH."""
+    import sys
+
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / f"docker-credential-{name}"
+    path.write_text(_HELPER_SCRIPT.format(python=sys.executable, store=str(store)))
+    path.chmod(0o755)
+    return path
+
+
+def helper_calls(store: Path) -> list[list[str]]:
+    """The calls the helper keeping ``store`` answered, oldest first."""
+    log = Path(str(store) + ".log")
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

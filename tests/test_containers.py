@@ -497,7 +497,9 @@ def test_rmi_conflicts_with_containers_and_children(
         assert img.id[7:19] in _out(cli("ps", "-a"))
         # forced by ID: still only names go
         svc.tag_image(img.id, "small:1")
-        assert svc.image_delete(img.id, force=True) == [{"Untagged": "small:1"}]
+        assert svc.image_delete(img.id, force=True) == [
+            {"Untagged": "small:1"}, {"Untagged": f"small@{umoci_small_image.manifest_digest}"},
+        ]
         assert svc.get_image(img.id).id == img.id
         svc.remove_container("user")
         assert svc.image_delete(img.id) == [{"Deleted": img.id}]

@@ -312,8 +312,11 @@ def test_rmi_semantics(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
         # by ID with names in two repositories: a soft conflict that --force overrides
         with pytest.raises(ImageConflict, match="multiple repositories"):
             svc.image_delete(iid[7:19])
-        # by name: untag only; the image keeps its other name
-        assert svc.image_delete("example.com/other:2") == [{"Untagged": "example.com/other:2"}]
+        # by name: untag only (the repository's last tag takes its digest name along); the image keeps its
+        # other name
+        assert svc.image_delete("example.com/other:2") == [
+            {"Untagged": "example.com/other:2"}, {"Untagged": f"example.com/other@{umoci_small_image.manifest_digest}"},
+        ]
         # by name, last tag: the repository's digest name goes with it and the image is deleted
         out = svc.image_delete("small:1")
         assert out[0] == {"Untagged": "small:1"} and out[-1] == {"Deleted": iid}

@@ -565,6 +565,19 @@ def test_parse_config_tolerates_go_nulls() -> None:
     assert c.diff_ids == () and c.labels == {}
 
 
+@pytest.mark.parametrize("missing", [_DROP, None, ""])
+def test_parse_config_defaults_os_and_architecture_to_the_hosts(missing: object) -> None:
+    host = host_platform()
+    doc = config_doc(os=missing, architecture=missing)
+    c = parse_config(enc(doc))
+    assert (c.os, c.architecture, c.variant) == (host.os, host.architecture, host.variant)
+    assert c.raw == enc(doc)  # the bytes, and so the image ID, are untouched
+    c = parse_config(enc(config_doc(os=missing, architecture="arm64", variant="v8")))
+    assert (c.os, c.architecture, c.variant) == (host.os, "arm64", "v8")
+    c = parse_config(enc(config_doc(os="windows", architecture=missing)))
+    assert (c.os, c.architecture) == ("windows", host.architecture)
+
+
 def test_history_mismatch_is_tolerated() -> None:
     c = parse_config(enc(config_doc(history=[{"created_by": "x"}])))
     assert c.non_empty_history_count() == 1 and len(c.diff_ids) == 2
@@ -573,10 +586,8 @@ def test_history_mismatch_is_tolerated() -> None:
 @pytest.mark.parametrize(
     ("doc", "message"),
     [
-        (config_doc(architecture=_DROP), "needs both architecture and os"),
-        (config_doc(os=_DROP), "needs both architecture and os"),
         (config_doc(architecture=1), "architecture must be a string"),
-        (config_doc(os=None), "os must be a string, got null"),
+        (config_doc(os=1), "os must be a string, got a number"),
         (config_doc(variant=8), "variant must be a string"),
         (config_doc(created=0), "created must be a string"),
         (config_doc(author=[]), "author must be a string"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -195,3 +196,56 @@ def test_pulled_image_runs(tmp_path: Path, registry: Registry, debian_image_oci:
     out = lamina_cli("run", "--rm", f"{registry.host}/run/debian:1", "cat", "/etc/os-release", root=tmp_path)
     assert b"Debian GNU/Linux" in out.stdout
     assert _mounts(tmp_path) == []
+
+
+def test_credential_helpers_pull_push_login_logout(tmp_path: Path, auth_registry: AuthRegistry,
+                                                   umoci_small_image: ImageFacts) -> None:
+    """docker's credHelpers and credsStore: the helper gives pulls and pushes their login, and login and
+    logout store and erase it there; a helper that is missing or fails is a one-line error naming it."""
+    from registry_fixtures import credential_helper, helper_calls
+
+    push_with_skopeo(umoci_small_image.ref("small:1"), auth_registry, "helper/small:1", auth_registry.creds)
+    host = auth_registry.host
+    store = tmp_path / "helper.json"
+    credential_helper(tmp_path / "bin", "labtest", store)
+    broken = tmp_path / "bin" / "docker-credential-broken"
+    broken.write_text("#!/bin/sh\necho 'the keyring is locked' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    env = {k: os.environ[k] for k in ("LAMINA_AUTH_FILE", "XDG_RUNTIME_DIR", "REGISTRY_AUTH_FILE", "DOCKER_CONFIG")}
+    env["PATH"] = f"{tmp_path / 'bin'}:{os.environ['PATH']}"
+    config = Path(env["DOCKER_CONFIG"]) / "config.json"
+    config.parent.mkdir(parents=True, exist_ok=True)
+
+    def cli(*args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return lamina_cli(*args, root=tmp_path, check=check, input=input, env=env)
+
+    def fails(*args: str) -> str:
+        proc = cli(*args, check=False)
+        err = proc.stderr.decode()
+        assert proc.returncode == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        return err
+
+    config.write_text(json.dumps({"credHelpers": {host: "labtest"}}))
+    fails("pull", "-q", f"{host}/helper/small:1")  # the helper has nothing: anonymous, refused
+    assert helper_calls(store) == [["get", host]]
+    store.write_text(json.dumps({host: ["alice", "secret"]}))
+    out = cli("pull", "-q", f"{host}/helper/small:1")
+    assert out.stdout.decode().strip() == umoci_small_image.config_digest
+    # login stores in the helper docker's config names (here for every registry), and not in lamina's file
+    config.write_text(json.dumps({"credsStore": "labtest"}))
+    store.write_text("{}")
+    assert b"Login Succeeded" in cli("login", host, "-u", "alice", "--password-stdin", input=b"secret\n").stdout
+    assert json.loads(store.read_text()) == {host: ["alice", "secret"]}
+    assert not Path(env["LAMINA_AUTH_FILE"]).exists()
+    cli("push", "-q", f"{host}/helper/small:1", f"{host}/helper/pushed:1")
+    assert inspect_remote(auth_registry, "helper/pushed:1", auth_registry.creds)["digest"]
+    cli("logout", host)
+    assert json.loads(store.read_text()) == {} and helper_calls(store)[-1] == ["erase", host]
+    fails("push", "-q", f"{host}/helper/small:1", f"{host}/helper/again:1")
+    assert "not logged in" in fails("logout", host)
+    # a helper that is not there, or fails
+    config.write_text(json.dumps({"credHelpers": {host: "nosuch"}}))
+    assert "docker-credential-nosuch" in fails("pull", "-q", f"{host}/helper/small:1")
+    config.write_text(json.dumps({"credsStore": "broken"}))
+    err = fails("pull", "-q", f"{host}/helper/small:1")
+    assert "docker-credential-broken" in err and "the keyring is locked" in err

@@ -885,18 +885,50 @@ def test_docker_config_formats(auth_env: Path) -> None:
         "auths": {
             "https://index.docker.io/v1/": {"auth": b64("hub:pw")},
             "https://quay.io": {"auth": b64("q:x:y")},
-            "ghcr.io": {},  # a credential helper holds this one
+            "ghcr.io": {},  # left by a credential helper that held it once
             "example.com/team": {"auth": b64("scoped:pw")},
         },
-        "credsStore": "desktop",
-        "credHelpers": {"gcr.io": "gcloud"},
     })  # fmt: skip
     assert auth.find_credentials("docker.io") == ("hub", "pw")
     assert auth.find_credentials("index.docker.io") == ("hub", "pw")
     assert auth.find_credentials("quay.io") == ("q", "x:y")
     assert auth.find_credentials("ghcr.io") is None
-    assert auth.find_credentials("gcr.io") is None
     assert auth.find_credentials("example.com") is None
+
+
+def test_credential_helpers(auth_env: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """credHelpers, else credsStore, answer for a file instead of its auths (the helper protocol itself, and
+    login and logout through it, are tested against a registry in test_registry.py)."""
+    from registry_fixtures import credential_helper, helper_calls
+
+    bin_dir = auth_env / "bin"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    one, two = auth_env / "one.json", auth_env / "two.json"
+    credential_helper(bin_dir, "one", one)
+    credential_helper(bin_dir, "two", two)
+    write_json(one, {"https://index.docker.io/v1/": ["hub", "1"], "quay.io": ["<token>", "refresh"]})
+    write_json(two, {"gcr.io": ["g", "2"]})
+    config = auth_env / "home" / ".docker" / "config.json"
+    write_json(config, {"auths": {"docker.io": {"auth": b64("stale:0")}, "gcr.io": {"auth": b64("stale:0")}},
+                        "credsStore": "one", "credHelpers": {"https://gcr.io": "two"}})
+    assert auth.find_credentials("docker.io") == ("hub", "1")  # the helper, not the stale entry
+    assert auth.find_credentials("gcr.io") == ("g", "2")  # credHelpers before credsStore
+    assert helper_calls(one)[0] == ["get", "https://index.docker.io/v1/"] and helper_calls(two) == [["get", "gcr.io"]]
+    assert auth.find_credentials("other.example") is None  # not found: anonymous
+    assert auth.find_credentials("quay.io") is None and "identity token" in caplog.text
+    # a file earlier in the order still wins with an entry of its own
+    write_json(auth_env / "lamina" / "auth.json", {"auths": {"docker.io": {"auth": b64("mine:3")}}})
+    assert auth.find_credentials("docker.io") == ("mine", "3")
+    for doc, needle in (({"credsStore": "nosuch"}, "docker-credential-nosuch that .* is not installed"),
+                        ({"credsStore": "../../bin/sh"}, "not a credential helper name"),
+                        ({"credHelpers": ["x"]}, "credHelpers must be an object")):
+        write_json(config, doc)
+        with pytest.raises(AuthError, match=needle):
+            auth.find_credentials("gcr.io")
+    (bin_dir / "docker-credential-one").write_text("#!/bin/sh\necho not json\n")
+    write_json(config, {"credsStore": "one"})
+    with pytest.raises(AuthError, match=r"docker-credential-one answered get for gcr\.io with no Username"):
+        auth.find_credentials("gcr.io")
 
 
 def test_podman_files_and_precedence(auth_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,10 @@ def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
 @click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
 @click.pass_obj
 def save(g: Globals, output: str, archive_format: str, refs: tuple[str, ...]) -> None:
-    """Save images as a docker-archive, an OCI layout directory or an OCI layout tar."""
+    """Save images as a docker-archive, an OCI layout directory or an OCI layout tar.
+
+    A repository given without tag or digest saves every tagged image of it, under each of its tags.
+    """
     with g.open() as svc:
         svc.export_image(list(refs), output, archive_format)
     emit(g, {"output": output, "format": archive_format}, lambda: None)
@@ -194,7 +197,9 @@ def untag(g: Globals, ref: str, names: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("refs", metavar="IMAGE...", nargs=-1, required=True)
-@click.option("-f", "--force", is_flag=True, help="Remove an image referenced in several repositories.")
+@click.option("-f", "--force", is_flag=True,
+              help="Override soft conflicts: names in several repositories, stopped containers (the image then loses "
+                   "only its names). Deleting an image with child images or running containers is still refused.")
 @click.option("--no-prune", is_flag=True, help="Keep untagged parent images.")
 @format_option
 @click.pass_obj

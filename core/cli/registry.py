@@ -108,7 +108,11 @@ def push(g: Globals, ref: str, dest: str | None, quiet: bool, tls_verify: bool |
 @click.pass_obj
 def login(g: Globals, host: str, username: str, password: str | None, password_stdin: bool,
           tls_verify: bool | None) -> None:
-    """Check credentials against a registry and store them for later pulls and pushes."""
+    """Check credentials against a registry and store them for later pulls and pushes.
+
+    They go to the credential helper docker's config (or another auth file) names for the registry, else to
+    lamina's auth file.
+    """
     from lamina.errors import LaminaError
 
     if password_stdin:
@@ -125,7 +129,7 @@ def login(g: Globals, host: str, username: str, password: str | None, password_s
 @cli.command()
 @click.argument("host", metavar="REGISTRY")
 def logout(host: str) -> None:
-    """Forget the credentials stored for a registry."""
+    """Forget the credentials stored for a registry (in lamina's auth file and the credential helper)."""
     from lamina.service import ImageService
 
     ImageService.logout(host)

@@ -26,7 +26,7 @@ import json
 import platform as _host
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, NoReturn
 from urllib.parse import quote, unquote
@@ -842,12 +842,17 @@ def is_attestation(desc: Descriptor) -> bool:
     return desc.platform is not None and desc.platform.os == "unknown" and desc.platform.architecture == "unknown"
 
 
-def select_manifest(index: Index, platform: Platform | None = None) -> Descriptor:
+def select_manifest(
+    index: Index, platform: Platform | None = None, read: Callable[[Descriptor], bytes] | None = None
+) -> Descriptor:
     """The index entry best matching ``platform`` (default: the host's), by :class:`PlatformMatcher` order.
 
     Only manifest and index entries are candidates; attestation manifests never are. Among equally good
-    matches the first in the index wins. An entry without a platform is taken only when no entry with one
-    matches. Raises :class:`PlatformNotFound` naming the platforms the index offers.
+    matches the first in the index wins. For a manifest entry without a platform, ``read`` (the verified
+    bytes of a blob, by its descriptor) gives its manifest and config, and the config's platform is ranked
+    like a declared one (containerd's rule); without ``read``, or for an index entry, an entry without a
+    platform is taken only when no entry with one matches. Raises :class:`PlatformNotFound` naming the
+    platforms the index offers.
     """
     want = host_platform() if platform is None else platform
     matcher = PlatformMatcher(want)
@@ -858,12 +863,15 @@ def select_manifest(index: Index, platform: Platform | None = None) -> Descripto
     for desc in index.manifests:
         if is_attestation(desc) or not (is_manifest_type(desc.media_type) or is_index_type(desc.media_type)):
             continue
-        if desc.platform is None:
+        declared = desc.platform
+        if declared is None and read is not None and is_manifest_type(desc.media_type):
+            declared = config_platform(read, desc)
+        if declared is None:
             unplatformed = unplatformed or desc
             continue
-        if (name := format_platform(desc.platform)) not in offered:
+        if (name := format_platform(declared)) not in offered:
             offered.append(name)
-        rank = matcher.rank(desc.platform)
+        rank = matcher.rank(declared)
         if rank is not None and (best is None or rank < best_rank):
             best, best_rank = desc, rank
     if best is not None:
@@ -872,6 +880,12 @@ def select_manifest(index: Index, platform: Platform | None = None) -> Descripto
         return unplatformed
     available = ", ".join(offered) if offered else "none"
     raise PlatformNotFound(f"no manifest for platform {format_platform(matcher.platform)}; available: {available}")
+
+
+def config_platform(read: Callable[[Descriptor], bytes], desc: Descriptor) -> Platform:
+    """The platform the config of the manifest ``desc`` declares; ``read`` gives a blob's verified bytes."""
+    manifest = parse_manifest(read(desc), desc.media_type)
+    return parse_config(read(manifest.config)).platform
 
 
 # -- image config -------------------------------------------------------------------------------------------
@@ -961,10 +975,17 @@ class ImageConfig:
 
 
 def parse_config(data: bytes) -> ImageConfig:
-    """Parse and validate an image config; :class:`InvalidDocument` on anything malformed."""
+    """Parse and validate an image config; :class:`InvalidDocument` on anything malformed.
+
+    An ``os`` or ``architecture`` left out (absent, null or empty, as Go writes an unset string) is the
+    host's, as docker takes it; a missing architecture brings the host's CPU variant unless one is declared.
+    The bytes, and so the image ID, stay as they are.
+    """
     raw, doc = _load_document(data, "image config")
-    if "architecture" not in doc or "os" not in doc:
-        raise InvalidDocument("image config needs both architecture and os")
+    host = host_platform()
+    os_name = _opt_str(doc, "os") or host.os
+    architecture = _opt_str(doc, "architecture")
+    variant = _opt_str(doc, "variant") or (None if architecture else host.variant)
     rootfs = doc.get("rootfs")
     if rootfs is None:
         raise InvalidDocument("image config has no rootfs")
@@ -980,9 +1001,9 @@ def parse_config(data: bytes) -> ImageConfig:
     return ImageConfig(
         raw=raw,
         doc=doc,
-        architecture=_check_str(doc["architecture"], "architecture"),
-        os=_check_str(doc["os"], "os"),
-        variant=_opt_str(doc, "variant") or None,
+        architecture=architecture or host.architecture,
+        os=os_name,
+        variant=variant,
         os_version=_opt_str(doc, "os.version") or None,
         os_features=() if features is None else _check_str_list(features, "os.features"),
         created=_opt_str(doc, "created"),

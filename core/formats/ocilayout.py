@@ -41,6 +41,10 @@ def _blob(src: Source, ref: oci.Descriptor | BlobRef, what: str) -> bytes:
     return read_verified(src.open(blob_path(ref.digest)), ref.digest, ref.size, what, oci.MAX_DOCUMENT_BYTES)
 
 
+def _document(src: Source, ref: oci.Descriptor) -> bytes:
+    return _blob(src, ref, f"blob {ref.digest}")
+
+
 def _name_of(desc: oci.Descriptor) -> str | None:
     ann = desc.annotations
     for key in (CONTAINERD_NAME, REF_NAME):
@@ -74,7 +78,7 @@ def read_layout(src: Source, platform: oci.Platform | None = None) -> list[Image
             raw = _blob(src, desc, f"index {desc.digest}")
             nested = oci.parse_index(raw, desc.media_type)
             extra[desc.digest] = raw
-            mdesc = oci.select_manifest(nested, platform)
+            mdesc = oci.select_manifest(nested, platform, read=functools.partial(_document, src))
         elif desc.media_type in oci.SCHEMA1_TYPES:
             raise InvalidDocument(f"index.json: {desc.digest}: schema1 manifests are not supported")
         elif not oci.is_manifest_type(desc.media_type):

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest, sha256_digest
 from lamina.errors import (
@@ -67,13 +67,13 @@ class ImageSummary:
     id: str
     repo_tags: list[str]
     repo_digests: list[str]
-    created: float | None
+    created: float  # see created_time
     size: int
     shared_size: int
     labels: dict[str, str]
     parent: str | None
     layers: int
-    containers: int = -1
+    containers: int = 0  # containers created from the image (what `ps -a` lists)
     chain: list[ChainID] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class ImageSummary:
             "ParentId": self.parent or "",
             "RepoTags": self.repo_tags,
             "RepoDigests": self.repo_digests,
-            "Created": int(self.created) if self.created is not None else None,
+            "Created": int(self.created),
             "Size": self.size,
             "SharedSize": self.shared_size,
             "Labels": self.labels,
@@ -160,15 +160,22 @@ def _labels_match(labels: dict[str, str], wanted: list[str]) -> bool:
     return True
 
 
+def created_time(rec: ImageRecord) -> float:
+    """When an image was created: its config's ``created``, or, for a config without one, when the image
+    entered the store (podman's rule), so listings order it and ``before``/``since`` compare with it."""
+    return rec.created if rec.created is not None else rec.loaded
+
+
 def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool) -> list[ImageSummary]:
     _check_filters(store, filters)
     dangling: bool | None = None
     if "dangling" in filters:
         dangling = filters["dangling"][-1] in ("true", "1")
-    before = get_image(store, filters["before"][-1]).record.created if "before" in filters else None
-    since = get_image(store, filters["since"][-1]).record.created if "since" in filters else None
+    before = created_time(find(store, filters["before"][-1])) if "before" in filters else None
+    since = created_time(find(store, filters["since"][-1])) if "since" in filters else None
     patterns = filters.get("reference", [])
     layers = {layer.chain_id: layer for layer in store.layers.all()}
+    containers = store.container_counts()
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
     for rec in store.all():
@@ -177,7 +184,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
         except LaminaError as e:  # one damaged image must not hide the others
             log.warning("skipping image %s: %s", rec.id, e.message)
             continue
-        created = rec.created or 0.0
+        created = created_time(rec)
         if before is not None and created >= before:
             continue
         if since is not None and created <= since:
@@ -204,11 +211,12 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
             refcount[c] = refcount.get(c, 0) + 1
         size = sum(layers[c].size for c in chain if c in layers)
         out.append(ImageSummary(
-            rec.id, tags, digests, rec.created, size, 0, labels, rec.parent, len(chain), chain=chain,
+            rec.id, tags, digests, created, size, 0, labels, rec.parent, len(chain),
+            containers=containers.get(rec.id, 0), chain=chain,
         ))
     for s in out:
         s.shared_size = sum(layers[c].size for c in s.chain if refcount.get(c, 0) > 1 and c in layers)
-    out.sort(key=lambda s: s.created or 0.0, reverse=True)
+    out.sort(key=lambda s: s.created, reverse=True)
     return out
 
 
@@ -250,7 +258,8 @@ def inspect(store: ImageStore, img: Image) -> dict[str, Any]:
 
 
 def history(store: ImageStore, img: Image) -> list[dict[str, Any]]:
-    """Newest first, like ``docker history``: the top entry carries the image ID, others ``<missing>``."""
+    """Newest first, like ``docker history``: the newest entry of the image and of each local ancestor (the
+    parents commits record) carries that image's ID and tags, every other entry ``<missing>``."""
     sizes = []
     for c in img.chain:
         try:
@@ -276,20 +285,45 @@ def history(store: ImageStore, img: Image) -> list[dict[str, Any]]:
             "Size": size,
             "Tags": [],
         })
+    for owner, count in _history_owners(store, img, entries):
+        if out[count - 1]["Id"] == "<missing>":  # the newer image keeps a row they would share
+            out[count - 1].update(Id=owner.id, Tags=owner.repo_tags)
     out.reverse()
-    if out:
-        out[0]["Id"] = img.id
-        out[0]["Tags"] = img.repo_tags
     return out
+
+
+def _history_owners(store: ImageStore, img: Image, entries: list[dict[str, Any]]) -> list[tuple[Image, int]]:
+    """The image and each local ancestor whose history begins ``entries``, with how many entries are theirs:
+    the walk up the parents stops at one that is gone or whose history is not a prefix of the image's."""
+    owners = [(img, len(entries))] if entries else []
+    seen = {img.id}
+    parent = img.record.parent
+    while parent and parent not in seen:
+        seen.add(parent)
+        try:
+            ancestor = load(store, store.get(parent))
+        except LaminaError:  # removed meanwhile, or damaged: the rest of the history stays <missing>
+            break
+        own = list(ancestor.config.history)
+        if not own or own != entries[: len(own)]:
+            break
+        owners.append((ancestor, len(own)))
+        parent = ancestor.record.parent
+    return owners
 
 
 # -- names ----------------------------------------------------------------------------------------------
 def tag(store: ImageStore, img: Image, new_name: str) -> str:
+    """Name an image; when its manifest digest is known, the new repository gets ``NAME@DIGEST`` too (cri-o's
+    makeRepoDigests), so the name can be pushed, saved and looked up by digest like the ones it came with."""
     ref = parse_normalized(new_name)
     if ref.digest is not None:
         raise InvalidReference(f"cannot tag with a digest reference {new_name!r}; give name[:tag]")
     name = str(ref.with_default_tag())
-    store.add_name(img.id, name)
+    names = [name]
+    if img.record.manifests:
+        names.append(f"{ref.name}@{img.record.manifests[0].digest}")
+    store.add_names(img.id, names)
     return name
 
 
@@ -298,10 +332,27 @@ def untag(store: ImageStore, img: Image, name: str, users: UsersOf | None = None
     key = _name_key(ref)
     if key not in img.record.names:
         raise InvalidReference(f"image {img.short_id} has no name {ref.familiar()}")
-    store.remove_name(key, img.id)
-    out = [{"Untagged": ref.familiar()}]
+    out = _remove_name(store, img.id, ref)
     if store.delete(img.id, if_unused=True) is not None:  # no name, child or container left: it goes
         out.append({"Deleted": img.id})
+    return out
+
+
+def _remove_name(store: ImageStore, image_id: str, named: Reference) -> list[dict[str, str]]:
+    """Remove a name from an image. A tag that was the last of its repository on the image takes that
+    repository's digest names with it (docker's rule)."""
+    store.remove_name(_name_key(named), image_id)
+    out = [{"Untagged": named.familiar()}]
+    if named.digest is not None:
+        return out
+    rec = store.get(image_id)
+    if any(parse_normalized(t).name == named.name for t in rec.tags):
+        return out
+    for n in rec.digests:
+        digested = parse_normalized(n)
+        if digested.name == named.name:
+            store.remove_name(n, image_id)
+            out.append({"Untagged": digested.familiar()})
     return out
 
 
@@ -317,46 +368,52 @@ def _is_id_ref(store: ImageStore, ref: str) -> bool:
     return looks_like_id_prefix(ref)
 
 
-UsersOf = Callable[[str], list[str]]
+class ImageUser(NamedTuple):
+    """A container created from an image, and whether it runs."""
+
+    container_id: str
+    running: bool
 
 
-def _no_users(image_id: str) -> list[str]:
+UsersOf = Callable[[str], list[ImageUser]]
+
+
+def _no_users(image_id: str) -> list[ImageUser]:
     return []
 
 
 def delete(
     store: ImageStore, ref: str, *, force: bool = False, prune: bool = True, users: UsersOf = _no_users
 ) -> list[dict[str, str]]:
-    """Docker's ImageDelete. ``users(image_id)`` names the containers created from an image: they are a
-    conflict unless ``force``, and then only the image's names go (the containers keep the image)."""
+    """Docker's ImageDelete. ``users(image_id)`` names the containers created from an image. Deleting the
+    image while one of them runs is a hard conflict, even with ``force``; stopped ones are a conflict unless
+    ``force``, and then only the image's names go (the containers keep the image). A name alone goes with
+    ``force`` whatever its image's containers do, as with docker."""
     rec = find(store, ref)
     out: list[dict[str, str]] = []
     short = rec.id.split(":", 1)[1][:12]
     if not _is_id_ref(store, ref):
         named = parse_normalized(ref)
-        key = _name_key(named)
         in_use = users(rec.id)
         if in_use and len(rec.tags) <= 1 and not force:
             raise ImageConflict(
-                f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0][:12]}"
+                f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0].container_id[:12]}"
             )
-        store.remove_name(key, rec.id)
-        out.append({"Untagged": named.familiar()})
+        out.extend(_remove_name(store, rec.id, named))
         rec = store.get(rec.id)
-        if not rec.tags:
-            # With no tag left, the image's digest names of that repository go too (as docker does).
-            for n in rec.digests:
-                if parse_normalized(n).name == named.name:
-                    store.remove_name(n, rec.id)
-                    out.append({"Untagged": parse_normalized(n).familiar()})
-            rec = store.get(rec.id)
         if rec.names or users(rec.id):
             return out
         _delete_quietly(store, rec.id, out, prune, users)
         return out
     in_use = users(rec.id)
+    running = [u.container_id for u in in_use if u.running]
+    if running:  # a hard conflict: --force does not override it
+        raise ImageConflict(f"unable to delete {short}: image is used by running container {running[0][:12]}")
     if in_use and not force:
-        raise ImageConflict(f"unable to delete {short}: image is used by container {in_use[0][:12]}")
+        raise ImageConflict(
+            f"unable to delete {short}: image is used by stopped container {in_use[0].container_id[:12]} "
+            "(--force removes only its names)"
+        )
     children = store.children(rec.id)
     if children:
         short = ", ".join(c.split(":")[1][:12] for c in children)
@@ -416,12 +473,28 @@ def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: 
         raise ImageError("no image to save")
     chosen: dict[str, tuple[ImageRecord, list[str]]] = {}
     for ref in refs:
-        rec = find(store, ref)
-        rec_names = chosen.setdefault(rec.id, (rec, []))[1]
-        names = list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))]
-        rec_names.extend(n for n in names if n not in rec_names)
+        for rec, names in _to_save(store, ref):
+            rec_names = chosen.setdefault(rec.id, (rec, []))[1]
+            rec_names.extend(n for n in names if n not in rec_names)
 
     transfer.save(store, list(chosen.values()), path, fmt, store.layers.export_exact, keep_layer_blobs)
+
+
+def _to_save(store: ImageStore, ref: str) -> list[tuple[ImageRecord, list[str]]]:
+    """The images ``ref`` names for a save, each with the names to save it under: a repository without tag
+    or digest means every tagged image of it (``docker save repo``); an ID, the image with all its tags."""
+    try:
+        named: Reference | None = parse_normalized(ref)
+    except InvalidReference:
+        named = None
+    if named is not None and named.tag is None and named.digest is None:
+        by_image: dict[str, list[str]] = {}
+        for name, image_id in store.repository_tags(named.name):
+            by_image.setdefault(image_id, []).append(name)
+        if by_image:
+            return [(store.get(image_id), names) for image_id, names in by_image.items()]
+    rec = find(store, ref)
+    return [(rec, list(rec.tags) if _is_id_ref(store, ref) else [_name_key(parse_normalized(ref))])]
 
 
 # -- import ---------------------------------------------------------------------------------------------

@@ -15,12 +15,18 @@ Every file has the containers/docker ``auth.json`` shape::
 
 Keys are matched on the host: ``host``, ``https://host`` or ``http://host/...`` (docker's URL form);
 ``index.docker.io``, ``registry-1.docker.io`` and ``https://index.docker.io/v1/`` all mean ``docker.io``.
-Repository-scoped keys (``host/namespace``) and entries that defer to a credential helper (``credsStore``,
-``credHelpers``, an empty entry, an ``identitytoken``) are skipped without a word. A file that exists but
-cannot be read or parsed raises :class:`~lamina.registry.client.AuthError` naming the file.
+Repository-scoped keys (``host/namespace``), empty entries and ``identitytoken`` entries are skipped. A file
+that exists but cannot be read or parsed raises :class:`~lamina.registry.client.AuthError` naming the file.
 
-:func:`login` checks credentials against the registry before :func:`store_credentials` writes them to
-lamina's file (mode 0600, replaced atomically); :func:`logout` removes them again.
+A file that names a credential helper for the host (``credHelpers``, else ``credsStore``, docker's
+``config.json`` keys) answers through it rather than its ``auths``: ``docker-credential-NAME get`` with the
+server (the host; ``https://index.docker.io/v1/`` for Docker Hub) on stdin, a JSON ``{"ServerURL",
+"Username", "Secret"}`` on stdout; "credentials not found" (exit status 1) sends the lookup on to the next
+file. A helper that is not installed, fails or answers nonsense is an ``AuthError`` naming it.
+
+:func:`login` checks credentials against the registry before :func:`save_login` keeps them: with the helper
+the credential files name for the host (``docker-credential-NAME store``), else in lamina's file (mode
+0600, replaced atomically, :func:`store_credentials`); :func:`logout` removes them from both (``erase``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,11 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,11 +54,17 @@ __all__ = [
     "login",
     "logout",
     "normalize_host",
+    "save_login",
     "store_credentials",
 ]
 
 _MAX_FILE_BYTES = 4 * 1024 * 1024
 _DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+_DOCKER_HUB_SERVER = "https://index.docker.io/v1/"  # the server docker hands helpers for Docker Hub
+_HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HELPER_TIMEOUT = 60.0
+_HELPER_NOT_FOUND = "credentials not found"  # docker-credential-helpers' errCredentialsNotFoundMessage
+log = logging.getLogger("lamina.registry.auth")
 
 
 class _Pinger(Protocol):
@@ -194,7 +209,7 @@ def _lookup(path: Path, doc: dict[str, Any], host: str) -> tuple[str, str] | Non
 
 
 def find_credentials(host: str) -> tuple[str, str] | None:
-    """``(user, password)`` for ``host`` from the first auth file that has them, or None."""
+    """``(user, password)`` for ``host`` from the first auth file (or the helper it names) that has them."""
     wanted = normalize_host(host)
     if wanted is None:
         return None
@@ -202,9 +217,94 @@ def find_credentials(host: str) -> tuple[str, str] | None:
         doc = _load(path)
         if doc is None:
             continue
-        creds = _lookup(path, doc, wanted)
+        helper = _helper_of(path, doc, wanted)
+        creds = _helper_get(helper, wanted) if helper is not None else _lookup(path, doc, wanted)
         if creds is not None:
             return creds
+    return None
+
+
+# -- credential helpers ---------------------------------------------------------------------------------------
+class _Helper:
+    """A ``docker-credential-NAME`` program an auth file names, and which file names it."""
+
+    def __init__(self, name: str, source: Path) -> None:
+        self.program = f"docker-credential-{name}"
+        self.source = source
+
+    def run(self, action: str, data: str, host: str) -> str | None:
+        """Its stdout for ``action``; None when it says it has no credentials for the server."""
+        try:
+            proc = subprocess.run(
+                [self.program, action], input=data.encode("utf-8"), capture_output=True, timeout=_HELPER_TIMEOUT
+            )
+        except FileNotFoundError:
+            raise AuthError(
+                f"the credential helper {self.program} that {self.source} names for {host} is not installed"
+            ) from None
+        except subprocess.TimeoutExpired:
+            raise AuthError(f"the credential helper {self.program} gave no answer to {action} within "
+                            f"{_HELPER_TIMEOUT:.0f} s") from None
+        except OSError as e:
+            raise AuthError(f"cannot run the credential helper {self.program}: {e.strerror or e}") from None
+        out = proc.stdout.decode("utf-8", "replace").strip()
+        if proc.returncode == 0:
+            return out
+        said = out or proc.stderr.decode("utf-8", "replace").strip()
+        if _HELPER_NOT_FOUND in said.lower():
+            return None
+        first = said.splitlines()[0][:200] if said else f"exit status {proc.returncode}"
+        raise AuthError(f"the credential helper {self.program} failed to {action} the credentials for {host}: {first}")
+
+
+def _server_url(host: str) -> str:
+    return _DOCKER_HUB_SERVER if host == "docker.io" else host
+
+
+def _helper_of(path: Path, doc: dict[str, Any], host: str) -> _Helper | None:
+    """The helper ``doc`` names for ``host``: its ``credHelpers`` entry, else its ``credsStore``."""
+    helpers = doc.get("credHelpers")
+    if helpers is not None and not isinstance(helpers, dict):
+        raise AuthError(f"the auth file {path}: credHelpers must be an object")
+    name: object = None
+    for key, value in sorted((helpers or {}).items(), key=lambda kv: kv[0] != host):
+        if isinstance(key, str) and normalize_host(key) == host:
+            name = value
+            break
+    else:
+        name = doc.get("credsStore")
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or not _HELPER_NAME.fullmatch(name):
+        raise AuthError(f"the auth file {path}: {name!r} is not a credential helper name")
+    return _Helper(name, path)
+
+
+def _helper_get(helper: _Helper, host: str) -> tuple[str, str] | None:
+    out = helper.run("get", _server_url(host), host)
+    if out is None:
+        return None
+    try:
+        doc = json.loads(out)
+        user, secret = doc["Username"], doc["Secret"]
+    except (ValueError, TypeError, KeyError):
+        raise AuthError(f"the credential helper {helper.program} answered get for {host} with no "
+                        "Username and Secret") from None
+    if not isinstance(user, str) or not isinstance(secret, str):
+        raise AuthError(f"the credential helper {helper.program} answered get for {host} with no Username and Secret")
+    if user == "<token>":  # an identity token: an OAuth2 refresh token lamina cannot exchange
+        log.warning("%s holds an identity token for %s, which lamina cannot use; going on without it",
+                    helper.program, host)
+        return None
+    return (user, secret) if user else None
+
+
+def _login_helper(host: str) -> _Helper | None:
+    """The helper the first credential file naming one for ``host`` names (where docker would log in)."""
+    for path in credential_files():
+        doc = _load(path)
+        if doc is not None and (helper := _helper_of(path, doc, host)) is not None:
+            return helper
     return None
 
 
@@ -257,6 +357,21 @@ def _default_factory(host: str, credentials: Credentials) -> _Pinger:
     return RegistryClient(host, RegistryOptions(), credentials=credentials)
 
 
+def save_login(host: str, user: str, password: str) -> str:
+    """Keep checked credentials: with the credential helper the credential files name for ``host`` (and
+    out of lamina's file, where they would shadow it), else in lamina's file. Returns where they went."""
+    key = _login_host(host)
+    helper = _login_helper(key)
+    if helper is None:
+        store_credentials(key, user, password)
+        return str(lamina_auth_file())
+    if not isinstance(user, str) or not user or not isinstance(password, str):
+        raise AuthError("the user name must be non-empty and the password a string")
+    helper.run("store", json.dumps({"ServerURL": _server_url(key), "Username": user, "Secret": password}), key)
+    _forget(key)
+    return helper.program
+
+
 def login(host: str, user: str, password: str, client_factory: ClientFactory | None = None) -> None:
     """Check the credentials with a ping of the registry (AuthError if it refuses them), then store them."""
     key = _login_host(host)
@@ -270,12 +385,20 @@ def login(host: str, user: str, password: str, client_factory: ClientFactory | N
         close = getattr(client, "close", None)
         if callable(close):
             close()
-    store_credentials(key, user, password)
+    save_login(key, user, password)
 
 
 def logout(host: str) -> bool:
-    """Remove the credentials for ``host`` from lamina's auth file; False if there were none."""
+    """Remove the credentials for ``host`` from lamina's auth file and from the credential helper the
+    credential files name for it; False if there were none."""
     key = _login_host(host)
+    helper = _login_helper(key)
+    erased = helper is not None and helper.run("erase", _server_url(key), key) is not None
+    return _forget(key) or erased
+
+
+def _forget(key: str) -> bool:
+    """Remove ``key``'s entries from lamina's auth file; False if there were none."""
     path = lamina_auth_file()
     doc = _load(path)
     if not doc or not isinstance(doc.get("auths"), dict):

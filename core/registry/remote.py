@@ -95,23 +95,16 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
     doc = oci.parse_document(data, media_type)
     extra: dict[str, bytes] = {}
     top_digest = digest
+    read = functools.partial(_document, client, repo)
     if isinstance(doc, oci.Index):
         extra[digest] = data
-        desc = oci.select_manifest(doc, platform)
-        data, media_type, digest = client.get_manifest(repo, desc.digest)
-        if len(data) != desc.size:
-            raise InvalidDocument(f"manifest {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
+        desc = oci.select_manifest(doc, platform, read=read)
+        data, media_type, digest = _manifest(client, repo, desc)
         doc = oci.parse_manifest(data, media_type)
     if not isinstance(doc, oci.Manifest):
         raise InvalidDocument(f"{what_name}: not an image manifest")
     manifest = doc
-    config_raw = read_verified(
-        client.open_blob(repo, manifest.config.digest, manifest.config.size),
-        manifest.config.digest,
-        manifest.config.size,
-        f"config {manifest.config.digest}",
-        oci.MAX_DOCUMENT_BYTES,
-    )
+    config_raw = read(manifest.config)
     config = oci.parse_config(config_raw)
     if len(manifest.layers) != len(config.diff_ids):
         raise InvalidDocument(
@@ -141,6 +134,24 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
         manifest_ref=BlobRef(media_type, digest, len(data)),
         extra_blobs=extra,
         origin=f"registry {ref.domain}",
+    )
+
+
+def _manifest(client: Any, repo: str, desc: oci.Descriptor) -> tuple[bytes, str, str]:
+    """The manifest an index entry names, checked against the entry's digest and size."""
+    data, media_type, digest = client.get_manifest(repo, desc.digest)
+    if len(data) != desc.size:
+        raise InvalidDocument(f"manifest {desc.digest} is {len(data)} bytes, its descriptor says {desc.size}")
+    return data, media_type, digest
+
+
+def _document(client: Any, repo: str, desc: oci.Descriptor) -> bytes:
+    """A manifest or a config, by its descriptor, verified."""
+    if oci.is_manifest_type(desc.media_type):
+        return _manifest(client, repo, desc)[0]
+    return read_verified(
+        client.open_blob(repo, desc.digest, desc.size), desc.digest, desc.size, f"config {desc.digest}",
+        oci.MAX_DOCUMENT_BYTES,
     )
 
 

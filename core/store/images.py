@@ -148,6 +148,14 @@ class ImageStore:
         except ImageNotFound:
             return None  # removed between the two reads
 
+    def repository_tags(self, repository: str) -> list[tuple[str, str]]:
+        """``(name, image ID)`` of every tag of ``repository`` (``domain/path``), oldest first."""
+        prefix = repository + ":"
+        return [(r[0], r[1]) for r in self.db.query(
+            "SELECT name, image_id FROM image_names WHERE substr(name, 1, ?) = ? AND instr(name, '@') = 0"
+            " ORDER BY added, name", (len(prefix), prefix),
+        )]
+
     def by_prefix(self, prefix: str) -> ImageRecord | None:
         """An image by a hex prefix of its ID; :class:`AmbiguousImage` lists the candidates."""
         rows = self.db.query("SELECT id FROM images WHERE id LIKE ? ORDER BY id LIMIT 11", (f"sha256:{prefix}%",))
@@ -170,6 +178,12 @@ class ImageStore:
 
     def children(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
+
+    def container_counts(self) -> dict[str, int]:
+        """How many containers (those ``ps -a`` lists) each image has, by image ID; images without any are absent."""
+        return {r[0]: int(r[1]) for r in self.db.query(
+            "SELECT image_id, COUNT(*) FROM containers WHERE state='created' GROUP BY image_id"
+        )}
 
     def blobs(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,))]
@@ -250,10 +264,15 @@ class ImageStore:
 
     def add_name(self, image_id: str, name: str) -> bool:
         """Give ``image_id`` the name ``name`` (moving it from another image); True when it moved."""
+        return bool(self.add_names(image_id, [name]))
+
+    def add_names(self, image_id: str, names: Sequence[str]) -> list[str]:
+        """Give ``image_id`` every name of ``names`` in one transaction; returns those moved from other images."""
         with self.db.tx() as db:
             if db.execute("SELECT 1 FROM images WHERE id=?", (image_id,)).fetchone() is None:
                 raise ImageNotFound(f"image {image_id} not found")
-            return self._set_name(db, name, image_id, time.time())
+            now = time.time()
+            return [n for n in names if self._set_name(db, n, image_id, now)]
 
     def remove_name(self, name: str, image_id: str | None = None) -> str:
         """Remove a name (only if it still names ``image_id``, when given); returns the image it belonged to."""
