@@ -561,7 +561,7 @@ class ImageService:
         same_registry = [
             parse_normalized(n).path for n in img.record.names if parse_normalized(n).domain == target.domain
         ]
-        with self.store.lease() as lease:
+        with self.store.lease(reading=True) as lease:
             record = store.lease_image(lease, img.id)
             export = transfer.export_for(
                 store, record, [str(target)], "oci-dir", self._layers.export_exact, self.config.keep_layer_blobs,

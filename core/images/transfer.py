@@ -349,7 +349,7 @@ def save(
     writer = _writer(fmt)
     path = Path(dest)
     sink: Sink = DirSink(path) if writer.directory else TarSink(path)
-    with store.store.lease() as lease:  # an rmi meanwhile cannot take away what is being written
+    with store.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being written
         try:
             items = []
             for rec, names in exports:

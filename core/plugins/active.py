@@ -7,12 +7,14 @@ that wrap hooks, the timing observer among them, see every call) and turns a hoo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pluggy
 
 from lamina.contract import ByteStream, Capabilities, Change, Driver, DriverInfo
-from lamina.errors import OperationUnsupported
+from lamina.errors import OperationUnsupported, write_failure
 from lamina.plugins.discovery import TimingObserver
 from lamina.tar.compression import DiffStream
 
@@ -39,6 +41,16 @@ class ActiveDriver:
     def _unsupported(self, what: str) -> OperationUnsupported:
         return OperationUnsupported(f"driver {self.name!r} cannot {what}")
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _writing(doing: str) -> Iterator[None]:
+        """A system call of the driver that failed while changing the store (a full disk, a read-only
+        filesystem, an I/O error) is one line naming what it was doing."""
+        try:
+            yield
+        except OSError as e:
+            raise write_failure(e, doing) from e
+
     # -- facts ----------------------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
         if self._caps is None:
@@ -61,13 +73,16 @@ class ActiveDriver:
     def create(self, layer_id: str, parent: str | None, rw: bool) -> None:
         if rw and not self.capabilities().supports_rw_layers:
             raise OperationUnsupported(f"driver {self.name!r} has no read-write layers; use vfs or overlay")
-        self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
+        with self._writing(f"creating layer {layer_id[:12]} ({self.name})"):
+            self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
 
     def apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
+        with self._writing(f"applying layer {layer_id[:12]} ({self.name})"):
+            return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
 
     def remove(self, layer_id: str) -> None:
-        self.pm.hook.lamina_remove(layer_id=layer_id)
+        with self._writing(f"removing layer {layer_id[:12]} ({self.name})"):
+            self.pm.hook.lamina_remove(layer_id=layer_id)
 
     def cleanup(self) -> None:
         self.pm.hook.lamina_cleanup()

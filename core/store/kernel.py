@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from lamina.config import Config
 from lamina.contract import DriverInfo
-from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError
+from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, write_failure
 from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
 from lamina.store.db import Database, owner_alive
@@ -39,6 +39,9 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
         self.db = Database(self.root, self.runroot)
+        # A store whose filesystem takes no writes (read-only, or too full to open the database for writing)
+        # opens for reading: no probe, no recovery, no timings; every write fails with the reason.
+        self.read_only = self.db.refusal is not None
         try:
             only = self.config.driver or self.stored_driver()
             self.catalog = catalog if catalog is not None else discover(only=only)
@@ -90,7 +93,8 @@ class Store:
                 self.catalog = discover()  # the full list, for the error naming the drivers there are
             info = lookup(self.catalog, name)
             try:
-                self._probe(info)
+                if not self.read_only:
+                    self._probe(info)
             except DriverUnsupported as e:
                 if not existing and self._partial:
                     self.catalog = discover()  # the hint names another installed driver
@@ -118,8 +122,13 @@ class Store:
         name = info.cls.name
         home = self.root / name
         runhome = self.runroot / name
-        home.mkdir(exist_ok=True, mode=0o700)
-        runhome.mkdir(exist_ok=True, mode=0o700)
+        if existing is None:
+            self.db.refuse_writes()  # a new store cannot be made on a filesystem that takes no writes
+        try:
+            home.mkdir(exist_ok=True, mode=0o700)
+            runhome.mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise write_failure(e, f"creating the driver's directories under {self.root}") from e
         try:
             instance = info.cls(home, runhome, self.config.options_for(name))
         except LaminaError:
@@ -137,9 +146,10 @@ class Store:
         return ActiveDriver(info, instance, pm, observer)
 
     # -- leases and collection ------------------------------------------------------------------------
-    def lease(self) -> Lease:
-        """A new lease owned by this process; use it as a context manager (it ends itself)."""
-        return Lease(self)
+    def lease(self, *, reading: bool = False) -> Lease:
+        """A new lease owned by this process; use it as a context manager (it ends itself). A lease for
+        ``reading`` (a save or push) holds nothing in a read-only store, where nothing can be removed."""
+        return Lease(self, inert=reading and self.read_only)
 
     def collect(self, cache_ids: list[str], *, blobs: bool = False) -> list[str]:
         """Remove those of ``cache_ids`` (then their parents) that nothing uses; with ``blobs``, also the
@@ -154,7 +164,10 @@ class Store:
         """Finish off what processes that no longer run left behind: their leases, their incomplete or
         half-removed layers and containers, layers nothing keeps, and their mount references.
 
-        Cheap when nothing is unfinished: a few indexed reads, no write lock."""
+        Cheap when nothing is unfinished: a few indexed reads, no write lock. A read-only store is left as
+        it is (its readers see committed rows only)."""
+        if self.read_only:
+            return
         dead = [
             lid for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
             if not owner_alive(pid, start)
