@@ -12,53 +12,19 @@ from __future__ import annotations
 import random
 import sqlite3
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from loopfs import fill, loop_ext4
-from registry_fixtures import Registry, push_with_skopeo
+from fault_fixtures import BIG, FaultImages, fill, loop_ext4
 from store_invariants import check_store
 
 from conftest import lamina_cli
-from image_fixtures import build_rootfs_layout, copy_image
-from lamina.testing import TarBuilder
 
-BIG = 6 << 20  # the new image's one file: random, so that gzip keeps it as big
 DISK_MIB = 48
 # Free bytes left: none (SQLite cannot even make its -shm file), enough to open the database but not to
 # write a transaction, and part of the layer.
 LEAVE = (0, 48 << 10, 3 << 20)
-
-
-def _rootfs(path: Path, name: str, size: int, seed: int) -> Path:
-    tb = TarBuilder().dir("data").file(f"data/{name}", random.Random(seed).randbytes(size))
-    path.write_bytes(tb.build())
-    return path
-
-
-@dataclass(frozen=True)
-class Images:
-    keep: Path  # OCI layout, keep:1 (1 MiB): what the store holds before the disk fills
-    big_rootfs: Path  # a root filesystem tar of BIG random bytes
-    big_oci: Path  # big:1 as an OCI layout (gzip)
-    big_docker: Path  # big:1 as a docker-archive (example.com/big:1)
-    big_remote: str  # big:1 in the test registry
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> Images:
-    d = tmp_path_factory.mktemp("fault-images")
-    keep = d / "keep"
-    build_rootfs_layout(_rootfs(d / "keep.tar", "keep", 1 << 20, 1), keep, "keep:1", "/bin/true")
-    big_rootfs = _rootfs(d / "big.tar", "big", BIG, 2)
-    big_oci = d / "big"
-    build_rootfs_layout(big_rootfs, big_oci, "big:1", "/bin/true")
-    big_docker = d / "big-docker.tar"
-    copy_image(f"oci:{big_oci}:big:1", f"docker-archive:{big_docker}:example.com/big:1")
-    dest = push_with_skopeo(f"oci:{big_oci}:big:1", registry, "faults/big:1")
-    return Images(keep, big_rootfs, big_oci, big_docker, dest.removeprefix("docker://"))
 
 
 def _contents(disk: Path) -> dict[str, Any]:
@@ -67,12 +33,14 @@ def _contents(disk: Path) -> dict[str, Any]:
         return {
             "images": sorted(db.execute("SELECT id, top_layer FROM images")),
             "names": sorted(db.execute("SELECT name, image_id FROM image_names")),
-            "layers": sorted(db.execute("SELECT id, COALESCE(chain_id, ''), refs FROM layers WHERE state='committed'")),
+            "layers": sorted(db.execute(
+                "SELECT id, COALESCE(chain_id, ''), refs FROM layers WHERE state='committed'"
+            )),
             "containers": sorted(db.execute("SELECT id, name, state FROM containers")),
         }
 
 
-def _command(kind: str, images: Images) -> list[str]:
+def _command(kind: str, images: FaultImages) -> list[str]:
     return {
         "load-docker-archive": ["load", "-q", "-i", str(images.big_docker)],
         "load-oci-layout": ["load", "-q", "-i", str(images.big_oci)],
@@ -83,16 +51,18 @@ def _command(kind: str, images: Images) -> list[str]:
 
 
 @pytest.mark.parametrize("kind", ["load-docker-archive", "load-oci-layout", "pull", "import", "commit"])
-def test_full_disk_fails_cleanly_and_succeeds_once_freed(tmp_path: Path, images: Images, kind: str) -> None:
+def test_full_disk_fails_cleanly_and_succeeds_once_freed(
+    tmp_path: Path, fault_images: FaultImages, kind: str
+) -> None:
     with loop_ext4(tmp_path, DISK_MIB) as disk:
-        lamina_cli("--driver", "vfs", "load", "-q", "-i", str(images.keep), root=disk)
+        lamina_cli("--driver", "vfs", "load", "-q", "-i", str(fault_images.keep), root=disk)
         if kind == "commit":
             lamina_cli("create", "--name", "box", "keep:1", root=disk)
             rootfs = Path(lamina_cli("mount", "box", root=disk).stdout.decode().strip())
             (rootfs / "big").write_bytes(random.Random(3).randbytes(BIG))
             lamina_cli("umount", "box", root=disk)
         before = _contents(disk)
-        cmd = _command(kind, images)
+        cmd = _command(kind, fault_images)
         for leave in LEAVE:
             filler = fill(disk, leave)
             proc = lamina_cli(*cmd, root=disk, check=False)
@@ -112,10 +82,10 @@ def test_full_disk_fails_cleanly_and_succeeds_once_freed(tmp_path: Path, images:
         assert check_store(disk / "root", disk / "run", "vfs") == []
 
 
-def test_database_full_is_one_line(tmp_path: Path, images: Images) -> None:
+def test_database_full_is_one_line(tmp_path: Path, fault_images: FaultImages) -> None:
     """SQLite's own ENOSPC (SQLITE_FULL): room to open the database, none for the transaction's pages."""
     with loop_ext4(tmp_path, DISK_MIB) as disk:
-        lamina_cli("--driver", "vfs", "load", "-q", "-i", str(images.keep), root=disk)
+        lamina_cli("--driver", "vfs", "load", "-q", "-i", str(fault_images.keep), root=disk)
         before = _contents(disk)
         messages = set()
         for leave in range(0, 160 << 10, 16 << 10):

@@ -91,7 +91,8 @@ class ActiveDriver:
     def mount(self, layer_id: str, options: list[str]) -> str:
         if not self.capabilities().can_mount:
             raise OperationUnsupported(f"{self.name} driver cannot mount; use a driver that can (vfs or overlay)")
-        path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
+        with self._writing(f"mounting layer {layer_id[:12]} ({self.name})"):
+            path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
         if path is None:
             raise self._unsupported("mount layers")
         return str(path)

@@ -114,7 +114,8 @@ class ContentStore:
         except OSError as e:
             raise write_failure(e, "storing a blob in the content store") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return digest, size
 
     def walk(self) -> Iterator[Digest]:

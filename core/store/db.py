@@ -313,22 +313,19 @@ class Database:
     def _error(self, e: sqlite3.Error, runroot: bool, doing: str = "store database error") -> StoreError:
         """The one-line error for a failed statement."""
         code = _code(e)
-        refused = self.run_refusal if runroot else self.refusal
         path = self.runroot / "mounts.db" if runroot else self.root / "lamina.db"
         if code == _SQLITE_READONLY:
-            if refused is not None:
-                return type(refused)(refused.message)
-            return StoreReadOnly(f"store database {path} is read-only: {e}")
+            return self.refused(runroot=runroot) or StoreReadOnly(f"store database {path} is read-only: {e}")
         if code == _SQLITE_FULL:
             return StoreFull(f"no space left on device while writing the store database {path} ({e})")
         if code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in str(e) or "busy" in str(e):
             return StoreLocked(f"store {self.root} is busy: {e}")
         return StoreError(f"{doing}: {type(e).__name__}: {e}")
 
-    def refuse_writes(self) -> None:
-        """Raise :attr:`refusal` when lamina.db takes no writes (for work that would write files first)."""
-        if self.refusal is not None:
-            raise type(self.refusal)(self.refusal.message)
+    def refused(self, *, runroot: bool = False) -> StoreError | None:
+        """Why lamina.db (mounts.db with ``runroot``) takes no writes, as an error to raise; None if it does."""
+        refusal = self.run_refusal if runroot else self.refusal
+        return None if refusal is None else type(refusal)(refusal.message)
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:

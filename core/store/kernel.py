@@ -122,8 +122,9 @@ class Store:
         name = info.cls.name
         home = self.root / name
         runhome = self.runroot / name
-        if existing is None:
-            self.db.refuse_writes()  # a new store cannot be made on a filesystem that takes no writes
+        refused = self.db.refused()
+        if existing is None and refused is not None:
+            raise refused  # a new store cannot be made on a filesystem that takes no writes
         try:
             home.mkdir(exist_ok=True, mode=0o700)
             runhome.mkdir(exist_ok=True, mode=0o700)

@@ -564,7 +564,8 @@ class LayerStore:
         try:
             fd = os.open(self.runroot / "mounts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
-            raise write_failure(e, "locking the store's mounts") from e
+            refused = self.db.refused() or self.db.refused(runroot=True)  # the store's reason comes first
+            raise refused or write_failure(e, "locking the store's mounts") from e
         try:
             deadline = time.monotonic() + BUSY_TIMEOUT_S
             delay = 0.001
@@ -591,8 +592,12 @@ class LayerStore:
         """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
         holder = self._holder(scoped)
         with self.mount_lock():
-            if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (cache_id,)) is None:
+            row = self.db.one("SELECT rw FROM layers WHERE id=? AND state='committed'", (cache_id,))
+            if row is None:
                 raise LayerNotFound(f"layer {cache_id[:12]} was removed")
+            refused = self.db.refused() if row[0] else None
+            if refused is not None:
+                raise refused  # a read-write layer that cannot be written
             # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
             path = self.driver.mount(cache_id, list(options or []))
             with self.db.tx(runroot=True) as mdb:
