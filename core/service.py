@@ -95,8 +95,8 @@ class ImageService:
     def __enter__(self) -> ImageService:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        self.store.close(abandon=isinstance(e, KeyboardInterrupt))
 
     def cleanup(self) -> None:
         """Release the driver and close the store's databases."""

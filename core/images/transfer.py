@@ -368,20 +368,20 @@ def save(
     writer = _writer(fmt)
     path = Path(dest)
     sink: Sink = DirSink(path) if writer.directory else TarSink(path)
-    with store.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being written
-        try:
+    try:  # from the sink's first file on: whatever stops the save (an interrupt too) leaves no partial output
+        with store.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being written
             items = []
             for rec, names in exports:
                 held = store.lease_image(lease, rec.id)
                 items.append(export_for(store, held, names, fmt, export_layer, keep_layer_blobs, lease))
             writer.write(sink, items)
             sink.commit()
-        except OSError as e:
-            sink.abort()
-            raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
-        except BaseException:
-            sink.abort()
-            raise
+    except OSError as e:
+        sink.abort()
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        sink.abort()
+        raise
 
 
 # -- import ---------------------------------------------------------------------------------------------

@@ -171,12 +171,26 @@ def proc_start(pid: int) -> float | None:
         return None
 
 
+_GONE: list[bool] = []  # non-empty within counted_as_gone()
+
+
+@contextlib.contextmanager
+def counted_as_gone() -> Iterator[None]:
+    """Within the block this process counts as gone to :func:`owner_alive`: what it owns is anyone's to
+    finish off (a process stopped by a signal cleans up after itself as the next process would)."""
+    _GONE.append(True)
+    try:
+        yield
+    finally:
+        _GONE.pop()
+
+
 def owner_alive(pid: int | None, start: float | None) -> bool:
     """Whether the process that recorded (``pid``, ``start``) still runs (pids are reused: compare starts)."""
     if pid is None:
         return False
     if pid == os.getpid():
-        return True
+        return not _GONE
     actual = proc_start(pid)
     return actual is not None and (start is None or abs(actual - start) < 1.0)
 
@@ -326,6 +340,12 @@ class Database:
         """Why lamina.db (mounts.db with ``runroot``) takes no writes, as an error to raise; None if it does."""
         refusal = self.run_refusal if runroot else self.refusal
         return None if refusal is None else type(refusal)(refusal.message)
+
+    def rollback(self) -> None:
+        """Roll back a transaction an interrupt left open on either database."""
+        with self._lock:
+            self._rollback(self.db)
+            self._rollback(self.mdb)
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:

@@ -17,7 +17,7 @@ from lamina.contract import DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, write_failure
 from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
-from lamina.store.db import Database, owner_alive
+from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_lease
 
@@ -188,8 +188,19 @@ class Store:
         self.layers.collect_orphans()
         self.layers.reclaim_mounts()
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Release the driver and close the databases. With ``abandon`` (an interrupt stopped this process's
+        work on the store wherever it was), first finish off what that work left, as the next process would
+        for a dead one: a transaction cut short, leases, incomplete layers and containers, partial blobs."""
         try:
+            if abandon and not self.read_only:
+                self.db.rollback()
+                try:
+                    with counted_as_gone():
+                        self.recover()
+                        self.images.content.clean_ingest(lambda pid: owner_alive(pid, None))
+                except LaminaError as e:  # the next process finishes it off
+                    log.warning("could not yet clean up after the interrupted operation: %s", e)
             self.driver.cleanup()
             self.layers.save_timings()
         finally:
