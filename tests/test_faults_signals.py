@@ -9,6 +9,7 @@ stops the process (SIGSTOP) as soon as its work shows on disk, sends the signal,
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -171,4 +172,19 @@ def test_sigint_during_save(tmp_path: Path, huge: Huge) -> None:
     _stop_when(proc, lambda: _written(out) > (8 << 20), "save")
     assert _signal(proc, signal.SIGINT) == "Error: interrupted by SIGINT\n"
     assert list(out.iterdir()) == []  # no half-written archive
+    assert check_store(tmp_path / "root", tmp_path / "run", "vfs") == []
+
+
+def test_an_interrupt_in_a_service_block_leaves_nothing(tmp_path: Path) -> None:
+    """A KeyboardInterrupt (or a CLI's Interrupted) leaving ``with ImageService.open()`` finishes off what
+    this process had under way in the store, as the next process would for a dead one."""
+    from lamina import ImageService
+
+    with pytest.raises(KeyboardInterrupt), ImageService.open(root=tmp_path / "root", runroot=tmp_path / "run",
+                                                             driver="vfs") as svc:
+        layer = svc.register_layer(io.BytesIO(TarBuilder().file("a", b"a").build()))
+        lease = svc.store.lease()  # one the interrupt kept from ending
+        svc.layer_store.lease(layer.chain_id, lease)
+        lease.blob("sha256:" + "0" * 64)
+        raise KeyboardInterrupt
     assert check_store(tmp_path / "root", tmp_path / "run", "vfs") == []
