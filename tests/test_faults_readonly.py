@@ -8,6 +8,7 @@ whole (``check_store``).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,18 +64,22 @@ def _reads(root: Path, run: Path, out: Path, top: str) -> dict[str, bytes]:
     return shown
 
 
-@pytest.mark.parametrize("where", ["root-and-runroot", "root-only"])
-def test_read_only_store_reads_and_refuses_writes(tmp_path: Path, fault_images: FaultImages, where: str) -> None:
+@pytest.mark.parametrize(("where", "driver"), [("root-and-runroot", "vfs"), ("root-only", "overlay")])
+def test_read_only_store_reads_and_refuses_writes(
+    tmp_path: Path, fault_images: FaultImages, where: str, driver: str
+) -> None:
     with loop_ext4(tmp_path, 64) as disk:
         root = disk / "root"
         run = disk / "run" if where == "root-and-runroot" else tmp_path / "run"
-        _ok(root, run, "--driver", "vfs", "load", "-q", "-i", str(fault_images.big_oci))
+        _ok(root, run, "--driver", driver, "load", "-q", "-i", str(fault_images.big_oci))
         _ok(root, run, "load", "-q", "-i", str(fault_images.big_docker))  # same image, another name
         _ok(root, run, "create", "--name", "box", "big:1")
         # big:1's one layer, with a reference of its own that a `layer rm` could drop
         top = _ok(root, run, "layer", "add", str(fault_images.big_rootfs)).decode().strip()
 
         remount(disk, read_only=True)
+        if where == "root-only":
+            shutil.rmtree(run)  # a new run root, as after a reboot: nothing of it can be written under the root
         try:
             (tmp_path / "ro").mkdir()
             seen = _reads(root, run, tmp_path / "ro", top)
@@ -91,7 +96,7 @@ def test_read_only_store_reads_and_refuses_writes(tmp_path: Path, fault_images: 
             remount(disk, read_only=False)
         (tmp_path / "rw").mkdir()
         assert _reads(root, run, tmp_path / "rw", top) == seen
-        assert check_store(root, run, "vfs") == []
+        assert check_store(root, run, driver) == []
 
 
 def test_read_only_run_root_alone(tmp_path: Path, fault_images: FaultImages) -> None:

@@ -43,9 +43,9 @@ class ActiveDriver:
 
     @staticmethod
     @contextlib.contextmanager
-    def _writing(doing: str) -> Iterator[None]:
-        """A system call of the driver that failed while changing the store (a full disk, a read-only
-        filesystem, an I/O error) is one line naming what it was doing."""
+    def _calling(doing: str) -> Iterator[None]:
+        """A system call of the driver that failed (a full disk, a read-only filesystem, a mount the kernel
+        refused, an I/O error) is one line naming what the driver was doing."""
         try:
             yield
         except OSError as e:
@@ -73,15 +73,15 @@ class ActiveDriver:
     def create(self, layer_id: str, parent: str | None, rw: bool) -> None:
         if rw and not self.capabilities().supports_rw_layers:
             raise OperationUnsupported(f"driver {self.name!r} has no read-write layers; use vfs or overlay")
-        with self._writing(f"creating layer {layer_id[:12]} ({self.name})"):
+        with self._calling(f"creating layer {layer_id[:12]} ({self.name})"):
             self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
 
     def apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        with self._writing(f"applying layer {layer_id[:12]} ({self.name})"):
+        with self._calling(f"applying layer {layer_id[:12]} ({self.name})"):
             return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
 
     def remove(self, layer_id: str) -> None:
-        with self._writing(f"removing layer {layer_id[:12]} ({self.name})"):
+        with self._calling(f"removing layer {layer_id[:12]} ({self.name})"):
             self.pm.hook.lamina_remove(layer_id=layer_id)
 
     def cleanup(self) -> None:
@@ -91,7 +91,7 @@ class ActiveDriver:
     def mount(self, layer_id: str, options: list[str]) -> str:
         if not self.capabilities().can_mount:
             raise OperationUnsupported(f"{self.name} driver cannot mount; use a driver that can (vfs or overlay)")
-        with self._writing(f"mounting layer {layer_id[:12]} ({self.name})"):
+        with self._calling(f"mounting layer {layer_id[:12]} ({self.name})"):
             path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
         if path is None:
             raise self._unsupported("mount layers")
@@ -104,19 +104,22 @@ class ActiveDriver:
 
     # -- content --------------------------------------------------------------------------------------
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        changes = self.pm.hook.lamina_changes(layer_id=layer_id, parent=parent)
+        with self._calling(f"listing the changes of layer {layer_id[:12]} ({self.name})"):
+            changes = self.pm.hook.lamina_changes(layer_id=layer_id, parent=parent)
         if changes is None:
             raise self._unsupported("list changes")
         return list(changes)
 
     def diff(self, layer_id: str, parent: str | None) -> ByteStream:
-        stream: ByteStream | None = self.pm.hook.lamina_diff(layer_id=layer_id, parent=parent)
+        with self._calling(f"reading the changes of layer {layer_id[:12]} ({self.name})"):
+            stream: ByteStream | None = self.pm.hook.lamina_diff(layer_id=layer_id, parent=parent)
         if stream is None:
             raise self._unsupported("produce diffs")
         return stream
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
-        return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
+        with self._calling(f"sizing the changes of layer {layer_id[:12]} ({self.name})"):
+            return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
 
     def diff_root(self, layer_id: str) -> str | None:
         """Where the files of a layer's diff are (for assembling its exact export), or None if the driver

@@ -370,10 +370,17 @@ class Database:
     def _init_schema(self) -> None:
         """Create or migrate the schema. Cheap when the version matches: one read, no write lock."""
         row = self._version()
-        if row is not None and int(row) == SCHEMA_VERSION and self._run_ready():
-            return
         if row is not None and int(row) > SCHEMA_VERSION:
             raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
+        if row is None or int(row) < SCHEMA_VERSION:
+            self._create_schema()
+        if not self._run_ready():  # a new run root (after a reboot) beside an existing store
+            with self.tx(runroot=True) as mdb:
+                for statement in _RUN_SCHEMA.split(";"):
+                    if statement.strip():
+                        mdb.execute(statement)
+
+    def _create_schema(self) -> None:
         with self.tx() as db:
             version = self._version()
             if version is not None and int(version) > SCHEMA_VERSION:
@@ -387,10 +394,6 @@ class Database:
                 "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
-        with self.tx(runroot=True) as mdb:
-            for statement in _RUN_SCHEMA.split(";"):
-                if statement.strip():
-                    mdb.execute(statement)
 
     def _version(self) -> str | None:
         try:
