@@ -49,8 +49,9 @@ def _reads(root: Path, run: Path, out: Path, top: str) -> dict[str, bytes]:
     """What every reading verb shows; the saved archives by their hashes (a tree by its files' hashes)."""
     shown = {
         " ".join(args): _ok(root, run, *args)
-        for args in (["images", "--no-trunc"], ["inspect", "big:1"], ["inspect", "example.com/big:1"],
-                     ["layers", "--format", "json"], ["history", "big:1"], ["ps", "-a", "--no-trunc"])
+        for args in (["--format", "json", "images"], ["inspect", "big:1"], ["inspect", "example.com/big:1"],
+                     ["--format", "json", "layers"], ["--format", "json", "history", "big:1"],
+                     ["--format", "json", "ps", "-a"])  # JSON: tables show times relative to now
     }
     _ok(root, run, "layer", "export", top, "-o", str(out / "layer.tar"))
     shown["layer export"] = (out / "layer.tar").read_bytes()
