@@ -18,6 +18,8 @@ traceback.
     │   ├── LayerNotFound
     │   ├── LayerInUse              removal refused: references or children remain
     │   ├── StoreLocked             could not take the store lock in time
+    │   ├── StoreFull               no space left on the store's filesystem (or quota exceeded)
+    │   ├── StoreReadOnly           the store is on a read-only filesystem: only reads work
     │   ├── LayerLimitExceeded      parent chain too deep
     │   └── BlobNotFound            the content store lacks a blob
     ├── FormatError                 bad input data
@@ -41,6 +43,8 @@ traceback.
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class LaminaError(Exception):
@@ -101,6 +105,29 @@ class StoreLocked(StoreError):
 
 class LayerLimitExceeded(StoreError):
     pass
+
+
+class StoreFull(StoreError):
+    """The filesystem holding the store (or its run root) has no space left, or the quota is exceeded."""
+
+
+class StoreReadOnly(StoreError):
+    """The store (or its run root) is on a read-only filesystem: reads work, writes are refused."""
+
+
+def write_failure(err: OSError, doing: str) -> StoreError:
+    """The one-line error for ``err``, met while ``doing`` something to the store ("applying layer ...").
+
+    A full disk or an exceeded quota is a :class:`StoreFull`, a read-only filesystem a
+    :class:`StoreReadOnly`; anything else a :class:`StoreError` naming the system's reason."""
+    if err.errno == errno.ENOSPC:
+        return StoreFull(f"no space left on device while {doing}")
+    if err.errno == errno.EDQUOT:
+        return StoreFull(f"disk quota exceeded while {doing}")
+    if err.errno == errno.EROFS:
+        return StoreReadOnly(f"read-only file system: cannot finish {doing}")
+    where = f" ({err.filename})" if err.filename else ""
+    return StoreError(f"{err.strerror or err} while {doing}{where}")
 
 
 class FormatError(LaminaError):

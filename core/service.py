@@ -98,8 +98,8 @@ class ImageService:
     def __enter__(self) -> ImageService:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        self.store.close(abandon=isinstance(e, KeyboardInterrupt))
 
     def cleanup(self) -> None:
         """Release the driver and close the store's databases."""
@@ -574,7 +574,7 @@ class ImageService:
         same_registry = [
             parse_normalized(n).path for n in img.record.names if parse_normalized(n).domain == target.domain
         ]
-        with self.store.lease() as lease:
+        with self.store.lease(reading=True) as lease:
             record = store.lease_image(lease, img.id)
             export = transfer.export_for(
                 store, record, [str(target)], "oci-dir", self._layers.export_exact, self.config.keep_layer_blobs,

@@ -237,11 +237,18 @@ class OverlayDriver(Driver):
             "new_mount_api": self.mode != "fuse" and has_new_mount_api(),
             "index_param": os.path.exists("/sys/module/overlay/parameters/index"),
         }
-        native, why = self._probe_native_diff(data)
+        try:
+            native, why = self._probe_native_diff(data)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            # a read-only store (opened to be read): nowhere to mount the probe; diffs compare trees
+            return {**data, "native_diff": False, "native_diff_reason": "not probed: the store is read-only"}
         data["native_diff"] = native
         data["native_diff_reason"] = why
-        self.runhome.mkdir(parents=True, exist_ok=True)
-        _write_atomic(cache, json.dumps(data))
+        with contextlib.suppress(OSError):  # a cache: a run root that takes no writes probes every time
+            self.runhome.mkdir(parents=True, exist_ok=True)
+            _write_atomic(cache, json.dumps(data))
         return data
 
     def _probe_native_diff(self, feats: dict[str, Any]) -> tuple[bool, str]:

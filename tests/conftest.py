@@ -17,7 +17,7 @@ import pytest
 
 from lamina.testing.helpers import in_ci
 
-pytest_plugins = ["image_fixtures", "registry_fixtures"]  # fixtures of images written by umoci and skopeo
+pytest_plugins = ["image_fixtures", "registry_fixtures", "fault_fixtures"]  # images by umoci and skopeo; small disks
 
 _TOOL_SKIP_PREFIXES = ("requires root", "requires ")
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import click
 
 from lamina.cli import containers, images, layers, registry, system  # noqa: F401 - registers the commands
-from lamina.cli.app import cli, fail
+from lamina.cli.app import cli, fail, interrupted, stop_on_signals
 
 __all__ = ["cli", "main"]
 
@@ -47,6 +47,7 @@ def _bare_tls_verify(args: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    stop_on_signals()
     try:
         args = _bare_tls_verify(list(argv) if argv is not None else sys.argv[1:])
         cli.main(args=args, prog_name="lamina", standalone_mode=False)
@@ -58,8 +59,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(f"{e.format_message()}{hint}", 2)
     except click.ClickException as e:
         fail(e.format_message(), e.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # click turns one met outside a command into Abort
+            interrupted(e.__context__)
         fail("aborted", 1)
+    except KeyboardInterrupt as e:
+        interrupted(e)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
 

@@ -7,6 +7,7 @@ Only :mod:`click` and the standard library's light modules are imported here; :m
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,37 @@ class Globals:
 
         return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot,
                                  recover=recover)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the command is, so that everything it started is undone on the way
+    out (see :func:`stop_on_signals`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def stop_on_signals() -> None:
+    """Make SIGINT and SIGTERM stop the command: the first one raises :class:`Interrupted` in the main thread,
+    and later ones are ignored while the command cleans up (SIGKILL still ends it at once; the next command
+    then finishes off what it left)."""
+    fired: list[int] = []
+
+    def handler(signum: int, _frame: object) -> None:
+        if fired:
+            return
+        fired.append(signum)
+        raise Interrupted(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
+def interrupted(e: KeyboardInterrupt) -> NoReturn:
+    """Exit as a command stopped by a signal does: one line, status 128 + the signal's number."""
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    fail(f"interrupted by {signal.Signals(signum).name}", 128 + signum)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -143,8 +175,8 @@ class LaminaGroup(click.Group):
 
                 traceback.print_exc()
             fail(e.message)
-        except KeyboardInterrupt:
-            fail("interrupted", 130)
+        except KeyboardInterrupt as e:
+            interrupted(e)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except BrokenPipeError:

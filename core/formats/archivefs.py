@@ -12,6 +12,7 @@ destination that is renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -376,6 +377,9 @@ class TarSink:
             self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
         except OSError as e:
             raise ExportError(f"cannot write {dest}: {e.strerror}") from e
+        except BaseException:  # interrupted as the file was made: it goes
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._names: set[str] = set()
         self._dirs: set[str] = set()
 
@@ -423,5 +427,6 @@ class TarSink:
         os.rename(self._tmp, self.dest)
 
     def abort(self) -> None:
-        self._f.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close's flush too: the file goes anyway
+            self._f.close()
         self._tmp.unlink(missing_ok=True)

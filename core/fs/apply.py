@@ -29,7 +29,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Protocol
 
-from lamina.errors import ArchiveError, StoreError, UnsafePathError
+from lamina.errors import ArchiveError, StoreError, UnsafePathError, write_failure
 from lamina.fs.ops import Root, lstat_at, normalize, remove_at
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
@@ -623,6 +623,8 @@ def _apply(
             where = f" ({err.filename})" if err.filename else ""
             if err.errno in _STORE_ERRNOS:
                 # the store's fault (full, read-only, not permitted), not the archive's
+                if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                    raise write_failure(err, "applying the layer") from err
                 raise StoreError(f"cannot write the layer: {err.strerror or err}{where}") from err
             raise ArchiveError(f"cannot apply layer: {err.strerror or err}{where}") from err
     return ApplyResult(size=ap.size, entries=reader.entries)

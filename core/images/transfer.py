@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import time
@@ -291,12 +292,14 @@ def export_for(
             layers.append(BlobSource(diff_id, size, _stream_chunks(opener)))
         return ImageExport(record.id, config_raw, names, layers)
     kept = _kept_manifest(store, record)
+    made: dict[str, Callable[[], Iterator[bytes]]] = {}  # layer blobs made anew and not stored
     if kept is None:
-        kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs, lease)
+        kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs, lease, made)
     raw, mrec = kept
     manifest = oci.parse_manifest(raw, mrec.media_type)
+    opened = store.content.open
     layers = [
-        BlobSource(d.digest, d.size, _stream_chunks(functools.partial(store.content.open, d.digest)))
+        BlobSource(d.digest, d.size, made.get(d.digest) or _stream_chunks(functools.partial(opened, d.digest)))
         for d in manifest.layers
     ]
     return ImageExport(record.id, config_raw, names, layers, raw, BlobRef(mrec.media_type, mrec.digest, len(raw)))
@@ -310,20 +313,36 @@ def _remake_manifest(
     export_layer: ExportLayer,
     keep_layer_blobs: bool,
     lease: Lease,
+    made: dict[str, Callable[[], Iterator[bytes]]],
 ) -> tuple[bytes, ManifestRecord]:
-    """An OCI manifest with every layer recompressed deterministically from the driver's exact tar."""
+    """An OCI manifest with every layer recompressed deterministically from the driver's exact tar.
+
+    The blobs go to the content store; a read-only one keeps nothing, so each layer is compressed twice
+    instead, to hash it and then to write it (the same bytes both times), and ``made`` gets its chunks."""
     descs = []
     for chain in chains:
-        digest, size = store.content.put_stream(
-            deterministic_gzip(_stream_chunks(functools.partial(export_layer, chain))()), lease.blob
-        )
+        def gzipped(chain: ChainID = chain) -> Iterator[bytes]:
+            return deterministic_gzip(_stream_chunks(functools.partial(export_layer, chain))())
+
+        if store.content.read_only:
+            h = hashlib.sha256()
+            size = 0
+            for c in gzipped():
+                h.update(c)
+                size += len(c)
+            digest = "sha256:" + h.hexdigest()
+            made[digest] = gzipped
+        else:
+            digest, size = store.content.put_stream(gzipped(), lease.blob)
         descs.append(oci.Descriptor(oci.MEDIA_TYPE_LAYER_GZIP, digest, size))
     config_desc = oci.Descriptor(oci.MEDIA_TYPE_CONFIG, record.id, len(config_raw))
     raw = oci.build_manifest(config_desc, descs)
     digest = sha256_digest(raw)
+    mrec = ManifestRecord(digest, oci.MEDIA_TYPE_MANIFEST)
+    if store.content.read_only:
+        return raw, mrec
     lease.blob(digest)
     store.content.put(raw, digest)
-    mrec = ManifestRecord(digest, oci.MEDIA_TYPE_MANIFEST)
     if keep_layer_blobs:
         store.add_manifest(record.id, mrec, [digest, *(d.digest for d in descs)])
     return raw, mrec
@@ -349,20 +368,20 @@ def save(
     writer = _writer(fmt)
     path = Path(dest)
     sink: Sink = DirSink(path) if writer.directory else TarSink(path)
-    with store.store.lease() as lease:  # an rmi meanwhile cannot take away what is being written
-        try:
+    try:  # from the sink's first file on: whatever stops the save (an interrupt too) leaves no partial output
+        with store.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being written
             items = []
             for rec, names in exports:
                 held = store.lease_image(lease, rec.id)
                 items.append(export_for(store, held, names, fmt, export_layer, keep_layer_blobs, lease))
             writer.write(sink, items)
             sink.commit()
-        except OSError as e:
-            sink.abort()
-            raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
-        except BaseException:
-            sink.abort()
-            raise
+    except OSError as e:
+        sink.abort()
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from e
+    except BaseException:
+        sink.abort()
+        raise
 
 
 # -- import ---------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ that wrap hooks, the timing observer among them, see every call) and turns a hoo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pluggy
 
 from lamina.contract import ByteStream, Capabilities, Change, Driver, DriverInfo
-from lamina.errors import OperationUnsupported
+from lamina.errors import OperationUnsupported, write_failure
 from lamina.plugins.discovery import TimingObserver
 from lamina.tar.compression import DiffStream
 
@@ -38,6 +40,16 @@ class ActiveDriver:
 
     def _unsupported(self, what: str) -> OperationUnsupported:
         return OperationUnsupported(f"driver {self.name!r} cannot {what}")
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _calling(doing: str) -> Iterator[None]:
+        """A system call of the driver that failed (a full disk, a read-only filesystem, a mount the kernel
+        refused, an I/O error) is one line naming what the driver was doing."""
+        try:
+            yield
+        except OSError as e:
+            raise write_failure(e, doing) from e
 
     # -- facts ----------------------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -66,13 +78,16 @@ class ActiveDriver:
     def create(self, layer_id: str, parent: str | None, rw: bool) -> None:
         if rw and not self.capabilities().supports_rw_layers:
             raise OperationUnsupported(f"driver {self.name!r} has no read-write layers; use vfs or overlay")
-        self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
+        with self._calling(f"creating layer {layer_id[:12]} ({self.name})"):
+            self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
 
     def apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
+        with self._calling(f"applying layer {layer_id[:12]} ({self.name})"):
+            return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)
 
     def remove(self, layer_id: str) -> None:
-        self.pm.hook.lamina_remove(layer_id=layer_id)
+        with self._calling(f"removing layer {layer_id[:12]} ({self.name})"):
+            self.pm.hook.lamina_remove(layer_id=layer_id)
 
     def cleanup(self) -> None:
         self.pm.hook.lamina_cleanup()
@@ -81,7 +96,8 @@ class ActiveDriver:
     def mount(self, layer_id: str, options: list[str]) -> str:
         if not self.capabilities().can_mount:
             raise OperationUnsupported(f"{self.name} driver cannot mount; use a driver that can (vfs or overlay)")
-        path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
+        with self._calling(f"mounting layer {layer_id[:12]} ({self.name})"):
+            path = self.pm.hook.lamina_mount(layer_id=layer_id, options=options)
         if path is None:
             raise self._unsupported("mount layers")
         return str(path)
@@ -93,19 +109,22 @@ class ActiveDriver:
 
     # -- content --------------------------------------------------------------------------------------
     def changes(self, layer_id: str, parent: str | None) -> list[Change]:
-        changes = self.pm.hook.lamina_changes(layer_id=layer_id, parent=parent)
+        with self._calling(f"listing the changes of layer {layer_id[:12]} ({self.name})"):
+            changes = self.pm.hook.lamina_changes(layer_id=layer_id, parent=parent)
         if changes is None:
             raise self._unsupported("list changes")
         return list(changes)
 
     def diff(self, layer_id: str, parent: str | None) -> ByteStream:
-        stream: ByteStream | None = self.pm.hook.lamina_diff(layer_id=layer_id, parent=parent)
+        with self._calling(f"reading the changes of layer {layer_id[:12]} ({self.name})"):
+            stream: ByteStream | None = self.pm.hook.lamina_diff(layer_id=layer_id, parent=parent)
         if stream is None:
             raise self._unsupported("produce diffs")
         return stream
 
     def diff_size(self, layer_id: str, parent: str | None) -> int:
-        return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
+        with self._calling(f"sizing the changes of layer {layer_id[:12]} ({self.name})"):
+            return int(self.pm.hook.lamina_diff_size(layer_id=layer_id, parent=parent) or 0)
 
     def diff_root(self, layer_id: str) -> str | None:
         """Where the files of a layer's diff are (for assembling its exact export), or None if the driver

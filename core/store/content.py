@@ -15,6 +15,7 @@ no image refers to and no live lease holds; leases of dead processes are ended b
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -23,20 +24,23 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.digest import Digest, parse_digest
-from lamina.errors import BlobNotFound, DigestMismatch, StoreError
+from lamina.errors import BlobNotFound, DigestMismatch, write_failure
 from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
 
 
 class ContentStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = root / "content"
         self.blobs = self.root / "blobs"
         self.ingest = self.root / "ingest"
+        self.read_only = read_only  # its filesystem takes no writes: nothing is made or cleaned
+        if read_only:
+            return
         try:
             for d in (self.root, self.blobs, self.blobs / "sha256", self.ingest):
                 d.mkdir(exist_ok=True, mode=0o700)
         except OSError as e:
-            raise StoreError(f"cannot create the content store at {self.root}: {e.strerror}") from e
+            raise write_failure(e, f"creating the content store at {self.root}") from e
 
     def path(self, digest: str) -> Path:
         algo, hexpart = parse_digest(digest).split(":", 1)
@@ -108,12 +112,15 @@ class ContentStore:
             before_commit(digest)
             self.place(tmp, digest)
         except OSError as e:
-            raise StoreError(f"cannot write to the content store: {e.strerror}") from e
+            raise write_failure(e, "storing a blob in the content store") from e
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return digest, size
 
     def walk(self) -> Iterator[Digest]:
+        if not self.blobs.is_dir():
+            return
         for algo_dir in self.blobs.iterdir():
             if not algo_dir.is_dir():
                 continue
@@ -136,6 +143,8 @@ class ContentStore:
     def clean_ingest(self, alive: Callable[[int], bool]) -> int:
         """Remove partial writes of processes that are gone (files are named ``<pid>-<random>``); returns
         how many went."""
+        if self.read_only:
+            return 0
         n = 0
         for f in self.ingest.iterdir():
             pid = f.name.split("-", 1)[0]
@@ -176,18 +185,21 @@ class BlobWriter:
         try:
             self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or __exit__
         except OSError as e:
-            raise StoreError(f"cannot write to the content store: {e.strerror}") from e
+            raise write_failure(e, f"storing blob {digest}") from e
         self._committed = False
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
+        try:
+            self.file.write(data)
+        except OSError as e:
+            raise write_failure(e, f"storing blob {self.digest}") from e
 
     def commit(self) -> None:
         try:
             self.file.close()
             self._store.place(self._tmp, self.digest)
         except OSError as e:
-            raise StoreError(f"cannot store blob {self.digest}: {e.strerror}") from e
+            raise write_failure(e, f"storing blob {self.digest}") from e
         self._committed = True
 
     def __enter__(self) -> BlobWriter:
@@ -195,7 +207,8 @@ class BlobWriter:
 
     def __exit__(self, *exc: object) -> None:
         if not self._committed:
-            self.file.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close's flush too: the file goes anyway
+                self.file.close()
             self._tmp.unlink(missing_ok=True)
 
 

@@ -6,8 +6,15 @@ in WAL mode; every write is a ``BEGIN IMMEDIATE`` transaction with a busy timeou
 it decides happen under one write lock, whichever process runs them.
 
 No ``sqlite3`` exception leaves this module's callers: opening maps them to :class:`StoreError`, a busy
-store to :class:`StoreLocked`, and a transaction that fails on a constraint to :class:`StoreError` naming
-the statement's table (a bug in lamina, never a user's mistake, but still one line).
+store to :class:`StoreLocked`, a full disk (SQLITE_FULL) to :class:`StoreFull`, a read-only one to
+:class:`StoreReadOnly`, and a transaction that fails on a constraint to :class:`StoreError` naming the
+statement's table (a bug in lamina, never a user's mistake, but still one line).
+
+A database whose filesystem is mounted read-only is opened read-only, and so is one that cannot even be
+opened for writing because its filesystem is full (SQLite needs room for its ``-shm`` and ``-wal`` files):
+reads work, and every transaction that writes fails with the reason (:attr:`Database.refusal`). Without
+its ``-wal`` file such a database is opened ``immutable`` (nothing can change it while its filesystem takes
+no writes); a read-only run root without ``mounts.db`` gets an empty one in memory (nothing is mounted).
 
 A row that a process owns while it works (an incomplete layer, a container being created, a lease) records
 the owner's pid and start time; :func:`owner_alive` tells whether that process still runs, so the next
@@ -21,14 +28,19 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lamina.errors import StoreError, StoreLocked
+from lamina.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
 
 SCHEMA_VERSION = 3  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
 BUSY_TIMEOUT_S = 60.0
+# SQLite's primary result codes (sqlite3.Error.sqlite_errorcode, extended codes masked)
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
+# An I/O error opening a database on a filesystem with less room than this is the full disk's doing
+_ROOM_TO_OPEN = 1 << 20
 
 # One place for every table of lamina.db. Version 1 kept leases per process (layer_leases, content_leases);
 # version 2 has lease objects that own layers and blobs; version 3 has the same tables, and the exact-export
@@ -159,14 +171,81 @@ def proc_start(pid: int) -> float | None:
         return None
 
 
+_GONE: list[bool] = []  # non-empty within counted_as_gone()
+
+
+@contextlib.contextmanager
+def counted_as_gone() -> Iterator[None]:
+    """Within the block this process counts as gone to :func:`owner_alive`: what it owns is anyone's to
+    finish off (a process stopped by a signal cleans up after itself as the next process would)."""
+    _GONE.append(True)
+    try:
+        yield
+    finally:
+        _GONE.pop()
+
+
 def owner_alive(pid: int | None, start: float | None) -> bool:
     """Whether the process that recorded (``pid``, ``start``) still runs (pids are reused: compare starts)."""
     if pid is None:
         return False
     if pid == os.getpid():
-        return True
+        return not _GONE
     actual = proc_start(pid)
     return actual is not None and (start is None or abs(actual - start) < 1.0)
+
+
+def _code(e: sqlite3.Error) -> int:
+    return int(getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF
+
+
+def _statvfs(path: Path) -> os.statvfs_result | None:
+    try:
+        return os.statvfs(path)
+    except OSError:
+        return None
+
+
+def _fs_read_only(path: Path) -> bool:
+    st = _statvfs(path)
+    return st is not None and bool(st.f_flag & os.ST_RDONLY)
+
+
+def _fs_full(path: Path) -> bool:
+    st = _statvfs(path)
+    return st is not None and st.f_bavail * st.f_frsize < _ROOM_TO_OPEN
+
+
+def _connect_read_only(path: Path, *, run: bool) -> sqlite3.Connection:
+    """Open ``path`` for reading only, on a filesystem that takes no writes (see the module's docstring)."""
+    if not path.exists():
+        if not run:
+            raise StoreReadOnly(f"no store at {path.parent}, and its file system takes no writes to create one")
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db.executescript(_RUN_SCHEMA)
+    else:
+        wal = path.with_name(path.name + "-wal")
+        mode = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
+        uri = f"file:{urllib.request.pathname2url(str(path.absolute()))}?{mode}"
+        try:
+            db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                 check_same_thread=False)
+            db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open store database {path} read-only: {e}") from e
+    db.execute("PRAGMA query_only=ON")  # a write fails with SQLITE_READONLY, mapped to the refusal
+    return db
+
+
+def _open(path: Path, what: str, *, run: bool) -> tuple[sqlite3.Connection, StoreError | None]:
+    """A connection to ``path``, and why it takes no writes (None when it does)."""
+    if _fs_read_only(path.parent):
+        refusal: StoreError = StoreReadOnly(f"{what} is read-only: its file system is mounted read-only")
+        return _connect_read_only(path, run=run), refusal
+    try:
+        return _connect(path), None
+    except StoreFull as e:
+        return _connect_read_only(path, run=run), e
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -182,16 +261,16 @@ def _connect(path: Path) -> sqlite3.Connection:
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
             return db
-        except sqlite3.OperationalError as e:
-            if db is not None:
-                db.close()
-            if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
-                raise StoreError(f"cannot open store database {path}: {e}") from e
-            time.sleep(delay)
-            delay = min(delay * 2, 0.1)
         except sqlite3.Error as e:
             if db is not None:
                 db.close()
+            busy = "locked" in str(e) or "busy" in str(e)
+            if busy and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+                continue
+            if _code(e) in (_SQLITE_FULL, _SQLITE_IOERR, _SQLITE_CANTOPEN) and _fs_full(path.parent):
+                raise StoreFull(f"no space left on device while opening the store database {path}") from e
             raise StoreError(f"cannot open store database {path}: {e}") from e
 
 
@@ -203,9 +282,10 @@ class Database:
         self.runroot = runroot
         self.me: tuple[int, float | None] = (os.getpid(), proc_start(os.getpid()))
         self._lock = threading.RLock()  # one connection per file, shared by this process's threads
-        self.db = _connect(root / "lamina.db")
+        # Why lamina.db (refusal) or mounts.db (run_refusal) takes no writes now: None, or the error to raise
+        self.db, self.refusal = _open(root / "lamina.db", f"store {root}", run=False)
         try:
-            self.mdb = _connect(runroot / "mounts.db")
+            self.mdb, self.run_refusal = _open(runroot / "mounts.db", f"run root {runroot}", run=True)
         except BaseException:
             self.db.close()
             raise
@@ -218,20 +298,22 @@ class Database:
     # -- transactions and queries -----------------------------------------------------------------------
     @contextlib.contextmanager
     def tx(self, *, runroot: bool = False) -> Iterator[sqlite3.Connection]:
-        """A write transaction (``BEGIN IMMEDIATE``) on lamina.db, or on mounts.db with ``runroot``."""
+        """A write transaction (``BEGIN IMMEDIATE``) on lamina.db, or on mounts.db with ``runroot``.
+
+        On a database that takes no writes (:attr:`refusal`) it is a read transaction, and the first
+        statement that writes raises the refusal."""
         db = self.mdb if runroot else self.db
+        refused = self.run_refusal if runroot else self.refusal
         with self._lock:
             try:
-                db.execute("BEGIN IMMEDIATE")
+                db.execute("BEGIN" if refused else "BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                if "locked" in str(e) or "busy" in str(e):
-                    raise StoreLocked(f"store {self.root} is busy: {e}") from e
-                raise StoreError(f"cannot write the store database under {self.root}: {e}") from e
+                raise self._error(e, runroot, "cannot start a transaction") from e
             try:
                 yield db
             except sqlite3.Error as e:
                 self._rollback(db)
-                raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+                raise self._error(e, runroot) from e
             except BaseException:
                 self._rollback(db)
                 raise
@@ -240,7 +322,30 @@ class Database:
                     db.execute("COMMIT")
                 except sqlite3.Error as e:
                     self._rollback(db)
-                    raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+                    raise self._error(e, runroot) from e
+
+    def _error(self, e: sqlite3.Error, runroot: bool, doing: str = "store database error") -> StoreError:
+        """The one-line error for a failed statement."""
+        code = _code(e)
+        path = self.runroot / "mounts.db" if runroot else self.root / "lamina.db"
+        if code == _SQLITE_READONLY:
+            return self.refused(runroot=runroot) or StoreReadOnly(f"store database {path} is read-only: {e}")
+        if code == _SQLITE_FULL:
+            return StoreFull(f"no space left on device while writing the store database {path} ({e})")
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in str(e) or "busy" in str(e):
+            return StoreLocked(f"store {self.root} is busy: {e}")
+        return StoreError(f"{doing}: {type(e).__name__}: {e}")
+
+    def refused(self, *, runroot: bool = False) -> StoreError | None:
+        """Why lamina.db (mounts.db with ``runroot``) takes no writes, as an error to raise; None if it does."""
+        refusal = self.run_refusal if runroot else self.refusal
+        return None if refusal is None else type(refusal)(refusal.message)
+
+    def rollback(self) -> None:
+        """Roll back a transaction an interrupt left open on either database."""
+        with self._lock:
+            self._rollback(self.db)
+            self._rollback(self.mdb)
 
     @staticmethod
     def _rollback(db: sqlite3.Connection) -> None:
@@ -255,7 +360,7 @@ class Database:
             try:
                 return (self.mdb if runroot else self.db).execute(sql, params).fetchall()
             except sqlite3.Error as e:
-                raise StoreError(f"store database error: {type(e).__name__}: {e}") from e
+                raise self._error(e, runroot) from e
 
     def one(self, sql: str, params: tuple[Any, ...] = (), *, runroot: bool = False) -> Any:
         rows = self.query(sql, params, runroot=runroot)
@@ -265,10 +370,17 @@ class Database:
     def _init_schema(self) -> None:
         """Create or migrate the schema. Cheap when the version matches: one read, no write lock."""
         row = self._version()
-        if row is not None and int(row) == SCHEMA_VERSION and self._run_ready():
-            return
         if row is not None and int(row) > SCHEMA_VERSION:
             raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
+        if row is None or int(row) < SCHEMA_VERSION:
+            self._create_schema()
+        if not self._run_ready():  # a new run root (after a reboot) beside an existing store
+            with self.tx(runroot=True) as mdb:
+                for statement in _RUN_SCHEMA.split(";"):
+                    if statement.strip():
+                        mdb.execute(statement)
+
+    def _create_schema(self) -> None:
         with self.tx() as db:
             version = self._version()
             if version is not None and int(version) > SCHEMA_VERSION:
@@ -282,10 +394,6 @@ class Database:
                 "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
-        with self.tx(runroot=True) as mdb:
-            for statement in _RUN_SCHEMA.split(";"):
-                if statement.strip():
-                    mdb.execute(statement)
 
     def _version(self) -> str | None:
         try:

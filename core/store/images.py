@@ -76,7 +76,7 @@ class ImageStore:
         self.store = store
         self.db = store.db
         self.layers = store.layers
-        self.content = ContentStore(store.root)
+        self.content = ContentStore(store.root, read_only=store.read_only)
         if store.recovers:  # (system check opens without recovery: it reports partial writes instead)
             self.content.clean_ingest(lambda pid: owner_alive(pid, None))
 

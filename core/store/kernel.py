@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 
 from lamina.config import Config
 from lamina.contract import DriverInfo
-from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError
+from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, write_failure
 from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
-from lamina.store.db import Database, owner_alive
+from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_lease
 
@@ -43,6 +43,9 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
         self.db = Database(self.root, self.runroot)
+        # A store whose filesystem takes no writes (read-only, or too full to open the database for writing)
+        # opens for reading: no probe, no recovery, no timings; every write fails with the reason.
+        self.read_only = self.db.refusal is not None
         try:
             only = self.config.driver or self.stored_driver()
             self.catalog = catalog if catalog is not None else discover(only=only)
@@ -95,7 +98,8 @@ class Store:
                 self.catalog = discover()  # the full list, for the error naming the drivers there are
             info = lookup(self.catalog, name)
             try:
-                self._probe(info)
+                if not self.read_only:
+                    self._probe(info)
             except DriverUnsupported as e:
                 if not existing and self._partial:
                     self.catalog = discover()  # the hint names another installed driver
@@ -123,8 +127,14 @@ class Store:
         name = info.cls.name
         home = self.root / name
         runhome = self.runroot / name
-        home.mkdir(exist_ok=True, mode=0o700)
-        runhome.mkdir(exist_ok=True, mode=0o700)
+        refused = self.db.refused()
+        if existing is None and refused is not None:
+            raise refused  # a new store cannot be made on a filesystem that takes no writes
+        try:
+            home.mkdir(exist_ok=True, mode=0o700)
+            runhome.mkdir(exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise write_failure(e, f"creating the driver's directories under {self.root}") from e
         try:
             instance = info.cls(home, runhome, self.config.options_for(name))
         except LaminaError:
@@ -142,9 +152,10 @@ class Store:
         return ActiveDriver(info, instance, pm, observer)
 
     # -- leases and collection ------------------------------------------------------------------------
-    def lease(self) -> Lease:
-        """A new lease owned by this process; use it as a context manager (it ends itself)."""
-        return Lease(self)
+    def lease(self, *, reading: bool = False) -> Lease:
+        """A new lease owned by this process; use it as a context manager (it ends itself). A lease for
+        ``reading`` (a save or push) holds nothing in a read-only store, where nothing can be removed."""
+        return Lease(self, inert=reading and self.read_only)
 
     def collect(self, cache_ids: list[str], *, blobs: bool = False) -> list[str]:
         """Remove those of ``cache_ids`` (then their parents) that nothing uses; with ``blobs``, also the
@@ -160,7 +171,10 @@ class Store:
         half-removed layers and containers, layers nothing keeps, and their mount references. Returns one
         line for each kind of thing done.
 
-        Cheap when nothing is unfinished: a few indexed reads, no write lock."""
+        Cheap when nothing is unfinished: a few indexed reads, no write lock. A read-only store is left as
+        it is (its readers see committed rows only)."""
+        if self.read_only:
+            return []
         dead = [
             lid for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
             if not owner_alive(pid, start)
@@ -195,8 +209,19 @@ class Store:
 
         return run(self, quick=quick, repair_it=repair, force=force)
 
-    def close(self) -> None:
+    def close(self, *, abandon: bool = False) -> None:
+        """Release the driver and close the databases. With ``abandon`` (an interrupt stopped this process's
+        work on the store wherever it was), first finish off what that work left, as the next process would
+        for a dead one: a transaction cut short, leases, incomplete layers and containers, partial blobs."""
         try:
+            if abandon and not self.read_only:
+                self.db.rollback()
+                try:
+                    with counted_as_gone():
+                        self.recover()
+                        self.images.content.clean_ingest(lambda pid: owner_alive(pid, None))
+                except LaminaError as e:  # the next process finishes it off
+                    log.warning("could not yet clean up after the interrupted operation: %s", e)
             self.driver.cleanup()
             self.layers.save_timings()
         finally:

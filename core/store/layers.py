@@ -35,7 +35,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.contract import ByteStream, Change
 from lamina.digest import ChainID, DiffID, chain_id, parse_digest
-from lamina.errors import DriverError, ExportError, LayerInUse, LayerLimitExceeded, LayerNotFound, StoreLocked
+from lamina.errors import (
+    DriverError,
+    ExportError,
+    LayerInUse,
+    LayerLimitExceeded,
+    LayerNotFound,
+    StoreFull,
+    StoreLocked,
+    StoreReadOnly,
+    write_failure,
+)
 from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
 from lamina.tar.compression import DiffStream, Readable, verify
 from lamina.tar.split import ExactTarStream, assemble
@@ -87,7 +97,11 @@ class LayerStore:
         self.db = store.db
         self.driver = store.driver
         self.records = store.root / "tar-split"  # the exact-export records of tree drivers' layers
-        self.records.mkdir(exist_ok=True, mode=0o700)
+        if not store.read_only:
+            try:
+                self.records.mkdir(exist_ok=True, mode=0o700)
+            except OSError as e:
+                raise write_failure(e, f"creating {self.records}") from e
 
     @property
     def hook(self) -> Any:
@@ -726,7 +740,11 @@ class LayerStore:
     def mount_lock(self) -> Iterator[None]:
         """Serializes mount references against the decisions that need none to exist (removals).
         Taken before any database transaction, never inside one."""
-        fd = os.open(self.runroot / "mounts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.runroot / "mounts.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            refused = self.db.refused() or self.db.refused(runroot=True)  # the store's reason comes first
+            raise refused or write_failure(e, "locking the store's mounts") from e
         try:
             deadline = time.monotonic() + BUSY_TIMEOUT_S
             delay = 0.001
@@ -753,8 +771,12 @@ class LayerStore:
         """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
         holder = self._holder(scoped)
         with self.mount_lock():
-            if self.db.one("SELECT 1 FROM layers WHERE id=? AND state='committed'", (cache_id,)) is None:
+            row = self.db.one("SELECT rw FROM layers WHERE id=? AND state='committed'", (cache_id,))
+            if row is None:
                 raise LayerNotFound(f"layer {cache_id[:12]} was removed")
+            refused = self.db.refused() if row[0] else None
+            if refused is not None:
+                raise refused  # a read-write layer that cannot be written
             # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
             path = self.driver.mount(cache_id, list(options or []))
             with self.db.tx(runroot=True) as mdb:
@@ -837,17 +859,23 @@ class LayerStore:
         }
 
     def save_timings(self) -> None:
+        """Add this process's hook timings to the run root's; statistics, so a run root that takes no writes
+        (read-only, or full) keeps them out rather than failing the command."""
         stats = self.driver.observer.stats
-        if not stats:
+        if not stats or self.db.run_refusal is not None:
             return
-        with self.db.tx(runroot=True) as mdb:
-            for hook, st in stats.items():
-                mdb.execute(
-                    "INSERT INTO timings VALUES (?, ?, ?, ?, ?) ON CONFLICT(hook) DO UPDATE SET"
-                    " calls=calls+excluded.calls, errors=errors+excluded.errors,"
-                    " total_s=total_s+excluded.total_s, max_s=MAX(max_s, excluded.max_s)",
-                    (hook, st.calls, st.errors, st.total_s, st.max_s),
-                )
+        try:
+            with self.db.tx(runroot=True) as mdb:
+                for hook, st in stats.items():
+                    mdb.execute(
+                        "INSERT INTO timings VALUES (?, ?, ?, ?, ?) ON CONFLICT(hook) DO UPDATE SET"
+                        " calls=calls+excluded.calls, errors=errors+excluded.errors,"
+                        " total_s=total_s+excluded.total_s, max_s=MAX(max_s, excluded.max_s)",
+                        (hook, st.calls, st.errors, st.total_s, st.max_s),
+                    )
+        except (StoreFull, StoreReadOnly) as e:
+            log.debug("hook timings not saved: %s", e)
+            return
         stats.clear()
 
 

@@ -29,22 +29,31 @@ if TYPE_CHECKING:
 
 
 class Lease:
-    def __init__(self, store: Store) -> None:
+    """``inert``: a lease of a reader in a read-only store, where nothing can be removed; it holds nothing."""
+
+    def __init__(self, store: Store, *, inert: bool = False) -> None:
         self._store = store
         self.id = os.urandom(16).hex()
+        self.inert = inert
+        self.ended = False
+        self.had_blobs = False
+        if inert:
+            return
         me = store.db.me
         with store.db.tx() as db:
             db.execute("INSERT INTO leases VALUES (?, ?, ?, ?)", (self.id, me[0], me[1], time.time()))
-        self.ended = False
-        self.had_blobs = False
 
     # -- inside a caller's transaction ----------------------------------------------------------------
     def add_layer(self, db: sqlite3.Connection, cache_id: str) -> None:
         self._check_open()
+        if self.inert:
+            return
         db.execute("INSERT OR IGNORE INTO lease_layers VALUES (?, ?)", (self.id, cache_id))
 
     def add_blob(self, db: sqlite3.Connection, digest: str) -> None:
         self._check_open()
+        if self.inert:
+            return
         db.execute("INSERT OR IGNORE INTO lease_blobs VALUES (?, ?)", (self.id, digest))
 
     def _check_open(self) -> None:
@@ -54,18 +63,25 @@ class Lease:
     def end_in(self, db: sqlite3.Connection) -> list[str]:
         """End the lease inside a caller's transaction; returns the layers it held, for collection once
         that transaction commits (:meth:`Store.collect`)."""
+        if self.inert:
+            return []
         layers, self.had_blobs = end_lease(db, self.id)
         return layers  # the caller marks the lease ended once its transaction has committed
 
     # -- own transactions -----------------------------------------------------------------------------
     def blob(self, digest: str) -> None:
         """Protect a blob (present or about to be written) from collection while the lease lasts."""
+        if self.inert:
+            return
         with self._store.db.tx() as db:
             self.add_blob(db, digest)
 
     def end(self) -> None:
         """End the lease (if the operation has not already) and collect what only it kept."""
         if self.ended:
+            return
+        if self.inert:
+            self.ended = True
             return
         with self._store.db.tx() as db:
             layers = self.end_in(db)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, Protocol
 
 from lamina.digest import DiffID, Digest, parse_digest
-from lamina.errors import ArchiveError, DigestMismatch, LimitExceeded
+from lamina.errors import ArchiveError, DigestMismatch, LimitExceeded, write_failure
 
 CHUNK = 1 << 20
 
@@ -406,7 +406,10 @@ class VerifyingReader:
         self._left -= len(data)
         self._hash.update(data)
         if self._tee is not None:
-            self._tee.write(data)
+            try:
+                self._tee.write(data)
+            except OSError as e:
+                raise write_failure(e, f"storing {self._what}") from e
         if self._left == 0:
             self._check_end()
         return data
