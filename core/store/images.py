@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +96,9 @@ class ImageStore:
                     lease.add_layer(db, top[0])
         return self.get(image_id)
 
-    def gc(self) -> list[str]:
-        """Remove blobs no image refers to and no live lease holds.
+    def gc(self, ignoring: Collection[str] = ()) -> list[str]:
+        """Remove blobs no image refers to and no lease holds (but the leases ``ignoring``, which are being
+        ended: :func:`~lamina.store.leases.end_leases`).
 
         The blob files are listed first, then the live set is read and the dead files unlinked inside one
         write transaction, so a process that leases a blob (a write transaction too) and then writes it
@@ -106,7 +107,7 @@ class ImageStore:
         files = list(self.content.walk())
         with self.db.tx() as db:
             alive = {r[0] for r in db.execute("SELECT digest FROM image_blobs")}
-            alive |= {r[0] for r in db.execute("SELECT digest FROM lease_blobs")}
+            alive |= {r[1] for r in db.execute("SELECT lease, digest FROM lease_blobs") if r[0] not in ignoring}
             return self.content.gc(alive, files)
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -321,8 +322,12 @@ class ImageStore:
 
         A ``damaged`` image (``system check --repair``) goes even with child images (they keep their own
         layers and lose only the parent link) and without its top layer.
+
+        The image's blobs are held by a lease from the transaction that deletes it until they are collected,
+        so that a process killed in between leaves their collection to the next one (its recovery ends the
+        lease).
         """
-        with self.db.tx() as db:
+        with self.store.lease() as lease, self.db.tx() as db:
             row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
             if row is None:
                 if if_unused:
@@ -345,12 +350,12 @@ class ImageStore:
                 names_out.extend(r[0] for r in db.execute(
                     "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
                 ))
+            for (digest,) in db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,)).fetchall():
+                lease.add_blob(db, digest)
             db.execute("DELETE FROM images WHERE id=?", (image_id,))
             top = None
             if row[0] and not (damaged and db.execute(
                 "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
             ).fetchone() is None):
                 top = self.layers.unreference(db, row[0])
-        removed = self.layers.collect([top]) if top else []
-        self.gc()
-        return removed
+        return self.layers.collect([top]) if top else []

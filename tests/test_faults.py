@@ -1,0 +1,48 @@
+"""kill -9 of lamina's commands: regression tests for the windows tests/fault_harness.py found, each killed
+at its exact instant.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from fault_harness import DRIVERS, kill_at, layer_tar, write_docker_archive
+from store_invariants import check_store
+
+from conftest import lamina_cli
+from lamina.testing import require_root
+
+
+# -- the windows the long run found, each killed at its exact instant ----------------------------------
+def _one_image(tmp_path: Path, driver: str, layers: int = 1) -> str:
+    """A store with fault/one:1 (``layers`` small layers), loaded from a docker-archive; returns its ID."""
+    archive = tmp_path / "one"
+    image_id = write_docker_archive(archive, "fault/one:1", [layer_tar(f"one{i}", 5, 1024) for i in range(layers)])
+    lamina_cli("--driver", driver, "load", "-q", "-i", str(archive), root=tmp_path)
+    return image_id
+
+
+def _killed_at(tmp_path: Path, point: str, *args: str) -> None:
+    proc = kill_at(point, ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), *args])
+    assert proc.returncode == -signal.SIGKILL, f"{point} was not reached: {proc.returncode} {proc.stderr}"
+    lamina_cli("images", root=tmp_path)  # the next command: it recovers what the killed one left
+
+
+def _images(tmp_path: Path) -> dict[str, list[str]]:
+    return {i["Id"]: i["RepoTags"] for i in json.loads(lamina_cli("images", "--format", "json", root=tmp_path).stdout)}
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_rmi_killed_before_collecting_its_blobs_leaves_none_behind(tmp_path: Path, driver: str) -> None:
+    """The image's row went in one transaction and its blobs were to go after it: the blobs are held by a
+    lease from that transaction on, which the next command ends and collects."""
+    if driver == "overlay":
+        require_root()
+    _one_image(tmp_path, driver)
+    _killed_at(tmp_path, "lamina.store.images:ImageStore.gc", "rmi", "fault/one:1")
+    assert _images(tmp_path) == {}
+    assert check_store(tmp_path / "root", tmp_path / "run", driver) == []
+    assert list((tmp_path / "root" / "content" / "blobs" / "sha256").iterdir()) == []
