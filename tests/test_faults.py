@@ -46,3 +46,15 @@ def test_rmi_killed_before_collecting_its_blobs_leaves_none_behind(tmp_path: Pat
     assert _images(tmp_path) == {}
     assert check_store(tmp_path / "root", tmp_path / "run", driver) == []
     assert list((tmp_path / "root" / "content" / "blobs" / "sha256").iterdir()) == []
+
+
+@pytest.mark.parametrize("argv", [["rmi", "fault/one:1"], ["untag", "fault/one:1", "fault/one:1"]])
+def test_removing_the_last_name_is_one_step_with_removing_the_image(tmp_path: Path, argv: list[str]) -> None:
+    """The last name went in one transaction and the image in the next: a kill between them left a nameless
+    image. Now both go in the transaction that deletes the image; a kill before it leaves the image named."""
+    image_id = _one_image(tmp_path, "vfs")
+    _killed_at(tmp_path, "lamina.store.images:ImageStore.delete", *argv)
+    assert _images(tmp_path) == {image_id: ["fault/one:1"]}
+    assert check_store(tmp_path / "root", tmp_path / "run", "vfs") == []
+    lamina_cli(*argv, root=tmp_path)
+    assert _images(tmp_path) == {}

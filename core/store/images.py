@@ -311,14 +311,18 @@ class ImageStore:
         )]
 
     def delete(
-        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False
+        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False,
+        untag: Sequence[str] = (),
     ) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
         Checked in the same transaction: child images and containers are a conflict
         (:class:`ImageConflict`); with ``if_unused`` an image that has names, children or containers is
-        left alone and None returned (the caller's view of it was out of date). The image's names go with it
-        (listed in ``names_out`` when given). Returns the layers removed.
+        left alone and None returned (the caller's view of it was out of date). The image's names go with it.
+        ``untag``: names removed first, in the same transaction, whether the image then goes or not (the
+        first must still name the image, :class:`InvalidReference` otherwise; the others go if they do), so
+        that removing an image's last name and the image is one step. ``names_out`` lists every name removed.
+        Returns the layers removed.
 
         A ``damaged`` image (``system check --repair``) goes even with child images (they keep their own
         layers and lose only the parent link) and without its top layer.
@@ -329,6 +333,15 @@ class ImageStore:
         """
         with self.store.lease() as lease, self.db.tx() as db:
             row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
+            if untag:
+                owner = db.execute("SELECT image_id FROM image_names WHERE name=?", (untag[0],)).fetchone()
+                if row is None or owner is None or owner[0] != image_id:
+                    raise InvalidReference(f"no image is named {untag[0]}")
+                for name in untag:
+                    gone = db.execute("DELETE FROM image_names WHERE name=? AND image_id=?", (name, image_id))
+                    if gone.rowcount and names_out is not None:
+                        names_out.append(name)
+                db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), image_id))
             if row is None:
                 if if_unused:
                     return None
