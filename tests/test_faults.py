@@ -58,3 +58,13 @@ def test_removing_the_last_name_is_one_step_with_removing_the_image(tmp_path: Pa
     assert check_store(tmp_path / "root", tmp_path / "run", "vfs") == []
     lamina_cli(*argv, root=tmp_path)
     assert _images(tmp_path) == {}
+
+
+def test_squash_killed_while_reading_the_image_leaves_no_mount(tmp_path: Path) -> None:
+    """overlay mounted the image's top layer itself to read its whole tree, and a kill left that mount
+    uncounted. lamina now holds a mount reference on both sides of any diff the driver does not take
+    natively, so what is mounted for it is counted and the next command unmounts it."""
+    require_root()
+    _one_image(tmp_path, "overlay", layers=2)
+    _killed_at(tmp_path, "lamina.drivers.overlay:diff_tar", "squash", "fault/one:1")
+    assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
