@@ -685,24 +685,35 @@ def remove_scratch(store: FaultStore) -> None:
 # -- a kill at a chosen instant --------------------------------------------------------------------------
 KILL_AT_SCRIPT = r"""
 import importlib, os, signal, sys
-module_name, _, attr = sys.argv[1].partition(":")
+when, point = sys.argv[1:3]
+module_name, _, attr = point.partition(":")
 owner = importlib.import_module(module_name)
 *path, name = attr.split(".")
 for part in path:
     owner = getattr(owner, part)
-getattr(owner, name)  # the point must exist: a renamed function fails here, not silently never reached
-setattr(owner, name, lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL))
+original = getattr(owner, name)  # the point must exist: a renamed function fails here, not silently never reached
+
+def die(*args, **kwargs):
+    if when == "return":
+        original(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(owner, name, die)
 from lamina.cli import main
-main(sys.argv[2:])
+main(sys.argv[3:])
 """
 
 
-def kill_at(point: str, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``lamina ARGV`` in a process that SIGKILLs itself when it reaches ``point``
-    (``module:Class.function`` or ``module:function``, looked up as the code calls it): the precise
-    counterpart of a random kill, for regression tests of one window. ``argv`` starts after ``lamina``."""
-    return subprocess.run([sys.executable, "-c", KILL_AT_SCRIPT, point, *argv], capture_output=True, text=True,
-                          timeout=timeout)
+def kill_at(
+    point: str, argv: list[str], *, when: str = "call", timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``lamina ARGV`` in a process that SIGKILLs itself when it calls ``point`` (``module:Class.function``
+    or ``module:function``, looked up where the code calls it), or with ``when="return"`` as soon as that
+    call returns: the precise counterpart of a random kill, for regression tests of one window. ``argv``
+    starts after ``lamina``."""
+    assert when in ("call", "return")
+    return subprocess.run([sys.executable, "-c", KILL_AT_SCRIPT, when, point, *argv], capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def push_pulled_image(inputs: Inputs, registry_host: str) -> None:

@@ -25,8 +25,8 @@ def _one_image(tmp_path: Path, driver: str, layers: int = 1) -> str:
     return image_id
 
 
-def _killed_at(tmp_path: Path, point: str, *args: str) -> None:
-    proc = kill_at(point, ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), *args])
+def _killed_at(tmp_path: Path, point: str, *args: str, when: str = "call") -> None:
+    proc = kill_at(point, ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), *args], when=when)
     assert proc.returncode == -signal.SIGKILL, f"{point} was not reached: {proc.returncode} {proc.stderr}"
     lamina_cli("images", root=tmp_path)  # the next command: it recovers what the killed one left
 
@@ -67,4 +67,18 @@ def test_squash_killed_while_reading_the_image_leaves_no_mount(tmp_path: Path) -
     require_root()
     _one_image(tmp_path, "overlay", layers=2)
     _killed_at(tmp_path, "lamina.drivers.overlay:diff_tar", "squash", "fault/one:1")
+    assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
+
+
+@pytest.mark.parametrize("argv", [["mount", "c"], ["commit", "c", "fault/two:1"]])
+def test_killed_as_the_driver_mounts_leaves_no_mount(tmp_path: Path, argv: list[str]) -> None:
+    """The mount reference was recorded only after the driver had mounted: a kill in between left a mount
+    nothing counted. Now it is recorded first, as the process's own, and made lasting after the mount."""
+    require_root()
+    _one_image(tmp_path, "overlay")
+    lamina_cli("create", "--name", "c", "fault/one:1", root=tmp_path)
+    _killed_at(tmp_path, "lamina.plugins.active:ActiveDriver.mount", *argv, when="return")
+    assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
+    lamina_cli("mount", "c", root=tmp_path)  # and mounting works as before
+    lamina_cli("umount", "c", root=tmp_path)
     assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
