@@ -82,3 +82,17 @@ def test_killed_as_the_driver_mounts_leaves_no_mount(tmp_path: Path, argv: list[
     lamina_cli("mount", "c", root=tmp_path)  # and mounting works as before
     lamina_cli("umount", "c", root=tmp_path)
     assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
+
+
+@pytest.mark.parametrize("argv", [["umount", "c"], ["commit", "c", "fault/two:1"]])
+def test_killed_as_the_driver_unmounts_leaves_no_mount(tmp_path: Path, argv: list[str]) -> None:
+    """The last mount reference was dropped before the driver unmounted: a kill in between left a mount
+    nothing counted. Now the process holds a reference of its own until the driver has unmounted."""
+    require_root()
+    _one_image(tmp_path, "overlay")
+    lamina_cli("create", "--name", "c", "fault/one:1", root=tmp_path)
+    if argv[0] == "umount":
+        lamina_cli("mount", "c", root=tmp_path)
+    _killed_at(tmp_path, "lamina.plugins.active:ActiveDriver.unmount", *argv)
+    assert check_store(tmp_path / "root", tmp_path / "run", "overlay") == []
+

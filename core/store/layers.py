@@ -162,9 +162,8 @@ class LayerStore:
                     mdb.execute("DELETE FROM mount_refs WHERE holder=?", (holder,))
                 for lid in gone:
                     mdb.execute("DELETE FROM mount_refs WHERE id=?", (lid,))
-            for lid in sorted(affected - set(gone)):
-                if self.mount_count(lid) == 0:
-                    self.driver.unmount(lid)
+                unheld = [lid for lid in sorted(affected - set(gone)) if self._take_last(mdb, lid)]
+            self._unmount_taken(unheld)
         return len(dead) + len(gone)
 
     # -- queries --------------------------------------------------------------------------------------
@@ -817,10 +816,30 @@ class LayerStore:
                             holder = row[1]
                     if row is not None:
                         _drop_ref(mdb, cache_id, holder)
-            left = self.mount_count(cache_id)
-            if left == 0:
-                self.driver.unmount(cache_id)
-            return left
+                last = self._take_last(mdb, cache_id)
+            if last:
+                self._unmount_taken([cache_id])
+                return 0
+            return self.mount_count(cache_id)
+
+    def _take_last(self, mdb: sqlite3.Connection, cache_id: str) -> bool:
+        """Inside a transaction on mounts.db, under the mount lock: when no reference to the layer is left,
+        take one for this process until :meth:`_unmount_taken` has unmounted it (True), so that a process
+        killed in between leaves the unmount to the next one, never a mount that nothing counts."""
+        row = mdb.execute("SELECT SUM(count) FROM mount_refs WHERE id=?", (cache_id,)).fetchone()
+        if row[0]:
+            return False
+        _add_ref(mdb, cache_id, self._holder(True), "")
+        return True
+
+    def _unmount_taken(self, cache_ids: list[str]) -> None:
+        """Under the mount lock: unmount the layers :meth:`_take_last` took, then drop its references."""
+        for lid in cache_ids:
+            try:
+                self.driver.unmount(lid)
+            finally:
+                with self.db.tx(runroot=True) as mdb:
+                    _drop_ref(mdb, lid, self._holder(True))
 
     def mount_count(self, cache_id: str) -> int:
         row = self.db.one("SELECT SUM(count) FROM mount_refs WHERE id=?", (cache_id,), runroot=True)
