@@ -28,9 +28,11 @@ registry (B and two more, gzip), ``import`` of a root filesystem, ``layer add``,
 in-process, with :class:`lamina.testing.TarBuilder` and a few lines of JSON; the registry's copy is pushed
 by skopeo.
 
-Delays are drawn uniformly over the command's duration, measured once per command and driver by a run
-that is not killed (and is checked like any trial). A trial's delay comes from ``(seed, driver, op, k)``
-alone, so a failure names what reproduces it.
+Delays are drawn uniformly from the interpreter's start-up (:func:`startup_floor`) to the command's
+duration, measured once per command and driver by a run that is not killed (and is checked like any
+trial), and lowered whenever a trial's command ends before its kill. A trial's delay comes from
+``(seed, driver, op, k)`` and that duration, so a failure names what reproduces it. :func:`kill_at` kills
+at one exact point instead, for regression tests of the windows the random kills found.
 
 Shared by ``tests/test_faults.py`` (a sample) and ``bench/faults.py`` (the long run).
 """
@@ -581,6 +583,8 @@ class FaultStore:
         started = time.monotonic()
         code, err = self._run(op, delay)
         out = Outcome(op, self.driver, k, delay, code is None, time.monotonic() - started)
+        if code == 0:  # it ran to its end before the kill: it takes no longer than that
+            self.durations[op] = min(duration, out.seconds)
         if code not in (None, 0):
             out.problems.append(f"lamina {' '.join(self.command(op))} failed ({code}) before the kill: {err}")
         out.problems += self.verify(op, before)

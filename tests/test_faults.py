@@ -1,19 +1,71 @@
-"""kill -9 of lamina's commands: regression tests for the windows tests/fault_harness.py found, each killed
-at its exact instant.
+"""kill -9 at random instants of lamina's commands, on vfs and overlay: a sample of bench/faults.py's long run,
+and regression tests for the windows it found, each killed at its exact instant (tests/fault_harness.py).
+
+``LAMINA_FAULT_SEED`` and ``LAMINA_FAULT_TRIALS`` (per command and driver) change the sample; a failure
+names the seed, driver, command, trial and delay.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import pytest
-from fault_harness import DRIVERS, kill_at, layer_tar, write_docker_archive
+from fault_harness import (
+    DRIVERS,
+    FaultStore,
+    Inputs,
+    build_inputs,
+    kill_at,
+    layer_tar,
+    push_pulled_image,
+    remove_scratch,
+    run,
+    scratch_dir,
+    write_docker_archive,
+)
+from registry_fixtures import Registry
 from store_invariants import check_store
 
 from conftest import lamina_cli
 from lamina.testing import require_root
+
+SEED = int(os.environ.get("LAMINA_FAULT_SEED", "20240611"))
+TRIALS = int(os.environ.get("LAMINA_FAULT_TRIALS", "3"))
+
+
+@pytest.fixture(scope="session")
+def fault_inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
+    return build_inputs(tmp_path_factory.mktemp("fault-inputs"))
+
+
+@pytest.fixture(scope="session")
+def fault_registry(fault_inputs: Inputs, registry: Registry) -> str:
+    """The registry's host, holding fault/pulled:1 (pushed by skopeo)."""
+    push_pulled_image(fault_inputs, registry.host)
+    return registry.host
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_kill_at_random_instants_keeps_the_store_consistent(
+    tmp_path: Path, driver: str, fault_inputs: Inputs, fault_registry: str
+) -> None:
+    if driver == "overlay":
+        require_root()
+    store = FaultStore(scratch_dir(f"lamina-faults-{driver}-", tmp_path), driver, fault_inputs, fault_registry)
+    try:
+        store.prepare()
+        outcomes = run(store, SEED, dict.fromkeys(store.ops(), TRIALS))
+    finally:
+        remove_scratch(store)
+    bad = [o.describe(SEED) for o in outcomes if o.problems]
+    assert bad == [], "\n".join(bad)
+    trials = [o for o in outcomes if o.trial >= 0]
+    assert len(trials) == TRIALS * len(store.ops())
+    # the delays fall within the commands' durations: most trials are killed mid-way, not run to their end
+    assert sum(o.killed for o in trials) >= len(trials) // 2, [(o.op, o.delay, o.seconds) for o in trials]
 
 
 # -- the windows the long run found, each killed at its exact instant ----------------------------------
