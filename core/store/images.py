@@ -331,44 +331,45 @@ class ImageStore:
         so that a process killed in between leaves their collection to the next one (its recovery ends the
         lease).
         """
-        with self.store.lease() as lease, self.db.tx() as db:
-            row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
-            if untag:
-                owner = db.execute("SELECT image_id FROM image_names WHERE name=?", (untag[0],)).fetchone()
-                if row is None or owner is None or owner[0] != image_id:
-                    raise InvalidReference(f"no image is named {untag[0]}")
-                for name in untag:
-                    gone = db.execute("DELETE FROM image_names WHERE name=? AND image_id=?", (name, image_id))
-                    if gone.rowcount and names_out is not None:
-                        names_out.append(name)
-                db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), image_id))
-            if row is None:
-                if if_unused:
+        with self.store.lease() as lease:
+            with self.db.tx() as db:
+                row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
+                if untag:
+                    owner = db.execute("SELECT image_id FROM image_names WHERE name=?", (untag[0],)).fetchone()
+                    if row is None or owner is None or owner[0] != image_id:
+                        raise InvalidReference(f"no image is named {untag[0]}")
+                    for name in untag:
+                        gone = db.execute("DELETE FROM image_names WHERE name=? AND image_id=?", (name, image_id))
+                        if gone.rowcount and names_out is not None:
+                            names_out.append(name)
+                    db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), image_id))
+                if row is None:
+                    if if_unused:
+                        return None
+                    raise ImageNotFound(f"image {image_id} not found")
+                children = [r[0] for r in db.execute("SELECT id FROM images WHERE parent=?", (image_id,))]
+                containers = self.containers_of(db, image_id)
+                if if_unused and (children or containers or db.execute(
+                    "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
+                ).fetchone()):
                     return None
-                raise ImageNotFound(f"image {image_id} not found")
-            children = [r[0] for r in db.execute("SELECT id FROM images WHERE parent=?", (image_id,))]
-            containers = self.containers_of(db, image_id)
-            if if_unused and (children or containers or db.execute(
-                "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
-            ).fetchone()):
-                return None
-            short = image_id.split(":", 1)[-1][:12]
-            if containers:
-                raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
-            if children and not damaged:
-                shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
-                raise ImageConflict(f"image {short} has dependent child images ({shown})")
-            db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
-            if names_out is not None:
-                names_out.extend(r[0] for r in db.execute(
-                    "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
-                ))
-            for (digest,) in db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,)).fetchall():
-                lease.add_blob(db, digest)
-            db.execute("DELETE FROM images WHERE id=?", (image_id,))
-            top = None
-            if row[0] and not (damaged and db.execute(
-                "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
-            ).fetchone() is None):
-                top = self.layers.unreference(db, row[0])
-        return self.layers.collect([top]) if top else []
+                short = image_id.split(":", 1)[-1][:12]
+                if containers:
+                    raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
+                if children and not damaged:
+                    shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
+                    raise ImageConflict(f"image {short} has dependent child images ({shown})")
+                db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
+                if names_out is not None:
+                    names_out.extend(r[0] for r in db.execute(
+                        "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
+                    ))
+                for (digest,) in db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,)).fetchall():
+                    lease.add_blob(db, digest)
+                db.execute("DELETE FROM images WHERE id=?", (image_id,))
+                top = None
+                if row[0] and not (damaged and db.execute(
+                    "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
+                ).fetchone() is None):
+                    top = self.layers.unreference(db, row[0])
+            return self.layers.collect([top]) if top else []  # its layers go before the lease ends
