@@ -13,7 +13,8 @@ with SIGKILL after a random delay, and then checks, from the outside:
   counts that cover every user, and every image's layers export to their DiffIDs (here in-process through
   :class:`lamina.ImageService`);
 - every content-store blob hashes to its digest;
-- the store's own check, ``lamina system check``, exits 0, when this lamina has that command.
+- the store's own check, ``lamina system check`` (``--quick`` where asked), exits 0, when this lamina has
+  that command.
 
 The store is then brought back to its baseline through the CLI (which is a test of its own: the command
 that was killed, or its undoing, must work now), and the next trial starts.
@@ -24,7 +25,8 @@ The baseline (:meth:`FaultStore.prepare`): ``fault/base:1`` (one layer B), ``fau
 (:data:`OPS`): ``load`` of ``fault/loaded:1`` (B and two more layers), ``pull`` of ``fault/pulled:1`` from a
 registry (B and two more, gzip), ``import`` of a root filesystem, ``layer add``, ``commit`` of
 ``fault-c1``, ``squash`` of ``fault/app:1``, ``rm`` of ``fault-c2``, ``rmi`` of ``fault/victim:1``,
-``tag`` of ``fault/app:1``, and ``system check --repair`` when the CLI has it. Every input is made here,
+``tag`` of ``fault/app:1``, and ``system check --repair`` when the CLI has it (on the leftovers of a
+``layer add`` killed just before, so that it has something to repair). Every input is made here,
 in-process, with :class:`lamina.testing.TarBuilder` and a few lines of JSON; the registry's copy is pushed
 by skopeo.
 
@@ -400,7 +402,7 @@ def in_process_exports(root: Path, runroot: Path, driver: str, config: Path) -> 
 
 @functools.cache
 def has_system_check(python: str = sys.executable) -> bool:
-    """Whether this lamina has ``lamina system check`` (added beside this harness)."""
+    """Whether this lamina has ``lamina system check`` (the harness was written while it was being added)."""
     proc = subprocess.run([python, "-m", "lamina", "system", "check", "--help"], capture_output=True, timeout=60)
     return proc.returncode == 0
 
@@ -427,7 +429,7 @@ class FaultStore:
     """A store with the baseline, for one driver, and the commands that are killed on it."""
 
     def __init__(self, base: Path, driver: str, inputs: Inputs, registry_host: str | None,
-                 *, system_check: bool | None = None) -> None:
+                 *, system_check: bool | None = None, quick_check: bool = False) -> None:
         self.base = base
         self.root = base / "root"
         self.runroot = base / "run"
@@ -435,6 +437,7 @@ class FaultStore:
         self.inputs = inputs
         self.registry_host = registry_host
         self.system_check = has_system_check() if system_check is None else system_check
+        self.quick_check = quick_check  # `system check --quick` after each trial (rows and presence only)
         self.work = base / "work"
         self.baseline: State | None = None
         self.durations: dict[str, float] = {}
@@ -559,8 +562,17 @@ class FaultStore:
         return []
 
     # -- trials ---------------------------------------------------------------------------------------
-    def measure(self, op: str) -> Outcome:
+    def prelude(self, op: str, seed: int, k: int) -> None:
+        """What ``op`` needs before it runs: ``system check --repair`` gets something to repair, what a
+        ``layer add`` killed at a random instant left (as it left it: the check opens the store without
+        recovering it; the next command after the repair recovers whatever the repair did not get to)."""
+        if op == REPAIR:
+            duration = self.durations.get("layer add", 0.3)
+            self._run("layer add", trial_delay(seed, self.driver, f"{op}/prelude", k, duration, startup_floor()))
+
+    def measure(self, op: str, seed: int = 0) -> Outcome:
         """Run ``op`` to its end once (timing it), then check and restore as after a kill."""
+        self.prelude(op, seed, -1)
         before = self.state()
         started = time.monotonic()
         code, err = self._run(op, None)
@@ -579,6 +591,7 @@ class FaultStore:
         if duration is None:
             raise RuntimeError(f"measure {op!r} first")
         delay = trial_delay(seed, self.driver, op, k, duration, startup_floor())
+        self.prelude(op, seed, k)
         before = self.state()
         started = time.monotonic()
         code, err = self._run(op, delay)
@@ -631,8 +644,9 @@ class FaultStore:
         """``lamina system check`` (exit 0: sound), when this lamina has it."""
         if not self.system_check:
             return []
-        proc = subprocess.run(self.argv("system", "check", "--format", "json"), capture_output=True, text=True,
-                              timeout=600)
+        quick = ["--quick"] if self.quick_check else []
+        proc = subprocess.run(self.argv("system", "check", *quick, "--format", "json"), capture_output=True,
+                              text=True, timeout=600)
         if proc.returncode != 0:
             return [f"lamina system check exited {proc.returncode}: {(proc.stdout + proc.stderr).strip()[-2000:]}"]
         return []
@@ -751,7 +765,7 @@ def run(store: FaultStore, seed: int, trials: dict[str, int], *, log: Callable[[
             fresh(store)
 
     for op in trials:
-        record(store.measure(op))
+        record(store.measure(op, seed))
     for k in range(max(trials.values(), default=0)):
         for op, n in trials.items():
             if k < n:
