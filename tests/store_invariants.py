@@ -24,7 +24,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -74,11 +74,13 @@ def _export_sha256(root: Path, runroot: Path, driver: str, chain: str, out: Path
     return "sha256:" + h.hexdigest()
 
 
-def check_store(root: Path, runroot: Path, driver: str) -> list[str]:
+def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str], str] | None = None) -> list[str]:
     """Every problem found in the store at ``root`` (runroot ``runroot``, driver ``driver``); [] when sound.
 
     The database and file checks run first, on the store as it was left; the layer exports (which open the
-    store through the CLI, and so run its recovery) run last.
+    store through the CLI, and so run its recovery) run last. ``export`` (ChainID -> sha256 of the layer's
+    export, or an error text) replaces ``lamina layer export`` for them: an ImageService in the caller's
+    process saves a start-up per layer.
     """
     problems: list[str] = []
     db_path = root / "lamina.db"
@@ -212,7 +214,7 @@ def check_store(root: Path, runroot: Path, driver: str) -> list[str]:
         for chain, diff_id in sorted(wanted_chains.items()):
             if chain not in by_chain:
                 continue  # already reported as missing
-            got = _export_sha256(root, runroot, driver, chain, Path(td) / "layer.tar")
+            got = export(chain) if export else _export_sha256(root, runroot, driver, chain, Path(td) / "layer.tar")
             if got != diff_id:
                 problems.append(f"layer {chain} exports to {got}, not its DiffID {diff_id}")
     return problems

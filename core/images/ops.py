@@ -332,28 +332,24 @@ def untag(store: ImageStore, img: Image, name: str, users: UsersOf | None = None
     key = _name_key(ref)
     if key not in img.record.names:
         raise InvalidReference(f"image {img.short_id} has no name {ref.familiar()}")
-    out = _remove_name(store, img.id, ref)
-    if store.delete(img.id, if_unused=True) is not None:  # no name, child or container left: it goes
+    out, deleted = _remove_name(store, img.record, ref)
+    if deleted:
         out.append({"Deleted": img.id})
     return out
 
 
-def _remove_name(store: ImageStore, image_id: str, named: Reference) -> list[dict[str, str]]:
+def _remove_name(store: ImageStore, rec: ImageRecord, named: Reference) -> tuple[list[dict[str, str]], bool]:
     """Remove a name from an image. A tag that was the last of its repository on the image takes that
-    repository's digest names with it (docker's rule)."""
-    store.remove_name(_name_key(named), image_id)
-    out = [{"Untagged": named.familiar()}]
-    if named.digest is not None:
-        return out
-    rec = store.get(image_id)
-    if any(parse_normalized(t).name == named.name for t in rec.tags):
-        return out
-    for n in rec.digests:
-        digested = parse_normalized(n)
-        if digested.name == named.name:
-            store.remove_name(n, image_id)
-            out.append({"Untagged": digested.familiar()})
-    return out
+    repository's digest names with it (docker's rule). The image goes too when that leaves it no name,
+    child or container, in the same transaction: a process killed midway leaves the image as it was or no
+    image, never a nameless one. Returns the names removed (as ``Untagged`` entries) and whether it went."""
+    key = _name_key(named)
+    names = [key]
+    if named.digest is None and not any(parse_normalized(t).name == named.name for t in rec.tags if t != key):
+        names += [n for n in rec.digests if parse_normalized(n).name == named.name]
+    removed: list[str] = []
+    deleted = store.delete(rec.id, if_unused=True, untag=names, names_out=removed) is not None
+    return [{"Untagged": parse_normalized(n).familiar()} for n in removed], deleted
 
 
 def _is_id_ref(store: ImageStore, ref: str) -> bool:
@@ -399,11 +395,10 @@ def delete(
             raise ImageConflict(
                 f"unable to remove {named.familiar()}: image {short} is used by container {in_use[0].container_id[:12]}"
             )
-        out.extend(_remove_name(store, rec.id, named))
-        rec = store.get(rec.id)
-        if rec.names or users(rec.id):
-            return out
-        _delete_quietly(store, rec.id, out, prune, users)
+        out, deleted = _remove_name(store, rec, named)
+        if deleted:
+            out.append({"Deleted": rec.id})
+            _prune_parents(store, rec.parent, out, prune)
         return out
     in_use = users(rec.id)
     running = [u.container_id for u in in_use if u.running]
@@ -439,17 +434,6 @@ def delete(
     out.append({"Deleted": rec.id})
     _prune_parents(store, parent, out, prune)
     return out
-
-
-def _delete_quietly(
-    store: ImageStore, image_id: str, out: list[dict[str, str]], prune: bool, users: UsersOf
-) -> None:
-    """Delete an image left without names, unless a child or container uses it (checked as it is deleted)."""
-    parent = store.get(image_id).parent
-    if store.delete(image_id, if_unused=True) is None:
-        return
-    out.append({"Deleted": image_id})
-    _prune_parents(store, parent, out, prune)
 
 
 def _prune_parents(store: ImageStore, parent: str | None, out: list[dict[str, str]], prune: bool) -> None:

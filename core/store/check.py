@@ -306,8 +306,12 @@ class _Checker:
         ) is not None
 
     def _read_back(self, lid: str, chain: str, what: str) -> None:
-        """The layer's exact stream, hashed against its DiffID, and its files against its entries."""
-        if self.lease is not None:
+        """The layer's exact stream, hashed against its DiffID, and its files against its entries.
+
+        A layer just reported unused is read without the lease: the process that let go of it a moment ago
+        may be about to collect it, and the lease would stop it (the check keeps layers it reported, so the
+        report would then last); if it goes while being read, the problems found are checked again."""
+        if self.lease is not None and not any(p.key == lid and p.fix == FIX_UNUSED for p in self.problems):
             try:
                 self.layers.lease(chain, self.lease)
             except LayerNotFound:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +96,9 @@ class ImageStore:
                     lease.add_layer(db, top[0])
         return self.get(image_id)
 
-    def gc(self) -> list[str]:
-        """Remove blobs no image refers to and no live lease holds.
+    def gc(self, ignoring: Collection[str] = ()) -> list[str]:
+        """Remove blobs no image refers to and no lease holds (but the leases ``ignoring``, which are being
+        ended: :func:`~lamina.store.leases.end_leases`).
 
         The blob files are listed first, then the live set is read and the dead files unlinked inside one
         write transaction, so a process that leases a blob (a write transaction too) and then writes it
@@ -106,7 +107,7 @@ class ImageStore:
         files = list(self.content.walk())
         with self.db.tx() as db:
             alive = {r[0] for r in db.execute("SELECT digest FROM image_blobs")}
-            alive |= {r[0] for r in db.execute("SELECT digest FROM lease_blobs")}
+            alive |= {r[1] for r in db.execute("SELECT lease, digest FROM lease_blobs") if r[0] not in ignoring}
             return self.content.gc(alive, files)
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -310,47 +311,65 @@ class ImageStore:
         )]
 
     def delete(
-        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False
+        self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False,
+        untag: Sequence[str] = (),
     ) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
         Checked in the same transaction: child images and containers are a conflict
         (:class:`ImageConflict`); with ``if_unused`` an image that has names, children or containers is
-        left alone and None returned (the caller's view of it was out of date). The image's names go with it
-        (listed in ``names_out`` when given). Returns the layers removed.
+        left alone and None returned (the caller's view of it was out of date). The image's names go with it.
+        ``untag``: names removed first, in the same transaction, whether the image then goes or not (the
+        first must still name the image, :class:`InvalidReference` otherwise; the others go if they do), so
+        that removing an image's last name and the image is one step. ``names_out`` lists every name removed.
+        Returns the layers removed.
 
         A ``damaged`` image (``system check --repair``) goes even with child images (they keep their own
         layers and lose only the parent link) and without its top layer.
+
+        The image's blobs are held by a lease from the transaction that deletes it until they are collected,
+        so that a process killed in between leaves their collection to the next one (its recovery ends the
+        lease).
         """
-        with self.db.tx() as db:
-            row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
-            if row is None:
-                if if_unused:
+        with self.store.lease() as lease:
+            with self.db.tx() as db:
+                row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
+                if untag:
+                    owner = db.execute("SELECT image_id FROM image_names WHERE name=?", (untag[0],)).fetchone()
+                    if row is None or owner is None or owner[0] != image_id:
+                        raise InvalidReference(f"no image is named {untag[0]}")
+                    for name in untag:
+                        gone = db.execute("DELETE FROM image_names WHERE name=? AND image_id=?", (name, image_id))
+                        if gone.rowcount and names_out is not None:
+                            names_out.append(name)
+                    db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), image_id))
+                if row is None:
+                    if if_unused:
+                        return None
+                    raise ImageNotFound(f"image {image_id} not found")
+                children = [r[0] for r in db.execute("SELECT id FROM images WHERE parent=?", (image_id,))]
+                containers = self.containers_of(db, image_id)
+                if if_unused and (children or containers or db.execute(
+                    "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
+                ).fetchone()):
                     return None
-                raise ImageNotFound(f"image {image_id} not found")
-            children = [r[0] for r in db.execute("SELECT id FROM images WHERE parent=?", (image_id,))]
-            containers = self.containers_of(db, image_id)
-            if if_unused and (children or containers or db.execute(
-                "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
-            ).fetchone()):
-                return None
-            short = image_id.split(":", 1)[-1][:12]
-            if containers:
-                raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
-            if children and not damaged:
-                shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
-                raise ImageConflict(f"image {short} has dependent child images ({shown})")
-            db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
-            if names_out is not None:
-                names_out.extend(r[0] for r in db.execute(
-                    "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
-                ))
-            db.execute("DELETE FROM images WHERE id=?", (image_id,))
-            top = None
-            if row[0] and not (damaged and db.execute(
-                "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
-            ).fetchone() is None):
-                top = self.layers.unreference(db, row[0])
-        removed = self.layers.collect([top]) if top else []
-        self.gc()
-        return removed
+                short = image_id.split(":", 1)[-1][:12]
+                if containers:
+                    raise ImageConflict(f"unable to delete {short}: image is used by container {containers[0][:12]}")
+                if children and not damaged:
+                    shown = ", ".join(c.split(":")[-1][:12] for c in children[:3])
+                    raise ImageConflict(f"image {short} has dependent child images ({shown})")
+                db.execute("UPDATE images SET parent=NULL WHERE parent=?", (image_id,))
+                if names_out is not None:
+                    names_out.extend(r[0] for r in db.execute(
+                        "SELECT name FROM image_names WHERE image_id=? ORDER BY added, name", (image_id,)
+                    ))
+                for (digest,) in db.execute("SELECT digest FROM image_blobs WHERE image_id=?", (image_id,)).fetchall():
+                    lease.add_blob(db, digest)
+                db.execute("DELETE FROM images WHERE id=?", (image_id,))
+                top = None
+                if row[0] and not (damaged and db.execute(
+                    "SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (row[0],)
+                ).fetchone() is None):
+                    top = self.layers.unreference(db, row[0])
+            return self.layers.collect([top]) if top else []  # its layers go before the lease ends

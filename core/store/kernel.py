@@ -19,7 +19,7 @@ from lamina.plugins.active import ActiveDriver
 from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
 from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
-from lamina.store.leases import Lease, end_lease
+from lamina.store.leases import Lease, end_leases
 
 if TYPE_CHECKING:
     from lamina.store.check import CheckReport
@@ -157,13 +157,9 @@ class Store:
         ``reading`` (a save or push) holds nothing in a read-only store, where nothing can be removed."""
         return Lease(self, inert=reading and self.read_only)
 
-    def collect(self, cache_ids: list[str], *, blobs: bool = False) -> list[str]:
-        """Remove those of ``cache_ids`` (then their parents) that nothing uses; with ``blobs``, also the
-        content-store blobs no image names and no lease holds. Returns the ChainIDs removed."""
-        removed = [str(c) for c in self.layers.collect(cache_ids)]
-        if blobs:
-            self.images.gc()
-        return removed
+    def collect(self, cache_ids: list[str]) -> list[str]:
+        """Remove those of ``cache_ids`` (then their parents) that nothing uses. Returns the ChainIDs removed."""
+        return [str(c) for c in self.layers.collect(cache_ids)]
 
     # -- recovery -------------------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -179,21 +175,14 @@ class Store:
             lid for lid, pid, start in self.db.query("SELECT id, owner_pid, owner_start FROM leases")
             if not owner_alive(pid, start)
         ]
-        layers: list[str] = []
-        had_blobs = False
-        for lid in dead:
-            with self.db.tx() as db:
-                held, blobs = end_lease(db, lid)
-            layers += held
-            had_blobs |= blobs
         done: list[str] = []
         if dead:
+            removed = end_leases(self, dead)
             done.append(f"ended {len(dead)} lease{'s' if len(dead) > 1 else ''} of processes that are gone")
+            done += [f"removed unused layer {_short(c)}" for c in removed]
         if self.db.one("SELECT 1 FROM containers WHERE state != 'committed' AND state != 'created' LIMIT 1"):
             done += [f"finished off container {cid[:12]}" for cid in self.containers.recover()]
         done += [f"removed incomplete layer {lid[:12]}" for lid in self.layers.recover()]
-        if layers or had_blobs:
-            done += [f"removed unused layer {_short(c)}" for c in self.collect(layers, blobs=had_blobs)]
         done += [f"removed unused layer {_short(c)}" for c in self.layers.collect_orphans()]
         reclaimed = self.layers.reclaim_mounts()
         if reclaimed:

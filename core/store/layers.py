@@ -162,9 +162,8 @@ class LayerStore:
                     mdb.execute("DELETE FROM mount_refs WHERE holder=?", (holder,))
                 for lid in gone:
                     mdb.execute("DELETE FROM mount_refs WHERE id=?", (lid,))
-            for lid in sorted(affected - set(gone)):
-                if self.mount_count(lid) == 0:
-                    self.driver.unmount(lid)
+                unheld = [lid for lid in sorted(affected - set(gone)) if self._take_last(mdb, lid)]
+            self._unmount_taken(unheld)
         return len(dead) + len(gone)
 
     # -- queries --------------------------------------------------------------------------------------
@@ -768,8 +767,12 @@ class LayerStore:
         return f"pid:{self.db.me[0]}:{self.db.me[1]}" if scoped else "user"
 
     def mount(self, cache_id: str, options: list[str] | None = None, *, scoped: bool = False) -> str:
-        """Take a mount reference; ``scoped`` ones die with this process, others last until unmount."""
-        holder = self._holder(scoped)
+        """Take a mount reference; ``scoped`` ones die with this process, others last until unmount.
+
+        The reference is recorded as this process's before the driver mounts, and becomes a lasting one
+        after: a process killed in between leaves a reference of its own, which the next process reclaims
+        (unmounting), never a mount that nothing counts."""
+        mine = self._holder(True)
         with self.mount_lock():
             row = self.db.one("SELECT rw FROM layers WHERE id=? AND state='committed'", (cache_id,))
             if row is None:
@@ -777,14 +780,19 @@ class LayerStore:
             refused = self.db.refused() if row[0] else None
             if refused is not None:
                 raise refused  # a read-write layer that cannot be written
-            # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
-            path = self.driver.mount(cache_id, list(options or []))
             with self.db.tx(runroot=True) as mdb:
-                mdb.execute(
-                    "INSERT INTO mount_refs VALUES (?, ?, 1, ?) ON CONFLICT(id, holder) DO UPDATE SET"
-                    " count=count+1, path=excluded.path",
-                    (cache_id, holder, path),
-                )
+                _add_ref(mdb, cache_id, mine, "")
+            try:
+                # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
+                path = self.driver.mount(cache_id, list(options or []))
+            except BaseException:
+                with self.db.tx(runroot=True) as mdb:
+                    _drop_ref(mdb, cache_id, mine)
+                raise
+            with self.db.tx(runroot=True) as mdb:
+                if not scoped:
+                    _drop_ref(mdb, cache_id, mine)
+                _add_ref(mdb, cache_id, self._holder(scoped), path, count=0 if scoped else 1)
             return path
 
     def unmount(self, cache_id: str, force: bool = False, *, scoped: bool = False) -> int:
@@ -807,16 +815,31 @@ class LayerStore:
                         if row is not None:
                             holder = row[1]
                     if row is not None:
-                        if int(row[0]) <= 1:
-                            mdb.execute("DELETE FROM mount_refs WHERE id=? AND holder=?", (cache_id, holder))
-                        else:
-                            mdb.execute(
-                                "UPDATE mount_refs SET count=count-1 WHERE id=? AND holder=?", (cache_id, holder)
-                            )
-            left = self.mount_count(cache_id)
-            if left == 0:
-                self.driver.unmount(cache_id)
-            return left
+                        _drop_ref(mdb, cache_id, holder)
+                last = self._take_last(mdb, cache_id)
+            if last:
+                self._unmount_taken([cache_id])
+                return 0
+            return self.mount_count(cache_id)
+
+    def _take_last(self, mdb: sqlite3.Connection, cache_id: str) -> bool:
+        """Inside a transaction on mounts.db, under the mount lock: when no reference to the layer is left,
+        take one for this process until :meth:`_unmount_taken` has unmounted it (True), so that a process
+        killed in between leaves the unmount to the next one, never a mount that nothing counts."""
+        row = mdb.execute("SELECT SUM(count) FROM mount_refs WHERE id=?", (cache_id,)).fetchone()
+        if row[0]:
+            return False
+        _add_ref(mdb, cache_id, self._holder(True), "")
+        return True
+
+    def _unmount_taken(self, cache_ids: list[str]) -> None:
+        """Under the mount lock: unmount the layers :meth:`_take_last` took, then drop its references."""
+        for lid in cache_ids:
+            try:
+                self.driver.unmount(lid)
+            finally:
+                with self.db.tx(runroot=True) as mdb:
+                    _drop_ref(mdb, lid, self._holder(True))
 
     def mount_count(self, cache_id: str) -> int:
         row = self.db.one("SELECT SUM(count) FROM mount_refs WHERE id=?", (cache_id,), runroot=True)
@@ -890,6 +913,21 @@ def _pieces(stream: ByteStream) -> Iterator[bytes]:
             yield chunk
     finally:
         stream.close()
+
+
+def _add_ref(mdb: sqlite3.Connection, cache_id: str, holder: str, path: str, count: int = 1) -> None:
+    """Inside a transaction on mounts.db: ``count`` more mount references of ``holder`` (0: set the path)."""
+    mdb.execute(
+        "INSERT INTO mount_refs VALUES (?, ?, ?, ?) ON CONFLICT(id, holder) DO UPDATE SET"
+        " count=count+excluded.count, path=COALESCE(NULLIF(excluded.path, ''), path)",
+        (cache_id, holder, count, path),
+    )
+
+
+def _drop_ref(mdb: sqlite3.Connection, cache_id: str, holder: str) -> None:
+    """Inside a transaction on mounts.db: one mount reference of ``holder`` fewer (the row goes at zero)."""
+    mdb.execute("UPDATE mount_refs SET count=count-1 WHERE id=? AND holder=?", (cache_id, holder))
+    mdb.execute("DELETE FROM mount_refs WHERE id=? AND holder=? AND count <= 0", (cache_id, holder))
 
 
 def _short(digest: str) -> str:

@@ -36,7 +36,6 @@ class Lease:
         self.id = os.urandom(16).hex()
         self.inert = inert
         self.ended = False
-        self.had_blobs = False
         if inert:
             return
         me = store.db.me
@@ -61,12 +60,12 @@ class Lease:
             raise StoreError(f"lease {self.id[:12]} has ended; nothing more can be held by it")
 
     def end_in(self, db: sqlite3.Connection) -> list[str]:
-        """End the lease inside a caller's transaction; returns the layers it held, for collection once
-        that transaction commits (:meth:`Store.collect`)."""
+        """End the lease inside a caller's transaction that makes every blob it holds an image's (the image's
+        creation); returns the layers it held, for collection once that transaction commits
+        (:meth:`Store.collect`)."""
         if self.inert:
             return []
-        layers, self.had_blobs = end_lease(db, self.id)
-        return layers  # the caller marks the lease ended once its transaction has committed
+        return end_lease(db, self.id)  # the caller marks the lease ended once its transaction has committed
 
     # -- own transactions -----------------------------------------------------------------------------
     def blob(self, digest: str) -> None:
@@ -80,13 +79,9 @@ class Lease:
         """End the lease (if the operation has not already) and collect what only it kept."""
         if self.ended:
             return
-        if self.inert:
-            self.ended = True
-            return
-        with self._store.db.tx() as db:
-            layers = self.end_in(db)
+        if not self.inert:
+            end_leases(self._store, [self.id])
         self.ended = True
-        self._store.collect(layers, blobs=self.had_blobs)
 
     def __enter__(self) -> Lease:
         return self
@@ -95,15 +90,30 @@ class Lease:
         self.end()
 
 
-def end_lease(db: sqlite3.Connection, lease_id: str) -> tuple[list[str], bool]:
-    """Inside a caller's transaction: delete lease ``lease_id`` (a live one's or a dead process's). Returns
-    the layers it held and whether it held blobs no image names (written for an image that never came):
-    both call for a collection once the transaction commits."""
-    layers = [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (lease_id,))]
-    unnamed_blobs = db.execute(
-        "SELECT 1 FROM lease_blobs b WHERE lease=? AND NOT EXISTS"
+def end_leases(store: Store, lease_ids: list[str]) -> list[str]:
+    """End leases (this process's, or dead processes' in recovery) and collect what only they kept; returns
+    the ChainIDs of the layers removed.
+
+    The blobs go first, while the leases still record them: a process killed before the leases are ended
+    leaves them to the next one, which collects again. Then the leases, then the layers they held (a layer
+    left without any user by a kill just before is one that recovery's orphan collection finds)."""
+    marks = ",".join("?" * len(lease_ids))
+    if store.db.one(
+        f"SELECT 1 FROM lease_blobs b WHERE lease IN ({marks}) AND NOT EXISTS"
         " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest) LIMIT 1",
-        (lease_id,),
-    ).fetchone() is not None
+        tuple(lease_ids),
+    ):
+        store.images.gc(ignoring=lease_ids)
+    layers: list[str] = []
+    with store.db.tx() as db:
+        for lease_id in lease_ids:
+            layers += end_lease(db, lease_id)
+    return store.collect(layers)
+
+
+def end_lease(db: sqlite3.Connection, lease_id: str) -> list[str]:
+    """Inside a caller's transaction: delete lease ``lease_id``. Returns the layers it held, for collection
+    once the transaction commits (blobs it held are the caller's to collect first: :func:`end_leases`)."""
+    layers = [r[0] for r in db.execute("SELECT layer FROM lease_layers WHERE lease=?", (lease_id,))]
     db.execute("DELETE FROM leases WHERE id=?", (lease_id,))
-    return layers, unnamed_blobs
+    return layers
