@@ -128,10 +128,14 @@ class TarballDriver(Driver):
                         raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
                     if target == "":
                         raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
-                parts = path.split("/")
-                for i in range(1, len(parts) + 1):
-                    tree.add("/".join(parts[:i]))
-                    mine.add("/".join(parts[:i]))
+                # The entry and its parents join both trees; both hold every parent of what they hold,
+                # so the climb stops at the first one already in both (one step for an entry of a deep
+                # tree listed in order).
+                p = path
+                while p and not (p in tree and p in mine):
+                    tree.add(p)
+                    mine.add(p)
+                    p = p.rpartition("/")[0]
                 for chunk in reader.payload_chunks():
                     out.write(chunk)
                 size += e.size

@@ -437,25 +437,43 @@ class _Applier:
         # A directory entry later replaced within the same layer (by a file, a symlink or a new
         # directory) no longer owns that path: its metadata is dropped, as if applied in order.
         done: set[str] = set()
-        for real, e, ident in reversed(self.dirs):
-            self.root.release()  # the previous directory's fd is done with (bounded open fds)
-            if real in done:
-                continue
-            fd = self._same_dir(real, ident)
-            if fd is None:
-                continue
-            done.add(real)
-            self.opened.pop(real, None)
-            self._owner(e, "", fd, fd)
-            os.fchmod(fd, e.mode)
-            self._xattrs(e, fd, fd, "")
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        prev: tuple[str, int] | None = None  # the directory last finished and its fd (ours)
+        try:
+            for real, e, ident in reversed(self.dirs):
+                self.root.release()  # the previous directory's fd is done with (bounded open fds)
+                if real in done:
+                    continue
+                fd = self._same_dir(real, ident, prev)
+                if prev is not None:
+                    os.close(prev[1])
+                    prev = None
+                if fd is None:
+                    continue
+                prev = (real, fd)
+                done.add(real)
+                self.opened.pop(real, None)
+                self._owner(e, "", fd, fd)
+                os.fchmod(fd, e.mode)
+                self._xattrs(e, fd, fd, "")
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            if prev is not None:
+                os.close(prev[1])
         for real, mode in self.opened.items():
             self.root.release()
             with contextlib.suppress(OSError):
                 os.fchmod(self.root.dir(real)[0], mode)
 
-    def _same_dir(self, real: str, ident: tuple[int, int]) -> int | None:
+    def _same_dir(self, real: str, ident: tuple[int, int], prev: tuple[str, int] | None) -> int | None:
+        """An fd (ours) of the directory at ``real`` if it is still the one created as ``ident``. After its
+        child ``prev``, it is that child's ``..`` (a deep tree finishes in one step per directory)."""
+        if prev is not None and prev[0] and prev[0].rpartition("/")[0] == real:
+            with contextlib.suppress(OSError):
+                fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=prev[1])
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == ident:
+                    return fd
+                os.close(fd)
         try:
             fd, resolved = self.root.dir(real)
         except (FileNotFoundError, NotADirectoryError):
@@ -463,7 +481,7 @@ class _Applier:
         st = os.fstat(fd)
         if resolved != real or (st.st_dev, st.st_ino) != ident:
             return None
-        return fd
+        return os.dup(fd)
 
 
 def native_enabled() -> bool:
