@@ -102,8 +102,10 @@ def added_below(fd: int, rel: str, out: list[Change], skip: Callable[[os.stat_re
         while True:
             with os.scandir(stack.fd) as it:
                 for e in it:
-                    if skip is not None and skip(e.stat(follow_symlinks=False)):
-                        continue
+                    if skip is not None or not _plain(e):
+                        st = _lstat(e)
+                        if st is None or (skip is not None and skip(st)):
+                            continue
                     out.append(Change(f"{where}/{e.name}", "A"))
                     if e.is_dir(follow_symlinks=False):
                         subdirs.append(e.name)
@@ -116,6 +118,18 @@ def added_below(fd: int, rel: str, out: list[Change], skip: Callable[[os.stat_re
             stack.push(name)
             frames.append((where, subdirs))
             where, subdirs = f"{where}/{name}", []
+
+
+def _plain(e: os.DirEntry[str]) -> bool:
+    """A file, directory or symlink by its directory entry (no stat needed)."""
+    return e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False) or e.is_symlink()
+
+
+def _lstat(e: os.DirEntry[str]) -> os.stat_result | None:
+    try:
+        return e.stat(follow_symlinks=False)
+    except FileNotFoundError:  # gone, or an overlay whiteout its mount lists but does not show
+        return None
 
 
 def _added_dir(parent_fd: int, name: str, path: str, out: list[Change]) -> None:
@@ -164,12 +178,13 @@ def _compare_entries(lfd: int, pfd: int, pair: _Pair, out: list[Change]) -> None
     """The entries of one pair of directories: changes for everything but directories in both trees,
     which go to ``pair.subdirs``."""
     theirs = set(os.listdir(pfd))
-    mine = os.listdir(lfd)
-    for name in mine:
+    mine: set[str] = set()
+    for name in os.listdir(lfd):
         path = f"{pair.path}/{name}"
         st = lstat_at(lfd, name)
         if st is None:
-            continue
+            continue  # gone, or an overlay whiteout its mount lists but does not show
+        mine.add(name)
         old = lstat_at(pfd, name) if name in theirs else None
         if old is None:
             out.append(Change(path, "A"))
@@ -187,9 +202,8 @@ def _compare_entries(lfd: int, pfd: int, pair: _Pair, out: list[Change]) -> None
             continue
         if _differs(st, old, lfd, pfd, name):
             out.append(Change(path, "C"))
-    mine_set = set(mine)
     for name in theirs:
-        if name not in mine_set:
+        if name not in mine and lstat_at(pfd, name) is not None:
             out.append(Change(f"{pair.path}/{name}", "D"))
 
 
