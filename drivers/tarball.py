@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
+from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported, shown
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
@@ -58,7 +58,7 @@ class TarballDriver(Driver):
 
     def _tar(self, layer_id: str) -> Path:
         if not layer_id or "/" in layer_id or layer_id.startswith("."):
-            raise LayerNotFound(f"bad layer id {layer_id!r}")
+            raise LayerNotFound(f"bad layer id {shown(layer_id)}")
         return self.layers / f"{layer_id}.tar"
 
     @hookimpl
@@ -125,9 +125,9 @@ class TarballDriver(Driver):
                 if e.type == LNK:
                     target = normalize(e.linkname)
                     if target not in tree:
-                        raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
+                        raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
                     if target == "":
-                        raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
+                        raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
                 # The entry and its parents join both trees; both hold every parent of what they hold,
                 # so the climb stops at the first one already in both (one step for an entry of a deep
                 # tree listed in order).

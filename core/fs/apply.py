@@ -29,7 +29,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Protocol
 
-from lamina.errors import ArchiveError, StoreError, UnsafePathError, write_failure
+from lamina.errors import ArchiveError, StoreError, UnsafePathError, shown, write_failure
 from lamina.fs.ops import Root, lstat_at, normalize, remove_at
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
@@ -92,7 +92,7 @@ def check_symlink(path: str, linkname: str, name: str) -> None:
     try:
         normalize(f"{head}/{linkname}" if head else linkname)
     except UnsafePathError:
-        raise UnsafePathError(f"symlink {name!r} -> {linkname!r} leads out of the layer root") from None
+        raise UnsafePathError(f"symlink {shown(name)} -> {shown(linkname)} leads out of the layer root") from None
 
 
 class _Applier:
@@ -243,10 +243,10 @@ class _Applier:
                 os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         except OSError as err:
             if err.errno == errno.EINVAL:
-                raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is not mapped here") from err
+                raise ArchiveError(f"{shown(e.name)}: owner {e.uid}:{e.gid} is not mapped here") from err
             raise
         except OverflowError as err:
-            raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is out of range") from err
+            raise ArchiveError(f"{shown(e.name)}: owner {e.uid}:{e.gid} is out of range") from err
 
     def _xattrs(self, e: Entry, fd: int | None, pfd: int, name: str) -> None:
         for key, value in e.xattrs.items():
@@ -261,7 +261,7 @@ class _Applier:
                     xattr.setxattr(f"/proc/self/fd/{pfd}/{name}", key, value, symlink=True)
             except OSError as err:
                 if err.errno in (errno.ENOTSUP, errno.EPERM) and not key.startswith(("user.", "security.")):
-                    self.warn(f"{e.name}: extended attribute {key} not applied ({err.strerror})")
+                    self.warn(f"{shown(e.name)}: extended attribute {shown(key)} not applied ({err.strerror})")
                     continue
                 raise
 
@@ -277,11 +277,11 @@ class _Applier:
                 st = os.fstat(self.root.fd)
                 self.dirs.append(("", e, (st.st_dev, st.st_ino)))
                 return
-            raise UnsafePathError(f"entry {e.name!r} would replace the layer root")
+            raise UnsafePathError(f"entry {shown(e.name)} would replace the layer root")
         try:
             pfd, _, preal = self.root.parent(path, create=True)
         except NotADirectoryError as err:
-            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
         if not self.is_root:
             self._writable(pfd, preal)
         real = f"{preal}/{base}" if preal else base
@@ -353,16 +353,16 @@ class _Applier:
     def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
         target = normalize(e.linkname)
         if target == "":
-            raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
+            raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
         try:
             tfd, tbase, _ = self.root.parent(target)
         except (FileNotFoundError, NotADirectoryError) as err:
-            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}") from err
+            raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}") from err
         st = lstat_at(tfd, tbase)
         if st is None:
-            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
+            raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
         if stat.S_ISDIR(st.st_mode):
-            raise UnsafePathError(f"hard link {e.name!r} points at a directory")
+            raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
         if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
             self._clear(pfd, base, real, keep_dir=False)
             # _clear may have invalidated cached fds: resolve the target again.
@@ -377,7 +377,7 @@ class _Applier:
         else:
             if not self.can_mknod:
                 if not self.warned_devices:
-                    self.warn("device nodes skipped: creating them needs privileges (first: " + e.name + ")")
+                    self.warn(f"device nodes skipped: creating them needs privileges (first: {shown(e.name)})")
                     self.warned_devices = True
                 return False
             kind = stat.S_IFCHR if e.type == CHR else stat.S_IFBLK
@@ -389,7 +389,7 @@ class _Applier:
             if kind == stat.S_IFIFO:
                 raise
             self.can_mknod = False
-            self.warn(f"device nodes skipped: not permitted here (first: {e.name})")
+            self.warn(f"device nodes skipped: not permitted here (first: {shown(e.name)})")
             self.warned_devices = True
             return False
         self._owner(e, base, pfd, None)
@@ -410,7 +410,7 @@ class _Applier:
             try:
                 dfd, dreal = self.root.dir(head, create=True)
             except NotADirectoryError as err:
-                raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+                raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
             if not self.is_root:
                 self._writable(dfd, dreal)
             keep = self.added.get(dreal, set())
@@ -424,7 +424,7 @@ class _Applier:
         try:
             pfd, preal = self.root.dir(head, create=True)
         except NotADirectoryError as err:
-            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
         real = f"{preal}/{target}" if preal else target
         if not self.is_root:
             self._writable(pfd, preal)
@@ -543,7 +543,7 @@ class _FastPath:
                 continue
             if status == _native.OWNER:
                 name, uid, gid = extra
-                raise ArchiveError(f"{name!r}: owner {uid}:{gid} is not mapped here")
+                raise ArchiveError(f"{shown(name)}: owner {uid}:{gid} is not mapped here")
             # Given back: the Python path applies the next entry, which may change the directory this
             # run resolved (a whiteout of it, say). Resolve again only for an entry C takes.
             self.head = None
@@ -638,7 +638,7 @@ def _apply(
                 ap.apply(e)
             ap.finish()
         except OSError as err:
-            where = f" ({err.filename})" if err.filename else ""
+            where = f" ({shown(err.filename)})" if err.filename else ""
             if err.errno in _STORE_ERRNOS:
                 # the store's fault (full, read-only, not permitted), not the archive's
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

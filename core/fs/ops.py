@@ -20,7 +20,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-from lamina.errors import UnsafePathError
+from lamina.errors import UnsafePathError, shown
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_SYMLINK_HOPS = 40
@@ -45,7 +45,7 @@ def normalize(name: str) -> str:
             continue
         if c == "..":
             if not parts:
-                raise UnsafePathError(f"entry {name!r} climbs out of the layer root")
+                raise UnsafePathError(f"entry {shown(name)} climbs out of the layer root")
             parts.pop()
             continue
         parts.append(c)

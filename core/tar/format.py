@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lamina.errors import ArchiveError
+from lamina.errors import ArchiveError, shown
 from lamina.tar.compression import DiffStream
 
 BLOCK = 512
@@ -116,7 +116,7 @@ def _num(field: bytes, what: str) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise ArchiveError(f"bad tar header: {what} field {field!r} is not a number") from None
+        raise ArchiveError(f"bad tar header: {what} field {shown(field)} is not a number") from None
 
 
 def _pad(n: int) -> int:
@@ -130,7 +130,7 @@ def _parse_mtime_ns(text: str) -> int:
         ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
         return -ns if neg else ns
     except ValueError as e:
-        raise ArchiveError(f"bad PAX mtime {text!r}") from e
+        raise ArchiveError(f"bad PAX mtime {shown(text)}") from e
 
 
 def parse_pax(data: bytes) -> dict[str, bytes]:
@@ -287,7 +287,7 @@ class TarReader:
                     longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
             if t == b"S" or any(k.startswith("GNU.sparse") for k in pax):
-                raise ArchiveError(f"sparse tar entries are not supported ({ti.name!r})")
+                raise ArchiveError(f"sparse tar entries are not supported ({shown(ti.name)})")
             if t == b"V":  # volume label: no content, nothing to apply
                 self._pending = size
                 self._pending_pad = _pad(size)
@@ -295,7 +295,7 @@ class TarReader:
                 continue
             kind = _KNOWN.get(t)
             if kind is None:
-                raise ArchiveError(f"unsupported tar entry type {t!r} for {ti.name!r}")
+                raise ArchiveError(f"unsupported tar entry type {shown(t)} for {shown(ti.name)}")
             break
         assert kind is not None
         self.entries += 1
@@ -335,7 +335,7 @@ class TarReader:
                         try:
                             xattrs[xname] = base64.b64decode(value + b"==", validate=False)
                         except ValueError as e:
-                            raise ArchiveError(f"bad LIBARCHIVE xattr value for {xname!r}") from e
+                            raise ArchiveError(f"bad LIBARCHIVE xattr value for {shown(xname)}") from e
         if longname is not None:
             name = longname
         if longlink is not None:
