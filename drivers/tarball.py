@@ -94,12 +94,13 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
-        # so hard links can only point at files that exist in it.
-        from lamina.errors import ArchiveError, UnsafePathError
-        from lamina.fs.apply import check_symlink
+        # Judge the archive while storing it: the one tar reader (every header rule) and the apply
+        # engine's entry rules, as on every driver; tracking the merged tree so hard links can only point
+        # at files that exist in it. Nothing is unpacked.
+        from lamina.errors import ArchiveError
+        from lamina.fs.apply import check_entry
         from lamina.fs.ops import normalize
-        from lamina.tar.format import LNK, SYM, TarReader
+        from lamina.tar.format import LNK, TarReader
 
         tree = self._tree(parent)
         mine: set[str] = set()
@@ -107,7 +108,7 @@ class TarballDriver(Driver):
         with open(self._tar(layer_id), "wb") as out:
             reader = TarReader(diff, _Tee(out))
             while (e := reader.next()) is not None:
-                path = normalize(e.name)
+                path = check_entry(e)
                 head, _, base = path.rpartition("/")
                 if whiteout.is_whiteout(base):
                     target = whiteout.target_of(base, e.name)
@@ -120,14 +121,8 @@ class TarballDriver(Driver):
                     continue
                 if path == "":
                     continue
-                if e.type == SYM:
-                    check_symlink(path, e.linkname, e.name)
-                if e.type == LNK:
-                    target = normalize(e.linkname)
-                    if target not in tree:
-                        raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
-                    if target == "":
-                        raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
+                if e.type == LNK and normalize(e.linkname) not in tree:
+                    raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
                 # The entry and its parents join both trees; both hold every parent of what they hold,
                 # so the climb stops at the first one already in both (one step for an entry of a deep
                 # tree listed in order).

@@ -95,6 +95,25 @@ def check_symlink(path: str, linkname: str, name: str) -> None:
         raise UnsafePathError(f"symlink {shown(name)} -> {shown(linkname)} leads out of the layer root") from None
 
 
+def check_entry(e: Entry) -> str:
+    """The layer-relative path of entry ``e``, once it passed the rules that need no tree: a name may not
+    climb out of the root, a whiteout must name something, only a directory may stand for the root
+    itself, a relative symlink may not lead out of the root from where the archive puts it, a hard link
+    may not point at the root. The apply engine and the drivers that keep the stream as it is (tarball)
+    judge entries alike through it."""
+    path = normalize(e.name)
+    base = path.rpartition("/")[2]
+    if whiteout.is_whiteout(base):
+        whiteout.target_of(base, e.name)  # refuses a malformed whiteout
+    elif path == "" and e.type != DIR:
+        raise UnsafePathError(f"entry {shown(e.name)} would replace the layer root")
+    elif e.type == SYM:
+        check_symlink(path, e.linkname, e.name)
+    elif e.type == LNK and normalize(e.linkname) == "":
+        raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
+    return path
+
+
 class _Applier:
     def __init__(
         self,
@@ -263,21 +282,22 @@ class _Applier:
                 if err.errno in (errno.ENOTSUP, errno.EPERM) and not key.startswith(("user.", "security.")):
                     self.warn(f"{shown(e.name)}: extended attribute {shown(key)} not applied ({err.strerror})")
                     continue
+                if err.errno == errno.ENOSPC:  # the filesystem's room for one inode's attributes, mostly
+                    raise StoreError(f"{shown(e.name)}: extended attribute {shown(key)} of {len(value)} bytes does "
+                                     "not fit on the store's filesystem (or it is full)") from err
                 raise
 
     def apply(self, e: Entry) -> None:
         self.root.release()  # no directory fd of the previous entry is in use any more
-        path = normalize(e.name)
+        path = check_entry(e)
         head, _, base = path.rpartition("/")
         if whiteout.is_whiteout(base):
             self._whiteout(path, head, base, e)
             return
-        if path == "":
-            if e.type == DIR:
-                st = os.fstat(self.root.fd)
-                self.dirs.append(("", e, (st.st_dev, st.st_ino)))
-                return
-            raise UnsafePathError(f"entry {shown(e.name)} would replace the layer root")
+        if path == "":  # a directory (check_entry refused anything else)
+            st = os.fstat(self.root.fd)
+            self.dirs.append(("", e, (st.st_dev, st.st_ino)))
+            return
         try:
             pfd, _, preal = self.root.parent(path, create=True)
         except NotADirectoryError as err:
@@ -351,9 +371,7 @@ class _Applier:
         return known
 
     def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
-        target = normalize(e.linkname)
-        if target == "":
-            raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
+        target = normalize(e.linkname)  # not the root: check_entry refused that
         try:
             tfd, tbase, _ = self.root.parent(target)
         except (FileNotFoundError, NotADirectoryError) as err:
