@@ -279,12 +279,17 @@ class _Applier:
 
                     xattr.setxattr(f"/proc/self/fd/{pfd}/{name}", key, value, symlink=True)
             except OSError as err:
-                if err.errno in (errno.ENOTSUP, errno.EPERM) and not key.startswith(("user.", "security.")):
+                if err.errno in (errno.ENOTSUP, errno.EPERM) and (
+                        not key.startswith(("user.", "security."))
+                        or (key.startswith("user.") and e.type not in (REG, DIR))):  # Linux has none there
                     self.warn(f"{shown(e.name)}: extended attribute {shown(key)} not applied ({err.strerror})")
                     continue
                 if err.errno == errno.ENOSPC:  # the filesystem's room for one inode's attributes, mostly
                     raise StoreError(f"{shown(e.name)}: extended attribute {shown(key)} of {len(value)} bytes does "
                                      "not fit on the store's filesystem (or it is full)") from err
+                if err.errno in (errno.EINVAL, errno.ERANGE, errno.E2BIG):
+                    raise ArchiveError(f"{shown(e.name)}: the kernel refuses extended attribute {shown(key)} "
+                                       f"({err.strerror})") from err
                 raise
 
     def apply(self, e: Entry) -> None:
@@ -656,7 +661,7 @@ def _apply(
                 ap.apply(e)
             ap.finish()
         except OSError as err:
-            where = f" ({shown(err.filename)})" if err.filename else ""
+            where = f" ({shown(err.filename)})" if isinstance(err.filename, str) and err.filename else ""
             if err.errno in _STORE_ERRNOS:
                 # the store's fault (full, read-only, not permitted), not the archive's
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

@@ -377,6 +377,7 @@ XATTR_SIZE_MAX = 65536  # bytes in an extended attribute's value
 ID_MAX = 4294967294  # the largest uid or gid ((uid_t)-1 means "no change" to chown)
 _LONG_COMPONENT = re.compile(f"[^/]{{{NAME_MAX // 4 + 1},}}")  # components that may be longer than NAME_MAX bytes
 _TIME_MAX = (1 << 63) - 1  # seconds of a time_t
+_CAPABILITY_FORMATS = {(20, b"\x02"), (24, b"\x03")}  # struct vfs_cap_data: size, revision (high byte, LE)
 
 
 def _encoded(text: str) -> int:
@@ -413,6 +414,9 @@ def _check(kind: str, name: str, linkname: str, uid: int, gid: int, mtime_ns: in
         if len(value) > XATTR_SIZE_MAX:
             raise ArchiveError(f"tar entry {shown(name)}: extended attribute {shown(key)} is larger than "
                                f"{XATTR_SIZE_MAX} bytes")
+        if key == "security.capability" and (len(value), value[3:4]) not in _CAPABILITY_FORMATS:
+            raise ArchiveError(f"tar entry {shown(name)}: security.capability is not a file capability set "
+                               "(revision 2 of 20 bytes or revision 3 of 24)")
 
 
 def _pax_int(key: str, value: bytes) -> int:
