@@ -36,7 +36,7 @@ import stat
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +95,16 @@ def _is_whiteout(st: os.stat_result) -> bool:
 
 
 class OverlayWhiteouts:
-    """OCI whiteouts as overlayfs represents them in an upper directory."""
+    """OCI whiteouts as overlayfs represents them in an upper directory.
 
-    def __init__(self, opaque_xattr: str) -> None:
+    overlayfs ignores the opaque marker on the root directory of a lower layer, so an opaque marker at a
+    layer's root also whites out, one by one, what the layers below show there (``root_names``)."""
+
+    def __init__(self, opaque_xattr: str, root: tuple[int, int] | None = None,
+                 root_names: Callable[[], set[str]] | None = None) -> None:
         self.opaque_xattr = opaque_xattr
+        self.root = root  # (st_dev, st_ino) of the layer's diff directory
+        self.root_names = root_names
 
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
@@ -106,6 +112,10 @@ class OverlayWhiteouts:
 
     def opaque(self, dir_fd: int, keep: set[str]) -> None:
         os.setxattr(dir_fd, self.opaque_xattr, b"y")
+        st = os.fstat(dir_fd)
+        if self.root_names is not None and (st.st_dev, st.st_ino) == self.root:
+            for name in sorted(self.root_names() - keep):
+                self.whiteout(dir_fd, name)
 
 
 @dataclass
@@ -452,8 +462,10 @@ class OverlayDriver(Driver):
                 found = lowers.find(lowers.state(head), head, name)
                 return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
 
-            result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), warn=log.warning,
-                               implicit_dirs=shadowed)
+            st = os.stat(d / "diff")
+            whiteouts = OverlayWhiteouts(self.opaque_xattr, (st.st_dev, st.st_ino),
+                                         lambda: lowers.children(lowers.top, ""))
+            result = apply_tar(diff, d / "diff", whiteouts=whiteouts, warn=log.warning, implicit_dirs=shadowed)
         return result.size
 
     # -- hooks: mounting ----------------------------------------------------------------------------

@@ -134,6 +134,8 @@ def test_native_diff_matches_the_merged_views(overlay_svc: ImageService) -> None
         .file(f"{deep}/bottom", b"22").file(f"{deep}/more", b"m"),
         TarBuilder().dir("a").file("a/y", b"back").opaque("a/sub").whiteout(deep.rpartition("/")[0])
         .file("b", b"now a file"),
+        # overlayfs ignores an opaque marker on a lower layer's root: the driver whites out one by one
+        TarBuilder().file("kept", b"k").opaque("").file("new", b"n"),
     ]
     parent = None
     for tb in tars:
@@ -148,6 +150,11 @@ def test_native_diff_matches_the_merged_views(overlay_svc: ImageService) -> None
         assert native == views
         parent = layer.chain_id
     assert "D /a/x" in [str(c) for c in svc.layer_changes(svc.layers()[1].chain_id)]
+    with svc.mounted_layer(parent) as top:
+        assert sorted(os.listdir(top)) == ["kept", "new"]
+    on_top = svc.register_layer(io.BytesIO(TarBuilder().file("later", b"l").build()), parent)
+    with svc.mounted_layer(on_top.chain_id) as path:
+        assert sorted(os.listdir(path)) == ["kept", "later", "new"]
 
 
 _HOLDER = """
