@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 
 from lamina.fs.ops import DirStack, Root
 
@@ -161,10 +162,8 @@ def _copy_entries(
     dst_root: Root,
 ) -> list[str]:
     """Copy what one directory holds except its subdirectories, whose names are returned."""
-    with os.scandir(sfd) as it:
-        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
     subdirs = []
-    for name, st in entries:
+    for name, st in _scan(sfd):
         mode = st.st_mode
         if stat.S_ISSOCK(mode):
             continue  # sockets are not layer content
@@ -209,3 +208,11 @@ def _copy_entries(
         _xattrs(name, name, src_dir=sfd, dst_dir=dfd)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
     return subdirs
+
+
+def _scan(fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of the directory ``fd`` with their lstat, read as they are used (a directory of a million
+    entries never becomes a list of a million stats)."""
+    with os.scandir(fd) as it:
+        for e in it:
+            yield e.name, e.stat(follow_symlinks=False)

@@ -40,7 +40,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -283,10 +283,8 @@ def _fill(
     is_root: bool,
 ) -> list[tuple[str, os.stat_result]]:
     """Recreate what one directory holds but its subdirectories, which are returned with their stats."""
-    with os.scandir(sfd) as it:
-        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
     subdirs = []
-    for name, st in entries:
+    for name, st in _scan(sfd):
         mode = st.st_mode
         path = f"{rel}/{name}" if rel else name
         if stat.S_ISDIR(mode):
@@ -388,3 +386,11 @@ def remove_tree(path: Path) -> None:
 @hookimpl
 def lamina_register_drivers(registry: DriverRegistry) -> None:
     registry.add(HardlinkDriver)
+
+
+def _scan(fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of the directory ``fd`` with their lstat, read as they are used (a directory of a million
+    entries never becomes a list of a million stats)."""
+    with os.scandir(fd) as it:
+        for e in it:
+            yield e.name, e.stat(follow_symlinks=False)
