@@ -30,7 +30,7 @@ from lamina.contract import (
 from lamina.errors import ExportError, LayerNotFound
 from lamina.fs.apply import ApplyResult, DeleteWhiteouts, WhiteoutStrategy, apply_tar
 from lamina.fs.changes import diff_size, diff_tar, tree_changes
-from lamina.fs.ops import rmtree
+from lamina.fs.ops import DirStack, Root, rmtree
 from lamina.fs.treecopy import copy_tree
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar.split import ExactTarStream, assemble
@@ -43,10 +43,12 @@ __all__ = [
     "ChangeKind",
     "DeleteWhiteouts",
     "DiffStream",
+    "DirStack",
     "Driver",
     "DriverInfo",
     "DriverRegistry",
     "ExactTarStream",
+    "Root",
     "TreeDriver",
     "WhiteoutStrategy",
     "apply_tar",

@@ -46,13 +46,38 @@ from __future__ import annotations
 
 import errno
 
+MAX_MESSAGE = 400  # characters of an error message at most: the rest of a longer one is cut from its middle
+NAME_SHOWN = 120  # characters of a name (path, link target, key) an error message quotes at most
+
+
+def shorten(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters, saying how many went."""
+    if len(text) <= limit:
+        return text
+    marker = ""
+    for _ in range(3):  # the marker's length depends on the number it holds
+        keep = max(limit - len(marker), 2)
+        marker = f" ...[{len(text) - keep} characters]... "
+    keep = max(limit - len(marker), 2)
+    head = keep * 2 // 3
+    return text[:head] + marker + text[len(text) - (keep - head) :]
+
+
+def shown(name: str | bytes, limit: int = NAME_SHOWN) -> str:
+    """A name as an error message quotes it: its ``repr``, cut in the middle when long (an archive may
+    hold names of megabytes)."""
+    if len(name) <= limit:
+        return shorten(repr(name), limit)
+    head, tail = name[: limit // 2], name[len(name) - limit // 4 :]
+    return shorten(f"{head!r}...[{len(name) - len(head) - len(tail)} more]...{tail!r}", limit)
+
 
 class LaminaError(Exception):
     """Root of every error lamina raises on purpose."""
 
     def __init__(self, message: str) -> None:
-        # One line, always: the CLI prints it as is.
-        super().__init__(" ".join(str(message).split()))
+        # One line, always: the CLI prints it as is; and short, whatever the input it names.
+        super().__init__(shorten(" ".join(str(message).split())))
 
     @property
     def message(self) -> str:
@@ -126,7 +151,7 @@ def write_failure(err: OSError, doing: str) -> StoreError:
         return StoreFull(f"disk quota exceeded while {doing}")
     if err.errno == errno.EROFS:
         return StoreReadOnly(f"read-only file system: cannot finish {doing}")
-    where = f" ({err.filename})" if err.filename else ""
+    where = f" ({shown(err.filename)})" if isinstance(err.filename, str) and err.filename else ""
     return StoreError(f"{err.strerror or err} while {doing}{where}")
 
 

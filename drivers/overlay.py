@@ -35,16 +35,17 @@ import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
 from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound
 from lamina.fs.apply import apply_tar
-from lamina.fs.changes import diff_size, diff_tar, entry_differs, tree_changes
-from lamina.fs.ops import remove_at, rmtree, write_atomic
+from lamina.fs.changes import added_below, diff_size, diff_tar, entry_differs, tree_changes
+from lamina.fs.ops import DirStack, Root, lstat_at, remove_at, rmtree, write_atomic
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar.compression import DiffStream
 from lamina.tar.split import ExactTarStream, assemble
@@ -56,6 +57,8 @@ _FIXED_ENTRIES = frozenset({"l", "mode"})  # entries of the home that are not la
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _KNOWN_OPTIONS = {"mountopt", "mount_program", "force_mask"}
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_LOWER_FDS = 32  # directory fds kept per lower layer while reading the lowers
+_LOWER_STATES = 1024  # directories whose merged-view state is remembered
 
 
 def _in_user_namespace() -> bool:
@@ -92,10 +95,16 @@ def _is_whiteout(st: os.stat_result) -> bool:
 
 
 class OverlayWhiteouts:
-    """OCI whiteouts as overlayfs represents them in an upper directory."""
+    """OCI whiteouts as overlayfs represents them in an upper directory.
 
-    def __init__(self, opaque_xattr: str) -> None:
+    overlayfs ignores the opaque marker on the root directory of a lower layer, so an opaque marker at a
+    layer's root also whites out, one by one, what the layers below show there (``root_names``)."""
+
+    def __init__(self, opaque_xattr: str, root: tuple[int, int] | None = None,
+                 root_names: Callable[[], set[str]] | None = None) -> None:
         self.opaque_xattr = opaque_xattr
+        self.root = root  # (st_dev, st_ino) of the layer's diff directory
+        self.root_names = root_names
 
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
@@ -103,6 +112,10 @@ class OverlayWhiteouts:
 
     def opaque(self, dir_fd: int, keep: set[str]) -> None:
         os.setxattr(dir_fd, self.opaque_xattr, b"y")
+        st = os.fstat(dir_fd)
+        if self.root_names is not None and (st.st_dev, st.st_ino) == self.root:
+            for name in sorted(self.root_names() - keep):
+                self.whiteout(dir_fd, name)
 
 
 @dataclass
@@ -442,14 +455,17 @@ class OverlayDriver(Driver):
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         d = self._dir(layer_id)
-        lowers = _NativeDiff(str(d / "diff"), self._lower_dirs(layer_id), self.opaque_xattr)
+        with _Lowers(self._lower_dirs(layer_id), self.opaque_xattr) as lowers:
 
-        def shadowed(rel: str) -> os.stat_result | None:
-            found = lowers._lower_lookup(rel)
-            return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
+            def shadowed(rel: str) -> os.stat_result | None:
+                head, _, name = rel.rpartition("/")
+                found = lowers.find(lowers.state(head), head, name)
+                return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
 
-        result = apply_tar(diff, d / "diff", whiteouts=OverlayWhiteouts(self.opaque_xattr), warn=log.warning,
-                           implicit_dirs=shadowed)
+            st = os.stat(d / "diff")
+            whiteouts = OverlayWhiteouts(self.opaque_xattr, (st.st_dev, st.st_ino),
+                                         lambda: lowers.children(lowers.top, ""))
+            result = apply_tar(diff, d / "diff", whiteouts=whiteouts, warn=log.warning, implicit_dirs=shadowed)
         return result.size
 
     # -- hooks: mounting ----------------------------------------------------------------------------
@@ -608,19 +624,129 @@ class OverlayDriver(Driver):
         return True
 
 
+class _Lowers:
+    """The lower directories of an overlay layer, read as the merged view shows them: relative to directory
+    fds (no path longer than a name is ever built), without recursion, at any depth.
+
+    A directory's *state* is the indexes of the lowers whose copy of it shows through, nearest first: a
+    copy marked opaque hides the lowers below it, and a whiteout or anything but a directory ends the
+    merge, as in overlayfs (which, like this, ignores an opaque marker on a lower's root).
+    """
+
+    def __init__(self, dirs: list[str], opaque_xattr: str) -> None:
+        self.dirs = dirs
+        self.opaque = opaque_xattr
+        self.top: tuple[int, ...] = tuple(range(len(dirs)))  # the state of the root
+        self._roots: dict[int, Root] = {}
+        self._states: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+
+    def __enter__(self) -> _Lowers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for root in self._roots.values():
+            root.close()
+        self._roots.clear()
+
+    def fd(self, i: int, rel: str) -> int:
+        """An fd of the directory ``rel`` in lower ``i`` (owned here)."""
+        root = self._roots.get(i)
+        if root is None:
+            root = self._roots[i] = Root(self.dirs[i], cache_size=_LOWER_FDS)
+        return root.dir(rel)[0]
+
+    def find(self, state: tuple[int, ...], rel: str, name: str) -> tuple[int, os.stat_result] | None:
+        """Which lower provides ``name`` in the directory ``rel`` (of state ``state``), with its stat; None
+        when the merged view has no such entry."""
+        for i in state:
+            st = lstat_at(self.fd(i, rel), name)
+            if st is not None:
+                return None if _is_whiteout(st) else (i, st)
+        return None
+
+    def child_state(self, state: tuple[int, ...], rel: str, name: str) -> tuple[int, ...]:
+        out: list[int] = []
+        for i in state:
+            fd = self.fd(i, rel)
+            st = lstat_at(fd, name)
+            if st is None:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                break
+            out.append(i)
+            if _opaque_at(fd, name, self.opaque):
+                break
+        return tuple(out)
+
+    def state(self, rel: str) -> tuple[int, ...]:
+        """The state of the directory ``rel`` (empty: no lower shows a directory there), computed from the
+        nearest directory above it whose state is remembered."""
+        if rel == "":
+            return self.top
+        hit = self._states.get(rel)
+        if hit is not None:
+            self._states.move_to_end(rel)
+            return hit
+        todo = []
+        head = rel
+        while head and head not in self._states:
+            todo.append(head)
+            head = head.rpartition("/")[0]
+        state = self._states[head] if head else self.top
+        for path in reversed(todo):
+            parent, _, name = path.rpartition("/")
+            state = self.child_state(state, parent, name) if state else ()
+            self._states[path] = state
+            if len(self._states) > _LOWER_STATES:
+                self._states.popitem(last=False)
+        return state
+
+    def children(self, state: tuple[int, ...], rel: str) -> set[str]:
+        """The names the lowers show in the directory ``rel`` (of state ``state``)."""
+        names: set[str] = set()
+        hidden: set[str] = set()
+        for i in state:
+            with os.scandir(self.fd(i, rel)) as it:
+                for e in it:
+                    if e.name in names or e.name in hidden:
+                        continue
+                    (hidden if _is_whiteout(e.stat(follow_symlinks=False)) else names).add(e.name)
+        return names
+
+
+def _opaque_at(dir_fd: int, name: str, attr: str) -> bool:
+    try:
+        return os.getxattr(f"/proc/self/fd/{dir_fd}/{name}", attr, follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+@dataclass
+class _UpperDir:
+    """A directory of the upper layer that also shows in the lowers, being compared with them."""
+
+    path: str  # "/a/b"
+    state: tuple[int, ...]
+    opaque: bool
+    differs: bool  # its own metadata
+    start: int  # len(out) when it was entered: anything appended since is a change below it
+    present: set[str] = field(default_factory=set)  # its entries that are not whiteouts
+    subdirs: list[tuple[str, bool, tuple[int, ...]]] = field(default_factory=list)  # (name, differs, state)
+
+
 class _NativeDiff:
     """Changes of an upper directory against the stack of lower directories below it.
 
     Reports exactly what a tree comparison of the merged views would: directories count as changed when
     their metadata differs or something below them changed; opaque directories are expanded into
-    deletions of the lower entries they hide.
+    deletions of the lower entries they hide. The upper tree is walked depth first without recursion
+    (:class:`~lamina.fs.ops.DirStack`), the lowers through :class:`_Lowers`.
     """
 
     def __init__(self, upper: str, lowers: list[str], opaque_xattr: str) -> None:
         self.upper = upper
         self.lowers = lowers
         self.opaque = opaque_xattr
-        self.out: list[Change] = []
 
     def _is_opaque(self, fd: int) -> bool:
         try:
@@ -628,133 +754,75 @@ class _NativeDiff:
         except OSError:
             return False
 
-    def _lower_lookup(self, rel: str) -> tuple[str, os.stat_result] | None:
-        """The lower directory that provides ``rel`` in the merged view, with its stat."""
-        parts = rel.split("/")
-        for low in self.lowers:
-            blocked = False
-            for i in range(1, len(parts)):
-                st = lstat_path(os.path.join(low, *parts[:i]))
-                if st is None:
-                    continue
-                if _is_whiteout(st) or not stat.S_ISDIR(st.st_mode):
-                    return None
-                if self._path_opaque(os.path.join(low, *parts[:i])):
-                    blocked = True
-            st = lstat_path(os.path.join(low, rel))
-            if st is not None:
-                return None if _is_whiteout(st) else (low, st)
-            if blocked:
-                return None
-        return None
-
-    def _path_opaque(self, path: str) -> bool:
-        try:
-            return os.getxattr(path, self.opaque, follow_symlinks=False) == b"y"
-        except OSError:
-            return False
-
-    def _lower_children(self, rel: str) -> set[str]:
-        names: set[str] = set()
-        hidden: set[str] = set()
-        for low in self.lowers:
-            path = os.path.join(low, rel) if rel else low
-            st = lstat_path(path)
-            if st is None:
-                continue
-            if not stat.S_ISDIR(st.st_mode):
-                break
-            for name in os.listdir(path):
-                cst = lstat_path(os.path.join(path, name))
-                if name in hidden or name in names:
-                    continue
-                if cst is not None and _is_whiteout(cst):
-                    hidden.add(name)
-                else:
-                    names.add(name)
-            if self._path_opaque(path):
-                break
-        return names
-
     def changes(self) -> list[Change]:
+        out: list[Change] = []
         fd = os.open(self.upper, _DIR)
         try:
-            self._walk(fd, "", opaque=self._is_opaque(fd))
+            with _Lowers(self.lowers, self.opaque) as low, DirStack(fd) as up:
+                frames = [_UpperDir("", low.top, self._is_opaque(fd), False, 0)]
+                while frames:
+                    top = frames[-1]
+                    self._entries(up.fd, top, low, out)
+                    while not top.subdirs:
+                        frames.pop()
+                        if top.opaque:
+                            for name in sorted(low.children(top.state, top.path[1:]) - top.present):
+                                out.append(Change(f"{top.path}/{name}", "D"))
+                        if not frames:
+                            break
+                        if top.differs or len(out) > top.start:
+                            out.append(Change(top.path, "C"))
+                        up.pop()
+                        top = frames[-1]
+                    else:
+                        name, differs, state = top.subdirs.pop()
+                        cfd = up.push(name)
+                        frames.append(_UpperDir(f"{top.path}/{name}", state, self._is_opaque(cfd), differs, len(out)))
         finally:
             os.close(fd)
-        self.out.sort(key=lambda c: c.path)
-        return self.out
+        out.sort(key=lambda c: c.path)
+        return out
 
-    def _added_subtree(self, parent_fd: int, name: str, path: str) -> None:
-        cfd = os.open(name, _DIR, dir_fd=parent_fd)
-        try:
-            self._added_tree(cfd, path)
-        finally:
-            os.close(cfd)
-
-    def _added_tree(self, fd: int, rel: str) -> None:
-        with os.scandir(fd) as it:
-            entries = list(it)
-        for e in entries:
-            st = e.stat(follow_symlinks=False)
-            if _is_whiteout(st):
+    def _entries(self, fd: int, d: _UpperDir, low: _Lowers, out: list[Change]) -> None:
+        """Changes for the entries of one upper directory but its subdirectories that also show in the
+        lowers, which go to ``d.subdirs``."""
+        rel = d.path[1:]
+        for name in os.listdir(fd):
+            st = lstat_at(fd, name)
+            if st is None:
                 continue
-            path = f"{rel}/{e.name}"
-            self.out.append(Change(path, "A"))
-            if stat.S_ISDIR(st.st_mode):
-                self._added_subtree(fd, e.name, path)
-
-    def _walk(self, fd: int, rel: str, opaque: bool) -> bool:
-        start = len(self.out)
-        with os.scandir(fd) as it:
-            entries = {e.name: e.stat(follow_symlinks=False) for e in it}
-        for name, st in entries.items():
-            path = f"{rel}/{name}"
-            key = path[1:]
-            low = self._lower_lookup(key)
+            path = f"{d.path}/{name}"
+            found = low.find(d.state, rel, name) if d.state else None
             if _is_whiteout(st):
-                if low is not None and not opaque:
-                    self.out.append(Change(path, "D"))
+                if found is not None and not d.opaque:
+                    out.append(Change(path, "D"))
                 continue
-            if low is None:
-                self.out.append(Change(path, "A"))
+            d.present.add(name)
+            if found is None:
+                out.append(Change(path, "A"))
                 if stat.S_ISDIR(st.st_mode):
-                    self._added_subtree(fd, name, path)
+                    self._added(fd, name, path, out)
                 continue
-            ldir, lst = low
-            lparent = os.open(os.path.dirname(os.path.join(ldir, key)) or ldir, _DIR)
-            try:
-                differs = entry_differs(st, fd, name, lst, lparent, name)
-            finally:
-                os.close(lparent)
+            i, lst = found
+            differs = entry_differs(st, fd, name, lst, low.fd(i, rel), name)
             if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(lst.st_mode):
-                idx = len(self.out)
-                cfd = os.open(name, _DIR, dir_fd=fd)
-                try:
-                    inner = self._walk(cfd, path, opaque=self._is_opaque(cfd))
-                finally:
-                    os.close(cfd)
-                if differs or inner:
-                    self.out.insert(idx, Change(path, "C"))
+                d.subdirs.append((name, differs, low.child_state(d.state, rel, name)))
                 continue
             if stat.S_ISDIR(st.st_mode) != stat.S_ISDIR(lst.st_mode):
-                self.out.append(Change(path, "C"))
+                out.append(Change(path, "C"))
                 if stat.S_ISDIR(st.st_mode):
-                    self._added_subtree(fd, name, path)
+                    self._added(fd, name, path, out)
                 continue
             if differs:
-                self.out.append(Change(path, "C"))
-        if opaque:
-            for name in sorted(self._lower_children(rel[1:]) - set(entries)):
-                self.out.append(Change(f"{rel}/{name}", "D"))
-        return len(self.out) > start
+                out.append(Change(path, "C"))
 
-
-def lstat_path(path: str) -> os.stat_result | None:
-    try:
-        return os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
+    @staticmethod
+    def _added(parent_fd: int, name: str, path: str, out: list[Change]) -> None:
+        cfd = os.open(name, _DIR, dir_fd=parent_fd)
+        try:
+            added_below(cfd, path, out, skip=_is_whiteout)
+        finally:
+            os.close(cfd)
 
 
 _PROBE_PREFIXES = (".lamina-dtype-", ".lamina-overlay-probe-")

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported
+from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported, shown
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
@@ -58,7 +58,7 @@ class TarballDriver(Driver):
 
     def _tar(self, layer_id: str) -> Path:
         if not layer_id or "/" in layer_id or layer_id.startswith("."):
-            raise LayerNotFound(f"bad layer id {layer_id!r}")
+            raise LayerNotFound(f"bad layer id {shown(layer_id)}")
         return self.layers / f"{layer_id}.tar"
 
     @hookimpl
@@ -94,12 +94,13 @@ class TarballDriver(Driver):
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
-        # Validate the archive while storing it, by the apply engine's rules, tracking the merged tree
-        # so hard links can only point at files that exist in it.
-        from lamina.errors import ArchiveError, UnsafePathError
-        from lamina.fs.apply import check_symlink
+        # Judge the archive while storing it: the one tar reader (every header rule) and the apply
+        # engine's entry rules, as on every driver; tracking the merged tree so hard links can only point
+        # at files that exist in it. Nothing is unpacked.
+        from lamina.errors import ArchiveError
+        from lamina.fs.apply import check_entry
         from lamina.fs.ops import normalize
-        from lamina.tar.format import LNK, SYM, TarReader
+        from lamina.tar.format import LNK, TarReader
 
         tree = self._tree(parent)
         mine: set[str] = set()
@@ -107,7 +108,7 @@ class TarballDriver(Driver):
         with open(self._tar(layer_id), "wb") as out:
             reader = TarReader(diff, _Tee(out))
             while (e := reader.next()) is not None:
-                path = normalize(e.name)
+                path = check_entry(e)
                 head, _, base = path.rpartition("/")
                 if whiteout.is_whiteout(base):
                     target = whiteout.target_of(base, e.name)
@@ -120,18 +121,16 @@ class TarballDriver(Driver):
                     continue
                 if path == "":
                     continue
-                if e.type == SYM:
-                    check_symlink(path, e.linkname, e.name)
-                if e.type == LNK:
-                    target = normalize(e.linkname)
-                    if target not in tree:
-                        raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
-                    if target == "":
-                        raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
-                parts = path.split("/")
-                for i in range(1, len(parts) + 1):
-                    tree.add("/".join(parts[:i]))
-                    mine.add("/".join(parts[:i]))
+                if e.type == LNK and normalize(e.linkname) not in tree:
+                    raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
+                # The entry and its parents join both trees; both hold every parent of what they hold,
+                # so the climb stops at the first one already in both (one step for an entry of a deep
+                # tree listed in order).
+                p = path
+                while p and not (p in tree and p in mine):
+                    tree.add(p)
+                    mine.add(p)
+                    p = p.rpartition("/")[0]
                 for chunk in reader.payload_chunks():
                     out.write(chunk)
                 size += e.size

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import lamina
+from lamina.errors import MAX_MESSAGE
 from lamina.testing import TarBuilder
 
 HEAVY = ("sqlite3", "pluggy", "isal", "zstandard", "psutil", "lamina.store.layers")
@@ -217,6 +218,7 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
     d = tmp_path / "bad"
     d.mkdir(exist_ok=True)
     (d / "traversal.tar").write_bytes(TarBuilder().file("../x", b"x").build())
+    (d / "long-traversal.tar").write_bytes(TarBuilder().file("../" + "x/" * 50_000 + "x", b"x").build())
     full = gzip.compress(TarBuilder().file("f", os.urandom(100_000)).build())
     (d / "truncated.tar.gz").write_bytes(full[: len(full) // 2])
     (d / "good.tar").write_bytes(TarBuilder().file("g", b"g").build())
@@ -233,13 +235,16 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
         "bad-digest": (["layer", "add", "--diff-id", "md5:1234", str(d / "good.tar")], ("md5:1234",)),
         "digest-mismatch": (["layer", "add", "--diff-id", zero, str(d / "good.tar")], ("mismatch",)),
         "not-a-layer-ref": (["layer", "diff", "xyz!"], ("xyz!",)),
+        # a name of 100,000 characters is quoted cut in its middle; any message is cut at 400 characters
+        "long-traversal": (["layer", "add", str(d / "long-traversal.tar")], ("climbs out", "more]...")),
+        "long-driver-name": (["--driver", "d" * 100_000, "layers"], ("unknown storage driver", "characters]")),
     }
 
 
 CASES = [
     "traversal", "truncated-gzip", "nonexistent-file", "unknown-driver",
     "unknown-layer-export", "unknown-layer-prefix", "unknown-layer-rm", "unknown-parent", "bad-digest",
-    "digest-mismatch", "not-a-layer-ref",
+    "digest-mismatch", "not-a-layer-ref", "long-traversal", "long-driver-name",
 ]
 
 
@@ -247,8 +252,9 @@ CASES = [
 def test_bad_input_is_one_line_error(tmp_path: Path, case: str) -> None:
     args, needles = _bad_inputs(tmp_path)[case]
     proc = run(tmp_path, *args)
-    assert_one_line_error(proc, *needles)
-    if case != "unknown-driver":
+    line = assert_one_line_error(proc, *needles)
+    assert len(line) <= len("Error: ") + MAX_MESSAGE
+    if case not in ("unknown-driver", "long-driver-name"):
         # nothing became visible
         assert json.loads(ok(run(tmp_path, "layers", "--format", "json"))) == []
         assert not (tmp_path / "bad" / "out.tar").exists()

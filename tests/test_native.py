@@ -214,6 +214,9 @@ def test_entries_straddling_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         ("uid beyond 32 bits", [("f", "file", b"1", {"pax_headers": {"uid": "4294967301"}})]),
         ("uid -1 as 32 bits", [("f", "file", b"1", {"pax_headers": {"uid": "4294967295", "gid": "7"}})]),
         ("sticky dir then files", [("t", "dir", b"", {"mode": 0o1777}), ("t/f", "file", b"1", {"mode": 0o600})]),
+        ("name component of 256 bytes", [("d/" + "c" * 256, "file", b"1", {})]),
+        ("symlink target of 4096 bytes", [("s", "symlink", b"", {"linkname": "t" * 4096})]),
+        ("symlink target of 4095 bytes", [("s", "symlink", b"", {"linkname": "t" * 4095})]),
     ],
 )
 def test_edge_cases_match(label: str, entries: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

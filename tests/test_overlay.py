@@ -118,6 +118,45 @@ def test_chain_of_250_layers_mounts(overlay_svc: ImageService) -> None:
         assert len(names) == 250 - 25 and "f248" not in names and Path(path, "f000").read_bytes() == b"0"
 
 
+def test_native_diff_matches_the_merged_views(overlay_svc: ImageService) -> None:
+    """Each layer's native changes are what comparing its mounted view with its parent's gives: opaque
+    directories (a whiteout inside one included), whiteouts of lower directories, directories that are
+    files below, and a deep directory chain shadowing one of a lower layer."""
+    from lamina.fs.changes import tree_changes
+
+    svc = overlay_svc
+    assert svc.capabilities().native_diff
+    deep = "/".join(["d"] * 300)
+    tars = [
+        TarBuilder().dir("a").file("a/x", b"x").file("a/y", b"y").dir("a/sub").file("a/sub/z", b"z")
+        .dir("b").file("b/f", b"f").file("c", b"c").dir(deep).file(f"{deep}/bottom", b"1"),
+        TarBuilder().opaque("a").whiteout("a/x").file("a/new", b"n").whiteout("b").dir("c").file("c/in", b"i")
+        .file(f"{deep}/bottom", b"22").file(f"{deep}/more", b"m"),
+        TarBuilder().dir("a").file("a/y", b"back").opaque("a/sub").whiteout(deep.rpartition("/")[0])
+        .file("b", b"now a file"),
+        # overlayfs ignores an opaque marker on a lower layer's root: the driver whites out one by one
+        TarBuilder().file("kept", b"k").opaque("").file("new", b"n"),
+    ]
+    parent = None
+    for tb in tars:
+        layer = svc.register_layer(io.BytesIO(tb.build()), parent)
+        native = [str(c) for c in svc.layer_changes(layer.chain_id)]
+        with svc.mounted_layer(layer.chain_id) as mine:
+            if parent is None:
+                views = [str(c) for c in tree_changes(mine, None)]
+            else:
+                with svc.mounted_layer(parent) as theirs:
+                    views = [str(c) for c in tree_changes(mine, theirs)]
+        assert native == views
+        parent = layer.chain_id
+    assert "D /a/x" in [str(c) for c in svc.layer_changes(svc.layers()[1].chain_id)]
+    with svc.mounted_layer(parent) as top:
+        assert sorted(os.listdir(top)) == ["kept", "new"]
+    on_top = svc.register_layer(io.BytesIO(TarBuilder().file("later", b"l").build()), parent)
+    with svc.mounted_layer(on_top.chain_id) as path:
+        assert sorted(os.listdir(path)) == ["kept", "later", "new"]
+
+
 _HOLDER = """
 import sys, time
 from lamina.service import ImageService

@@ -383,7 +383,7 @@ def test_rejects_bad_checksum_in_pax_header() -> None:
     _reject(bytes(hdr) + plain(info("f")) + END)
 
 
-SAMPLE = (plain(info("first"), b"A" * 700) + ext_header(pax_record("path", "p" * 300))
+SAMPLE = (plain(info("first"), b"A" * 700) + ext_header(pax_record("path", "p/" * 149 + "pp"))  # 300 bytes
           + plain(info("second"), b"B" * 100) + END)
 
 

@@ -186,7 +186,10 @@ class LaminaGroup(click.Group):
                 import traceback
 
                 traceback.print_exc()
-            fail(f"internal error: {type(e).__name__}: {e} (run with --debug for details)", 2)
+            from lamina.errors import shorten
+
+            what = shorten(" ".join(str(e).split()))  # one bounded line, as for lamina's own errors
+            fail(f"internal error: {type(e).__name__}: {what} (run with --debug for details)", 2)
 
 
 @click.group(cls=LaminaGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -25,6 +25,7 @@
 
 #define BLOCK 512
 #define MAX_NAME 4096
+#define NAME_MAX_BYTES 255 /* one component of a name: lamina.tar.format.NAME_MAX */
 #define MAX_SECONDS 9223372035LL /* seconds whose nanoseconds still fit in 64 bits */
 #define MAX_ID 4294967294LL      /* uid_t/gid_t values; (uid_t)-1 means "unchanged" to chown */
 
@@ -359,8 +360,8 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             while (j < jn && joined[j] != '/') j++;
             Py_ssize_t cl = j - i;
             if (cl == 0 || (cl == 1 && joined[i] == '.')) {
-            } else if (cl == 2 && joined[i] == '.' && joined[i + 1] == '.') {
-                bad = 1;
+            } else if ((cl == 2 && joined[i] == '.' && joined[i + 1] == '.') || cl > NAME_MAX_BYTES) {
+                bad = 1; /* ".." or a component no filesystem holds: Python refuses it with its own words */
                 break;
             } else {
                 if (pn) path[pn++] = '/';
@@ -448,7 +449,7 @@ static PyObject *run(PyObject *self, PyObject *args, PyObject *kw) {
             pos = payload + e.size + pad(e.size);
         } else {
             /* symlink: a relative target may not climb above the root (lamina.fs.apply.check_symlink) */
-            if (e.link.n == 0 || e.link.n > MAX_NAME) break;
+            if (e.link.n == 0 || e.link.n >= MAX_NAME) break; /* symlink targets: 1 to 4095 bytes */
             memcpy(link, e.link.p, e.link.n);
             link[e.link.n] = 0;
             if (memchr(link, 0, e.link.n)) break;

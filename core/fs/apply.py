@@ -29,7 +29,7 @@ from collections.abc import Callable, Container
 from dataclasses import dataclass
 from typing import Protocol
 
-from lamina.errors import ArchiveError, StoreError, UnsafePathError, write_failure
+from lamina.errors import ArchiveError, StoreError, UnsafePathError, shown, write_failure
 from lamina.fs.ops import Root, lstat_at, normalize, remove_at
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
@@ -92,7 +92,26 @@ def check_symlink(path: str, linkname: str, name: str) -> None:
     try:
         normalize(f"{head}/{linkname}" if head else linkname)
     except UnsafePathError:
-        raise UnsafePathError(f"symlink {name!r} -> {linkname!r} leads out of the layer root") from None
+        raise UnsafePathError(f"symlink {shown(name)} -> {shown(linkname)} leads out of the layer root") from None
+
+
+def check_entry(e: Entry) -> str:
+    """The layer-relative path of entry ``e``, once it passed the rules that need no tree: a name may not
+    climb out of the root, a whiteout must name something, only a directory may stand for the root
+    itself, a relative symlink may not lead out of the root from where the archive puts it, a hard link
+    may not point at the root. The apply engine and the drivers that keep the stream as it is (tarball)
+    judge entries alike through it."""
+    path = normalize(e.name)
+    base = path.rpartition("/")[2]
+    if whiteout.is_whiteout(base):
+        whiteout.target_of(base, e.name)  # refuses a malformed whiteout
+    elif path == "" and e.type != DIR:
+        raise UnsafePathError(f"entry {shown(e.name)} would replace the layer root")
+    elif e.type == SYM:
+        check_symlink(path, e.linkname, e.name)
+    elif e.type == LNK and normalize(e.linkname) == "":
+        raise UnsafePathError(f"hard link {shown(e.name)} points at the layer root")
+    return path
 
 
 class _Applier:
@@ -243,10 +262,10 @@ class _Applier:
                 os.chown(name, e.uid, e.gid, dir_fd=pfd, follow_symlinks=False)
         except OSError as err:
             if err.errno == errno.EINVAL:
-                raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is not mapped here") from err
+                raise ArchiveError(f"{shown(e.name)}: owner {e.uid}:{e.gid} is not mapped here") from err
             raise
         except OverflowError as err:
-            raise ArchiveError(f"{e.name!r}: owner {e.uid}:{e.gid} is out of range") from err
+            raise ArchiveError(f"{shown(e.name)}: owner {e.uid}:{e.gid} is out of range") from err
 
     def _xattrs(self, e: Entry, fd: int | None, pfd: int, name: str) -> None:
         for key, value in e.xattrs.items():
@@ -260,28 +279,34 @@ class _Applier:
 
                     xattr.setxattr(f"/proc/self/fd/{pfd}/{name}", key, value, symlink=True)
             except OSError as err:
-                if err.errno in (errno.ENOTSUP, errno.EPERM) and not key.startswith(("user.", "security.")):
-                    self.warn(f"{e.name}: extended attribute {key} not applied ({err.strerror})")
+                if err.errno in (errno.ENOTSUP, errno.EPERM) and (
+                        not key.startswith(("user.", "security."))
+                        or (key.startswith("user.") and e.type not in (REG, DIR))):  # Linux has none there
+                    self.warn(f"{shown(e.name)}: extended attribute {shown(key)} not applied ({err.strerror})")
                     continue
+                if err.errno == errno.ENOSPC:  # the filesystem's room for one inode's attributes, mostly
+                    raise StoreError(f"{shown(e.name)}: extended attribute {shown(key)} of {len(value)} bytes does "
+                                     "not fit on the store's filesystem (or it is full)") from err
+                if err.errno in (errno.EINVAL, errno.ERANGE, errno.E2BIG):
+                    raise ArchiveError(f"{shown(e.name)}: the kernel refuses extended attribute {shown(key)} "
+                                       f"({err.strerror})") from err
                 raise
 
     def apply(self, e: Entry) -> None:
         self.root.release()  # no directory fd of the previous entry is in use any more
-        path = normalize(e.name)
+        path = check_entry(e)
         head, _, base = path.rpartition("/")
         if whiteout.is_whiteout(base):
             self._whiteout(path, head, base, e)
             return
-        if path == "":
-            if e.type == DIR:
-                st = os.fstat(self.root.fd)
-                self.dirs.append(("", e, (st.st_dev, st.st_ino)))
-                return
-            raise UnsafePathError(f"entry {e.name!r} would replace the layer root")
+        if path == "":  # a directory (check_entry refused anything else)
+            st = os.fstat(self.root.fd)
+            self.dirs.append(("", e, (st.st_dev, st.st_ino)))
+            return
         try:
             pfd, _, preal = self.root.parent(path, create=True)
         except NotADirectoryError as err:
-            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
         if not self.is_root:
             self._writable(pfd, preal)
         real = f"{preal}/{base}" if preal else base
@@ -351,18 +376,16 @@ class _Applier:
         return known
 
     def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
-        target = normalize(e.linkname)
-        if target == "":
-            raise UnsafePathError(f"hard link {e.name!r} points at the layer root")
+        target = normalize(e.linkname)  # not the root: check_entry refused that
         try:
             tfd, tbase, _ = self.root.parent(target)
         except (FileNotFoundError, NotADirectoryError) as err:
-            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}") from err
+            raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}") from err
         st = lstat_at(tfd, tbase)
         if st is None:
-            raise ArchiveError(f"hard link {e.name!r} points at missing {e.linkname!r}")
+            raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
         if stat.S_ISDIR(st.st_mode):
-            raise UnsafePathError(f"hard link {e.name!r} points at a directory")
+            raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
         if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
             self._clear(pfd, base, real, keep_dir=False)
             # _clear may have invalidated cached fds: resolve the target again.
@@ -377,7 +400,7 @@ class _Applier:
         else:
             if not self.can_mknod:
                 if not self.warned_devices:
-                    self.warn("device nodes skipped: creating them needs privileges (first: " + e.name + ")")
+                    self.warn(f"device nodes skipped: creating them needs privileges (first: {shown(e.name)})")
                     self.warned_devices = True
                 return False
             kind = stat.S_IFCHR if e.type == CHR else stat.S_IFBLK
@@ -389,7 +412,7 @@ class _Applier:
             if kind == stat.S_IFIFO:
                 raise
             self.can_mknod = False
-            self.warn(f"device nodes skipped: not permitted here (first: {e.name})")
+            self.warn(f"device nodes skipped: not permitted here (first: {shown(e.name)})")
             self.warned_devices = True
             return False
         self._owner(e, base, pfd, None)
@@ -410,7 +433,7 @@ class _Applier:
             try:
                 dfd, dreal = self.root.dir(head, create=True)
             except NotADirectoryError as err:
-                raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+                raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
             if not self.is_root:
                 self._writable(dfd, dreal)
             keep = self.added.get(dreal, set())
@@ -424,7 +447,7 @@ class _Applier:
         try:
             pfd, preal = self.root.dir(head, create=True)
         except NotADirectoryError as err:
-            raise ArchiveError(f"cannot apply {e.name!r}: {err.filename} is not a directory") from err
+            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
         real = f"{preal}/{target}" if preal else target
         if not self.is_root:
             self._writable(pfd, preal)
@@ -437,25 +460,43 @@ class _Applier:
         # A directory entry later replaced within the same layer (by a file, a symlink or a new
         # directory) no longer owns that path: its metadata is dropped, as if applied in order.
         done: set[str] = set()
-        for real, e, ident in reversed(self.dirs):
-            self.root.release()  # the previous directory's fd is done with (bounded open fds)
-            if real in done:
-                continue
-            fd = self._same_dir(real, ident)
-            if fd is None:
-                continue
-            done.add(real)
-            self.opened.pop(real, None)
-            self._owner(e, "", fd, fd)
-            os.fchmod(fd, e.mode)
-            self._xattrs(e, fd, fd, "")
-            os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        prev: tuple[str, int] | None = None  # the directory last finished and its fd (ours)
+        try:
+            for real, e, ident in reversed(self.dirs):
+                self.root.release()  # the previous directory's fd is done with (bounded open fds)
+                if real in done:
+                    continue
+                fd = self._same_dir(real, ident, prev)
+                if prev is not None:
+                    os.close(prev[1])
+                    prev = None
+                if fd is None:
+                    continue
+                prev = (real, fd)
+                done.add(real)
+                self.opened.pop(real, None)
+                self._owner(e, "", fd, fd)
+                os.fchmod(fd, e.mode)
+                self._xattrs(e, fd, fd, "")
+                os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        finally:
+            if prev is not None:
+                os.close(prev[1])
         for real, mode in self.opened.items():
             self.root.release()
             with contextlib.suppress(OSError):
                 os.fchmod(self.root.dir(real)[0], mode)
 
-    def _same_dir(self, real: str, ident: tuple[int, int]) -> int | None:
+    def _same_dir(self, real: str, ident: tuple[int, int], prev: tuple[str, int] | None) -> int | None:
+        """An fd (ours) of the directory at ``real`` if it is still the one created as ``ident``. After its
+        child ``prev``, it is that child's ``..`` (a deep tree finishes in one step per directory)."""
+        if prev is not None and prev[0] and prev[0].rpartition("/")[0] == real:
+            with contextlib.suppress(OSError):
+                fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=prev[1])
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) == ident:
+                    return fd
+                os.close(fd)
         try:
             fd, resolved = self.root.dir(real)
         except (FileNotFoundError, NotADirectoryError):
@@ -463,7 +504,7 @@ class _Applier:
         st = os.fstat(fd)
         if resolved != real or (st.st_dev, st.st_ino) != ident:
             return None
-        return fd
+        return os.dup(fd)
 
 
 def native_enabled() -> bool:
@@ -525,7 +566,7 @@ class _FastPath:
                 continue
             if status == _native.OWNER:
                 name, uid, gid = extra
-                raise ArchiveError(f"{name!r}: owner {uid}:{gid} is not mapped here")
+                raise ArchiveError(f"{shown(name)}: owner {uid}:{gid} is not mapped here")
             # Given back: the Python path applies the next entry, which may change the directory this
             # run resolved (a whiteout of it, say). Resolve again only for an entry C takes.
             self.head = None
@@ -620,7 +661,7 @@ def _apply(
                 ap.apply(e)
             ap.finish()
         except OSError as err:
-            where = f" ({err.filename})" if err.filename else ""
+            where = f" ({shown(err.filename)})" if isinstance(err.filename, str) and err.filename else ""
             if err.errno in _STORE_ERRNOS:
                 # the store's fault (full, read-only, not permitted), not the archive's
                 if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):

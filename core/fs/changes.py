@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from lamina.contract import Change
+from lamina.fs.ops import DirStack, Root, lstat_at
 from lamina.tar import whiteout
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -62,26 +64,27 @@ def entry_differs(a: os.stat_result, afd: int, aname: str, b: os.stat_result, bf
     return xattrs_of(afd, aname, a) != xattrs_of(bfd, bname, b)
 
 
-def _differs(a: os.stat_result, b: os.stat_result, afd: int, bfd: int, name: str) -> bool:
+def _differs(a: os.stat_result | None, b: os.stat_result | None, afd: int, bfd: int, name: str) -> bool:
+    if a is None or b is None:  # vanished while being compared
+        return True
     return entry_differs(a, afd, name, b, bfd, name)
 
 
-def _listing(fd: int) -> dict[str, os.stat_result]:
-    with os.scandir(fd) as it:
-        return {e.name: e.stat(follow_symlinks=False) for e in it}
-
-
 def tree_changes(layer_dir: str, parent_dir: str | None) -> list[Change]:
-    """Changes of ``layer_dir`` against ``parent_dir`` (None: everything is added), sorted by path."""
+    """Changes of ``layer_dir`` against ``parent_dir`` (None: everything is added), sorted by path.
+
+    Both trees are walked side by side, depth first without recursion, each through a
+    :class:`~lamina.fs.ops.DirStack` (bounded fds, no path longer than a name), so any depth works.
+    """
     out: list[Change] = []
     lfd = os.open(layer_dir, _DIR)
     try:
         if parent_dir is None:
-            _all(lfd, "", out, "A")
+            added_below(lfd, "", out)
         else:
             pfd = os.open(parent_dir, _DIR)
             try:
-                _compare(lfd, pfd, "", out)
+                _compare(lfd, pfd, out)
             finally:
                 os.close(pfd)
     finally:
@@ -90,64 +93,118 @@ def tree_changes(layer_dir: str, parent_dir: str | None) -> list[Change]:
     return out
 
 
-def _all(fd: int, rel: str, out: list[Change], kind: str) -> None:
-    for name, st in _listing(fd).items():
-        path = f"{rel}/{name}"
-        out.append(Change(path, kind))  # type: ignore[arg-type]
-        if stat.S_ISDIR(st.st_mode):
-            cfd = os.open(name, _DIR, dir_fd=fd)
-            try:
-                _all(cfd, path, out, kind)
-            finally:
-                os.close(cfd)
+def added_below(fd: int, rel: str, out: list[Change], skip: Callable[[os.stat_result], bool] | None = None) -> None:
+    """An ``A`` for everything below the directory ``fd`` (at ``rel``), but entries ``skip`` says to leave
+    out (and, for directories, what they hold)."""
+    with DirStack(fd) as stack:
+        frames: list[tuple[str, list[str]]] = []  # per directory entered: its path, subdirectories to visit
+        where, subdirs = rel, []
+        while True:
+            with os.scandir(stack.fd) as it:
+                for e in it:
+                    if skip is not None or not _plain(e):
+                        st = _lstat(e)
+                        if st is None or (skip is not None and skip(st)):
+                            continue
+                    out.append(Change(f"{where}/{e.name}", "A"))
+                    if e.is_dir(follow_symlinks=False):
+                        subdirs.append(e.name)
+            while not subdirs and frames:
+                stack.pop()
+                where, subdirs = frames.pop()
+            if not subdirs:
+                return
+            name = subdirs.pop()
+            stack.push(name)
+            frames.append((where, subdirs))
+            where, subdirs = f"{where}/{name}", []
 
 
-def _compare(lfd: int, pfd: int, rel: str, out: list[Change]) -> bool:
-    """Append changes below ``rel``; return whether there were any."""
-    start = len(out)
-    mine = _listing(lfd)
-    theirs = _listing(pfd)
-    for name, st in mine.items():
-        path = f"{rel}/{name}"
-        old = theirs.get(name)
+def _plain(e: os.DirEntry[str]) -> bool:
+    """A file, directory or symlink by its directory entry (no stat needed)."""
+    return e.is_file(follow_symlinks=False) or e.is_dir(follow_symlinks=False) or e.is_symlink()
+
+
+def _lstat(e: os.DirEntry[str]) -> os.stat_result | None:
+    try:
+        return e.stat(follow_symlinks=False)
+    except FileNotFoundError:  # gone, or an overlay whiteout its mount lists but does not show
+        return None
+
+
+def _added_dir(parent_fd: int, name: str, path: str, out: list[Change]) -> None:
+    cfd = os.open(name, _DIR, dir_fd=parent_fd)
+    try:
+        added_below(cfd, path, out)
+    finally:
+        os.close(cfd)
+
+
+@dataclass
+class _Pair:
+    """A directory present in both trees, being compared."""
+
+    path: str
+    differs: bool  # its own metadata
+    start: int  # len(out) when it was entered: anything appended since is a change below it
+    subdirs: list[str] = field(default_factory=list)  # directories of both trees, not yet compared
+
+
+def _compare(lfd: int, pfd: int, out: list[Change]) -> None:
+    """Append the changes below two directories; a directory counts as changed when its metadata differs
+    or anything below it changed."""
+    with DirStack(lfd) as mine, DirStack(pfd) as theirs:
+        frames = [_Pair("", False, 0)]
+        while True:
+            top = frames[-1]
+            _compare_entries(mine.fd, theirs.fd, top, out)
+            while not top.subdirs:
+                frames.pop()
+                if not frames:
+                    return
+                if top.differs or len(out) > top.start:
+                    out.append(Change(top.path, "C"))
+                mine.pop()
+                theirs.pop()
+                top = frames[-1]
+            name = top.subdirs.pop()
+            differs = _differs(lstat_at(mine.fd, name), lstat_at(theirs.fd, name), mine.fd, theirs.fd, name)
+            mine.push(name)
+            theirs.push(name)
+            frames.append(_Pair(f"{top.path}/{name}", differs, len(out)))
+
+
+def _compare_entries(lfd: int, pfd: int, pair: _Pair, out: list[Change]) -> None:
+    """The entries of one pair of directories: changes for everything but directories in both trees,
+    which go to ``pair.subdirs``."""
+    theirs = set(os.listdir(pfd))
+    mine: set[str] = set()
+    for name in os.listdir(lfd):
+        path = f"{pair.path}/{name}"
+        st = lstat_at(lfd, name)
+        if st is None:
+            continue  # gone, or an overlay whiteout its mount lists but does not show
+        mine.add(name)
+        old = lstat_at(pfd, name) if name in theirs else None
         if old is None:
             out.append(Change(path, "A"))
             if stat.S_ISDIR(st.st_mode):
-                cfd = os.open(name, _DIR, dir_fd=lfd)
-                try:
-                    _all(cfd, path, out, "A")
-                finally:
-                    os.close(cfd)
+                _added_dir(lfd, name, path, out)
             continue
         if stat.S_ISDIR(st.st_mode) and stat.S_ISDIR(old.st_mode):
-            changed = _differs(st, old, lfd, pfd, name)
-            idx = len(out)
-            cl = os.open(name, _DIR, dir_fd=lfd)
-            cp = os.open(name, _DIR, dir_fd=pfd)
-            try:
-                inner = _compare(cl, cp, path, out)
-            finally:
-                os.close(cl)
-                os.close(cp)
-            if changed or inner:
-                out.insert(idx, Change(path, "C"))
+            pair.subdirs.append(name)
             continue
         if stat.S_ISDIR(old.st_mode) != stat.S_ISDIR(st.st_mode):
             # Replaced by another kind: a deletion of the old subtree and a new entry.
             out.append(Change(path, "C"))
             if stat.S_ISDIR(st.st_mode):
-                cfd = os.open(name, _DIR, dir_fd=lfd)
-                try:
-                    _all(cfd, path, out, "A")
-                finally:
-                    os.close(cfd)
+                _added_dir(lfd, name, path, out)
             continue
         if _differs(st, old, lfd, pfd, name):
             out.append(Change(path, "C"))
     for name in theirs:
-        if name not in mine:
-            out.append(Change(f"{rel}/{name}", "D"))
-    return len(out) > start
+        if name not in mine and lstat_at(pfd, name) is not None:
+            out.append(Change(f"{pair.path}/{name}", "D"))
 
 
 # -- tar writing --------------------------------------------------------------------------------------
@@ -194,8 +251,6 @@ def whiteout_header(path: str) -> bytes:
 
 def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
     """Yield a tar stream carrying ``changes`` (as returned by :func:`tree_changes` on ``layer_dir``)."""
-    from lamina.fs.ops import Root
-
     seen_inodes: dict[tuple[int, int], str] = {}
     with Root(layer_dir) as root:
         for ch in sorted(changes, key=lambda c: c.path):
@@ -242,8 +297,6 @@ def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
 
 
 def diff_size(layer_dir: str, changes: list[Change]) -> int:
-    from lamina.fs.ops import Root
-
     total = 0
     with Root(layer_dir) as root:
         for ch in changes:

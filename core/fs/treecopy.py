@@ -11,6 +11,9 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
+
+from lamina.fs.ops import DirStack, Root
 
 FICLONE = 0x40049409
 _RD = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -94,20 +97,50 @@ def _open_src_dir(name: str, dir_fd: int) -> tuple[int, int | None]:
 def copy_tree(src_path: str, dst_path: str) -> str:
     """Copy the contents of directory ``src_path`` into the existing directory ``dst_path``.
 
-    Returns the data-copy method that was used (``reflink``, ``copy_file_range`` or ``read/write``).
+    Depth first without recursion, both trees through :class:`~lamina.fs.ops.DirStack` (bounded fds, no
+    path longer than a name), so any depth works. Returns the data-copy method that was used
+    (``reflink``, ``copy_file_range`` or ``read/write``).
     """
     stats = CopyStats()
     is_root = os.geteuid() == 0
     links: dict[tuple[int, int], tuple[str, str]] = {}  # (dev, ino) -> (dst dir path, name)
     sfd = os.open(src_path, _DIR)
-    dfd = os.open(dst_path, _DIR)
     try:
-        _copy_dir(sfd, dfd, "", stats, is_root, links, dst_path)
-        _meta_dir(sfd, dfd, is_root)
+        dfd = os.open(dst_path, _DIR)
+        try:
+            with Root(dfd) as dst_root, DirStack(sfd) as src, DirStack(dfd) as dst:
+                frames: list[tuple[str, list[str], int | None]] = []  # (path, subdirs to copy, mode to restore)
+                where, subdirs, restore = "", _copy_entries(src.fd, dst.fd, "", stats, is_root, links, dst_root), None
+                while True:
+                    while not subdirs and frames:
+                        _finish_dir(src.fd, dst.fd, restore, is_root)
+                        src.pop()
+                        dst.pop()
+                        where, subdirs, restore = frames.pop()
+                    if not subdirs:
+                        break
+                    name = subdirs.pop()
+                    os.mkdir(name, 0o700, dir_fd=dst.fd)
+                    csfd, crestore = _open_src_dir(name, src.fd)
+                    src.push(name, csfd)
+                    dst.push(name)
+                    frames.append((where, subdirs, restore))
+                    where = f"{where}/{name}" if where else name
+                    subdirs = _copy_entries(src.fd, dst.fd, where, stats, is_root, links, dst_root)
+                    restore = crestore
+            _meta_dir(sfd, dfd, is_root)
+        finally:
+            os.close(dfd)
     finally:
         os.close(sfd)
-        os.close(dfd)
     return stats.method
+
+
+def _finish_dir(sfd: int, dfd: int, restore: int | None, is_root: bool) -> None:
+    """A directory's contents are copied: its own metadata now (so its mtime stays)."""
+    if restore is not None:
+        os.fchmod(sfd, restore)
+    _meta_dir(sfd, dfd, is_root)
 
 
 def _meta_dir(sfd: int, dfd: int, is_root: bool) -> None:
@@ -119,46 +152,30 @@ def _meta_dir(sfd: int, dfd: int, is_root: bool) -> None:
     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def _copy_dir(
+def _copy_entries(
     sfd: int,
     dfd: int,
     rel: str,
     stats: CopyStats,
     is_root: bool,
     links: dict[tuple[int, int], tuple[str, str]],
-    dst_root: str,
-) -> None:
-    with os.scandir(sfd) as it:
-        entries = list(it)
-    for ent in entries:
-        name = ent.name
-        st = ent.stat(follow_symlinks=False)
+    dst_root: Root,
+) -> list[str]:
+    """Copy what one directory holds except its subdirectories, whose names are returned."""
+    subdirs = []
+    for name, st in _scan(sfd):
         mode = st.st_mode
         if stat.S_ISSOCK(mode):
             continue  # sockets are not layer content
-        child_rel = f"{rel}/{name}" if rel else name
         if stat.S_ISDIR(mode):
-            os.mkdir(name, 0o700, dir_fd=dfd)
-            csfd, restore = _open_src_dir(name, sfd)
-            cdfd = os.open(name, _DIR, dir_fd=dfd)
-            try:
-                _copy_dir(csfd, cdfd, child_rel, stats, is_root, links, dst_root)
-                if restore is not None:
-                    os.fchmod(csfd, restore)
-                _meta_dir(csfd, cdfd, is_root)
-            finally:
-                os.close(csfd)
-                os.close(cdfd)
+            subdirs.append(name)
             continue
-        if st.st_nlink > 1 and not stat.S_ISDIR(mode):
+        if st.st_nlink > 1:
             key = (st.st_dev, st.st_ino)
             first = links.get(key)
             if first is not None:
-                lfd = os.open(os.path.join(dst_root, first[0]) if first[0] else dst_root, _DIR)
-                try:
-                    os.link(first[1], name, src_dir_fd=lfd, dst_dir_fd=dfd, follow_symlinks=False)
-                finally:
-                    os.close(lfd)
+                lfd = dst_root.dir(first[0])[0]
+                os.link(first[1], name, src_dir_fd=lfd, dst_dir_fd=dfd, follow_symlinks=False)
                 continue
             links[key] = (rel, name)
         if stat.S_ISREG(mode):
@@ -190,3 +207,12 @@ def _copy_dir(
             os.chmod(f"/proc/self/fd/{dfd}/{name}", stat.S_IMODE(mode))
         _xattrs(name, name, src_dir=sfd, dst_dir=dfd)
         os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dfd, follow_symlinks=False)
+    return subdirs
+
+
+def _scan(fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of the directory ``fd`` with their lstat, read as they are used (a directory of a million
+    entries never becomes a list of a million stats)."""
+    with os.scandir(fd) as it:
+        for e in it:
+            yield e.name, e.stat(follow_symlinks=False)

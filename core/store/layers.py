@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import sqlite3
@@ -856,21 +855,9 @@ class LayerStore:
 
     # -- status ---------------------------------------------------------------------------------------
     def disk_usage(self) -> int:
-        total = 0
-        seen: set[tuple[int, int]] = set()
-        walks = itertools.chain(os.walk(self.root / self.driver.name), os.walk(self.records))
-        for dirpath, dirnames, filenames in walks:
-            for n in filenames + dirnames:
-                try:
-                    st = os.lstat(os.path.join(dirpath, n))
-                except FileNotFoundError:
-                    continue
-                if st.st_nlink > 1:
-                    if (st.st_dev, st.st_ino) in seen:
-                        continue
-                    seen.add((st.st_dev, st.st_ino))
-                total += st.st_blocks * 512
-        return total
+        from lamina.fs.ops import disk_usage
+
+        return disk_usage([self.root / self.driver.name, self.records])
 
     def recorded_timings(self) -> dict[str, dict[str, Any]]:
         """Per-operation timings accumulated by every process since the runroot was created."""

@@ -9,13 +9,15 @@ payloads go wherever the consumer sends them. Nothing here touches the filesyste
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from lamina.errors import ArchiveError
+from lamina.errors import ArchiveError, shown
+from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
 
 BLOCK = 512
@@ -116,7 +118,7 @@ def _num(field: bytes, what: str) -> int:
     try:
         return int(text, 8)
     except ValueError:
-        raise ArchiveError(f"bad tar header: {what} field {field!r} is not a number") from None
+        raise ArchiveError(f"bad tar header: {what} field {shown(field)} is not a number") from None
 
 
 def _pad(n: int) -> int:
@@ -130,7 +132,7 @@ def _parse_mtime_ns(text: str) -> int:
         ns = int(whole or "0") * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
         return -ns if neg else ns
     except ValueError as e:
-        raise ArchiveError(f"bad PAX mtime {text!r}") from e
+        raise ArchiveError(f"bad PAX mtime {shown(text)}") from e
 
 
 def parse_pax(data: bytes) -> dict[str, bytes]:
@@ -287,7 +289,7 @@ class TarReader:
                     longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
                 continue
             if t == b"S" or any(k.startswith("GNU.sparse") for k in pax):
-                raise ArchiveError(f"sparse tar entries are not supported ({ti.name!r})")
+                raise ArchiveError(f"sparse tar entries are not supported ({shown(ti.name)})")
             if t == b"V":  # volume label: no content, nothing to apply
                 self._pending = size
                 self._pending_pad = _pad(size)
@@ -295,7 +297,7 @@ class TarReader:
                 continue
             kind = _KNOWN.get(t)
             if kind is None:
-                raise ArchiveError(f"unsupported tar entry type {t!r} for {ti.name!r}")
+                raise ArchiveError(f"unsupported tar entry type {shown(t)} for {shown(ti.name)}")
             break
         assert kind is not None
         self.entries += 1
@@ -335,15 +337,14 @@ class TarReader:
                         try:
                             xattrs[xname] = base64.b64decode(value + b"==", validate=False)
                         except ValueError as e:
-                            raise ArchiveError(f"bad LIBARCHIVE xattr value for {xname!r}") from e
+                            raise ArchiveError(f"bad LIBARCHIVE xattr value for {shown(xname)}") from e
         if longname is not None:
             name = longname
         if longlink is not None:
             linkname = longlink
-        if "\0" in name or "\0" in linkname:
-            raise ArchiveError("tar entry name contains a NUL byte")
         if kind == DIR or (kind == REG and name.endswith("/") and ti.type == b"\0"):
             kind = DIR
+        _check(kind, name, linkname, uid, gid, mtime_ns, ti.devmajor, ti.devminor, xattrs)
         if kind == REG:
             self._pending = size
             self._pending_pad = _pad(size)
@@ -367,6 +368,55 @@ class TarReader:
             devminor=ti.devminor,
             xattrs=xattrs,
         )
+
+
+NAME_MAX = 255  # bytes in one component of a name (every Linux filesystem's limit)
+SYMLINK_MAX = 4095  # bytes in a symlink's target (PATH_MAX less its NUL)
+XATTR_NAME_MAX = 255  # bytes in an extended attribute's name
+XATTR_SIZE_MAX = 65536  # bytes in an extended attribute's value
+ID_MAX = 4294967294  # the largest uid or gid ((uid_t)-1 means "no change" to chown)
+_LONG_COMPONENT = re.compile(f"[^/]{{{NAME_MAX // 4 + 1},}}")  # components that may be longer than NAME_MAX bytes
+_TIME_MAX = (1 << 63) - 1  # seconds of a time_t
+_CAPABILITY_FORMATS = {(20, b"\x02"), (24, b"\x03")}  # struct vfs_cap_data: size, revision (high byte, LE)
+
+
+def _encoded(text: str) -> int:
+    return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _check(kind: str, name: str, linkname: str, uid: int, gid: int, mtime_ns: int, devmajor: int, devminor: int,
+           xattrs: dict[str, bytes]) -> None:
+    """Refuse an entry no Linux tree can hold, whatever the driver: every driver, those that keep the
+    stream as it is included, reads archives through this reader, so a layer is valid or invalid alike
+    on all of them."""
+    if not name:
+        raise ArchiveError("tar entry without a name")
+    if "\0" in name or "\0" in linkname:
+        raise ArchiveError(f"tar entry name {shown(name)} contains a NUL byte")
+    last = len(name.rstrip("/"))
+    for m in _LONG_COMPONENT.finditer(name):  # a regular expression: names can be thousands of levels deep
+        c = m.group()
+        # a whiteout names what it deletes after its prefix: only that must fit
+        limit = NAME_MAX + len(whiteout.PREFIX) if m.end() == last and c.startswith(whiteout.PREFIX) else NAME_MAX
+        if _encoded(c) > limit:
+            raise ArchiveError(f"tar entry {shown(name)}: a name component is longer than {NAME_MAX} bytes")
+    if kind == SYM and not 0 < _encoded(linkname) <= SYMLINK_MAX:
+        raise ArchiveError(f"symlink {shown(name)}: its target must be 1 to {SYMLINK_MAX} bytes long")
+    if not (0 <= uid <= ID_MAX and 0 <= gid <= ID_MAX):
+        raise ArchiveError(f"tar entry {shown(name)}: owner {uid}:{gid} is out of range")
+    if not -_TIME_MAX - 1 <= mtime_ns // 1_000_000_000 <= _TIME_MAX:
+        raise ArchiveError(f"tar entry {shown(name)}: modification time out of range")
+    if kind in (CHR, BLK) and not (0 <= devmajor < 1 << 12 and 0 <= devminor < 1 << 20):
+        raise ArchiveError(f"device {shown(name)}: number {devmajor}:{devminor} is out of range")
+    for key, value in xattrs.items():
+        if not key or "\0" in key or _encoded(key) > XATTR_NAME_MAX:
+            raise ArchiveError(f"tar entry {shown(name)}: bad extended attribute name {shown(key)}")
+        if len(value) > XATTR_SIZE_MAX:
+            raise ArchiveError(f"tar entry {shown(name)}: extended attribute {shown(key)} is larger than "
+                               f"{XATTR_SIZE_MAX} bytes")
+        if key == "security.capability" and (len(value), value[3:4]) not in _CAPABILITY_FORMATS:
+            raise ArchiveError(f"tar entry {shown(name)}: security.capability is not a file capability set "
+                               "(revision 2 of 20 bytes or revision 3 of 24)")
 
 
 def _pax_int(key: str, value: bytes) -> int:

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from lamina.errors import ExportError, ExportUnreadable
+from lamina.errors import ExportError, ExportUnreadable, shown
 from lamina.fs.ops import Root
 from lamina.tar.compression import BackgroundHash
 
@@ -170,7 +170,7 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
                     if index in sup:
                         data = sup[index]
                         if len(data) != size:
-                            raise ExportError(f"kept payload of {path!r} has the wrong size")
+                            raise ExportError(f"kept payload of {shown(path)} has the wrong size")
                         yield data
                     else:
                         yield from _payload(root, path, size)
@@ -179,7 +179,7 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
                     raise ExportError(f"layer record {rpath} is corrupt")
         except (EOFError, OSError) as e:
             if isinstance(e, OSError) and e.filename:
-                raise _read_error(e, f"cannot read {e.filename} back from the layer: {e.strerror}") from e
+                raise _read_error(e, f"cannot read {shown(e.filename)} back from the layer: {e.strerror}") from e
             raise ExportError(f"layer record {rpath} is corrupt: {e}") from e
 
 
@@ -195,13 +195,13 @@ def _payload(root: Root, path: str, size: int) -> Iterator[bytes]:
     try:
         fd = root.open_file(path)
     except OSError as e:
-        raise _read_error(e, f"file {path!r} of the layer is missing or changed: {e.strerror}") from e
+        raise _read_error(e, f"file {shown(path)} of the layer is missing or changed: {e.strerror}") from e
     try:
         left = size
         while left:
             chunk = os.read(fd, min(left, _READ))
             if not chunk:
-                raise ExportError(f"file {path!r} of the layer is shorter than when it was applied")
+                raise ExportError(f"file {shown(path)} of the layer is shorter than when it was applied")
             left -= len(chunk)
             yield chunk
     finally:

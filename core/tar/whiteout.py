@@ -8,7 +8,7 @@ hides everything below a directory with the marker ``<dir>/.wh..wh..opq``. Other
 
 from __future__ import annotations
 
-from lamina.errors import UnsafePathError
+from lamina.errors import UnsafePathError, shown
 
 PREFIX = ".wh."
 META_PREFIX = ".wh..wh."
@@ -28,8 +28,7 @@ def target_of(base: str, full: str) -> str | None:
         return None
     target = base[len(PREFIX):]
     if target in ("", ".", "..") or "/" in target:
-        shown = full if len(full) <= 200 else full[:197] + "..."
-        raise UnsafePathError(f"invalid whiteout entry {shown!r}")
+        raise UnsafePathError(f"invalid whiteout entry {shown(full)}")
     return target
 
 

@@ -243,6 +243,30 @@ class DriverConformance:
         for layer in (chains[0], chains[depth // 2], chains[-1]):
             assert sha256(export_bytes(svc, layer.chain_id)) == layer.diff_id
 
+    def test_deep_directory_tree(self, svc: ImageService, caps: Capabilities) -> None:
+        """A directory chain deeper than Python's recursion limit, with paths longer than PATH_MAX: the
+        driver applies, diffs, exports, mounts and removes it (walk trees with lamina.driver.DirStack)."""
+        depth = 1500
+        tb = TarBuilder()
+        path = ""
+        for _ in range(depth):
+            path = f"{path}/dd" if path else "dd"
+            tb.dir(path)
+        tb.file(f"{path}/bottom", b"deep")
+        base = self.add(svc, tb)
+        assert len(path) > os.pathconf("/", "PC_PATH_MAX")
+        assert sha256(export_bytes(svc, base.chain_id)) == base.diff_id
+        changes = svc.layer_changes(base.chain_id)
+        assert len(changes) == depth + 1 and changes[-1].path == f"/{path}/bottom"
+        top = self.add(svc, TarBuilder().whiteout("dd"), parent=base.chain_id)
+        assert [(c.kind, c.path) for c in svc.layer_changes(top.chain_id)] == [("D", "/dd")]
+        if caps.can_mount:
+            with svc.mounted_layer(top.chain_id) as mounted:
+                assert os.listdir(mounted) == []
+        svc.release_layer(top.chain_id)
+        svc.release_layer(base.chain_id)
+        assert svc.layers() == []
+
     def test_changes(self, svc: ImageService) -> None:
         base = self.add(svc, TarBuilder().dir("etc").file("etc/a", b"1").file("etc/b", b"2").file("x", b"x"))
         child = self.add(svc, TarBuilder().dir("etc").file("etc/a", b"changed").whiteout("x")

@@ -40,7 +40,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,9 @@ from lamina.driver import (
     Capabilities,
     DeleteWhiteouts,
     DiffStream,
+    DirStack,
     DriverRegistry,
+    Root,
     TreeDriver,
     apply_tar,
     copy_tree,
@@ -233,15 +235,36 @@ def snapshot(parent_dir: Path, layer_dir: Path, copy_below: int = 0) -> Snapshot
 
     Directories, symlinks, FIFOs and device nodes are recreated with their metadata; regular files are
     hard-linked, except those smaller than ``copy_below`` bytes and those whose inode is too close to the
-    filesystem's link limit, which are copied. Hard-link groups inside the parent stay groups.
+    filesystem's link limit, which are copied. Hard-link groups inside the parent stay groups. Both trees
+    are walked depth first without recursion (:class:`lamina.driver.DirStack`), so any depth works.
     """
+    is_root = os.geteuid() == 0
+    groups: dict[tuple[int, int], str] = {}
     sfd = os.open(parent_dir, _DIR)
     try:
         dfd = os.open(layer_dir, _DIR)
         try:
             stats = SnapshotStats(os.fpathconf(dfd, "PC_LINK_MAX"))
-            _fill(sfd, dfd, "", dfd, {}, stats, copy_below, os.geteuid() == 0)
-            _set_meta(sfd, dfd, os.fstat(sfd), os.geteuid() == 0)
+            with Root(dfd) as root, DirStack(sfd) as src, DirStack(dfd) as dst:
+                # per directory entered: its path, its stat, and its subdirectories not yet filled
+                frames: list[tuple[str, os.stat_result, list[tuple[str, os.stat_result]]]] = []
+                here = ("", os.fstat(sfd), _fill(sfd, dfd, "", root, groups, stats, copy_below, is_root))
+                while True:
+                    while not here[2] and frames:
+                        _set_meta(src.fd, dst.fd, here[1], is_root)  # after the contents, so the mtime stays
+                        src.pop()
+                        dst.pop()
+                        here = frames.pop()
+                    if not here[2]:
+                        break
+                    name, st = here[2].pop()
+                    os.mkdir(name, 0o700, dir_fd=dst.fd)
+                    src.push(name)
+                    dst.push(name)
+                    frames.append(here)
+                    path = f"{here[0]}/{name}" if here[0] else name
+                    here = (path, st, _fill(src.fd, dst.fd, path, root, groups, stats, copy_below, is_root))
+            _set_meta(sfd, dfd, os.fstat(sfd), is_root)
         finally:
             os.close(dfd)
     finally:
@@ -253,36 +276,27 @@ def _fill(
     sfd: int,
     dfd: int,
     rel: str,
-    root_fd: int,
+    root: Root,
     groups: dict[tuple[int, int], str],
     stats: SnapshotStats,
     copy_below: int,
     is_root: bool,
-) -> None:
-    with os.scandir(sfd) as it:
-        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
-    for name, st in entries:
+) -> list[tuple[str, os.stat_result]]:
+    """Recreate what one directory holds but its subdirectories, which are returned with their stats."""
+    subdirs = []
+    for name, st in _scan(sfd):
         mode = st.st_mode
         path = f"{rel}/{name}" if rel else name
         if stat.S_ISDIR(mode):
-            os.mkdir(name, 0o700, dir_fd=dfd)
-            csfd = os.open(name, _DIR, dir_fd=sfd)
-            try:
-                cdfd = os.open(name, _DIR, dir_fd=dfd)
-                try:
-                    _fill(csfd, cdfd, path, root_fd, groups, stats, copy_below, is_root)
-                    _set_meta(csfd, cdfd, st, is_root)  # after the contents, so the mtime stays
-                finally:
-                    os.close(cdfd)
-            finally:
-                os.close(csfd)
+            subdirs.append((name, st))
             continue
         if stat.S_ISSOCK(mode):
             continue  # sockets are not layer content
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in groups:
             # Another name of an inode already placed in this layer: keep the group a group.
-            os.link(groups[key], name, src_dir_fd=root_fd, dst_dir_fd=dfd, follow_symlinks=False)
+            gfd, gname, _ = root.parent(groups[key])
+            os.link(gname, name, src_dir_fd=gfd, dst_dir_fd=dfd, follow_symlinks=False)
             continue
         if stat.S_ISREG(mode):
             # The new layer's links to this inode are at most as many as the parent's (<= st_nlink).
@@ -308,6 +322,7 @@ def _fill(
             continue
         if st.st_nlink > 1:
             groups[key] = path
+    return subdirs
 
 
 def _copy_file(sfd: int, dfd: int, name: str, st: os.stat_result, is_root: bool) -> None:
@@ -371,3 +386,11 @@ def remove_tree(path: Path) -> None:
 @hookimpl
 def lamina_register_drivers(registry: DriverRegistry) -> None:
     registry.add(HardlinkDriver)
+
+
+def _scan(fd: int) -> Iterator[tuple[str, os.stat_result]]:
+    """The entries of the directory ``fd`` with their lstat, read as they are used (a directory of a million
+    entries never becomes a list of a million stats)."""
+    with os.scandir(fd) as it:
+        for e in it:
+            yield e.name, e.stat(follow_symlinks=False)
