@@ -209,19 +209,20 @@ def test_devices_and_fifos() -> None:
 
 def test_schily_and_libarchive_xattrs() -> None:
     raw = bytes([0, 1, 2, 255, 254, 10, 13])
+    cap = bytes([0, 0, 0, 2, 0, 4, 0, 0]) + bytes(12)  # revision 2: CAP_NET_BIND_SERVICE, permitted
     ti = info("f")
     ti.pax_headers = {
         "SCHILY.xattr.user.plain": "value",
         "LIBARCHIVE.xattr.user.with%20space": base64.b64encode(b"spaced").decode().rstrip("="),
         "LIBARCHIVE.xattr.user.binary": base64.b64encode(raw).decode(),
-        "LIBARCHIVE.xattr.security.capability": base64.b64encode(b"\x01\x00\x00\x02").decode(),
+        "LIBARCHIVE.xattr.security.capability": base64.b64encode(cap).decode(),
     }
     e = one(tar_of((ti, b"")))
     assert e.xattrs == {
         "user.plain": b"value",
         "user.with space": b"spaced",
         "user.binary": raw,
-        "security.capability": b"\x01\x00\x00\x02",
+        "security.capability": cap,
     }
 
 
