@@ -225,7 +225,7 @@ class _Checker:
                 if owner is None:
                     self.add("orphan", f"read-write layer {lid[:12]}", "no container uses it", FIX_RW, lid,
                              verify=functools.partial(self._orphan_rw, lid))
-                elif not exists(lid):
+                elif not exists(lid) and self._container_id(lid):
                     self.add("container", f"container {owner[:64]}",
                              f"its read-write layer {lid[:12]} is missing from the {self.driver.name} driver",
                              FIX_CONTAINER, self._container_id(lid),
