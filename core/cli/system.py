@@ -78,7 +78,8 @@ _HEADINGS = {
 @click.option("--quick", is_flag=True, help="Check rows and presence only; read no file contents.")
 @click.option("--repair", "-r", is_flag=True,
               help="Remove orphans and leftovers, and damaged layers and images with the images that need them.")
-@click.option("--force", "-f", is_flag=True, help="With --repair, also remove containers that need what is damaged.")
+@click.option("--force", "-f", is_flag=True,
+              help="With --repair, also remove containers that need what is damaged (not running or mounted ones).")
 @format_option
 @click.pass_obj
 def check(g: Globals, quick: bool, repair: bool, force: bool) -> None:
