@@ -106,6 +106,8 @@ class OverlayWhiteouts:
         self.root = root  # (st_dev, st_ino) of the layer's diff directory
         self.root_names = root_names
 
+    hides_subtree = True  # the kernel consults no lower layer below an opaque directory
+
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent_fd)
@@ -456,16 +458,11 @@ class OverlayDriver(Driver):
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         d = self._dir(layer_id)
         with _Lowers(self._lower_dirs(layer_id), self.opaque_xattr) as lowers:
-
-            def shadowed(rel: str) -> os.stat_result | None:
-                head, _, name = rel.rpartition("/")
-                found = lowers.find(lowers.state(head), head, name)
-                return found[1] if found is not None and stat.S_ISDIR(found[1].st_mode) else None
-
             st = os.stat(d / "diff")
             whiteouts = OverlayWhiteouts(self.opaque_xattr, (st.st_dev, st.st_ino),
                                          lambda: lowers.children(lowers.top, ""))
-            result = apply_tar(diff, d / "diff", whiteouts=whiteouts, warn=log.warning, implicit_dirs=shadowed)
+            result = apply_tar(diff, d / "diff", whiteouts=whiteouts, warn=log.warning,
+                               lower=lowers if lowers.dirs else None)
         return result.size
 
     # -- hooks: mounting ----------------------------------------------------------------------------
@@ -663,6 +660,21 @@ class _Lowers:
             if st is not None:
                 return None if _is_whiteout(st) else (i, st)
         return None
+
+    def lookup(self, path: str) -> os.stat_result | None:
+        """The lstat of ``path`` (a real path of the merged view) in the layers below; None if hidden or
+        absent (:class:`lamina.fs.apply.LowerLayers`)."""
+        head, _, name = path.rpartition("/")
+        state = self.state(head)
+        found = self.find(state, head, name) if state else None
+        return found[1] if found is not None else None
+
+    def readlink(self, path: str) -> str:
+        head, _, name = path.rpartition("/")
+        found = self.find(self.state(head), head, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the layers below", path)
+        return os.readlink(name, dir_fd=self.fd(found[0], head))
 
     def child_state(self, state: tuple[int, ...], rel: str, name: str) -> tuple[int, ...]:
         out: list[int] = []

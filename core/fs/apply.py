@@ -50,20 +50,43 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEX
 
 
 class WhiteoutStrategy(Protocol):
-    """How a driver represents OCI whiteouts on disk."""
+    """How a driver represents OCI whiteouts on disk.
+
+    The apply engine calls it only where the layers below have something to hide, and never for what
+    the layer itself wrote: whiteouts and opaque markers hide lower layers' entries only, wherever they
+    stand in the stream."""
+
+    #: True when :meth:`opaque` hides the lower layers' entries at every depth below the directory (an
+    #: overlay opaque directory does); False when it acts on the directory's own children only, and the
+    #: engine then calls it again for each directory of the layer's own below.
+    hides_subtree: bool
 
     def whiteout(self, parent_fd: int, name: str) -> None:
-        """``name`` in the directory ``parent_fd`` is deleted by this layer."""
+        """``name`` in the directory ``parent_fd``, which the layers below have, is deleted by this layer."""
 
     def opaque(self, dir_fd: int, keep: set[str]) -> None:
-        """The directory ``dir_fd`` hides everything below it from lower layers.
+        """The directory ``dir_fd`` hides the lower layers' entries in it.
 
-        ``keep`` holds the names this layer itself has already put in the directory.
+        ``keep`` holds the names this layer itself has put in the directory (a file, a directory it
+        listed, or one holding such entries); they stay.
         """
+
+
+class LowerLayers(Protocol):
+    """What the layers below show, for a driver whose layer directory holds only the layer's own entries
+    (overlay). Paths are layer-relative and already resolved (no symlink in their directories)."""
+
+    def lookup(self, path: str) -> os.stat_result | None:
+        """The lstat of ``path`` in the merged view of the layers below; None if they show nothing there."""
+
+    def readlink(self, path: str) -> str:
+        """The target of the symlink :meth:`lookup` found at ``path``."""
 
 
 class DeleteWhiteouts:
     """Whiteouts for drivers whose layer directories hold the full tree (vfs): delete the paths."""
+
+    hides_subtree = False
 
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
@@ -121,9 +144,9 @@ class _Applier:
         whiteouts: WhiteoutStrategy,
         warn: Callable[[str], None],
         reader: TarReader,
-        template: Callable[[str], os.stat_result | None] | None = None,
+        lower: LowerLayers | None = None,
     ) -> None:
-        self.template = template
+        self.lower = lower
         self.root = root
         self.wo = whiteouts
         self.warn = warn
@@ -138,6 +161,13 @@ class _Applier:
         self.opened: dict[str, int] = {}  # non-root: read-only dirs made writable, with their modes
         self.added: dict[str, set[str]] = {}  # real parent path -> names added by this layer
         self.files: set[str] = set()  # regular files written by this layer (real paths)
+        self.listed: set[str] = set()  # directories this layer lists (real paths)
+        # What this layer hides of the layers below (real paths): whited-out paths with everything below
+        # them, and the directories whose lower entries an opaque marker hides.
+        self.whited: set[str] = set()
+        self.opaqued: set[str] = set()
+        self.followed: set[str] = set()  # lower layers' symlinks that resolutions went through
+        self.hiding = False  # resolving a whiteout's directory: create only what the layers below have
         self.size = 0
         self.warned_devices = False
         # Entries the C fast path applied, not yet in ``added``/``files``/the record's index (see sync_native).
@@ -187,18 +217,66 @@ class _Applier:
             os.close(pfd)
         self.opened[real] = mode
 
+    def _below(self, real: str) -> os.stat_result | None:
+        """What the layers below show at ``real`` and this layer does not hide (drivers that hold only
+        the layer's own entries)."""
+        if self.lower is None:
+            return None
+        if self.whited or self.opaqued:
+            if real in self.whited:
+                return None
+            p = real
+            while p:
+                p = p.rpartition("/")[0]
+                if p in self.whited or p in self.opaqued:
+                    return None
+        return self.lower.lookup(real)
+
+    def _missing(self, parent_fd: int, name: str, real: str) -> str | None:
+        """A name this layer does not have, in a walk: a symlink of the layers below is followed, as it
+        would be in the mounted stack (its target, inside the root)."""
+        st = self._below(real)
+        if st is None or not stat.S_ISLNK(st.st_mode):
+            return None
+        assert self.lower is not None
+        self.followed.add(real)
+        return self.lower.readlink(real)
+
+    def _notdir(self, parent_fd: int, name: str, real: str) -> bool:
+        """In a walk that creates: what stands in the way is this layer's record of a whiteout (a path it
+        deleted and now writes below): it becomes a directory that hides the layers below."""
+        if self.hiding or real not in self.whited or name in self.added.get(real.rpartition("/")[0], ()):
+            return False
+        remove_at(parent_fd, name)
+        self._implicit_dir(parent_fd, name, real)
+        return True
+
     def _implicit_dir(self, parent_fd: int, name: str, real: str) -> None:
         """A directory the archive needs but does not list: shaped like the one it shadows below, if any."""
+        lower = self._below(real)
+        if lower is not None and not stat.S_ISDIR(lower.st_mode):
+            lower = None
+        if self.hiding and lower is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the layers below", real)
         os.mkdir(name, 0o700, dir_fd=parent_fd)
         self._note(real.rpartition("/")[0], name)  # this layer's own: an opaque marker keeps it
-        lower = self.template(real) if self.template is not None else None
         if lower is None:
             os.chmod(name, 0o755, dir_fd=parent_fd)  # explicit: the caller's umask must not shape layers
-            return
-        st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        e = Entry(name=real, type=DIR, mode=stat.S_IMODE(lower.st_mode), uid=lower.st_uid, gid=lower.st_gid,
-                  size=0, mtime_ns=lower.st_mtime_ns)
-        self.dirs.append((real, e, (st.st_dev, st.st_ino)))
+        else:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            e = Entry(name=real, type=DIR, mode=stat.S_IMODE(lower.st_mode), uid=lower.st_uid, gid=lower.st_gid,
+                      size=0, mtime_ns=lower.st_mtime_ns)
+            self.dirs.append((real, e, (st.st_dev, st.st_ino)))
+        if real in self.whited:
+            self._new_over_whiteout(parent_fd, name)
+
+    def _new_over_whiteout(self, parent_fd: int, name: str) -> None:
+        """A directory this layer made where it deleted the lower layers' path: it hides what they have."""
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+        try:
+            self.wo.opaque(fd, set())
+        finally:
+            os.close(fd)
 
     def _forget(self) -> None:
         """The tree changed above some resolved directories: drop what was learnt about them."""
@@ -206,10 +284,20 @@ class _Applier:
         self.sgid.clear()
 
     def _note(self, parent_real: str, name: str) -> None:
+        """``name`` in ``parent_real`` is this layer's; so is each directory above it (it holds the
+        layer's entries: whiteouts and opaque markers keep it)."""
         s = self.added.get(parent_real)
-        if s is None:
-            s = self.added[parent_real] = set()
-        s.add(name)
+        if s is not None:
+            s.add(name)
+            return
+        self.added[parent_real] = {name}
+        while parent_real:
+            parent_real, _, name = parent_real.rpartition("/")
+            s = self.added.get(parent_real)
+            if s is not None:
+                s.add(name)
+                return
+            self.added[parent_real] = {name}
 
     def _clear(self, pfd: int, base: str, real: str, keep_dir: bool) -> None:
         self.sync_native()
@@ -315,12 +403,17 @@ class _Applier:
         if t == DIR:
             try:
                 os.mkdir(base, 0o700, dir_fd=pfd)
+                made = True
             except FileExistsError:
                 self._clear(pfd, base, real, keep_dir=True)
-                if lstat_at(pfd, base) is None:
+                made = lstat_at(pfd, base) is None
+                if made:
                     os.mkdir(base, 0o700, dir_fd=pfd)
+            if made and real in self.whited:
+                self._new_over_whiteout(pfd, base)
             st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
             self.dirs.append((real, e, (st.st_dev, st.st_ino)))
+            self.listed.add(real)
         elif t == REG:
             self._write_file(e, pfd, base, real)
         elif t == SYM:
@@ -338,6 +431,8 @@ class _Applier:
         elif t in (CHR, BLK, FIFO) and not self._special(e, pfd, base, real):
             return
         self._note(preal, base)
+        if real in self.followed:  # it now hides the lower layers' symlink that walks went through
+            self._forget()
 
     def _write_file(self, e: Entry, pfd: int, base: str, real: str) -> None:
         # Created with its final mode when the umask leaves it alone and no set-id bit needs chown first.
@@ -427,33 +522,99 @@ class _Applier:
         os.chmod(f"/proc/self/fd/{pfd}/{base}", e.mode)
 
     def _whiteout(self, path: str, head: str, base: str, e: Entry) -> None:
+        """Whiteouts and opaque markers hide what the layers below have, never what this layer writes,
+        wherever they stand in the stream: a path it deleted and writes again, before or after the
+        whiteout, shows only the layer's own entries; nothing is created for a path none of the layers
+        below has."""
         self.sync_native()
         target = whiteout.target_of(base, e.name)
+        if target is not None and base.startswith(whiteout.META_PREFIX):
+            return  # other AUFS metadata: ignored
+        found = self._hiding_dir(head)
+        if found is None:
+            return  # the layers below have nothing there
+        dfd, dreal = found
+        if not self.is_root:
+            self._writable(dfd, dreal)
         if target is None:
-            try:
-                dfd, dreal = self.root.dir(head, create=True)
-            except NotADirectoryError as err:
-                raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
-            if not self.is_root:
-                self._writable(dfd, dreal)
-            keep = self.added.get(dreal, set())
-            # Files this layer wrote below names the marker does not keep may go: keep their payloads.
-            self._supersede_under(f"{dreal}/" if dreal else "", keep)
-            self.wo.opaque(dfd, keep)
+            self.opaqued.add(dreal)
+            self._hide(dfd, dreal)
             self._forget()
             return
-        if base.startswith(whiteout.META_PREFIX):
-            return  # other AUFS metadata: ignored
-        try:
-            pfd, preal = self.root.dir(head, create=True)
-        except NotADirectoryError as err:
-            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(err.filename)} is not a directory") from err
-        real = f"{preal}/{target}" if preal else target
-        if not self.is_root:
-            self._writable(pfd, preal)
-        self._supersede_below(pfd, target, real, lstat_at(pfd, target))
-        self.wo.whiteout(pfd, target)
+        real = f"{dreal}/{target}" if dreal else target
+        own = target in self.added.get(dreal, ())
+        if own:
+            st = lstat_at(dfd, target)
+            self.whited.add(real)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                # A directory of this layer's own: what the layers below had in it goes, its own stays.
+                xfd, _ = self.root.dir(real)
+                if real not in self.listed:
+                    self._plain(xfd, real)
+                self._hide(xfd, real)
+            # anything else of its own already replaces what the layers below had
+        elif self.lower is not None:
+            if self._below(real) is not None:
+                self.whited.add(real)
+                self.wo.whiteout(dfd, target)
+        elif lstat_at(dfd, target) is not None:
+            self.whited.add(real)
+            self.wo.whiteout(dfd, target)
         self._forget()
+
+    def _hiding_dir(self, head: str) -> tuple[int, str] | None:
+        """The directory a whiteout or an opaque marker acts in (fd, real path); None when neither this
+        layer nor those below have it. Where only the layers below have it, the layer's copy is made, as
+        for an entry written there."""
+        self.hiding = True
+        try:
+            return self.root.dir(head, create=self.lower is not None)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        finally:
+            self.hiding = False
+
+    def _hide(self, dfd: int, dreal: str) -> None:
+        """Hide the lower layers' entries in the directory ``dreal`` (and below): keep this layer's own.
+        Directories kept only because they hold the layer's entries are then the layer's own, as if it
+        had created them (mode 0755, the caller's, no extended attributes)."""
+        subtree = getattr(self.wo, "hides_subtree", False)
+        todo = [(dfd, dreal, False)]  # (fd, real path, fd owned here)
+        try:
+            while todo:
+                fd, real, owned = todo.pop()
+                try:
+                    keep = self.added.get(real, set())
+                    if real != dreal and real not in self.listed:
+                        self._plain(fd, real)
+                    if real == dreal or not subtree:
+                        # Files of this layer below names not kept go: keep their payloads in the record.
+                        self._supersede_under(f"{real}/" if real else "", keep)
+                        self.wo.opaque(fd, keep)
+                    for name in sorted(keep):
+                        st = lstat_at(fd, name)
+                        if st is not None and stat.S_ISDIR(st.st_mode):
+                            child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                            dir_fd=fd)
+                            todo.append((child, f"{real}/{name}" if real else name, True))
+                finally:
+                    if owned:
+                        os.close(fd)
+        finally:
+            for fd, _, owned in todo:
+                if owned:
+                    os.close(fd)
+
+    def _plain(self, fd: int, real: str) -> None:
+        """The directory ``real`` no longer shows a lower layer's: it takes the metadata of a directory this
+        layer creates without listing it."""
+        for key in os.listxattr(fd):
+            if not key.startswith(_PRIVATE_XATTR_PREFIXES):
+                with contextlib.suppress(OSError):
+                    os.removexattr(fd, key)
+        st = os.fstat(fd)
+        e = Entry(name=real, type=DIR, mode=0o755, uid=self.euid, gid=self.egid, size=0, mtime_ns=st.st_mtime_ns)
+        self.dirs.append((real, e, (st.st_dev, st.st_ino)))
 
     def finish(self) -> None:
         # Directories: ownership, mode, xattrs and times, deepest first so a parent's mtime is final.
@@ -580,7 +741,7 @@ def apply_recorded(
     *,
     whiteouts: WhiteoutStrategy | None = None,
     warn: Callable[[str], None] | None = None,
-    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+    lower: LowerLayers | None = None,
     max_entries: int = 0,
 ) -> ApplyResult:
     """:func:`apply_tar`, keeping a :mod:`lamina.tar.split` record at ``record`` for byte-exact export.
@@ -590,7 +751,7 @@ def apply_recorded(
     """
     rec = RecordWriter(record)
     try:
-        result = _apply(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn, implicit_dirs=implicit_dirs,
+        result = _apply(stream, target, whiteouts=whiteouts, recorder=rec, warn=warn, lower=lower,
                         max_entries=max_entries)
         stream.drain(rec.raw)
     except BaseException:
@@ -608,14 +769,17 @@ def apply_tar(
     recorder: Recorder | None = None,
     max_entries: int = 0,
     warn: Callable[[str], None] | None = None,
-    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+    lower: LowerLayers | None = None,
 ) -> ApplyResult:
     """Apply the tar in ``stream`` to the directory ``target``; read the stream to its end.
 
-    ``implicit_dirs`` serves drivers whose layer directory holds only the diff (overlay): given the
-    layer-relative path of a directory the archive needs but does not list, it returns the stat of the
-    directory that path shadows in the layers below (or None), whose owner, mode and time the new
-    directory then takes, as a copy-up would. Without it such directories are 0755, owned by the caller.
+    ``lower`` serves drivers whose layer directory holds only the layer's own entries (overlay): it
+    shows the engine what the layers below have, so that names resolve as in the mounted stack (a
+    lower layer's symlink in an entry's directories is followed, inside the root, and the entry lands
+    where it leads), a directory the archive needs but does not list takes the owner, mode and time of
+    the one it shadows below (as a copy-up would), and whiteouts are recorded only for paths the layers
+    below have. Without it the target holds the whole tree (vfs), and such directories are 0755, owned
+    by the caller.
 
     When the layer store asked for the stream's tar-split record (``stream.record``) and no ``recorder``
     is given, the record is kept there (:func:`apply_recorded`): that is what makes a tree driver's
@@ -626,10 +790,10 @@ def apply_tar(
     """
     record = getattr(stream, "record", None)
     if recorder is None and record is not None:
-        return apply_recorded(stream, target, record, whiteouts=whiteouts, warn=warn, implicit_dirs=implicit_dirs,
+        return apply_recorded(stream, target, record, whiteouts=whiteouts, warn=warn, lower=lower,
                               max_entries=max_entries)
     return _apply(stream, target, whiteouts=whiteouts, recorder=recorder, max_entries=max_entries, warn=warn,
-                  implicit_dirs=implicit_dirs)
+                  lower=lower)
 
 
 def _apply(
@@ -640,13 +804,16 @@ def _apply(
     recorder: Recorder | None = None,
     max_entries: int = 0,
     warn: Callable[[str], None] | None = None,
-    implicit_dirs: Callable[[str], os.stat_result | None] | None = None,
+    lower: LowerLayers | None = None,
 ) -> ApplyResult:
     reader = TarReader(stream, recorder, max_entries=max_entries)
     with Root(target, defer_close=True) as root:
-        ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, implicit_dirs)
+        ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, lower)
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir
+        if lower is not None:
+            root.on_missing = ap._missing
+            root.on_notdir = ap._notdir
         fast = None
         if native_enabled() and (recorder is None or isinstance(recorder, RecordWriter)):
             fast = _FastPath(ap, reader, stream, recorder)

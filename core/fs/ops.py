@@ -62,6 +62,8 @@ class Root:
         on_denied: Callable[[int, str, str], None] | None = None,
         on_mkdir: Callable[[int, str, str], None] | None = None,
         defer_close: bool = False,
+        on_missing: Callable[[int, str, str], str | None] | None = None,
+        on_notdir: Callable[[int, str, str], bool] | None = None,
     ) -> None:
         """``on_denied(parent_fd, name, real_path)`` may open up a directory a walk was refused; the
         walk then retries once (used by non-root applies over read-only or unreadable directories).
@@ -70,6 +72,11 @@ class Root:
         keeps one fd while resolving many other paths, as the apply engine does, needs that)."""
         self.on_denied = on_denied
         self.on_mkdir = on_mkdir  # creates a missing directory (parent fd, name, real path) instead of mkdir
+        # For a tree that holds only the top of a stack (an overlay upper directory): a name the walk does
+        # not find may be a symlink of the layers below, whose target (returned) the walk then follows;
+        # and in a walk that creates, a non-directory in the way may be replaced by a directory (True).
+        self.on_missing = on_missing
+        self.on_notdir = on_notdir
         if isinstance(path, int):
             self.fd = os.dup(path)
         else:
@@ -205,25 +212,41 @@ class Root:
                             raise
                         self.on_denied(cur(), c, real(c))
                         fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
-                except FileNotFoundError:
-                    if not create:
-                        raise
-                    with contextlib.suppress(FileExistsError):
-                        if self.on_mkdir is not None:
-                            self.on_mkdir(cur(), c, real(c))
-                        else:
-                            os.mkdir(c, mode, dir_fd=cur())
-                    fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                except FileNotFoundError as e:
+                    below = self.on_missing(cur(), c, real(c)) if self.on_missing is not None else None
+                    if below is not None:
+                        target = below
+                    else:
+                        if not create:
+                            raise
+                        with contextlib.suppress(FileExistsError):
+                            if self.on_mkdir is not None:
+                                self.on_mkdir(cur(), c, real(c))
+                            else:
+                                os.mkdir(c, mode, dir_fd=cur())
+                        fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                        target = None
+                    if target is not None:
+                        hops += 1
+                        if hops > MAX_SYMLINK_HOPS:
+                            raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from e
                 except OSError as e:
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     st = os.stat(c, dir_fd=cur(), follow_symlinks=False)
                     if not stat.S_ISLNK(st.st_mode):
-                        raise NotADirectoryError(errno.ENOTDIR, "not a directory", real(c)) from e
-                    hops += 1
-                    if hops > MAX_SYMLINK_HOPS:
-                        raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from e
-                    target = os.readlink(c, dir_fd=cur())
+                        if not (create and self.on_notdir is not None and self.on_notdir(cur(), c, real(c))):
+                            raise NotADirectoryError(errno.ENOTDIR, "not a directory", real(c)) from e
+                        fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                        target = None
+                    else:
+                        hops += 1
+                        if hops > MAX_SYMLINK_HOPS:
+                            raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from e
+                        target = os.readlink(c, dir_fd=cur())
+                else:
+                    target = None
+                if target is not None:
                     if target.startswith("/"):
                         _close_all(fds)
                         names.clear()
