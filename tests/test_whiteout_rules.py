@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from lamina.config import Config
+from lamina.errors import ArchiveError
 from lamina.service import ImageService
 from lamina.testing import TarBuilder, require_root
 
@@ -136,3 +137,19 @@ def test_tarball_accepts_the_same_layers(tmp_path: Path) -> None:
         _stack(svc, TarBuilder().dir("a").file("a/x", b"lower").symlink("lib", "a"),
                TarBuilder().file("a/y", b"own").opaque("a").file("f", b"own").whiteout("f").whiteout("nothing")
                .file("lib/z", b"through"))
+
+
+def test_a_path_through_a_lower_file_is_refused(svc: ImageService) -> None:
+    base = _stack(svc, TarBuilder().file("a", b"file").dir("d").file("d/f", b"file"))
+    for bad in (TarBuilder().file("a/x"), TarBuilder().dir("d/f/sub")):
+        with pytest.raises(ArchiveError, match="is not a directory"):
+            svc.register_layer(io.BytesIO(bad.build()), base)
+    # a whiteout below a file hides nothing and is no error
+    assert _tree(svc, _stack(svc, TarBuilder().file("a", b"file"), TarBuilder().whiteout("a/x"))) == {"a": "file"}
+
+
+def test_a_whiteout_after_entries_below_the_lower_file_it_deletes(svc: ImageService) -> None:
+    base = TarBuilder().file("a", b"file").dir("d").file("d/f", b"file")
+    upper = TarBuilder().file("a/x", b"own").whiteout("a").dir("d/f/sub").opaque("d")
+    assert _tree(svc, _stack(svc, base, upper)) == {"a": "dir 0o755", "a/x": "own", "d": "dir 0o755",
+                                                   "d/f": "dir 0o755", "d/f/sub": "dir 0o755"}

@@ -168,6 +168,10 @@ class _Applier:
         self.opaqued: set[str] = set()
         self.followed: set[str] = set()  # lower layers' symlinks that resolutions went through
         self.hiding = False  # resolving a whiteout's directory: create only what the layers below have
+        # Files of the layers below that entries crossed as directories (real path -> entry): valid only if
+        # the layer also whites them out, before or after, as whiteouts act on the layers below first.
+        self.crossed: dict[str, str] = {}
+        self.current = ""  # the name of the entry being applied
         self.size = 0
         self.warned_devices = False
         # Entries the C fast path applied, not yet in ``added``/``files``/the record's index (see sync_native).
@@ -243,10 +247,13 @@ class _Applier:
         return self.lower.readlink(real)
 
     def _notdir(self, parent_fd: int, name: str, real: str) -> bool:
-        """In a walk that creates: what stands in the way is this layer's record of a whiteout (a path it
-        deleted and now writes below): it becomes a directory that hides the layers below."""
-        if self.hiding or real not in self.whited or name in self.added.get(real.rpartition("/")[0], ()):
+        """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
+        it deleted (overlay's record of a whiteout) becomes a directory that hides the layers below; a
+        file of the layers below too, if the layer whites it out (see ``crossed``)."""
+        if self.hiding or name in self.added.get(real.rpartition("/")[0], ()):
             return False
+        if real not in self.whited:
+            self.crossed.setdefault(real, self.current)
         remove_at(parent_fd, name)
         self._implicit_dir(parent_fd, name, real)
         return True
@@ -255,6 +262,10 @@ class _Applier:
         """A directory the archive needs but does not list: shaped like the one it shadows below, if any."""
         lower = self._below(real)
         if lower is not None and not stat.S_ISDIR(lower.st_mode):
+            # a file of the layers below (their symlinks were followed before): the path crosses it
+            if self.hiding:
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
+            self.crossed.setdefault(real, self.current)
             lower = None
         if self.hiding and lower is None:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", real)
@@ -382,6 +393,7 @@ class _Applier:
 
     def apply(self, e: Entry) -> None:
         self.root.release()  # no directory fd of the previous entry is in use any more
+        self.current = e.name
         path = check_entry(e)
         head, _, base = path.rpartition("/")
         if whiteout.is_whiteout(base):
@@ -540,8 +552,13 @@ class _Applier:
             self.opaqued.add(dreal)
             self._hide(dfd, dreal)
             self._forget()
+            if self.crossed:
+                self._uncross(f"{dreal}/" if dreal else "")
             return
         real = f"{dreal}/{target}" if dreal else target
+        if self.crossed:
+            self._uncross(real + "/")
+            self.crossed.pop(real, None)
         own = target in self.added.get(dreal, ())
         if own:
             st = lstat_at(dfd, target)
@@ -561,6 +578,10 @@ class _Applier:
             self.whited.add(real)
             self.wo.whiteout(dfd, target)
         self._forget()
+
+    def _uncross(self, prefix: str) -> None:
+        for p in [p for p in self.crossed if p.startswith(prefix)]:
+            del self.crossed[p]
 
     def _hiding_dir(self, head: str) -> tuple[int, str] | None:
         """The directory a whiteout or an opaque marker acts in (fd, real path); None when neither this
@@ -617,6 +638,9 @@ class _Applier:
         self.dirs.append((real, e, (st.st_dev, st.st_ino)))
 
     def finish(self) -> None:
+        if self.crossed:
+            real, name = min(self.crossed.items())
+            raise ArchiveError(f"cannot apply {shown(name)}: {shown(real)} is not a directory")
         # Directories: ownership, mode, xattrs and times, deepest first so a parent's mtime is final.
         # A directory entry later replaced within the same layer (by a file, a symlink or a new
         # directory) no longer owns that path: its metadata is dropped, as if applied in order.
@@ -811,9 +835,9 @@ def _apply(
         ap = _Applier(root, whiteouts or DeleteWhiteouts(), warn or (lambda _m: None), reader, lower)
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir
+        root.on_notdir = ap._notdir
         if lower is not None:
             root.on_missing = ap._missing
-            root.on_notdir = ap._notdir
         fast = None
         if native_enabled() and (recorder is None or isinstance(recorder, RecordWriter)):
             fast = _FastPath(ap, reader, stream, recorder)
