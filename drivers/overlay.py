@@ -676,6 +676,13 @@ class _Lowers:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", path)
         return os.readlink(name, dir_fd=self.fd(found[0], head))
 
+    def open(self, path: str) -> int:
+        head, _, name = path.rpartition("/")
+        found = self.find(self.state(head), head, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the layers below", path)
+        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd(found[0], head))
+
     def child_state(self, state: tuple[int, ...], rel: str, name: str) -> tuple[int, ...]:
         out: list[int] = []
         for i in state:

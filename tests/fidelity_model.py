@@ -15,7 +15,9 @@ where the spec is silent, independently of lamina's apply engine:
   any path replaces what is there, a directory with everything below it. A hard link names the same file
   as its target (resolved the same way, final component not followed), which must exist and not be a
   directory.
-- A relative symlink whose target climbs above the root is invalid.
+- A relative symlink whose target climbs above the root, from the directory the archive names or the
+  one it lands in, is invalid. A hard link to a lower layer's file the same layer whites out is invalid
+  (the whiteout comes first).
 
 :func:`snapshot` renders a tree as :func:`lamina.testing.tree_snapshot` rows, with hard-link groups made
 comparable by :func:`canonical`.
@@ -161,7 +163,9 @@ def apply_layer(tree: Tree, ops: list[Op]) -> Tree:
             out[real] = Node("file", op.mode, op.uid, op.gid, data=op.data, xattrs=dict(op.xattrs))
         elif op.kind == "symlink":
             if not op.target.startswith("/"):
-                _norm(f"{head}/{op.target}" if head else op.target)  # climbing out of the root: Invalid
+                # climbing out of the root, from where the archive names it or where it lands: Invalid
+                _norm(f"{head}/{op.target}" if head else op.target)
+                _norm(f"{parent}/{op.target}" if parent else op.target)
             _remove(out, real)
             out[real] = Node("symlink", 0o777, op.uid, op.gid, target=op.target)
         elif op.kind == "hardlink":

@@ -153,3 +153,25 @@ def test_a_whiteout_after_entries_below_the_lower_file_it_deletes(svc: ImageServ
     upper = TarBuilder().file("a/x", b"own").whiteout("a").dir("d/f/sub").opaque("d")
     assert _tree(svc, _stack(svc, base, upper)) == {"a": "dir 0o755", "a/x": "own", "d": "dir 0o755",
                                                    "d/f": "dir 0o755", "d/f/sub": "dir 0o755"}
+
+
+def test_hard_links_to_lower_layers_files(svc: ImageService) -> None:
+    base = TarBuilder().file("f", b"data", mode=0o600).dir("d").file("d/g", b"g").symlink("s", "d")
+    chain = _stack(svc, base, TarBuilder().hardlink("h", "f").hardlink("d/h", "s/g"))
+    tree = _tree(svc, chain)
+    assert tree["h"] == tree["f"] == "data" and tree["d/h"] == "g"
+    with svc.mounted_layer(chain) as root:
+        assert os.stat(Path(root, "h")).st_ino == os.stat(Path(root, "f")).st_ino
+        assert os.stat(Path(root, "f")).st_mode & 0o7777 == 0o600
+    assert [(c.path, c.kind) for c in svc.layer_changes(chain)] == [("/d", "C"), ("/d/h", "A"), ("/h", "A")]
+    # a whiteout of the target, before or after the link, comes first: the link points at nothing
+    parent = svc.register_layer(io.BytesIO(base.build()), None).chain_id
+    for bad in (TarBuilder().whiteout("f").hardlink("h", "f"), TarBuilder().hardlink("h", "f").whiteout("f"),
+                TarBuilder().hardlink("h", "d/g").opaque("d")):
+        with pytest.raises(ArchiveError, match="points at missing"):
+            svc.register_layer(io.BytesIO(bad.build()), parent)
+
+
+def test_a_directory_replacing_the_layers_own_file_hides_the_lower_directory(svc: ImageService) -> None:
+    base = TarBuilder().dir("a").dir("a/a").file("a/a/x", b"lower")
+    assert _tree(svc, _stack(svc, base, TarBuilder().file("a").dir("a"))) == {"a": "dir 0o755"}

@@ -82,6 +82,9 @@ class LowerLayers(Protocol):
     def readlink(self, path: str) -> str:
         """The target of the symlink :meth:`lookup` found at ``path``."""
 
+    def open(self, path: str) -> int:
+        """A read-only fd (the caller's) of the regular file :meth:`lookup` found at ``path``."""
+
 
 class DeleteWhiteouts:
     """Whiteouts for drivers whose layer directories hold the full tree (vfs): delete the paths."""
@@ -171,6 +174,7 @@ class _Applier:
         # Files of the layers below that entries crossed as directories (real path -> entry): valid only if
         # the layer also whites them out, before or after, as whiteouts act on the layers below first.
         self.crossed: dict[str, str] = {}
+        self.linked: dict[str, str] = {}  # lower layers' files hard links point at (real path -> entry)
         self.current = ""  # the name of the entry being applied
         self.size = 0
         self.warned_devices = False
@@ -317,6 +321,8 @@ class _Applier:
             return
         if keep_dir and stat.S_ISDIR(st.st_mode):
             return
+        if self.lower is not None and not stat.S_ISDIR(st.st_mode):
+            self.whited.add(real)  # the layer's entry there hid the lower path: what replaces it does too
         self._supersede_below(pfd, base, real, st)
         remove_at(pfd, base, st)
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
@@ -482,15 +488,71 @@ class _Applier:
             known = self.sgid[parent] = bool(os.fstat(pfd).st_mode & stat.S_ISGID)
         return known
 
+    def _link_target(self, target: str) -> tuple[int, str, os.stat_result] | None:
+        """The target of a hard link (parent fd, name, lstat); None if missing. On a driver that holds only
+        the layer's own entries a file of the layers below is first copied up, as the kernel would."""
+        try:
+            tfd, tbase, treal = self.root.parent(target)
+        except NotADirectoryError:
+            return None
+        except FileNotFoundError:
+            if self.lower is None:
+                return None
+            self.hiding = True  # only directories the layers below have
+            try:
+                tfd, tbase, treal = self.root.parent(target, create=True)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            finally:
+                self.hiding = False
+        real = f"{treal}/{tbase}" if treal else tbase
+        st = lstat_at(tfd, tbase)
+        if st is not None and real in self.whited and tbase not in self.added.get(treal, ()):
+            return None  # overlay's record of a whiteout
+        if st is None and self.lower is not None:
+            lst = self._below(real)
+            if lst is None or stat.S_ISDIR(lst.st_mode):
+                return None
+            self._copy_up(tfd, tbase, real, lst)
+            st = lstat_at(tfd, tbase)
+        if st is not None and tbase not in self.added.get(treal, ()):
+            self.linked[real] = self.current  # a lower layer's file: a whiteout of it makes this link invalid
+        return None if st is None else (tfd, tbase, st)
+
+    def _copy_up(self, pfd: int, name: str, real: str, lst: os.stat_result) -> None:
+        """Copy a non-directory of the layers below into the layer, with its owner, mode, times and
+        extended attributes, so a hard link can be made to it."""
+        assert self.lower is not None
+        if stat.S_ISLNK(lst.st_mode):
+            os.symlink(self.lower.readlink(real), name, dir_fd=pfd)
+        elif stat.S_ISREG(lst.st_mode):
+            src = self.lower.open(real)
+            try:
+                fd = os.open(name, _WRITE_FLAGS, 0o600, dir_fd=pfd)
+                try:
+                    while os.copy_file_range(src, fd, 1 << 30):
+                        pass
+                    for key in os.listxattr(src):
+                        if not key.startswith(_PRIVATE_XATTR_PREFIXES):
+                            os.setxattr(fd, key, os.getxattr(src, key))
+                finally:
+                    os.close(fd)
+            finally:
+                os.close(src)
+        else:
+            os.mknod(name, stat.S_IFMT(lst.st_mode) | 0o600, lst.st_rdev, dir_fd=pfd)
+        if self.is_root:
+            os.chown(name, lst.st_uid, lst.st_gid, dir_fd=pfd, follow_symlinks=False)
+        if not stat.S_ISLNK(lst.st_mode):
+            os.chmod(f"/proc/self/fd/{pfd}/{name}", stat.S_IMODE(lst.st_mode))
+        os.utime(name, ns=(lst.st_atime_ns, lst.st_mtime_ns), dir_fd=pfd, follow_symlinks=False)
+
     def _hardlink(self, e: Entry, pfd: int, base: str, real: str) -> None:
         target = normalize(e.linkname)  # not the root: check_entry refused that
-        try:
-            tfd, tbase, _ = self.root.parent(target)
-        except (FileNotFoundError, NotADirectoryError) as err:
-            raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}") from err
-        st = lstat_at(tfd, tbase)
-        if st is None:
+        found = self._link_target(target)
+        if found is None:
             raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
+        tfd, tbase, st = found
         if stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
         if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
@@ -549,6 +611,7 @@ class _Applier:
         if not self.is_root:
             self._writable(dfd, dreal)
         if target is None:
+            self._unlinked(f"{dreal}/" if dreal else "")
             self.opaqued.add(dreal)
             self._hide(dfd, dreal)
             self._forget()
@@ -556,6 +619,7 @@ class _Applier:
                 self._uncross(f"{dreal}/" if dreal else "")
             return
         real = f"{dreal}/{target}" if dreal else target
+        self._unlinked(real + "/", real)
         if self.crossed:
             self._uncross(real + "/")
             self.crossed.pop(real, None)
@@ -579,6 +643,13 @@ class _Applier:
             self.wo.whiteout(dfd, target)
         self._forget()
 
+    def _unlinked(self, prefix: str, path: str | None = None) -> None:
+        """Whiteouts act on the layers below before any entry: a hard link of the layer to what one hides
+        points at nothing."""
+        for p, name in self.linked.items():
+            if p == path or p.startswith(prefix):
+                raise ArchiveError(f"hard link {shown(name)} points at missing {shown(p)}")
+
     def _uncross(self, prefix: str) -> None:
         for p in [p for p in self.crossed if p.startswith(prefix)]:
             del self.crossed[p]
@@ -590,8 +661,10 @@ class _Applier:
         self.hiding = True
         try:
             return self.root.dir(head, create=self.lower is not None)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        except OSError as err:  # missing, through a file, or a symlink loop: nothing below to hide
+            if isinstance(err, (FileNotFoundError, NotADirectoryError)) or err.errno == errno.ELOOP:
+                return None
+            raise
         finally:
             self.hiding = False
 
@@ -684,8 +757,10 @@ class _Applier:
                 os.close(fd)
         try:
             fd, resolved = self.root.dir(real)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
+        except OSError as err:  # gone, or replaced by a file or a symlink (maybe a loop)
+            if isinstance(err, (FileNotFoundError, NotADirectoryError)) or err.errno == errno.ELOOP:
+                return None
+            raise
         st = os.fstat(fd)
         if resolved != real or (st.st_dev, st.st_ino) != ident:
             return None
