@@ -398,13 +398,64 @@ SAMPLE = (plain(info("first"), b"A" * 700) + ext_header(pax_record("path", "p/" 
         4 * BLOCK + 100,  # inside the PAX records
         5 * BLOCK + 200,  # inside the header the PAX records belong to
         6 * BLOCK + 50,  # inside the second payload
-        7 * BLOCK,  # no end-of-archive marker at all
+        6 * BLOCK + 100,  # inside the second payload's padding
+        2 * BLOCK + 100,  # inside the first payload's last block
+        4 * BLOCK,  # after the PAX header block, before its records
+        5 * BLOCK,  # after the PAX records, before the header they belong to
     ],
 )
 def test_rejects_truncation(cut: int) -> None:
     assert read_entries(SAMPLE)[0]  # the whole thing is fine
     err = _reject(SAMPLE[:cut])
     assert "truncated" in err.message
+
+
+@pytest.mark.parametrize("ends", [0, 1], ids=["no-end-block", "one-end-block"])
+@pytest.mark.parametrize("cut", [3 * BLOCK, 7 * BLOCK], ids=["after-first", "after-second"])
+def test_stream_ending_on_a_header_boundary(cut: int, ends: int) -> None:
+    """What real producers write: no end-of-archive blocks, or one. The raw record is what was received."""
+    data = SAMPLE[:cut] + bytes(ends * BLOCK)
+    entries, rec = read_entries(data)
+    assert [(e.name, p) for e, p in entries][: 1 + (cut > 3 * BLOCK)] == [
+        ("first", b"A" * 700), ("p/" * 149 + "pp", b"B" * 100)][: 1 + (cut > 3 * BLOCK)]
+    assert len(entries) == 1 + (cut > 3 * BLOCK)
+    raw = [p for k, p in rec.parts if k in ("raw", "payload")]
+    assert b"".join(raw) == data  # nothing added, nothing lost
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, b"X"])
+def test_rejects_stream_ending_after_an_extended_header(kind: bytes) -> None:
+    records = pax_record("path", "x") if kind in (tarfile.XHDTYPE, b"X") else b"name"
+    err = _reject(plain(info("f"), b"a") + ext_header(records, kind), "truncated")
+    assert "extended header" in err.message
+
+
+def test_stream_ending_after_a_global_header() -> None:
+    """A PAX global header is an entry of its own: the stream may end after it."""
+    entries, _ = read_entries(plain(info("f"), b"a") + ext_header(pax_record("uid", "7"), tarfile.XGLTYPE))
+    assert [e.name for e, _ in entries] == ["f"]
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK])
+def test_gnu_long_name_is_cut_at_its_first_nul(kind: bytes) -> None:
+    """As GNU tar, Go's archive/tar and Python's tarfile read it."""
+    long = b"d/" + b"n" * 120 + b"\0garbage after the NUL\0\0"
+    ti = info("short", tarfile.SYMTYPE if kind == tarfile.GNUTYPE_LONGLINK else tarfile.REGTYPE,
+              linkname="t")
+    e = one(ext_header(long, kind, "././@LongLink") + plain(ti, b"x" if ti.isreg() else b"") + END)
+    if kind == tarfile.GNUTYPE_LONGNAME:
+        assert e.name == "d/" + "n" * 120
+    else:
+        assert (e.name, e.linkname) == ("short", "d/" + "n" * 120)
+    with tarfile.open(fileobj=io.BytesIO(ext_header(long, kind, "././@LongLink") + plain(ti) + END)) as tf:
+        theirs = tf.next()
+    assert theirs is not None and (e.name, e.linkname) == (theirs.name, theirs.linkname)
+
+
+def test_solaris_extended_header_is_read_as_pax() -> None:
+    records = pax_record("path", "from-x-header") + pax_record("SCHILY.xattr.user.k", "v") + pax_record("uid", "42")
+    e = one(ext_header(records, b"X") + plain(info("ignored"), b"data") + END)
+    assert (e.name, e.uid, e.xattrs) == ("from-x-header", 42, {"user.k": b"v"})
 
 
 def test_truncation_inside_gnu_longname() -> None:
@@ -480,7 +531,7 @@ REJECTED = {
     "checksum": (lambda: bytes([plain(info("f"), b"abc")[0] ^ 1]) + plain(info("f"), b"abc")[1:] + END),
     "truncated-payload": (lambda: SAMPLE[: BLOCK + 300]),
     "truncated-header": (lambda: SAMPLE[:100]),
-    "no-end-marker": (lambda: SAMPLE[: 7 * BLOCK]),
+    "no-end-marker-inside-padding": (lambda: SAMPLE[: 6 * BLOCK + 100]),
     "malformed-pax": (lambda: ext_header(b"99 path=x\n") + plain(info("f")) + END),
 }
 

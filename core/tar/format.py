@@ -172,6 +172,7 @@ class TarReader:
         self._pending_pad = 0
         self._global: dict[str, bytes] = {}
         self._done = False
+        self._started = False  # a block was read
         self.entries = 0
         self._max_entries = max_entries or stream.max_entries  # the store's limit unless told otherwise
 
@@ -188,7 +189,8 @@ class TarReader:
 
     @property
     def done(self) -> bool:
-        """The end-of-archive marker has been read."""
+        """The end of the archive has been reached (its end-of-archive block, or the end of the stream
+        where the next header would start)."""
         return self._done
 
     @property
@@ -240,10 +242,18 @@ class TarReader:
         return data
 
     # -- headers ------------------------------------------------------------------------------------
-    def _header(self) -> Header | None:
+    def _header(self, prefixed: bool) -> Header | None:
+        """The next header, or None at the end of the archive: a zero block, or the end of the stream
+        where a header would start (producers that write no end-of-archive blocks). ``prefixed``: extended
+        headers for the next entry were read, so the stream may not end here."""
         block = self._s.read(BLOCK)
         if not block:
-            raise ArchiveError("truncated tar stream: no end-of-archive marker")
+            if prefixed:
+                raise ArchiveError("truncated tar stream: it ends after an extended header")
+            if not self._started:  # as GNU tar and Python's tarfile: an empty file is no archive
+                raise ArchiveError("truncated tar stream: it is empty")
+            return None
+        self._started = True
         if len(block) != BLOCK:
             raise ArchiveError("truncated tar stream: it ends inside a header")
         self._raw(block)
@@ -262,8 +272,9 @@ class TarReader:
         longname: str | None = None
         longlink: str | None = None
         kind: str | None = None
+        prefixed = False
         while True:
-            ti = self._header()
+            ti = self._header(prefixed)
             if ti is None:
                 self._done = True
                 self._s.drain(self._raw)  # end-of-archive blocks and anything after them
@@ -272,21 +283,22 @@ class TarReader:
             size = ti.size
             if size < 0:
                 raise ArchiveError("bad tar header: negative size")
-            if t in (b"x", b"g", b"L", b"K"):
+            if t in (b"x", b"X", b"g", b"L", b"K"):  # X: Solaris tar's name for the PAX x header
+                prefixed = prefixed or t != b"g"
                 self._pending = size
                 self._pending_pad = _pad(size)
                 data = self.payload_bytes(16 << 20)
                 self.finish_entry()
-                if t == b"x":
+                if t in (b"x", b"X"):
                     pax.update(parse_pax(data))
                 elif t == b"g":
                     g = parse_pax(data)
                     self._global.update(g)
                     pax.update(g)
-                elif t == b"L":
-                    longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                elif t == b"L":  # a GNU long name ends at its first NUL, as every reader cuts it
+                    longname = _str(data)
                 else:
-                    longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                    longlink = _str(data)
                 continue
             if t == b"S" or any(k.startswith("GNU.sparse") for k in pax):
                 raise ArchiveError(f"sparse tar entries are not supported ({shown(ti.name)})")
