@@ -12,7 +12,7 @@ are checked against it and changes tell additions from modifications with it).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +36,9 @@ class _Tee:
         self.out.write(data)
 
     def file(self, path: str, size: int) -> None:  # payloads are written by the applier loop
+        pass
+
+    def sparse_file(self, path: str, segments: Sequence[tuple[int, int]]) -> None:
         pass
 
 

@@ -7,9 +7,11 @@ where the driver has one, and the export must be the input, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +150,155 @@ def test_solaris_x_header_is_read_as_pax(svc: ImageService) -> None:
         with svc.mounted_layer(layer.chain_id) as root:
             assert os.lstat(Path(root, "solaris", "s" * 120)).st_mtime_ns == 1_600_000_000_250_000_000
     assert sorted(p for p, _ in changed(svc, layer)) == ["/solaris", "/solaris/" + "s" * 120]
+
+
+# -- GNU sparse files -----------------------------------------------------------------------------------------
+
+GIB = 1 << 30
+BIG = 60 * GIB  # apparent size of the big sparse file: a few KB of data
+BIG_DATA = {0: b"head", 7 * GIB + 12345: b"middle" * 500, BIG - 5: b"tail!"}
+MANY = {i * 65536 + 1000: bytes([i]) * (100 + i) for i in range(1, 120)}  # old GNU extension blocks, a 1.0 map
+MANY_SIZE = 121 * 65536  # of several blocks
+FORMATS = {
+    "old-gnu": ["--format=gnu"],
+    "pax-0.0": ["--format=posix", "--sparse-version=0.0"],
+    "pax-0.1": ["--format=posix", "--sparse-version=0.1"],
+    "pax-1.0": ["--format=posix", "--sparse-version=1.0"],
+}
+SPARSE_LIMIT = 16 << 20  # storage.limits.max_layer_bytes of the stores below: far less than the real sizes
+
+
+def _gnu_tar() -> str:
+    from lamina.testing import require_tool
+
+    tar = require_tool("tar")
+    if b"GNU tar" not in subprocess.run([tar, "--version"], capture_output=True, check=True).stdout:
+        from lamina.testing.helpers import _skip_or_fail
+
+        _skip_or_fail("requires GNU tar as tar")
+    return tar
+
+
+def _write_sparse(path: Path, size: int, data: dict[int, bytes]) -> None:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, chunk in data.items():
+            f.seek(offset)
+            f.write(chunk)
+
+
+@pytest.fixture(scope="module")
+def sparse_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("sparse-src")
+    (src / "d").mkdir()
+    _write_sparse(src / "d" / "big", BIG, BIG_DATA)
+    _write_sparse(src / "d" / "many", MANY_SIZE, MANY)
+    _write_sparse(src / "holes", 5 * GIB, {})  # no data at all
+    (src / "plain").write_bytes(b"an ordinary file")
+    for p in (src / "d" / "big", src / "d" / "many", src / "holes", src / "plain", src / "d"):
+        os.utime(p, (1_700_000_000, 1_700_000_000))
+    assert os.stat(src / "d" / "big").st_blocks * 512 < 1 << 20  # the filesystem keeps holes
+    return src
+
+
+@pytest.fixture(scope="module")
+def sparse_archives(sparse_src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    tar = _gnu_tar()
+    out = {}
+    for fmt, flags in FORMATS.items():
+        proc = subprocess.run([tar, "--sparse", *flags, "--numeric-owner", "-C", str(sparse_src), "-cf", "-",
+                               "d", "holes", "plain"], capture_output=True, check=True)
+        out[fmt] = proc.stdout
+    return out
+
+
+@pytest.fixture(params=DRIVERS)
+def small_svc(request: pytest.FixtureRequest, tmp_path: Path, catalog: Any) -> Iterator[ImageService]:
+    """A store whose layers may expand to 16 MiB at most, on an ext4 filesystem of 512 MiB (as root): were
+    holes written out, the test would fill that disk, not the machine's."""
+    from fault_fixtures import loop_ext4
+
+    from lamina.config import Limits
+
+    driver = request.param
+    if driver == "overlay":
+        require_root()
+    with contextlib.ExitStack() as stack:
+        where = stack.enter_context(loop_ext4(tmp_path, 512)) if os.geteuid() == 0 else tmp_path
+        cfg = Config(root=where / "root", runroot=tmp_path / "run", driver=driver,
+                     limits=Limits(max_layer_bytes=SPARSE_LIMIT))
+        yield stack.enter_context(ImageService.open(cfg, catalog=catalog))
+
+
+def _check_sparse_tree(root: str) -> None:
+    big = Path(root, "d", "big")
+    st = os.stat(big)
+    assert st.st_size == BIG
+    assert st.st_blocks * 512 < 1 << 20, st.st_blocks  # holes stayed holes: not 60 GB written
+    with open(big, "rb") as f:
+        for offset, chunk in BIG_DATA.items():
+            f.seek(offset)
+            assert f.read(len(chunk)) == chunk
+        f.seek(GIB)
+        assert f.read(4096) == bytes(4096)
+    many = Path(root, "d", "many")
+    want = bytearray(MANY_SIZE)
+    for offset, chunk in MANY.items():
+        want[offset : offset + len(chunk)] = chunk
+    assert many.read_bytes() == want
+    assert os.stat(many).st_blocks * 512 < MANY_SIZE // 4
+    holes = os.stat(Path(root, "holes"))
+    assert (holes.st_size, holes.st_blocks) == (5 * GIB, 0)
+    assert Path(root, "plain").read_bytes() == b"an ordinary file"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_sparse_files_register_sparse_and_export_exactly(small_svc: ImageService, sparse_archives: dict[str, bytes],
+                                                         fmt: str) -> None:
+    data = sparse_archives[fmt]
+    assert len(data) < SPARSE_LIMIT  # what the limit counts: the data, not the 65 GB of real sizes
+    layer = register_exact(small_svc, data)
+    assert layer.size < 1 << 20  # counted by its data
+    assert small_svc.layer_disk_usage() < 4 << 20
+    if small_svc.capabilities().can_mount:
+        with small_svc.mounted_layer(layer.chain_id) as root:
+            _check_sparse_tree(root)
+        # a layer on top: a driver that copies its parent's tree (vfs) copies holes as holes
+        child = register_exact(small_svc, plain(info("d/new"), b"n") + END, layer.chain_id)
+        with small_svc.mounted_layer(child.chain_id) as root:
+            _check_sparse_tree(root)
+            assert Path(root, "d", "new").read_bytes() == b"n"
+        assert small_svc.layer_disk_usage() < 8 << 20
+    assert sorted(p for p, _ in changed(small_svc, layer)) == ["/d", "/d/big", "/d/many", "/holes", "/plain"]
+    # GNU tar extracts the export as the original
+    where = small_svc.config.root.parent  # the store's filesystem
+    with small_svc.export_layer(layer.chain_id) as s:
+        (where / "export.tar").write_bytes(s.read())
+    out = where / "out"
+    out.mkdir()
+    subprocess.run([_gnu_tar(), "-xf", str(where / "export.tar"), "-C", str(out)], check=True)
+    _check_sparse_tree(str(out))
+
+
+@pytest.mark.parametrize("encoding", ["old-gnu", "0.0", "0.1", "1.0"])
+def test_sparse_file_replaced_in_its_own_layer_exports_exactly(small_svc: ImageService, encoding: str) -> None:
+    """The record keeps a replaced sparse file's data (only its data: it is 1 TiB long) for the export."""
+    from test_tarformat import sparse_entry
+
+    segments = [(7, 5), (1 << 39, 6)]
+    data = (plain(info("d", tarfile.DIRTYPE))
+            + sparse_entry(encoding, "d/f", segments, 1 << 40, b"first" + b"second")
+            + sparse_entry(encoding, "d/g", segments, 1 << 40, b"FIRST" + b"SECOND")
+            + plain(info("d/f"), b"replaced by a plain file")
+            + sparse_entry(encoding, "d/g", [(3, 4)], 1 << 40, b"anew")
+            + END)
+    layer = register_exact(small_svc, data)
+    if small_svc.capabilities().can_mount:
+        with small_svc.mounted_layer(layer.chain_id) as root:
+            assert Path(root, "d", "f").read_bytes() == b"replaced by a plain file"
+            st = os.stat(Path(root, "d", "g"))
+            assert (st.st_size, st.st_blocks * 512 <= 64 << 10) == (1 << 40, True)
+            with open(Path(root, "d", "g"), "rb") as f:
+                assert f.read(16) == b"\0\0\0anew" + bytes(9)
+                f.seek(1 << 39)
+                assert f.read(6) == bytes(6)
