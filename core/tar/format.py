@@ -1,9 +1,10 @@
 """A streaming tar reader for layer diffs.
 
 Everything is decoded here, without ``tarfile``: header blocks (checksums, octal and base-256 numbers,
-the ustar prefix), PAX and GNU long-name records, payload framing and padding. Every byte of the stream
-is accounted for: header bytes and padding go to a :class:`Recorder` (for byte-exact re-export),
-payloads go wherever the consumer sends them. Nothing here touches the filesystem.
+the ustar prefix), PAX (and Solaris ``X``) and GNU long-name records, GNU sparse maps in their four
+encodings, payload framing and padding; a stream may end without end-of-archive blocks. Every byte of
+the stream is accounted for: header bytes and padding go to a :class:`Recorder` (for byte-exact
+re-export), payloads go wherever the consumer sends them. Nothing here touches the filesystem.
 """
 
 from __future__ import annotations
