@@ -5,25 +5,122 @@ DiffID), plus a listing of its entries. Nothing is ever unpacked: the driver can
 read-write layers. Use it for CI caches and mirrors, where layers are only stored and streamed back.
 
 On-disk layout under the driver's home: ``layers/<cache-id>.tar`` (the stream) and
-``layers/<cache-id>.paths`` (NUL-separated paths of the layer's full tree, parents included: hard links
-are checked against it and changes tell additions from modifications with it).
+``layers/<cache-id>.paths`` (NUL-separated paths of the layer's full tree, parents included, each after
+a letter for its kind -- ``d`` directory, ``l`` symlink, ``f`` anything else -- behind a first record
+``\x01kinds``; listings written before kinds were kept have bare paths). Entries are judged against it as
+the apply engine judges them against a tree: a hard link must point at something there and not at a
+directory, an entry cannot go below a file; changes tell additions from modifications with it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported, shown
+from lamina.errors import ArchiveError, DriverUnsupported, LayerNotFound, OperationUnsupported, UnsafePathError, shown
+from lamina.fs.apply import check_entry
+from lamina.fs.ops import normalize
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
+from lamina.tar.format import DIR, LNK, SYM, Entry
 from lamina.tar.split import ExactTarStream
 
 CANNOT_MOUNT = "tarball driver cannot mount; use vfs or overlay"
+_KINDS = b"\x01kinds"  # the first record of a listing that gives each path's kind
+
+
+class _Tree:
+    """The merged tree a layer's entries build, as paths and kinds: what lets the tarball driver refuse
+    what the apply engine refuses on a tree without writing one. A path reached through a symlink (or
+    through one whose kind an old listing did not keep) is not resolved: such entries are not judged."""
+
+    def __init__(self, kinds: dict[str, str]) -> None:
+        self.kinds = kinds
+        self.mine: set[str] = set()  # paths this layer put in the tree
+        self.sound: set[str] = set()  # directories whose ancestors are all directories
+
+    def _blocker(self, head: str) -> tuple[str, str] | None:
+        """The first path above and at ``head`` that is not a directory, with its kind, if any (paths missing
+        from the tree are directories to be made)."""
+        chain = []
+        p = head
+        while p and p not in self.sound:
+            chain.append(p)
+            p = p.rpartition("/")[0]
+        for q in reversed(chain):
+            k = self.kinds.get(q)
+            if k is None:
+                break
+            if k != "d":
+                return q, k
+            self.sound.add(q)
+        return None
+
+    def _below(self, e: Entry, head: str) -> bool:
+        """Whether ``head`` is a plain directory chain; refuses a chain through a file, as apply does."""
+        blocker = self._blocker(head)
+        if blocker is None:
+            return True
+        if blocker[1] == "f":
+            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(blocker[0])} is not a directory")
+        return False  # through a symlink: apply resolves it, this listing cannot
+
+    def _remove_below(self, prefix: str, keep_mine: bool = False) -> None:
+        """Paths starting with ``prefix`` (all for ``""``) leave the tree; with ``keep_mine``, except those
+        this layer put there."""
+        self.kinds = {p: k for p, k in self.kinds.items()
+                      if not p.startswith(prefix) or (keep_mine and p in self.mine)}
+        self.sound.clear()
+
+    def add(self, e: Entry) -> None:
+        path = check_entry(e)
+        head, _, base = path.rpartition("/")
+        self._below(e, head)
+        if whiteout.is_whiteout(base):
+            target = whiteout.target_of(base, e.name)
+            prefix = f"{head}/" if head else ""
+            if target is None:
+                self._remove_below(prefix, keep_mine=True)
+            elif not base.startswith(whiteout.META_PREFIX):
+                self.kinds.pop(prefix + target, None)
+                self._remove_below(f"{prefix}{target}/")
+            return
+        if path == "":
+            return
+        kind = "d" if e.type == DIR else "l" if e.type == SYM else "f"
+        if e.type == LNK:
+            target = normalize(e.linkname)
+            thead = target.rpartition("/")[0]
+            try:
+                reachable = self._below(e, thead)
+            except ArchiveError:
+                raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}") from None
+            if reachable:
+                tkind = self.kinds.get(target)
+                if tkind is None:
+                    raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
+                if tkind == "d":
+                    raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
+                kind = tkind
+        old = self.kinds.get(path)
+        if old == "d" and kind != "d":
+            self._remove_below(path + "/")
+        elif old is not None and old != "d" and kind == "d":
+            self.sound.discard(path)
+        # The entry and its parents join both the tree and this layer's paths; both hold every parent of
+        # what they hold, so the climb stops at the first one already in both (one step for an entry of
+        # a deep tree listed in order).
+        self.kinds[path] = kind
+        self.mine.add(path)
+        p = head
+        while p and not (p in self.kinds and p in self.mine):
+            self.kinds.setdefault(p, "d")
+            self.mine.add(p)
+            p = p.rpartition("/")[0]
 
 
 class _Tee:
@@ -36,6 +133,9 @@ class _Tee:
         self.out.write(data)
 
     def file(self, path: str, size: int) -> None:  # payloads are written by the applier loop
+        pass
+
+    def sparse_file(self, path: str, segments: Sequence[tuple[int, int]]) -> None:
         pass
 
 
@@ -85,61 +185,38 @@ class TarballDriver(Driver):
     def _listing(self, layer_id: str) -> Path:
         return self.layers / f"{layer_id}.paths"
 
-    def _tree(self, layer_id: str | None) -> set[str]:
-        """Every path of a layer's full tree (parents included), from its listing file."""
+    def _tree(self, layer_id: str | None) -> dict[str, str]:
+        """Every path of a layer's full tree (parents included) and its kind (``d``, ``l``, ``f``, or ``?``
+        from a listing that kept none), from its listing file."""
         if layer_id is None:
-            return set()
-        data = self._listing(layer_id).read_bytes()
-        return {p.decode("utf-8", "surrogateescape") for p in data.split(b"\0") if p}
+            return {}
+        records = self._listing(layer_id).read_bytes().split(b"\0")
+        if records[0] != _KINDS:
+            return {p.decode("utf-8", "surrogateescape"): "?" for p in records if p}
+        return {p[1:].decode("utf-8", "surrogateescape"): chr(p[0]) for p in records[1:] if p}
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         # Judge the archive while storing it: the one tar reader (every header rule) and the apply
-        # engine's entry rules, as on every driver; tracking the merged tree so hard links can only point
-        # at files that exist in it. Nothing is unpacked.
-        from lamina.errors import ArchiveError
-        from lamina.fs.apply import check_entry
-        from lamina.fs.ops import normalize
-        from lamina.tar.format import LNK, TarReader
+        # engine's entry rules, as on every driver; tracking the merged tree (kinds included) so hard
+        # links can only point at what exists in it, and nothing is written below a file. Nothing is
+        # unpacked.
+        from lamina.tar.format import TarReader
 
-        tree = self._tree(parent)
-        mine: set[str] = set()
+        tree = _Tree(self._tree(parent))
         size = 0
         with open(self._tar(layer_id), "wb") as out:
             reader = TarReader(diff, _Tee(out))
             while (e := reader.next()) is not None:
-                path = check_entry(e)
-                head, _, base = path.rpartition("/")
-                if whiteout.is_whiteout(base):
-                    target = whiteout.target_of(base, e.name)
-                    prefix = f"{head}/" if head else ""
-                    if target is None:
-                        tree = {p for p in tree if not p.startswith(prefix) or p in mine}
-                    else:
-                        gone = prefix + target
-                        tree = {p for p in tree if p != gone and not p.startswith(gone + "/")}
-                    continue
-                if path == "":
-                    continue
-                if e.type == LNK and normalize(e.linkname) not in tree:
-                    raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
-                # The entry and its parents join both trees; both hold every parent of what they hold,
-                # so the climb stops at the first one already in both (one step for an entry of a deep
-                # tree listed in order).
-                p = path
-                while p and not (p in tree and p in mine):
-                    tree.add(p)
-                    mine.add(p)
-                    p = p.rpartition("/")[0]
+                tree.add(e)
                 for chunk in reader.payload_chunks():
                     out.write(chunk)
                 size += e.size
             diff.drain(out.write)
             out.flush()
             os.fsync(out.fileno())
-        self._listing(layer_id).write_bytes(
-            b"\0".join(p.encode("utf-8", "surrogateescape") for p in sorted(tree))
-        )
+        self._listing(layer_id).write_bytes(b"\0".join(
+            [_KINDS, *(k.encode() + p.encode("utf-8", "surrogateescape") for p, k in sorted(tree.kinds.items()))]))
         return size
 
     @hookimpl

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_tarformat import END, ext_header, info, pax_record, plain
+from test_tarformat import END, ext_header, info, old_gnu_sparse, pax_record, pax_sparse, plain
 
 from conftest import lamina_cli
 from lamina.config import Config
@@ -74,6 +74,13 @@ HOSTILE: dict[str, tuple[bytes, str]] = {
     "hard link to the root": (plain(info("h", tarfile.LNKTYPE, linkname="./")) + END, "layer root"),
     "capability of revision 1": (_pax_file(pax_record("SCHILY.xattr.security.capability",
                                                       struct.pack("<3I", 0x01000000, 1 << 10, 0))), "capability"),
+    "sparse map beyond the real size": (pax_sparse("1.0", "s", [(5, 10)], 10, b"x" * 10) + END, "beyond its real size"),
+    "sparse map out of order": (old_gnu_sparse("s", [(50, 1), (10, 1)], 100, b"xy") + END, "out of order"),
+    "sparse real size of 1 EiB": (pax_sparse("0.1", "s", [(0, 1)], 1 << 60, b"x") + END, "real size"),
+    "sparse map of a million segments": (
+        ext_header(pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                   + pax_record("GNU.sparse.realsize", "10"))
+        + plain(info("s"), b"1000000\n0\n1\n".ljust(512, b"\0") + b"x") + END, "more than"),
     "capability of 4 bytes": (_pax_file(pax_record("SCHILY.xattr.security.capability", b"\x01\0\0\x02")),
                               "capability"),
 }

@@ -26,7 +26,15 @@ from image_fixtures import (
 )
 from lamina import ImageService
 from lamina.config import Config
-from lamina.errors import AmbiguousImage, ImageConflict, ImageError, ImageNotFound, InvalidChange, InvalidReference
+from lamina.errors import (
+    AmbiguousImage,
+    ArchiveError,
+    ImageConflict,
+    ImageError,
+    ImageNotFound,
+    InvalidChange,
+    InvalidReference,
+)
 from lamina.testing import TarBuilder, require_root, tree_snapshot
 
 DRIVERS = ["vfs", "tarball", "overlay"]
@@ -571,3 +579,23 @@ def test_listing_survives_a_damaged_image(tmp_path: Path, caplog: pytest.LogCapt
         (tmp_path / "root" / "content" / "blobs" / "sha256" / bad[7:]).unlink()  # its config is gone
         assert [s.id for s in svc.images()] == [good]
         assert "skipping image" in caplog.text
+
+
+@pytest.mark.parametrize("ends", [0, 1], ids=["no-end-block", "one-end-block"])
+def test_load_docker_archive_without_end_blocks(tmp_path: Path, skopeo_images: SkopeoImages, ends: int) -> None:
+    """An image archive that ends where the next header would start (or after one zero block) loads."""
+    src = skopeo_images.docker_archive
+    data = Path(src.path).read_bytes()
+    body = data.rstrip(b"\0")
+    body += bytes(-len(body) % 512)
+    assert len(body) < len(data) - 512  # the end-of-archive blocks are gone
+    out = tmp_path / "no-end.tar"
+    out.write_bytes(body + bytes(512 * ends))
+    with _open(tmp_path, "vfs") as svc:
+        [loaded] = svc.load_image(out)
+        assert loaded.image.id == src.config_digest
+        assert [la.diff_id for la in svc.layers()] == list(src.diff_ids)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(body[:-100])
+    with _open(tmp_path / "c", "vfs") as svc, pytest.raises(ArchiveError, match="truncated"):
+        svc.load_image(cut)

@@ -346,23 +346,164 @@ def _reject(data: bytes, match: str | None = None) -> ArchiveError:
     return ei.value
 
 
-def test_rejects_gnu_sparse_entry() -> None:
-    ti = info("sparse-file")
-    ti.type = tarfile.GNUTYPE_SPARSE
-    _reject(ti.tobuf(tarfile.GNU_FORMAT) + END, "sparse")
+# -- GNU sparse files -----------------------------------------------------------------------------------------
+
+
+def _octal12(n: int) -> bytes:
+    """A 12-byte number field as GNU tar writes it: octal, or base-256 when too large."""
+    return b"%011o\0" % n if n < 8**11 else b"\x80" + n.to_bytes(11, "big")
+
+
+def _rechecksum(block: bytearray) -> None:
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+
+
+def old_gnu_sparse(name: str, segments: list[tuple[int, int]], realsize: int, data: bytes) -> bytes:
+    """An old GNU sparse entry: type S, 4 map slots in the header, 21 in each extension block."""
+    ti = info(name, tarfile.GNUTYPE_SPARSE)
+    ti.size = len(data)
+    head = bytearray(ti.tobuf(tarfile.GNU_FORMAT))
+    slots = [_octal12(o) + _octal12(n) for o, n in segments]
+    head[386 : 386 + 24 * min(4, len(slots))] = b"".join(slots[:4])
+    head[482] = 1 if len(slots) > 4 else 0
+    head[483:495] = _octal12(realsize)
+    _rechecksum(head)
+    out = bytes(head)
+    rest = slots[4:]
+    while rest:
+        block = bytearray(BLOCK)
+        chunk, rest = rest[:21], rest[21:]
+        block[: 24 * len(chunk)] = b"".join(chunk)
+        block[504] = 1 if rest else 0
+        out += bytes(block)
+    return out + pad(data)
+
+
+def pax_sparse(version: str, name: str, segments: list[tuple[int, int]], realsize: int, data: bytes,
+               extra: dict[str, str] | None = None) -> bytes:
+    """A PAX sparse entry of GNU format 0.0, 0.1 or 1.0."""
+    records = b""
+    body = data
+    header_name = "GNUSparseFile.0/" + name
+    if version == "0.0":
+        header_name = name
+        records += pax_record("GNU.sparse.size", str(realsize)) + pax_record("GNU.sparse.numblocks", str(len(segments)))
+        for o, n in segments:
+            records += pax_record("GNU.sparse.offset", str(o)) + pax_record("GNU.sparse.numbytes", str(n))
+    elif version == "0.1":
+        records += (pax_record("GNU.sparse.size", str(realsize))
+                    + pax_record("GNU.sparse.numblocks", str(len(segments)))
+                    + pax_record("GNU.sparse.name", name)
+                    + pax_record("GNU.sparse.map", ",".join(f"{o},{n}" for o, n in segments)))
+    else:
+        records += (pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                    + pax_record("GNU.sparse.name", name) + pax_record("GNU.sparse.realsize", str(realsize)))
+        body = pad("".join(f"{x}\n" for x in [len(segments), *[v for s in segments for v in s]]).encode()) + data
+    for k, v in (extra or {}).items():
+        records += pax_record(k, v)
+    return ext_header(records) + plain(info(header_name), body)
+
+
+def sparse_entry(encoding: str, name: str, segments: list[tuple[int, int]], realsize: int, data: bytes,
+                 extra: dict[str, str] | None = None) -> bytes:
+    if encoding == "old-gnu":
+        return old_gnu_sparse(name, segments, realsize, data)
+    return pax_sparse(encoding, name, segments, realsize, data, extra)
+
+
+ENCODINGS = ["old-gnu", "0.0", "0.1", "1.0"]
+SEGMENTS = [(0, 3), (5000, 10), (1 << 33, 4)]  # at the start, in the middle, 8 GiB in
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize("count", [3, 60], ids=["short-map", "long-map"])  # 60: extension blocks, a 1.0 map of 2
+def test_sparse_entry(encoding: str, count: int) -> None:
+    segments = SEGMENTS if count == 3 else [(i * 10_000, 7) for i in range(count)]
+    realsize = (1 << 34) if count == 3 else 700_000
+    data = bytes(range(256)) * 2
+    data = data[: sum(n for _, n in segments)]
+    archive = (sparse_entry(encoding, "dir/sparse", [*segments, (realsize, 0)], realsize, data)
+               + plain(info("next"), b"n") + END)
+    entries, rec = read_entries(archive)
+    (e, payload), (after, _) = entries
+    assert (e.name, e.type, e.size, e.realsize, e.apparent_size) == ("dir/sparse", REG, len(data), realsize, realsize)
+    assert e.sparse == tuple(segments)  # the empty closing segment dropped
+    assert payload == data and after.name == "next"
+    assert b"".join(p for k, p in rec.parts if k in ("raw", "payload")) == archive  # every byte accounted for
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tf:  # as Python's tarfile reads it
+        theirs = tf.next()
+        assert theirs is not None and (theirs.name, theirs.size) == (e.name, e.realsize)
+        assert [s for s in theirs.sparse or [] if s[1]] == list(e.sparse)
+
+
+def test_sparse_file_of_holes_only() -> None:
+    for encoding in ENCODINGS:
+        e = one(sparse_entry(encoding, "h", [(1 << 40, 0)], 1 << 40, b"") + END)
+        assert (e.size, e.realsize, e.sparse) == (0, 1 << 40, ())
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+@pytest.mark.parametrize(
+    ("segments", "realsize", "data", "words"),
+    [
+        ([(100, 5), (50, 5)], 1000, b"x" * 10, "overlap or are out of order"),
+        ([(100, 50), (120, 5)], 1000, b"x" * 55, "overlap or are out of order"),
+        ([(100, 5), (998, 5)], 1000, b"x" * 10, "beyond its real size"),
+        ([(100, 5)], 1000, b"x" * 6, "its map holds 5 bytes, its data 6"),
+        ([(100, 5)], (1 << 44) + 1, b"x" * 5, "real size"),
+    ],
+    ids=["descending", "overlapping", "beyond-real-size", "data-longer-than-map", "real-size-too-large"],
+)
+def test_rejects_bad_sparse_map(encoding: str, segments: list[tuple[int, int]], realsize: int, data: bytes,
+                                words: str) -> None:
+    err = _reject(sparse_entry(encoding, "s", segments, realsize, data) + END, "sparse file")
+    assert words in err.message
 
 
 @pytest.mark.parametrize(
-    "records",
+    ("archive", "words"),
     [
-        {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "f", "GNU.sparse.realsize": "10"},
-        {"GNU.sparse.size": "10", "GNU.sparse.numblocks": "1", "GNU.sparse.offset": "0", "GNU.sparse.numbytes": "1"},
+        (pax_sparse("0.1", "s", [(0, 1)], 10, b"x", {"GNU.sparse.map": "0,1,5"}), "odd count"),
+        (pax_sparse("0.1", "s", [(0, 1)], 10, b"x", {"GNU.sparse.map": "0,x1"}), "bad number"),
+        (pax_sparse("0.1", "s", [(0, 1)], 10, b"x", {"GNU.sparse.map": "0,-1"}), "bad number"),
+        (pax_sparse("0.1", "s", [(0, 1)], 10, b"x", {"GNU.sparse.numblocks": "2"}), "number of segments"),
+        (pax_sparse("0.0", "s", [(0, 1)], 10, b"x", {"GNU.sparse.offset": "3"}), "do not pair up"),
+        (pax_sparse("0.0", "s", [(0, 1)], 10, b"x", {"GNU.sparse.size": "1e3"}), "bad number"),
+        (pax_sparse("1.0", "s", [(0, 1)], 10, b"x", {"GNU.sparse.major": "2"}), "unknown GNU sparse format"),
+        (ext_header(pax_record("GNU.sparse.map", "0,1")) + plain(info("s"), b"x"), "no real size"),
+        (ext_header(pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                    + pax_record("GNU.sparse.realsize", "10")) + plain(info("s"), b"1\n0\n1\n"),
+         "runs past its data"),
+        (ext_header(pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                    + pax_record("GNU.sparse.realsize", "10")) + plain(info("s"), pad(b"999999999\n")),
+         "more than"),
+        (ext_header(pax_record("GNU.sparse.major", "1") + pax_record("GNU.sparse.minor", "0")
+                    + pax_record("GNU.sparse.realsize", "10")) + plain(info("s"), pad(b"1\n0\nten\n")),
+         "bad number"),
+        (ext_header(pax_record("GNU.sparse.size", "10") + pax_record("GNU.sparse.map", "0,0"))
+         + plain(info("d", tarfile.DIRTYPE)), "not a file"),
+        (ext_header(pax_record("GNU.sparse.size", "10"), tarfile.XGLTYPE) + plain(info("s"), b""), "global"),
+        (ext_header(pax_record("GNU.sparse.size", "10") + pax_record("GNU.sparse.map", "0,1"))
+         + old_gnu_sparse("s", [(0, 1)], 10, b"x"), "both"),
     ],
-    ids=["pax-1.0", "pax-0.0"],
+    ids=["odd-map", "bad-map-number", "negative-map-number", "numblocks", "unpaired-0.0", "bad-real-size",
+         "version-2", "no-real-size", "1.0-map-past-data", "1.0-too-many-segments", "1.0-bad-number",
+         "on-a-directory", "in-a-global-header", "old-gnu-and-pax"],
 )
-def test_rejects_pax_sparse_entries(records: dict[str, str]) -> None:
-    recs = b"".join(pax_record(k, v) for k, v in records.items())
-    _reject(ext_header(recs) + plain(info("GNUSparseFile.0/f"), b"x") + END, "sparse")
+def test_rejects_malformed_sparse_headers(archive: bytes, words: str) -> None:
+    err = _reject(archive + END)
+    assert words in err.message, err.message
+
+
+def test_rejects_old_gnu_sparse_map_cut_short() -> None:
+    archive = old_gnu_sparse("s", [(i * 10, 1) for i in range(30)], 1000, b"x" * 30)
+    err = _reject(archive[: 2 * BLOCK - 10], "truncated")
+    assert "sparse map" in err.message
+    negative = bytearray(old_gnu_sparse("s", [(0, 1)], 10, b"x")[:BLOCK])
+    negative[398:410] = b"\xff" * 12  # a base-256 length of -1
+    _rechecksum(negative)
+    _reject(bytes(negative) + pad(b"x") + END, "overlap or are out of order")
 
 
 def test_rejects_bad_checksum() -> None:
@@ -398,13 +539,64 @@ SAMPLE = (plain(info("first"), b"A" * 700) + ext_header(pax_record("path", "p/" 
         4 * BLOCK + 100,  # inside the PAX records
         5 * BLOCK + 200,  # inside the header the PAX records belong to
         6 * BLOCK + 50,  # inside the second payload
-        7 * BLOCK,  # no end-of-archive marker at all
+        6 * BLOCK + 100,  # inside the second payload's padding
+        2 * BLOCK + 100,  # inside the first payload's last block
+        4 * BLOCK,  # after the PAX header block, before its records
+        5 * BLOCK,  # after the PAX records, before the header they belong to
     ],
 )
 def test_rejects_truncation(cut: int) -> None:
     assert read_entries(SAMPLE)[0]  # the whole thing is fine
     err = _reject(SAMPLE[:cut])
     assert "truncated" in err.message
+
+
+@pytest.mark.parametrize("ends", [0, 1], ids=["no-end-block", "one-end-block"])
+@pytest.mark.parametrize("cut", [3 * BLOCK, 7 * BLOCK], ids=["after-first", "after-second"])
+def test_stream_ending_on_a_header_boundary(cut: int, ends: int) -> None:
+    """What real producers write: no end-of-archive blocks, or one. The raw record is what was received."""
+    data = SAMPLE[:cut] + bytes(ends * BLOCK)
+    entries, rec = read_entries(data)
+    assert [(e.name, p) for e, p in entries][: 1 + (cut > 3 * BLOCK)] == [
+        ("first", b"A" * 700), ("p/" * 149 + "pp", b"B" * 100)][: 1 + (cut > 3 * BLOCK)]
+    assert len(entries) == 1 + (cut > 3 * BLOCK)
+    raw = [p for k, p in rec.parts if k in ("raw", "payload")]
+    assert b"".join(raw) == data  # nothing added, nothing lost
+
+
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, b"X"])
+def test_rejects_stream_ending_after_an_extended_header(kind: bytes) -> None:
+    records = pax_record("path", "x") if kind in (tarfile.XHDTYPE, b"X") else b"name"
+    err = _reject(plain(info("f"), b"a") + ext_header(records, kind), "truncated")
+    assert "extended header" in err.message
+
+
+def test_stream_ending_after_a_global_header() -> None:
+    """A PAX global header is an entry of its own: the stream may end after it."""
+    entries, _ = read_entries(plain(info("f"), b"a") + ext_header(pax_record("uid", "7"), tarfile.XGLTYPE))
+    assert [e.name for e, _ in entries] == ["f"]
+
+
+@pytest.mark.parametrize("kind", [tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK])
+def test_gnu_long_name_is_cut_at_its_first_nul(kind: bytes) -> None:
+    """As GNU tar, Go's archive/tar and Python's tarfile read it."""
+    long = b"d/" + b"n" * 120 + b"\0garbage after the NUL\0\0"
+    ti = info("short", tarfile.SYMTYPE if kind == tarfile.GNUTYPE_LONGLINK else tarfile.REGTYPE,
+              linkname="t")
+    e = one(ext_header(long, kind, "././@LongLink") + plain(ti, b"x" if ti.isreg() else b"") + END)
+    if kind == tarfile.GNUTYPE_LONGNAME:
+        assert e.name == "d/" + "n" * 120
+    else:
+        assert (e.name, e.linkname) == ("short", "d/" + "n" * 120)
+    with tarfile.open(fileobj=io.BytesIO(ext_header(long, kind, "././@LongLink") + plain(ti) + END)) as tf:
+        theirs = tf.next()
+    assert theirs is not None and (e.name, e.linkname) == (theirs.name, theirs.linkname)
+
+
+def test_solaris_extended_header_is_read_as_pax() -> None:
+    records = pax_record("path", "from-x-header") + pax_record("SCHILY.xattr.user.k", "v") + pax_record("uid", "42")
+    e = one(ext_header(records, b"X") + plain(info("ignored"), b"data") + END)
+    assert (e.name, e.uid, e.xattrs) == ("from-x-header", 42, {"user.k": b"v"})
 
 
 def test_truncation_inside_gnu_longname() -> None:
@@ -476,11 +668,11 @@ def leftovers(root: Path) -> list[str]:
 
 
 REJECTED = {
-    "sparse": (lambda: info("s", tarfile.GNUTYPE_SPARSE).tobuf(tarfile.GNU_FORMAT) + END),
+    "sparse-map-beyond-real-size": (lambda: pax_sparse("1.0", "s", [(5, 10)], 10, b"x" * 10) + END),
     "checksum": (lambda: bytes([plain(info("f"), b"abc")[0] ^ 1]) + plain(info("f"), b"abc")[1:] + END),
     "truncated-payload": (lambda: SAMPLE[: BLOCK + 300]),
     "truncated-header": (lambda: SAMPLE[:100]),
-    "no-end-marker": (lambda: SAMPLE[: 7 * BLOCK]),
+    "no-end-marker-inside-padding": (lambda: SAMPLE[: 6 * BLOCK + 100]),
     "malformed-pax": (lambda: ext_header(b"99 path=x\n") + plain(info("f")) + END),
 }
 

@@ -179,6 +179,8 @@ class TarSource:
             block = f.read(BLOCK)
             if len(block) == 0 and pos == 0:
                 raise ArchiveError(f"{self.description} is empty")
+            if len(block) == 0 and not pax and longname is None and f.tell() <= os.fstat(f.fileno()).st_size:
+                return  # ends where a header would start: no end-of-archive blocks (docker and podman load these)
             if len(block) != BLOCK:
                 raise ArchiveError(f"{self.description} is truncated inside a tar header")
             if block == b"\0" * BLOCK:
@@ -187,7 +189,7 @@ class TarSource:
             if h.size < 0:
                 raise ArchiveError(f"{self.description}: negative member size")
             pos += BLOCK
-            if h.type in (b"x", b"g", b"L"):
+            if h.type in (b"x", b"X", b"g", b"L"):  # X: Solaris tar's PAX x header
                 if h.size > 1 << 20:
                     raise ArchiveError(f"{self.description}: oversized tar extension header")
                 data = f.read(h.size)
@@ -195,10 +197,10 @@ class TarSource:
                     raise ArchiveError(f"{self.description} is truncated")
                 f.seek(_pad(h.size), os.SEEK_CUR)
                 pos += h.size + _pad(h.size)
-                if h.type == b"x":
+                if h.type in (b"x", b"X"):
                     pax = parse_pax(data)
-                elif h.type == b"L":
-                    longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                elif h.type == b"L":  # cut at its first NUL, as every reader does
+                    longname = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
             name = longname or h.name
             if "path" in pax:

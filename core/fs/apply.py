@@ -12,6 +12,8 @@ Rules, in the order a demanding user expects them:
 - ownership is numeric (names are ignored); ``chmod`` comes after ``chown`` so set-id bits survive;
 - extended attributes are applied (``security.capability`` included) except overlay's private
   ``trusted.overlay.*``/``user.overlay.*``, which an archive may never set;
+- a GNU sparse file is written segment by segment at its offsets and cut to its real size: holes stay
+  holes, and the layer's size counts only its data;
 - device nodes are skipped with a warning when the caller may not create them;
 - modification times are set last, directories after their contents;
 - OCI whiteouts are handed to the driver's :class:`WhiteoutStrategy`; malformed ones are rejected.
@@ -462,13 +464,16 @@ class _Applier:
             self._clear(pfd, base, real, keep_dir=False)
             fd = os.open(base, _WRITE_FLAGS, create_mode, dir_fd=pfd)
         try:
-            for chunk in self.reader.payload_chunks():
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-            self.reader.record_file(real, e.size)
-            self.size += e.size
+            if e.sparse is None:
+                for chunk in self.reader.payload_chunks():
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+            else:
+                self._write_sparse(fd, e)
+            self.reader.record_file(real, e.size, e.sparse)
+            self.size += e.size  # a sparse file counts by its data, not its real size
             # A new file is ours already, unless a set-gid parent handed it its group.
             if e.uid != self.euid or e.gid != self.egid or self._sgid_dir(pfd, real.rpartition("/")[0]):
                 self._owner(e, base, pfd, fd)
@@ -480,6 +485,21 @@ class _Applier:
         finally:
             os.close(fd)
         self.files.add(real)
+
+    def _write_sparse(self, fd: int, e: Entry) -> None:
+        """A sparse file: each data segment written at its offset, holes left as holes (never written),
+        the file then cut to its real size."""
+        assert e.sparse is not None
+        segments = iter(e.sparse)
+        offset, left = 0, 0
+        for chunk in self.reader.payload_chunks():  # the data segments, one after the other
+            view = memoryview(chunk)
+            while view:
+                if not left:
+                    offset, left = next(segments)  # the map's lengths add up to the payload (the reader checked)
+                n = os.pwrite(fd, view[: min(left, len(view))], offset)
+                view, offset, left = view[n:], offset + n, left - n
+        os.ftruncate(fd, e.realsize)
 
     def _sgid_dir(self, pfd: int, parent: str) -> bool:
         """Whether the directory ``pfd`` (at ``parent``) is set-gid: new files then take its group."""

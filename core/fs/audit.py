@@ -72,7 +72,7 @@ class _Want(NamedTuple):
     mode: int
     uid: int
     gid: int
-    size: int
+    size: int  # a regular file's length (a sparse file's real size)
     linkname: str
     at: int  # its place in the stream
 
@@ -148,7 +148,7 @@ def _judgeable(entries: Iterable[Entry]) -> tuple[dict[str, _Want], set[str], se
             continue
         if path:
             final.pop(path, None)  # keep stream order of last entries
-            final[path] = _Want(e.type, e.mode, e.uid, e.gid, e.size, e.linkname, index)
+            final[path] = _Want(e.type, e.mode, e.uid, e.gid, e.apparent_size, e.linkname, index)
             if e.type != DIR:
                 cut[path] = index
     return final, hidden, opaque, cut

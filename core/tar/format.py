@@ -1,9 +1,10 @@
 """A streaming tar reader for layer diffs.
 
 Everything is decoded here, without ``tarfile``: header blocks (checksums, octal and base-256 numbers,
-the ustar prefix), PAX and GNU long-name records, payload framing and padding. Every byte of the stream
-is accounted for: header bytes and padding go to a :class:`Recorder` (for byte-exact re-export),
-payloads go wherever the consumer sends them. Nothing here touches the filesystem.
+the ustar prefix), PAX (and Solaris ``X``) and GNU long-name records, GNU sparse maps in their four
+encodings, payload framing and padding; a stream may end without end-of-archive blocks. Every byte of
+the stream is accounted for: header bytes and padding go to a :class:`Recorder` (for byte-exact
+re-export), payloads go wherever the consumer sends them. Nothing here touches the filesystem.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import base64
 import re
 import struct
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +45,9 @@ class Recorder(Protocol):
 
     def file(self, path: str, size: int) -> None: ...
 
+    def sparse_file(self, path: str, segments: Sequence[tuple[int, int]]) -> None:
+        """The payload of a sparse file: its data segments (offset in the file, length), read in order."""
+
 
 @dataclass(slots=True)
 class Entry:
@@ -60,13 +64,22 @@ class Entry:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict[str, bytes] = field(default_factory=dict)
+    # A GNU sparse file: its data segments (offset, length; ascending, non-empty, within ``realsize``),
+    # whose lengths add up to ``size``, the payload's length in the stream; None for any other entry.
+    sparse: tuple[tuple[int, int], ...] | None = None
+    realsize: int = 0
+
+    @property
+    def apparent_size(self) -> int:
+        """The file's length once written: a sparse file's real size, else its payload's."""
+        return self.size if self.sparse is None else self.realsize
 
 
 class Header:
     """One decoded 512-byte header block (ustar, GNU or v7 layout)."""
 
-    __slots__ = ("devmajor", "devminor", "gid", "gname", "linkname", "mode", "mtime", "name", "size", "type",
-                 "uid", "uname")
+    __slots__ = ("devmajor", "devminor", "gid", "gname", "gnu_sparse", "linkname", "mode", "mtime", "name", "size",
+                 "type", "uid", "uname")
 
     def __init__(self, block: bytes) -> None:
         (name, mode, uid, gid, size, mtime, chksum, typ, linkname, magic, _version, uname, gname, devmajor,
@@ -96,6 +109,11 @@ class Header:
             self.devmajor = self.devminor = 0
         if magic == b"ustar\0" and prefix[0]:  # POSIX: a prefix completes the name (GNU uses it otherwise)
             self.name = _str(prefix) + "/" + self.name
+        # Old GNU sparse file: the first 4 map slots, whether extension blocks follow, the real size.
+        self.gnu_sparse: tuple[list[tuple[int, int]], bool, int] | None = None
+        if typ == b"S":
+            segments, more = _gnu_map(block, 386, 4)
+            self.gnu_sparse = (segments, more, _num(block[483:495], "sparse real size"))
 
 
 _LAYOUT = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
@@ -121,6 +139,18 @@ def _num(field: bytes, what: str) -> int:
         raise ArchiveError(f"bad tar header: {what} field {shown(field)} is not a number") from None
 
 
+def _gnu_map(block: bytes, at: int, slots: int) -> tuple[list[tuple[int, int]], bool]:
+    """Old GNU sparse map slots (12-byte offset, 12-byte length) from ``at``, up to the first empty one (as
+    GNU tar reads them), and the "more blocks follow" flag after the last slot."""
+    out: list[tuple[int, int]] = []
+    for i in range(slots):
+        pos = at + 24 * i
+        if block[pos] == 0:
+            break
+        out.append((_num(block[pos : pos + 12], "sparse offset"), _num(block[pos + 12 : pos + 24], "sparse length")))
+    return out, block[at + 24 * slots] != 0
+
+
 def _pad(n: int) -> int:
     return (BLOCK - n % BLOCK) % BLOCK
 
@@ -136,8 +166,14 @@ def _parse_mtime_ns(text: str) -> int:
 
 
 def parse_pax(data: bytes) -> dict[str, bytes]:
-    """Decode PAX extended-header records (``"%d %s=%s\\n"``) into raw byte values."""
-    out: dict[str, bytes] = {}
+    """Decode PAX extended-header records (``"%d %s=%s\\n"``) into raw byte values (the last of a repeated
+    key wins)."""
+    return dict(pax_records(data))
+
+
+def pax_records(data: bytes) -> list[tuple[str, bytes]]:
+    """PAX extended-header records in their order, repeated keys included (GNU sparse 0.0 repeats some)."""
+    out: list[tuple[str, bytes]] = []
     pos = 0
     while pos < len(data):
         if data[pos] == 0:  # trailing NUL padding some writers leave
@@ -157,7 +193,7 @@ def parse_pax(data: bytes) -> dict[str, bytes]:
         if eq <= 0:
             raise ArchiveError("malformed PAX header: record without key")
         key = kv[:eq].decode("utf-8", "surrogateescape")
-        out[key] = kv[eq + 1 :]
+        out.append((key, kv[eq + 1 :]))
         pos = end
     return out
 
@@ -172,6 +208,7 @@ class TarReader:
         self._pending_pad = 0
         self._global: dict[str, bytes] = {}
         self._done = False
+        self._started = False  # a block was read
         self.entries = 0
         self._max_entries = max_entries or stream.max_entries  # the store's limit unless told otherwise
 
@@ -188,7 +225,8 @@ class TarReader:
 
     @property
     def done(self) -> bool:
-        """The end-of-archive marker has been read."""
+        """The end of the archive has been reached (its end-of-archive block, or the end of the stream
+        where the next header would start)."""
         return self._done
 
     @property
@@ -227,9 +265,13 @@ class TarReader:
                 self._pending -= len(part)
                 yield part
 
-    def record_file(self, path: str, size: int) -> None:
+    def record_file(self, path: str, size: int, sparse: Sequence[tuple[int, int]] | None = None) -> None:
+        """The consumer stored the payload just read at ``path`` (a sparse file: its data segments)."""
         if self.recorder is not None:
-            self.recorder.file(path, size)
+            if sparse is None:
+                self.recorder.file(path, size)
+            else:
+                self.recorder.sparse_file(path, sparse)
 
     def payload_bytes(self, limit: int) -> bytes:
         """The payload of a small entry (e.g. a PAX record), kept inline in the record."""
@@ -240,10 +282,18 @@ class TarReader:
         return data
 
     # -- headers ------------------------------------------------------------------------------------
-    def _header(self) -> Header | None:
+    def _header(self, prefixed: bool) -> Header | None:
+        """The next header, or None at the end of the archive: a zero block, or the end of the stream
+        where a header would start (producers that write no end-of-archive blocks). ``prefixed``: extended
+        headers for the next entry were read, so the stream may not end here."""
         block = self._s.read(BLOCK)
         if not block:
-            raise ArchiveError("truncated tar stream: no end-of-archive marker")
+            if prefixed:
+                raise ArchiveError("truncated tar stream: it ends after an extended header")
+            if not self._started:  # as GNU tar and Python's tarfile: an empty file is no archive
+                raise ArchiveError("truncated tar stream: it is empty")
+            return None
+        self._started = True
         if len(block) != BLOCK:
             raise ArchiveError("truncated tar stream: it ends inside a header")
         self._raw(block)
@@ -259,11 +309,13 @@ class TarReader:
             return None
         self.finish_entry()
         pax: dict[str, bytes] = dict(self._global)
+        sparse00: list[tuple[str, bytes]] = []  # GNU sparse 0.0: offset and length records, in order
         longname: str | None = None
         longlink: str | None = None
         kind: str | None = None
+        prefixed = False
         while True:
-            ti = self._header()
+            ti = self._header(prefixed)
             if ti is None:
                 self._done = True
                 self._s.drain(self._raw)  # end-of-archive blocks and anything after them
@@ -272,30 +324,35 @@ class TarReader:
             size = ti.size
             if size < 0:
                 raise ArchiveError("bad tar header: negative size")
-            if t in (b"x", b"g", b"L", b"K"):
+            if t in (b"x", b"X", b"g", b"L", b"K"):  # X: Solaris tar's name for the PAX x header
+                prefixed = prefixed or t != b"g"
                 self._pending = size
                 self._pending_pad = _pad(size)
                 data = self.payload_bytes(16 << 20)
                 self.finish_entry()
-                if t == b"x":
-                    pax.update(parse_pax(data))
+                if t in (b"x", b"X"):
+                    records = pax_records(data)
+                    pax.update(records)
+                    pairs = [r for r in records if r[0] in (_SPARSE_OFFSET, _SPARSE_LENGTH)]
+                    if pairs:
+                        sparse00 = pairs
                 elif t == b"g":
                     g = parse_pax(data)
+                    if any(k.startswith("GNU.sparse.") for k in g):
+                        raise ArchiveError("GNU sparse records in a PAX global header")
                     self._global.update(g)
                     pax.update(g)
-                elif t == b"L":
-                    longname = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                elif t == b"L":  # a GNU long name ends at its first NUL, as every reader cuts it
+                    longname = _str(data)
                 else:
-                    longlink = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                    longlink = _str(data)
                 continue
-            if t == b"S" or any(k.startswith("GNU.sparse") for k in pax):
-                raise ArchiveError(f"sparse tar entries are not supported ({shown(ti.name)})")
             if t == b"V":  # volume label: no content, nothing to apply
                 self._pending = size
                 self._pending_pad = _pad(size)
                 self.finish_entry()
                 continue
-            kind = _KNOWN.get(t)
+            kind = REG if t == b"S" else _KNOWN.get(t)
             if kind is None:
                 raise ArchiveError(f"unsupported tar entry type {shown(t)} for {shown(ti.name)}")
             break
@@ -311,6 +368,7 @@ class TarReader:
         mtime_ns = int(ti.mtime) * 1_000_000_000
         uname, gname = ti.uname, ti.gname
         xattrs: dict[str, bytes] = {}
+        sparse_keys = False
         if pax:
             for key, value in pax.items():
                 if key == "path":
@@ -338,17 +396,27 @@ class TarReader:
                             xattrs[xname] = base64.b64decode(value + b"==", validate=False)
                         except ValueError as e:
                             raise ArchiveError(f"bad LIBARCHIVE xattr value for {shown(xname)}") from e
+                elif key.startswith("GNU.sparse."):
+                    sparse_keys = True
         if longname is not None:
             name = longname
         if longlink is not None:
             linkname = longlink
+        if sparse_keys and _SPARSE_NAME in pax:  # the real name of a PAX sparse file (its header's is made up)
+            name = pax[_SPARSE_NAME].decode("utf-8", "surrogateescape")
         if kind == DIR or (kind == REG and name.endswith("/") and ti.type == b"\0"):
             kind = DIR
         _check(kind, name, linkname, uid, gid, mtime_ns, ti.devmajor, ti.devminor, xattrs)
+        sparse: tuple[tuple[int, int], ...] | None = None
+        realsize = 0
         if kind == REG:
             self._pending = size
             self._pending_pad = _pad(size)
+            if ti.gnu_sparse is not None or sparse_keys:
+                size, sparse, realsize = self._sparse(name, ti, pax, sparse00, size)
         else:
+            if sparse_keys or ti.gnu_sparse is not None:
+                raise ArchiveError(f"tar entry {shown(name)}: GNU sparse records on an entry that is not a file")
             # Header-only types: links, directories, devices and FIFOs have no data blocks, whatever
             # their size field says.
             self._pending = 0
@@ -367,7 +435,129 @@ class TarReader:
             devmajor=ti.devmajor,
             devminor=ti.devminor,
             xattrs=xattrs,
+            sparse=sparse,
+            realsize=realsize,
         )
+
+    # -- GNU sparse files -----------------------------------------------------------------------------
+    def _sparse(self, name: str, ti: Header, pax: dict[str, bytes], pairs: list[tuple[str, bytes]],
+                size: int) -> tuple[int, tuple[tuple[int, int], ...], int]:
+        """The map of a GNU sparse file in any of its encodings (old GNU header and extension blocks, PAX
+        0.0, 0.1 and 1.0), checked; returns the data's length in the stream, the data segments and the real
+        size. The stream is then at the first data byte (PAX 1.0's map, which precedes the data in the
+        payload, and old GNU extension blocks are raw bytes of the record)."""
+        segments: list[tuple[int, int]]
+        if ti.gnu_sparse is not None:
+            if any(k.startswith("GNU.sparse.") for k in pax):
+                raise ArchiveError(f"sparse file {shown(name)}: both an old GNU and a PAX sparse map")
+            segments, more, realsize = ti.gnu_sparse
+            while more:
+                if len(segments) > SPARSE_SEGMENTS_MAX:
+                    break
+                block = self._read_exact(BLOCK, "a sparse map")
+                self._raw(block)
+                try:
+                    ext, more = _gnu_map(block, 0, 21)
+                except ArchiveError as e:
+                    raise ArchiveError(f"sparse file {shown(name)}: {e.message}") from None
+                segments += ext
+        else:
+            major, minor = pax.get("GNU.sparse.major"), pax.get("GNU.sparse.minor")
+            version = (major, minor) if major is not None or minor is not None else None
+            size_key = "GNU.sparse.realsize" if version == (b"1", b"0") else "GNU.sparse.size"
+            real = pax.get(size_key, pax.get("GNU.sparse.realsize", pax.get("GNU.sparse.size")))
+            if real is None:
+                raise ArchiveError(f"sparse file {shown(name)}: no real size in its PAX records")
+            realsize = _sparse_int(name, real)
+            if version == (b"1", b"0"):
+                segments, used = self._map_in_data(name, size)
+                size -= used
+            elif version not in (None, (b"0", b"0"), (b"0", b"1")):
+                raise ArchiveError(f"sparse file {shown(name)}: unknown GNU sparse format "
+                                   f"{shown((major or b'').decode('ascii', 'replace'))}."
+                                   f"{shown((minor or b'').decode('ascii', 'replace'))}")
+            elif "GNU.sparse.map" in pax:  # 0.1
+                text = pax["GNU.sparse.map"]
+                numbers = [_sparse_int(name, v) for v in text.split(b",")] if text else []
+                if len(numbers) % 2:
+                    raise ArchiveError(f"sparse file {shown(name)}: its map has an odd count of numbers")
+                segments = list(zip(numbers[::2], numbers[1::2], strict=True))
+            else:  # 0.0: offset and length records, alternating
+                if len(pairs) % 2 or any(k != (_SPARSE_OFFSET, _SPARSE_LENGTH)[i % 2] for i, (k, _) in
+                                         enumerate(pairs)):
+                    raise ArchiveError(f"sparse file {shown(name)}: its offset and length records do not pair up")
+                numbers = [_sparse_int(name, v) for _, v in pairs]
+                segments = list(zip(numbers[::2], numbers[1::2], strict=True))
+            if version != (b"1", b"0") and "GNU.sparse.numblocks" in pax and \
+                    _sparse_int(name, pax["GNU.sparse.numblocks"]) != len(segments):
+                raise ArchiveError(f"sparse file {shown(name)}: its map does not have the number of segments "
+                                   "it announces")
+        return size, _check_sparse(name, segments, realsize, size), realsize
+
+    def _map_in_data(self, name: str, size: int) -> tuple[list[tuple[int, int]], int]:
+        """PAX 1.0: the map at the start of the payload, in blocks of decimal numbers one a line (the count
+        of segments, then offset and length of each). Returns the segments and the bytes the map used."""
+        buf = bytearray()
+        numbers: list[int] = []
+        want = -1  # numbers the map holds once its count is read
+        pos = 0
+        while want < 0 or len(numbers) < want:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if self._pending < BLOCK:
+                    raise ArchiveError(f"sparse file {shown(name)}: its map runs past its data")
+                if len(buf) >= _SPARSE_MAP_BYTES_MAX:
+                    raise ArchiveError(f"sparse file {shown(name)}: its map is larger than "
+                                       f"{_SPARSE_MAP_BYTES_MAX} bytes")
+                block = self._read_exact(BLOCK, "a sparse map")
+                self._raw(block)
+                self._pending -= BLOCK
+                buf += block
+                continue
+            numbers.append(_sparse_int(name, bytes(buf[pos:nl])))
+            pos = nl + 1
+            if want < 0:
+                if numbers[0] > SPARSE_SEGMENTS_MAX:
+                    raise ArchiveError(f"sparse file {shown(name)}: more than {SPARSE_SEGMENTS_MAX} segments")
+                want = 1 + 2 * numbers[0]
+        return list(zip(numbers[1::2], numbers[2::2], strict=True)), len(buf)
+
+
+_SPARSE_OFFSET = "GNU.sparse.offset"
+_SPARSE_LENGTH = "GNU.sparse.numbytes"
+_SPARSE_NAME = "GNU.sparse.name"
+SPARSE_SEGMENTS_MAX = 1 << 18  # data segments in one sparse file's map
+_SPARSE_MAP_BYTES_MAX = 16 << 20
+SPARSE_SIZE_MAX = (1 << 44) - 4096  # a sparse file's real size: the largest file ext4 holds (4 KiB blocks)
+
+
+def _sparse_int(name: str, value: bytes) -> int:
+    if not value.isdigit() or len(value) > 19:
+        raise ArchiveError(f"sparse file {shown(name)}: bad number {shown(value[:32])} in its map")
+    return int(value)
+
+
+def _check_sparse(name: str, segments: list[tuple[int, int]], realsize: int,
+                  size: int) -> tuple[tuple[int, int], ...]:
+    """The data segments of a sparse map (empty ones dropped), once the map is sound: offsets ascending,
+    segments apart and within the real size, their lengths adding up to the data in the stream."""
+    if len(segments) > SPARSE_SEGMENTS_MAX:
+        raise ArchiveError(f"sparse file {shown(name)}: more than {SPARSE_SEGMENTS_MAX} segments")
+    if not 0 <= realsize <= SPARSE_SIZE_MAX:
+        raise ArchiveError(f"sparse file {shown(name)}: real size {realsize} is out of range "
+                           f"(at most {SPARSE_SIZE_MAX})")
+    end = 0
+    total = 0
+    for offset, length in segments:
+        if offset < end or length < 0:
+            raise ArchiveError(f"sparse file {shown(name)}: its map's segments overlap or are out of order")
+        end = offset + length
+        if end > realsize:
+            raise ArchiveError(f"sparse file {shown(name)}: its map reaches beyond its real size {realsize}")
+        total += length
+    if total != size:
+        raise ArchiveError(f"sparse file {shown(name)}: its map holds {total} bytes, its data {size}")
+    return tuple((o, n) for o, n in segments if n)
 
 
 NAME_MAX = 255  # bytes in one component of a name (every Linux filesystem's limit)

@@ -6,9 +6,10 @@ them), plus, for each stored payload, the file's layer-relative path and size. :
 record, reading payloads back from the layer directory through :class:`lamina.fs.ops.Root`, and so
 reproduces the original stream exactly; :class:`ExactTarStream` checks the result against the DiffID.
 
-Record format (gzip-compressed): a magic line, then operations ``R <len> <bytes>`` (raw bytes) and
-``F <pathlen> <path> <size>`` (payload from a file). A payload the same layer later replaced is kept in a
-side file ``<record>.sup`` keyed by the operation's index.
+Record format (gzip-compressed): a magic line, then operations ``R <len> <bytes>`` (raw bytes),
+``F <pathlen> <path> <size>`` (payload from a file) and ``S <pathlen> <path> <count> (<offset> <length>)*``
+(the payload of a sparse file: its data segments, read from the file at their offsets). A payload the
+same layer later replaced is kept in a side file ``<record>.sup`` keyed by the operation's index.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import contextlib
 import errno
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from lamina.errors import ExportError, ExportUnreadable, shown
@@ -41,7 +42,8 @@ class RecordWriter:
         self._f.write(MAGIC)
         self._raw = bytearray()  # raw bytes not yet framed
         self._out = bytearray()  # framed operations not yet compressed
-        self._files: dict[str, int] = {}  # path -> index of its latest F operation
+        self._files: dict[str, int] = {}  # path -> index of its latest F or S operation
+        self._maps: dict[int, Sequence[tuple[int, int]]] = {}  # index of an S operation -> its segments
         self._index = 0
         self._superseded: dict[int, bytes] = {}
 
@@ -75,6 +77,18 @@ class RecordWriter:
         self._files[path] = self._index
         self._index += 1
 
+    def sparse_file(self, path: str, segments: Sequence[tuple[int, int]]) -> None:
+        self._frame_raw()
+        p = path.encode("utf-8", "surrogateescape")
+        self._out += b"S" + _U32.pack(len(p)) + p + _U32.pack(len(segments))
+        for offset, length in segments:
+            self._out += _U64.pack(offset) + _U64.pack(length)
+            self._spill(_READ)
+        self._spill(_READ)
+        self._files[path] = self._index
+        self._maps[self._index] = segments
+        self._index += 1
+
     def native_state(self) -> tuple[bytearray, bytearray, int]:
         """What :func:`lamina.fs._native.run` appends to: pending raw bytes, framed operations, and the next
         operation's index."""
@@ -92,8 +106,17 @@ class RecordWriter:
     def supersede(self, path: str, f: BinaryIO) -> None:
         """The file at ``path`` written earlier by this layer is about to be replaced: keep its bytes."""
         idx = self._files.pop(path, None)
-        if idx is not None:
+        if idx is None:
+            return
+        segments = self._maps.pop(idx, None)
+        if segments is None:
             self._superseded[idx] = f.read()
+            return
+        data = bytearray()  # a sparse file: its data segments only, never its holes
+        for offset, length in segments:
+            f.seek(offset)
+            data += f.read(length)
+        self._superseded[idx] = bytes(data)
 
     def close(self) -> None:
         self._frame_raw()
@@ -163,17 +186,23 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
                 if op == b"R":
                     n = _U32.unpack(_exact(f, 4))[0]
                     yield _exact(f, n)
-                elif op == b"F":
+                elif op in (b"F", b"S"):
                     n = _U32.unpack(_exact(f, 4))[0]
                     path = _exact(f, n).decode("utf-8", "surrogateescape")
-                    size = _U64.unpack(_exact(f, 8))[0]
+                    if op == b"F":
+                        size = _U64.unpack(_exact(f, 8))[0]
+                        segments = [(0, size)]
+                    else:
+                        count = _U32.unpack(_exact(f, 4))[0]
+                        segments = [(_U64.unpack(_exact(f, 8))[0], _U64.unpack(_exact(f, 8))[0]) for _ in range(count)]
+                        size = sum(length for _, length in segments)
                     if index in sup:
                         data = sup[index]
                         if len(data) != size:
                             raise ExportError(f"kept payload of {shown(path)} has the wrong size")
                         yield data
                     else:
-                        yield from _payload(root, path, size)
+                        yield from _payload(root, path, segments)
                     index += 1
                 else:
                     raise ExportError(f"layer record {rpath} is corrupt")
@@ -191,19 +220,21 @@ def _read_error(e: OSError, message: str) -> ExportError:
     return ExportError(message) if e.errno in _DAMAGE_ERRNOS else ExportUnreadable(message)
 
 
-def _payload(root: Root, path: str, size: int) -> Iterator[bytes]:
+def _payload(root: Root, path: str, segments: Sequence[tuple[int, int]]) -> Iterator[bytes]:
+    """The bytes of ``path`` in ``segments`` (offset, length): the whole file, or a sparse file's data."""
     try:
         fd = root.open_file(path)
     except OSError as e:
         raise _read_error(e, f"file {shown(path)} of the layer is missing or changed: {e.strerror}") from e
     try:
-        left = size
-        while left:
-            chunk = os.read(fd, min(left, _READ))
-            if not chunk:
-                raise ExportError(f"file {shown(path)} of the layer is shorter than when it was applied")
-            left -= len(chunk)
-            yield chunk
+        for offset, length in segments:
+            left = length
+            while left:
+                chunk = os.pread(fd, min(left, _READ), offset + length - left)
+                if not chunk:
+                    raise ExportError(f"file {shown(path)} of the layer is shorter than when it was applied")
+                left -= len(chunk)
+                yield chunk
     finally:
         os.close(fd)
 
