@@ -796,7 +796,9 @@ class _NativeDiff:
                     else:
                         name, differs, state = top.subdirs.pop()
                         cfd = up.push(name)
-                        frames.append(_UpperDir(f"{top.path}/{name}", state, self._is_opaque(cfd), differs, len(out)))
+                        # Below an opaque directory no lower entry shows: each one the layer lacks is deleted.
+                        frames.append(_UpperDir(f"{top.path}/{name}", state, top.opaque or self._is_opaque(cfd),
+                                                differs, len(out)))
         finally:
             os.close(fd)
         out.sort(key=lambda c: c.path)

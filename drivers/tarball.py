@@ -6,10 +6,11 @@ read-write layers. Use it for CI caches and mirrors, where layers are only store
 
 On-disk layout under the driver's home: ``layers/<cache-id>.tar`` (the stream) and
 ``layers/<cache-id>.paths`` (NUL-separated paths of the layer's full tree, parents included, each after
-a letter for its kind -- ``d`` directory, ``l`` symlink, ``f`` anything else -- behind a first record
-``\x01kinds``; listings written before kinds were kept have bare paths). Entries are judged against it as
-the apply engine judges them against a tree: a hard link must point at something there and not at a
-directory, an entry cannot go below a file; changes tell additions from modifications with it.
+a letter for its kind -- ``d`` directory, ``l`` symlink (then its target as the next record), ``f``
+anything else -- behind a first record ``\x01kinds2``; listings written before kinds were kept have bare
+paths). Entries are judged against it by :class:`lamina.fs.vtree.VirtualTree` with the apply engine's
+tree rules (whiteouts first, names resolved through symlinks, no path through a file, hard links to
+what exists and is no directory); changes tell additions from modifications with it.
 """
 
 from __future__ import annotations
@@ -20,107 +21,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import ArchiveError, DriverUnsupported, LayerNotFound, OperationUnsupported, UnsafePathError, shown
-from lamina.fs.apply import check_entry
-from lamina.fs.ops import normalize
+from lamina.errors import DriverUnsupported, LayerNotFound, OperationUnsupported, shown
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
-from lamina.tar.format import DIR, LNK, SYM, Entry
 from lamina.tar.split import ExactTarStream
 
 CANNOT_MOUNT = "tarball driver cannot mount; use vfs or overlay"
-_KINDS = b"\x01kinds"  # the first record of a listing that gives each path's kind
-
-
-class _Tree:
-    """The merged tree a layer's entries build, as paths and kinds: what lets the tarball driver refuse
-    what the apply engine refuses on a tree without writing one. A path reached through a symlink (or
-    through one whose kind an old listing did not keep) is not resolved: such entries are not judged."""
-
-    def __init__(self, kinds: dict[str, str]) -> None:
-        self.kinds = kinds
-        self.mine: set[str] = set()  # paths this layer put in the tree
-        self.sound: set[str] = set()  # directories whose ancestors are all directories
-
-    def _blocker(self, head: str) -> tuple[str, str] | None:
-        """The first path above and at ``head`` that is not a directory, with its kind, if any (paths missing
-        from the tree are directories to be made)."""
-        chain = []
-        p = head
-        while p and p not in self.sound:
-            chain.append(p)
-            p = p.rpartition("/")[0]
-        for q in reversed(chain):
-            k = self.kinds.get(q)
-            if k is None:
-                break
-            if k != "d":
-                return q, k
-            self.sound.add(q)
-        return None
-
-    def _below(self, e: Entry, head: str) -> bool:
-        """Whether ``head`` is a plain directory chain; refuses a chain through a file, as apply does."""
-        blocker = self._blocker(head)
-        if blocker is None:
-            return True
-        if blocker[1] == "f":
-            raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(blocker[0])} is not a directory")
-        return False  # through a symlink: apply resolves it, this listing cannot
-
-    def _remove_below(self, prefix: str, keep_mine: bool = False) -> None:
-        """Paths starting with ``prefix`` (all for ``""``) leave the tree; with ``keep_mine``, except those
-        this layer put there."""
-        self.kinds = {p: k for p, k in self.kinds.items()
-                      if not p.startswith(prefix) or (keep_mine and p in self.mine)}
-        self.sound.clear()
-
-    def add(self, e: Entry) -> None:
-        path = check_entry(e)
-        head, _, base = path.rpartition("/")
-        self._below(e, head)
-        if whiteout.is_whiteout(base):
-            target = whiteout.target_of(base, e.name)
-            prefix = f"{head}/" if head else ""
-            if target is None:
-                self._remove_below(prefix, keep_mine=True)
-            elif not base.startswith(whiteout.META_PREFIX):
-                self.kinds.pop(prefix + target, None)
-                self._remove_below(f"{prefix}{target}/")
-            return
-        if path == "":
-            return
-        kind = "d" if e.type == DIR else "l" if e.type == SYM else "f"
-        if e.type == LNK:
-            target = normalize(e.linkname)
-            thead = target.rpartition("/")[0]
-            try:
-                reachable = self._below(e, thead)
-            except ArchiveError:
-                raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}") from None
-            if reachable:
-                tkind = self.kinds.get(target)
-                if tkind is None:
-                    raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
-                if tkind == "d":
-                    raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
-                kind = tkind
-        old = self.kinds.get(path)
-        if old == "d" and kind != "d":
-            self._remove_below(path + "/")
-        elif old is not None and old != "d" and kind == "d":
-            self.sound.discard(path)
-        # The entry and its parents join both the tree and this layer's paths; both hold every parent of
-        # what they hold, so the climb stops at the first one already in both (one step for an entry of
-        # a deep tree listed in order).
-        self.kinds[path] = kind
-        self.mine.add(path)
-        p = head
-        while p and not (p in self.kinds and p in self.mine):
-            self.kinds.setdefault(p, "d")
-            self.mine.add(p)
-            p = p.rpartition("/")[0]
+_KINDS = b"\x01kinds2"  # the first record of a listing that gives each path's kind (symlinks: then the target)
 
 
 class _Tee:
@@ -185,15 +93,25 @@ class TarballDriver(Driver):
     def _listing(self, layer_id: str) -> Path:
         return self.layers / f"{layer_id}.paths"
 
-    def _tree(self, layer_id: str | None) -> dict[str, str]:
-        """Every path of a layer's full tree (parents included) and its kind (``d``, ``l``, ``f``, or ``?``
-        from a listing that kept none), from its listing file."""
+    def _tree(self, layer_id: str | None) -> tuple[dict[str, str], dict[str, str]]:
+        """Every path of a layer's full tree (parents included) with its kind (``d``, ``l``, ``f``, or ``?``
+        from a listing that kept none), and the symlinks' targets, from its listing file."""
         if layer_id is None:
-            return {}
+            return {}, {}
         records = self._listing(layer_id).read_bytes().split(b"\0")
         if records[0] != _KINDS:
-            return {p.decode("utf-8", "surrogateescape"): "?" for p in records if p}
-        return {p[1:].decode("utf-8", "surrogateescape"): chr(p[0]) for p in records[1:] if p}
+            return {p.decode("utf-8", "surrogateescape"): "?" for p in records if p}, {}
+        kinds: dict[str, str] = {}
+        targets: dict[str, str] = {}
+        it = iter(records[1:])
+        for rec in it:
+            if not rec:
+                continue
+            path = rec[1:].decode("utf-8", "surrogateescape")
+            kinds[path] = chr(rec[0])
+            if rec[0] == ord("l"):
+                targets[path] = next(it, b"").decode("utf-8", "surrogateescape")
+        return kinds, targets
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
@@ -201,22 +119,29 @@ class TarballDriver(Driver):
         # engine's entry rules, as on every driver; tracking the merged tree (kinds included) so hard
         # links can only point at what exists in it, and nothing is written below a file. Nothing is
         # unpacked.
+        from lamina.fs.apply import check_entry
+        from lamina.fs.vtree import VirtualTree
         from lamina.tar.format import TarReader
 
-        tree = _Tree(self._tree(parent))
+        tree = VirtualTree(*self._tree(parent))
         size = 0
         with open(self._tar(layer_id), "wb") as out:
             reader = TarReader(diff, _Tee(out))
             while (e := reader.next()) is not None:
-                tree.add(e)
+                tree.add(e, check_entry(e))
                 for chunk in reader.payload_chunks():
                     out.write(chunk)
                 size += e.size
             diff.drain(out.write)
+            tree.finish()
             out.flush()
             os.fsync(out.fileno())
-        self._listing(layer_id).write_bytes(b"\0".join(
-            [_KINDS, *(k.encode() + p.encode("utf-8", "surrogateescape") for p, k in sorted(tree.kinds.items()))]))
+        records = [_KINDS]
+        for p, k in sorted(tree.kinds.items()):
+            records.append(k.encode() + p.encode("utf-8", "surrogateescape"))
+            if k == "l":
+                records.append(tree.targets.get(p, "").encode("utf-8", "surrogateescape"))
+        self._listing(layer_id).write_bytes(b"\0".join(records))
         return size
 
     @hookimpl
@@ -233,7 +158,7 @@ class TarballDriver(Driver):
         from lamina.tar.compression import DiffStream as _DS
         from lamina.tar.format import TarReader
 
-        before = self._tree(parent)
+        before, _ = self._tree(parent)
         out: dict[str, Change] = {}
         with open(self._tar(layer_id), "rb") as f:
             reader = TarReader(_DS(f))

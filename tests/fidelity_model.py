@@ -26,9 +26,19 @@ comparable by :func:`canonical`.
 from __future__ import annotations
 
 import hashlib
+import io
 import stat
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from hypothesis import strategies as st
+
+from lamina import ImageService
+from lamina.config import Config
+from lamina.errors import LaminaError
+from lamina.testing import TarBuilder, tree_snapshot
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -224,3 +234,97 @@ def canonical(snap: dict[str, tuple[Any, ...]]) -> dict[str, tuple[Any, ...]]:
             row = snap[p]
             out[p] = (*row[:4], (digest, "group", min(paths)), *row[5:])
     return out
+
+
+# -- random stacks and the differential check (tests/test_fidelity.py, bench/fidelity.py) --------------
+
+NAMES = ("a", "b", "c")
+
+
+def _paths(depth: int = 3) -> st.SearchStrategy[str]:
+    return st.lists(st.sampled_from(NAMES), min_size=1, max_size=depth).map("/".join)
+
+
+def _op() -> st.SearchStrategy[Op]:
+    owner = st.sampled_from([0, 1000])
+    return st.one_of(
+        st.builds(Op, st.just("file"), _paths(), mode=st.sampled_from([0o644, 0o755, 0o600]), uid=owner,
+                  gid=owner, data=st.sampled_from([b"", b"x", b"y" * 3000]),
+                  xattrs=st.sampled_from([(), (("user.k", b"v"),)])),
+        st.builds(Op, st.just("dir"), _paths(), mode=st.sampled_from([0o755, 0o700, 0o750]), uid=owner, gid=owner),
+        st.builds(Op, st.just("symlink"), _paths(), uid=owner,
+                  target=st.one_of(_paths().map(lambda p: "/" + p), st.sampled_from(NAMES),
+                                   st.sampled_from(["../a", "../b/c"]))),
+        st.builds(Op, st.just("hardlink"), _paths(), target=_paths()),
+        st.builds(Op, st.just("whiteout"), _paths()),
+        st.builds(Op, st.just("opaque"), _paths(2)),
+    )
+
+
+STACKS = st.lists(st.lists(_op(), min_size=1, max_size=8), min_size=1, max_size=3)
+
+
+def _tar(ops: list[Op]) -> bytes:
+    tb = TarBuilder()
+    for op in ops:
+        if op.kind == "file":
+            tb.file(op.path, op.data, mode=op.mode, uid=op.uid, gid=op.gid, xattrs=dict(op.xattrs))
+        elif op.kind == "dir":
+            tb.dir(op.path, mode=op.mode, uid=op.uid, gid=op.gid)
+        elif op.kind == "symlink":
+            tb.symlink(op.path, op.target, uid=op.uid, gid=op.gid)
+        elif op.kind == "hardlink":
+            tb.hardlink(op.path, op.target)
+        elif op.kind == "whiteout":
+            tb.whiteout(op.path)
+        else:
+            tb.opaque(op.path)
+    return tb.build()
+
+
+def _model(stack: list[list[Op]]) -> list[Tree | None]:
+    out: list[Tree | None] = []
+    tree: Tree = {}
+    for ops in stack:
+        try:
+            tree = apply_layer(tree, ops)
+        except Invalid:
+            out.append(None)
+            break
+        out.append(tree)
+    return out
+
+
+DRIVERS = ["vfs", "overlay", "tarball"]  # the drivers check_stack compares
+
+
+def check_stack(stack: list[list[Op]]) -> None:
+    want = _model(stack)
+    valid = sum(1 for t in want if t is not None)
+    with tempfile.TemporaryDirectory(prefix="lamina-fidelity-") as tmp:
+        trees: dict[str, list[object]] = {}
+        changes: dict[str, list[object]] = {}
+        for driver in DRIVERS:
+            base = Path(tmp) / driver
+            with ImageService.open(Config(root=base / "root", runroot=base / "run", driver=driver)) as svc:
+                chains: list[str] = []
+                for ops in stack[: len(want)]:
+                    try:
+                        layer = svc.register_layer(io.BytesIO(_tar(ops)), chains[-1] if chains else None)
+                    except LaminaError:
+                        break
+                    chains.append(layer.chain_id)
+                assert len(chains) == valid, f"{driver} accepted {len(chains)} layers, the rules {valid}"
+                if driver == "tarball":
+                    continue
+                got = []
+                for c in chains:
+                    with svc.mounted_layer(c) as path:
+                        got.append(canonical(tree_snapshot(path)))
+                trees[driver] = got
+                changes[driver] = [svc.layer_changes(c) for c in chains]
+        expected = [snapshot(t) for t in want if t is not None]
+        for driver in trees:
+            assert trees[driver] == expected, driver
+        if "vfs" in changes and "overlay" in changes:
+            assert changes["vfs"] == changes["overlay"], "changes"

@@ -175,3 +175,11 @@ def test_hard_links_to_lower_layers_files(svc: ImageService) -> None:
 def test_a_directory_replacing_the_layers_own_file_hides_the_lower_directory(svc: ImageService) -> None:
     base = TarBuilder().dir("a").dir("a/a").file("a/a/x", b"lower")
     assert _tree(svc, _stack(svc, base, TarBuilder().file("a").dir("a"))) == {"a": "dir 0o755"}
+
+
+def test_changes_below_a_directory_deleted_and_made_again(svc: ImageService) -> None:
+    """Deleted lower entries below a re-made directory are changes (an exported diff must delete them)."""
+    chain = _stack(svc, TarBuilder().dir("d").dir("d/sub").file("d/sub/x").file("d/y"),
+                   TarBuilder().whiteout("d").dir("d").dir("d/sub"))
+    assert [(c.path, c.kind) for c in svc.layer_changes(chain)] == [
+        ("/d", "C"), ("/d/sub", "C"), ("/d/sub/x", "D"), ("/d/y", "D")]

@@ -531,8 +531,10 @@ class _Applier:
             return None  # overlay's record of a whiteout
         if st is None and self.lower is not None:
             lst = self._below(real)
-            if lst is None or stat.S_ISDIR(lst.st_mode):
+            if lst is None:
                 return None
+            if stat.S_ISDIR(lst.st_mode):
+                return tfd, tbase, lst  # refused by the caller
             self._copy_up(tfd, tbase, real, lst)
             st = lstat_at(tfd, tbase)
         if st is not None and tbase not in self.added.get(treal, ()):
