@@ -190,6 +190,8 @@ def apply_layer(tree: Tree, ops: list[Op]) -> Tree:
             node = out.get(treal)
             if node is None or node.kind == "dir":
                 raise Invalid(f"hard link to {'missing' if node is None else 'a directory'} {op.target}")
+            if treal.startswith(real + "/"):
+                raise Invalid(f"hard link {op.path} replaces the directory that holds its target")
             if treal != real:
                 _remove(out, real)
                 out[real] = node

@@ -4,7 +4,7 @@ links, whiteouts and opaque markers in every order, xattrs, modes and owners, wi
 three-letter alphabet so they collide. Every merged tree must equal the model's, vfs and overlay must
 report the same changes, and every driver must accept or refuse each layer as the model does.
 
-A derandomized sample runs here (``LAMINA_FIDELITY_EXAMPLES``, default 120); ``bench/fidelity.py`` runs
+A derandomized sample runs here (``LAMINA_FIDELITY_EXAMPLES``, default 300); ``bench/fidelity.py`` runs
 more, from any seed.
 """
 
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 
 from lamina.testing import require_root
 
-EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 
 
 @pytest.mark.root
