@@ -46,7 +46,7 @@ def main() -> None:
             notes = "\n    ".join(getattr(sub, "__notes__", []))
             print(f"  {i}. {type(sub).__name__}: {str(sub)[:300]}\n    {notes}")
         sys.exit(1)
-    print(f"fidelity: {args.examples} random stacks, vfs and overlay agree with the rules (seed {args.seed})")
+    print(f"fidelity: {args.examples} random stacks, the drivers agree with the rules (seed {args.seed})")
 
 
 if __name__ == "__main__":

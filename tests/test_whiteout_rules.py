@@ -183,3 +183,10 @@ def test_changes_below_a_directory_deleted_and_made_again(svc: ImageService) -> 
                    TarBuilder().whiteout("d").dir("d").dir("d/sub"))
     assert [(c.path, c.kind) for c in svc.layer_changes(chain)] == [
         ("/d", "C"), ("/d/sub", "C"), ("/d/sub/x", "D"), ("/d/y", "D")]
+
+
+def test_opaque_marker_and_whiteout_of_one_lower_directory(svc: ImageService) -> None:
+    base = TarBuilder().dir("a").dir("b").file("b/x")
+    assert _tree(svc, _stack(svc, base, TarBuilder().opaque("b").whiteout("b"))) == {"a": "dir 0o755"}
+    assert _tree(svc, _stack(svc, base, TarBuilder().opaque("b").file("b/y", b"own"))) == {
+        "a": "dir 0o755", "b": "dir 0o755", "b/y": "own"}

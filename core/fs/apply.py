@@ -276,7 +276,8 @@ class _Applier:
         if self.hiding and lower is None:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", real)
         os.mkdir(name, 0o700, dir_fd=parent_fd)
-        self._note(real.rpartition("/")[0], name)  # this layer's own: an opaque marker keeps it
+        if not self.hiding:  # made for an entry: this layer's own, an opaque marker keeps it
+            self._note(real.rpartition("/")[0], name)
         if lower is None:
             os.chmod(name, 0o755, dir_fd=parent_fd)  # explicit: the caller's umask must not shape layers
         else:
