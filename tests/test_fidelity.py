@@ -10,13 +10,20 @@ more, from any seed.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
-from fidelity_model import STACKS, Op, check_stack
+from fidelity_model import STACKS, Op, canonical, check_stack
 from hypothesis import HealthCheck, given, settings
 
-from lamina.testing import require_root
+from image_fixtures import ImageFacts, SkopeoImages, layer_tar_bytes
+from lamina import ImageService
+from lamina.config import Config
+from lamina.testing import TarBuilder, require_root, tree_snapshot
 
 EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 
@@ -28,3 +35,57 @@ EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 def test_random_stacks_agree_with_the_rules_on_every_driver(stack: list[list[Op]]) -> None:
     require_root()  # overlay mounts
     check_stack(stack)
+
+
+# -- real layers: images umoci and skopeo build, and the Debian image with a layer over its merged /usr ------
+
+
+def _agree(layers: list[bytes], tmp: Path) -> dict[str, tuple[Any, ...]]:
+    """Register ``layers`` as one stack on vfs, overlay and tarball: every layer exports exactly, vfs and
+    overlay give the same merged trees and changes at every level. The top tree."""
+    trees: dict[str, list[object]] = {}
+    changes: dict[str, list[object]] = {}
+    for driver in ("vfs", "overlay", "tarball"):
+        with ImageService.open(Config(root=tmp / driver / "root", runroot=tmp / driver / "run",
+                                      driver=driver)) as svc:
+            parent: str | None = None
+            for data in layers:
+                parent = svc.register_layer(io.BytesIO(data), parent).chain_id
+                with svc.export_layer(parent) as out:
+                    assert hashlib.sha256(out.read()).digest() == hashlib.sha256(data).digest(), driver
+                if driver != "tarball":
+                    with svc.mounted_layer(parent) as root:
+                        trees.setdefault(driver, []).append(canonical(tree_snapshot(root)))
+                    changes.setdefault(driver, []).append(svc.layer_changes(parent))
+    assert trees["vfs"] == trees["overlay"]
+    assert changes["vfs"] == changes["overlay"]
+    top = trees["vfs"][-1]
+    assert isinstance(top, dict)
+    return top
+
+
+@pytest.mark.root
+@pytest.mark.tool("umoci")
+@pytest.mark.tool("skopeo")
+def test_layers_umoci_and_skopeo_write(umoci_small_image: ImageFacts, skopeo_images: SkopeoImages,
+                                       tmp_path: Path) -> None:
+    require_root()
+    for i, facts in enumerate((umoci_small_image, skopeo_images.docker_archive)):
+        layers = [layer_tar_bytes(facts, n) for n in range(len(facts.layer_digests))]
+        top = _agree(layers, tmp_path / str(i))
+        assert umoci_small_image.rootfs is not None
+        want = canonical(tree_snapshot(str(umoci_small_image.rootfs)))
+        assert {p: row[:1] + row[4:5] for p, row in top.items()} == {p: row[:1] + row[4:5] for p, row in want.items()}
+
+
+@pytest.mark.root
+def test_a_layer_over_debians_merged_usr(debian_rootfs_tar: Path, tmp_path: Path) -> None:
+    """The issue's case on a real image: a layer writing /lib/systemd and /var/run over Debian, whose /lib
+    is a symlink to usr/lib (the dynamic loader lives behind it) and /var/run one to /run."""
+    require_root()
+    upper = (TarBuilder().file("lib/systemd/system/a.service", b"[Unit]\n").file("var/run/a.pid", b"1\n")
+             .file("bin/tool", b"#!/bin/sh\n", mode=0o755).whiteout("etc/motd").build())
+    top = _agree([debian_rootfs_tar.read_bytes(), upper], tmp_path)
+    assert top["lib"][4] == "usr/lib"
+    assert "usr/lib/systemd/system/a.service" in top and "run/a.pid" in top and "usr/bin/tool" in top
+    assert "etc/motd" not in top
