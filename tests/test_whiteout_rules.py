@@ -190,3 +190,14 @@ def test_opaque_marker_and_whiteout_of_one_lower_directory(svc: ImageService) ->
     assert _tree(svc, _stack(svc, base, TarBuilder().opaque("b").whiteout("b"))) == {"a": "dir 0o755"}
     assert _tree(svc, _stack(svc, base, TarBuilder().opaque("b").file("b/y", b"own"))) == {
         "a": "dir 0o755", "b": "dir 0o755", "b/y": "own"}
+
+
+def test_a_lower_symlink_written_through_then_replaced_by_a_file(svc: ImageService) -> None:
+    base = TarBuilder().dir("usr").dir("usr/lib").symlink("lib", "usr/lib")
+    parent = svc.register_layer(io.BytesIO(base.build()), None).chain_id
+    # lib/a goes through the symlink; then a file named lib hides it: lib/b would be below a file
+    bad = TarBuilder().file("lib/a", b"through").file("lib", b"a file now").file("lib/b", b"below a file")
+    with pytest.raises(ArchiveError, match="is not a directory"):
+        svc.register_layer(io.BytesIO(bad.build()), parent)
+    tree = _tree(svc, _stack(svc, base, TarBuilder().file("lib/a", b"through").file("lib", b"a file now")))
+    assert tree["lib"] == "a file now" and tree["usr/lib/a"] == "through"

@@ -192,6 +192,7 @@ class _Applier:
             return
         note_file = getattr(self.reader.recorder, "note_file", None)
         pos = 0
+        hid_link = False
         while pos < len(log):
             kind, index, n = _LOG_HEAD.unpack_from(log, pos)
             pos += _LOG_HEAD.size
@@ -199,11 +200,14 @@ class _Applier:
             pos += n
             preal, _, base = real.rpartition("/")
             self._note(preal, base)
+            hid_link = hid_link or real in self.followed
             if kind == _LOG_FILE:
                 self.files.add(real)
                 if note_file is not None:
                     note_file(real, index)
         log.clear()
+        if hid_link:  # an entry now hides a lower layer's symlink that walks went through
+            self._forget()
 
     def _writable(self, fd: int, real: str) -> None:
         """Without root, a read-only directory (a parent layer's 0555 /usr/lib) must be opened up to
@@ -841,6 +845,8 @@ class _FastPath:
             stream.consumed(pos)
             reader.entries += count
             ap.size += size
+            if ap.followed:  # names resolved through lower symlinks: see whether an entry now hides one
+                ap.sync_native()
             if rec is not None:
                 rec.native_done(index)
             if status == _native.PARENT:
