@@ -45,7 +45,7 @@ from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegist
 from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound
 from lamina.fs.apply import apply_tar
 from lamina.fs.changes import added_below, diff_size, diff_tar, entry_differs, tree_changes
-from lamina.fs.ops import DirStack, Root, lstat_at, remove_at, rmtree, write_atomic
+from lamina.fs.ops import DirStack, Root, clear_dir, lstat_at, remove_at, rmtree, write_atomic
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar.compression import DiffStream
 from lamina.tar.split import ExactTarStream, assemble
@@ -106,14 +106,15 @@ class OverlayWhiteouts:
         self.root = root  # (st_dev, st_ino) of the layer's diff directory
         self.root_names = root_names
 
-    hides_subtree = True  # the kernel consults no lower layer below an opaque directory
-
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
         os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent_fd)
 
     def opaque(self, dir_fd: int, keep: set[str]) -> None:
         os.setxattr(dir_fd, self.opaque_xattr, b"y")
+        # What is there and not kept is no entry of the layer's: whiteouts recorded before (they mean
+        # nothing now, and the kernel would list them) and directories made only to hold such records.
+        clear_dir(dir_fd, keep)
         st = os.fstat(dir_fd)
         if self.root_names is not None and (st.st_dev, st.st_ino) == self.root:
             for name in sorted(self.root_names() - keep):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from fidelity_model import STACKS, Op, canonical, check_stack
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from image_fixtures import ImageFacts, SkopeoImages, layer_tar_bytes
 from lamina import ImageService
@@ -32,6 +32,19 @@ EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(stack=STACKS)
+# stacks longer runs found, kept as they were shrunk
+@example(stack=[[Op("file", "a/a"), Op("file", "c/b"), Op("dir", "a", mode=0o755)],
+                [Op("symlink", "a", target="c"), Op("whiteout", "a/b"), Op("file", "a/a"), Op("dir", "a", mode=0o755),
+                 Op("whiteout", "c")]])
+@example(stack=[[Op("file", "a"), Op("dir", "a", mode=0o755), Op("symlink", "a", target="b"), Op("file", "a/a/a"),
+                 Op("hardlink", "a", target="a/a/a")]])
+@example(stack=[[Op("dir", "a", mode=0o755), Op("dir", "b", mode=0o755)], [Op("opaque", "b"), Op("whiteout", "b")]])
+@example(stack=[[Op("symlink", "a/a", target="a"), Op("hardlink", "a", target="a/a")]])
+@example(stack=[[Op("file", "a"), Op("dir", "b/b/b", mode=0o755)],
+                [Op("dir", "b", mode=0o755), Op("file", "a"), Op("whiteout", "b/b/b"), Op("whiteout", "b")]])
+@example(stack=[[Op("dir", "c/c/c", mode=0o755)], [Op("symlink", "b", target="c"), Op("whiteout", "b/c/c")]])
+@example(stack=[[Op("file", "a")], [Op("whiteout", "a"), Op("file", "a/a")], [Op("hardlink", "a", target="a")]])
+@example(stack=[[Op("file", "a")], [Op("whiteout", "a"), Op("file", "a"), Op("hardlink", "a", target="a")]])
 def test_random_stacks_agree_with_the_rules_on_every_driver(stack: list[list[Op]]) -> None:
     require_root()  # overlay mounts
     check_stack(stack)

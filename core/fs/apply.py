@@ -58,11 +58,6 @@ class WhiteoutStrategy(Protocol):
     the layer itself wrote: whiteouts and opaque markers hide lower layers' entries only, wherever they
     stand in the stream."""
 
-    #: True when :meth:`opaque` hides the lower layers' entries at every depth below the directory (an
-    #: overlay opaque directory does); False when it acts on the directory's own children only, and the
-    #: engine then calls it again for each directory of the layer's own below.
-    hides_subtree: bool
-
     def whiteout(self, parent_fd: int, name: str) -> None:
         """``name`` in the directory ``parent_fd``, which the layers below have, is deleted by this layer."""
 
@@ -70,7 +65,8 @@ class WhiteoutStrategy(Protocol):
         """The directory ``dir_fd`` hides the lower layers' entries in it.
 
         ``keep`` holds the names this layer itself has put in the directory (a file, a directory it
-        listed, or one holding such entries); they stay.
+        listed, or one holding such entries); they stay. The engine calls it again for each directory
+        of the layer's own below, with its own ``keep``.
         """
 
 
@@ -90,8 +86,6 @@ class LowerLayers(Protocol):
 
 class DeleteWhiteouts:
     """Whiteouts for drivers whose layer directories hold the full tree (vfs): delete the paths."""
-
-    hides_subtree = False
 
     def whiteout(self, parent_fd: int, name: str) -> None:
         remove_at(parent_fd, name)
@@ -255,6 +249,12 @@ class _Applier:
         assert self.lower is not None
         self.followed.add(real)
         return self.lower.readlink(real)
+
+    def _link(self, parent_fd: int, name: str, real: str) -> None:
+        """A walk follows a symlink of the tree. Resolving where a whiteout acts, the layer's own symlink
+        is not followed: whiteouts act on the layers below, and the one they had there is gone."""
+        if self.hiding and name in self.added.get(real.rpartition("/")[0], ()):
+            raise FileNotFoundError(errno.ENOENT, "the layer's own symlink", real)
 
     def _notdir(self, parent_fd: int, name: str, real: str) -> bool:
         """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
@@ -513,9 +513,10 @@ class _Applier:
             known = self.sgid[parent] = bool(os.fstat(pfd).st_mode & stat.S_ISGID)
         return known
 
-    def _link_target(self, target: str) -> tuple[int, str, os.stat_result] | None:
-        """The target of a hard link (parent fd, name, lstat); None if missing. On a driver that holds only
+    def _link_target(self, target: str) -> tuple[int, str, os.stat_result, str] | None:
+        """The target of a hard link (parent fd, name, lstat, real path); None if missing. On a driver that holds only
         the layer's own entries a file of the layers below is first copied up, as the kernel would."""
+        self.sync_native()  # which entries are the layer's own
         try:
             tfd, tbase, treal = self.root.parent(target)
         except NotADirectoryError:
@@ -539,12 +540,12 @@ class _Applier:
             if lst is None:
                 return None
             if stat.S_ISDIR(lst.st_mode):
-                return tfd, tbase, lst  # refused by the caller
+                return tfd, tbase, lst, real  # refused by the caller
             self._copy_up(tfd, tbase, real, lst)
             st = lstat_at(tfd, tbase)
         if st is not None and tbase not in self.added.get(treal, ()):
             self.linked[real] = self.current  # a lower layer's file: a whiteout of it makes this link invalid
-        return None if st is None else (tfd, tbase, st)
+        return None if st is None else (tfd, tbase, st, real)
 
     def _copy_up(self, pfd: int, name: str, real: str, lst: os.stat_result) -> None:
         """Copy a non-directory of the layers below into the layer, with its owner, mode, times and
@@ -579,13 +580,16 @@ class _Applier:
         found = self._link_target(target)
         if found is None:
             raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
-        tfd, tbase, st = found
+        tfd, tbase, st, treal = found
         if stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
         if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
+            if treal.startswith(real + "/"):
+                raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
             self._clear(pfd, base, real, keep_dir=False)
-            # _clear may have invalidated cached fds: resolve the target again.
-            tfd, tbase, _ = self.root.parent(target)
+            # _clear may have invalidated cached fds (and removed a symlink the name went through):
+            # open the target again by its real path.
+            tfd, tbase, _ = self.root.parent(treal)
             pfd, _, _ = self.root.parent(normalize(e.name))
             os.link(tbase, base, src_dir_fd=tfd, dst_dir_fd=pfd, follow_symlinks=False)
 
@@ -699,7 +703,6 @@ class _Applier:
         """Hide the lower layers' entries in the directory ``dreal`` (and below): keep this layer's own.
         Directories kept only because they hold the layer's entries are then the layer's own, as if it
         had created them (mode 0755, the caller's, no extended attributes)."""
-        subtree = getattr(self.wo, "hides_subtree", False)
         todo = [(dfd, dreal, False)]  # (fd, real path, fd owned here)
         try:
             while todo:
@@ -708,10 +711,9 @@ class _Applier:
                     keep = self.added.get(real, set())
                     if real != dreal and real not in self.listed:
                         self._plain(fd, real)
-                    if real == dreal or not subtree:
-                        # Files of this layer below names not kept go: keep their payloads in the record.
-                        self._supersede_under(f"{real}/" if real else "", keep)
-                        self.wo.opaque(fd, keep)
+                    # Files of this layer below names not kept go: keep their payloads in the record.
+                    self._supersede_under(f"{real}/" if real else "", keep)
+                    self.wo.opaque(fd, keep)
                     for name in sorted(keep):
                         st = lstat_at(fd, name)
                         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -940,6 +942,7 @@ def _apply(
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir
         root.on_notdir = ap._notdir
+        root.on_link = ap._link
         if lower is not None:
             root.on_missing = ap._missing
         fast = None

@@ -64,6 +64,7 @@ class Root:
         defer_close: bool = False,
         on_missing: Callable[[int, str, str], str | None] | None = None,
         on_notdir: Callable[[int, str, str], bool] | None = None,
+        on_link: Callable[[int, str, str], None] | None = None,
     ) -> None:
         """``on_denied(parent_fd, name, real_path)`` may open up a directory a walk was refused; the
         walk then retries once (used by non-root applies over read-only or unreadable directories).
@@ -77,6 +78,7 @@ class Root:
         # and in a walk that creates, a non-directory in the way may be replaced by a directory (True).
         self.on_missing = on_missing
         self.on_notdir = on_notdir
+        self.on_link = on_link  # told of each symlink of the tree a walk follows (parent fd, name, real path)
         if isinstance(path, int):
             self.fd = os.dup(path)
         else:
@@ -240,6 +242,8 @@ class Root:
                         fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
                         target = None
                     else:
+                        if self.on_link is not None:
+                            self.on_link(cur(), c, real(c))
                         hops += 1
                         if hops > MAX_SYMLINK_HOPS:
                             raise OSError(errno.ELOOP, "too many levels of symbolic links", path) from e

@@ -140,7 +140,7 @@ class VirtualTree:
                 tparent = None
             treal = None if tparent is None else f"{tparent}/{tbase}" if tparent else tbase
             tkind = None if treal is None else self.kinds.get(treal)
-            if tkind is None or treal is not None and treal.startswith(real + "/"):  # replacing it removes it
+            if tkind is None or (treal is not None and treal.startswith(real + "/")):  # replacing it removes it
                 raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
             if tkind == "d":
                 raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
