@@ -172,6 +172,7 @@ class _Applier:
         self.crossed: dict[str, str] = {}
         self.linked: dict[str, str] = {}  # lower layers' files hard links point at (real path -> entry)
         self.current = ""  # the name of the entry being applied
+        self.fast = False  # the C fast path resolves a directory (an entry it may give back)
         self.size = 0
         self.warned_devices = False
         # Entries the C fast path applied, not yet in ``added``/``files``/the record's index (see sync_native).
@@ -260,7 +261,10 @@ class _Applier:
         """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
         it deleted (overlay's record of a whiteout) becomes a directory that hides the layers below; a
         file of the layers below too, if the layer whites it out (see ``crossed``)."""
-        if self.hiding or name in self.added.get(real.rpartition("/")[0], ()):
+        if self.hiding or self.fast:
+            return False  # (the fast path gives the entry back: the Python path knows its name)
+        self.sync_native()  # which entries are the layer's own
+        if name in self.added.get(real.rpartition("/")[0], ()):
             return False
         if real not in self.whited:
             self.crossed.setdefault(real, self.current)
@@ -273,7 +277,7 @@ class _Applier:
         lower = self._below(real)
         if lower is not None and not stat.S_ISDIR(lower.st_mode):
             # a file of the layers below (their symlinks were followed before): the path crosses it
-            if self.hiding:
+            if self.hiding or self.fast:
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
             self.crossed.setdefault(real, self.current)
             lower = None
@@ -828,6 +832,7 @@ class _FastPath:
             head = self.head
             pfd, preal = -1, ""
             if head is not None:
+                ap.fast = True
                 try:
                     pfd, preal = ap.root.dir(head.decode("utf-8", "surrogateescape"), create=True)
                     if not ap.is_root:
@@ -835,6 +840,8 @@ class _FastPath:
                 except OSError:
                     self.head = None  # the Python path resolves it again and reports the error
                     return
+                finally:
+                    ap.fast = False
             # (not from the cache: an entry given back may have replaced the directory since)
             sgid = head is not None and ap.is_root and bool(os.fstat(pfd).st_mode & stat.S_ISGID)
             limit = reader.max_entries - reader.entries if reader.max_entries else -1
