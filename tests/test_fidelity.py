@@ -45,6 +45,8 @@ EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 @example(stack=[[Op("dir", "c/c/c", mode=0o755)], [Op("symlink", "b", target="c"), Op("whiteout", "b/c/c")]])
 @example(stack=[[Op("file", "a")], [Op("whiteout", "a"), Op("file", "a/a")], [Op("hardlink", "a", target="a")]])
 @example(stack=[[Op("file", "a")], [Op("whiteout", "a"), Op("file", "a"), Op("hardlink", "a", target="a")]])
+@example(stack=[[Op("file", "a/a"), Op("dir", "a", mode=0o755), Op("symlink", "b", target="a"),
+                 Op("hardlink", "a/a", target="b/a")]])
 def test_random_stacks_agree_with_the_rules_on_every_driver(stack: list[list[Op]]) -> None:
     require_root()  # overlay mounts
     check_stack(stack)

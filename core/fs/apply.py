@@ -587,7 +587,7 @@ class _Applier:
         tfd, tbase, st, treal = found
         if stat.S_ISDIR(st.st_mode):
             raise UnsafePathError(f"hard link {shown(e.name)} points at a directory")
-        if (tfd, tbase) != (pfd, base) or lstat_at(pfd, base) is None:
+        if treal != real or lstat_at(pfd, base) is None:
             if treal.startswith(real + "/"):
                 raise ArchiveError(f"hard link {shown(e.name)} points at missing {shown(e.linkname)}")
             self._clear(pfd, base, real, keep_dir=False)

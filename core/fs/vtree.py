@@ -34,44 +34,53 @@ class VirtualTree:
     def __init__(self, kinds: dict[str, str], targets: dict[str, str]) -> None:
         self.kinds = kinds
         self.targets = targets  # symlink path -> target
+        self._dirs: set[str] = set()  # real paths of directories walks reached (dropped when any goes)
         self._ops: list[tuple[str, Entry]] = []
 
     # -- resolution --------------------------------------------------------------------------------------
     def _resolve(self, path: str, create: bool) -> str | None:
-        """The real path of directory ``path``; None when missing (and not ``create``)."""
-        todo = [c for c in reversed(path.split("/")) if c not in ("", ".")]
-        cur: list[str] = []
+        """The real path of directory ``path``; None when missing (and not ``create``). A walk starts at
+        the nearest directory above that an earlier walk reached (one step for a deep tree in order)."""
+        if path in self._dirs:
+            return path
+        head, rest = path, []
+        while head and head not in self._dirs:
+            head, _, c = head.rpartition("/")
+            rest.append(c)
+        todo = [c for c in rest if c not in ("", ".")]  # reversed: the next component last
+        cur = head
         hops = 0
         while todo:
             c = todo.pop()
             if c == "..":
-                if cur:
-                    cur.pop()
+                cur = cur.rpartition("/")[0]
                 continue
-            p = "/".join([*cur, c])
+            p = f"{cur}/{c}" if cur else c
             k = self.kinds.get(p)
             if k is None:
                 if not create:
                     return None
                 self.kinds[p] = "d"
-                cur.append(c)
-            elif k == "d":
-                cur.append(c)
             elif k == "l":
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise _Cross(p, loop=True)
                 target = self.targets.get(p, "")
                 if target.startswith("/"):
-                    cur = []
+                    cur = ""
                 todo.extend(x for x in reversed(target.split("/")) if x not in ("", "."))
+                continue
             elif k == "?":
                 raise _Unknown
-            else:
+            elif k != "d":
                 raise _Cross(p)
-        return "/".join(cur)
+            cur = p
+            self._dirs.add(p)  # a real path: no symlink in it
+        return cur
 
     def _remove(self, real: str) -> None:
+        if self.kinds.get(real) == "d":
+            self._dirs.clear()
         if self.kinds.pop(real, None) == "d" or real == "":
             prefix = f"{real}/" if real else ""
             for p in [p for p in self.kinds if p.startswith(prefix)]:
@@ -105,6 +114,7 @@ class VirtualTree:
         for real, target in hides:  # against the layers below, each resolved before any is applied
             if target is None:
                 prefix = f"{real}/" if real else ""
+                self._dirs.clear()
                 for p in [p for p in self.kinds if p.startswith(prefix)]:
                     del self.kinds[p]
                     self.targets.pop(p, None)
