@@ -47,6 +47,8 @@ EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
 @example(stack=[[Op("file", "a")], [Op("whiteout", "a"), Op("file", "a"), Op("hardlink", "a", target="a")]])
 @example(stack=[[Op("file", "a/a"), Op("dir", "a", mode=0o755), Op("symlink", "b", target="a"),
                  Op("hardlink", "a/a", target="b/a")]])
+@example(stack=[[Op("file", "a/b"), Op("symlink", "b", target="a")],
+                [Op("file", "a/a"), Op("file", "b"), Op("opaque", "b")]])
 def test_random_stacks_agree_with_the_rules_on_every_driver(stack: list[list[Op]]) -> None:
     require_root()  # overlay mounts
     check_stack(stack)

@@ -173,6 +173,7 @@ class _Applier:
         self.linked: dict[str, str] = {}  # lower layers' files hard links point at (real path -> entry)
         self.current = ""  # the name of the entry being applied
         self.fast = False  # the C fast path resolves a directory (an entry it may give back)
+        self.replaced: dict[str, str] = {}  # lower layers' symlinks the layer's entries replaced -> targets
         self.size = 0
         self.warned_devices = False
         # Entries the C fast path applied, not yet in ``added``/``files``/the record's index (see sync_native).
@@ -251,19 +252,36 @@ class _Applier:
         self.followed.add(real)
         return self.lower.readlink(real)
 
-    def _link(self, parent_fd: int, name: str, real: str) -> None:
+    def _link(self, parent_fd: int, name: str, real: str) -> str | None:
         """A walk follows a symlink of the tree. Resolving where a whiteout acts, the layer's own symlink
-        is not followed: whiteouts act on the layers below, and the one they had there is gone."""
+        is not followed: whiteouts act on the layers below, so their symlink there (if any) is."""
         if self.hiding and name in self.added.get(real.rpartition("/")[0], ()):
-            raise FileNotFoundError(errno.ENOENT, "the layer's own symlink", real)
+            return self._lower_link(real)
+        return None
 
-    def _notdir(self, parent_fd: int, name: str, real: str) -> bool:
+    def _lower_link(self, real: str) -> str:
+        """The target of the symlink the layers below had at ``real``, where the layer put its own entry;
+        FileNotFoundError if they had none (nothing of theirs to hide below it)."""
+        target = self.replaced.get(real)
+        if target is None and self.lower is not None:
+            st = self.lower.lookup(real)
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                target = self.lower.readlink(real)
+        if target is None:
+            raise FileNotFoundError(errno.ENOENT, "the layer's own entry", real)
+        return target
+
+    def _notdir(self, parent_fd: int, name: str, real: str, create: bool) -> bool | str:
         """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
         it deleted (overlay's record of a whiteout) becomes a directory that hides the layers below; a
         file of the layers below too, if the layer whites it out (see ``crossed``)."""
-        if self.hiding or self.fast:
-            return False  # (the fast path gives the entry back: the Python path knows its name)
         self.sync_native()  # which entries are the layer's own
+        if self.hiding:
+            if name in self.added.get(real.rpartition("/")[0], ()):
+                return self._lower_link(real)
+            return False
+        if self.fast or not create:
+            return False  # (the fast path gives the entry back: the Python path knows its name)
         if name in self.added.get(real.rpartition("/")[0], ()):
             return False
         if real not in self.whited:
@@ -334,6 +352,9 @@ class _Applier:
             return
         if self.lower is not None and not stat.S_ISDIR(st.st_mode):
             self.whited.add(real)  # the layer's entry there hid the lower path: what replaces it does too
+        if (stat.S_ISLNK(st.st_mode) and real not in self.replaced
+                and base not in self.added.get(real.rpartition("/")[0], ())):
+            self.replaced[real] = os.readlink(base, dir_fd=pfd)  # a lower layer's: whiteouts still go through
         self._supersede_below(pfd, base, real, st)
         remove_at(pfd, base, st)
         if stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
