@@ -49,6 +49,15 @@ EXAMPLES = int(os.environ.get("LAMINA_FIDELITY_EXAMPLES", "300"))
                  Op("hardlink", "a/a", target="b/a")]])
 @example(stack=[[Op("file", "a/b"), Op("symlink", "b", target="a")],
                 [Op("file", "a/a"), Op("file", "b"), Op("opaque", "b")]])
+# whiteouts resolved as the layers below show their paths, whatever the layer did to them before
+@example(stack=[[Op("file", "usr/y"), Op("file", "foo/y"), Op("symlink", "lib", target="usr")],
+                [Op("symlink", "lib", target="foo"), Op("file", "lib/x"), Op("whiteout", "lib/y")]])
+@example(stack=[[Op("file", "usr/foo"), Op("symlink", "lib", target="usr")],
+                [Op("dir", "lib", mode=0o755), Op("whiteout", "lib/foo")]])
+@example(stack=[[Op("file", "usr/foo"), Op("symlink", "lib", target="usr")],
+                [Op("dir", "lib", mode=0o755), Op("opaque", "lib")]])
+@example(stack=[[Op("file", "usr/foo"), Op("symlink", "lib", target="usr")],
+                [Op("whiteout", "lib"), Op("file", "lib/x"), Op("whiteout", "lib/foo")]])
 def test_random_stacks_agree_with_the_rules_on_every_driver(stack: list[list[Op]]) -> None:
     require_root()  # overlay mounts
     check_stack(stack)

@@ -201,3 +201,19 @@ def test_a_lower_symlink_written_through_then_replaced_by_a_file(svc: ImageServi
         svc.register_layer(io.BytesIO(bad.build()), parent)
     tree = _tree(svc, _stack(svc, base, TarBuilder().file("lib/a", b"through").file("lib", b"a file now")))
     assert tree["lib"] == "a file now" and tree["usr/lib/a"] == "through"
+
+
+def test_a_hard_link_to_a_sparse_lower_file_keeps_its_holes(svc: ImageService) -> None:
+    """overlay copies the file up to link it: holes stay holes (2 GiB of which 6 bytes are data)."""
+    from test_tarformat import END, sparse_entry
+
+    size = 2 << 30
+    base = svc.register_layer(io.BytesIO(sparse_entry("1.0", "big", [(size - 6, 6)], size, b"sparse") + END))
+    chain = svc.register_layer(io.BytesIO(TarBuilder().hardlink("link", "big").build()), base.chain_id).chain_id
+    with svc.mounted_layer(chain) as root:
+        st = os.stat(Path(root, "link"))
+        assert st.st_size == size and st.st_blocks * 512 < 1 << 20
+        assert st.st_ino == os.stat(Path(root, "big")).st_ino
+        with open(Path(root, "link"), "rb") as f:
+            f.seek(size - 6)
+            assert f.read() == b"sparse"

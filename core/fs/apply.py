@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lamina.errors import ArchiveError, StoreError, UnsafePathError, shown, write_failure
-from lamina.fs.ops import Root, lstat_at, normalize, remove_at
+from lamina.fs.ops import MAX_SYMLINK_HOPS, Root, lstat_at, normalize, remove_at
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
 from lamina.tar.format import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
@@ -166,7 +166,7 @@ class _Applier:
         self.whited: set[str] = set()
         self.opaqued: set[str] = set()
         self.followed: set[str] = set()  # lower layers' symlinks that resolutions went through
-        self.hiding = False  # resolving a whiteout's directory: create only what the layers below have
+        self.lower_only = False  # a walk may create only directories the layers below have
         # Files of the layers below that entries crossed as directories (real path -> entry): valid only if
         # the layer also whites them out, before or after, as whiteouts act on the layers below first.
         self.crossed: dict[str, str] = {}
@@ -252,35 +252,22 @@ class _Applier:
         self.followed.add(real)
         return self.lower.readlink(real)
 
-    def _link(self, parent_fd: int, name: str, real: str) -> str | None:
-        """A walk follows a symlink of the tree. Resolving where a whiteout acts, the layer's own symlink
-        is not followed: whiteouts act on the layers below, so their symlink there (if any) is."""
-        if self.hiding and name in self.added.get(real.rpartition("/")[0], ()):
-            return self._lower_link(real)
-        return None
-
-    def _lower_link(self, real: str) -> str:
-        """The target of the symlink the layers below had at ``real``, where the layer put its own entry;
-        FileNotFoundError if they had none (nothing of theirs to hide below it)."""
+    def _lower_link(self, real: str) -> str | None:
+        """The target of the symlink the layers below had at ``real`` where the layer replaced it or put
+        its own entry; None if they had none there."""
         target = self.replaced.get(real)
         if target is None and self.lower is not None:
             st = self.lower.lookup(real)
             if st is not None and stat.S_ISLNK(st.st_mode):
                 target = self.lower.readlink(real)
-        if target is None:
-            raise FileNotFoundError(errno.ENOENT, "the layer's own entry", real)
         return target
 
-    def _notdir(self, parent_fd: int, name: str, real: str, create: bool) -> bool | str:
+    def _notdir(self, parent_fd: int, name: str, real: str, create: bool) -> bool:
         """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
         it deleted (overlay's record of a whiteout) becomes a directory that hides the layers below; a
         file of the layers below too, if the layer whites it out (see ``crossed``)."""
         self.sync_native()  # which entries are the layer's own
-        if self.hiding:
-            if name in self.added.get(real.rpartition("/")[0], ()):
-                return self._lower_link(real)
-            return False
-        if self.fast or not create:
+        if self.lower_only or self.fast or not create:
             return False  # (the fast path gives the entry back: the Python path knows its name)
         if name in self.added.get(real.rpartition("/")[0], ()):
             return False
@@ -295,14 +282,14 @@ class _Applier:
         lower = self._below(real)
         if lower is not None and not stat.S_ISDIR(lower.st_mode):
             # a file of the layers below (their symlinks were followed before): the path crosses it
-            if self.hiding or self.fast:
+            if self.lower_only or self.fast:
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", real)
             self.crossed.setdefault(real, self.current)
             lower = None
-        if self.hiding and lower is None:
+        if self.lower_only and lower is None:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", real)
         os.mkdir(name, 0o700, dir_fd=parent_fd)
-        if not self.hiding:  # made for an entry: this layer's own, an opaque marker keeps it
+        if not self.lower_only:  # made for an entry: this layer's own, an opaque marker keeps it
             self._note(real.rpartition("/")[0], name)
         if lower is None:
             os.chmod(name, 0o755, dir_fd=parent_fd)  # explicit: the caller's umask must not shape layers
@@ -549,13 +536,13 @@ class _Applier:
         except FileNotFoundError:
             if self.lower is None:
                 return None
-            self.hiding = True  # only directories the layers below have
+            self.lower_only = True
             try:
                 tfd, tbase, treal = self.root.parent(target, create=True)
             except (FileNotFoundError, NotADirectoryError):
                 return None
             finally:
-                self.hiding = False
+                self.lower_only = False
         real = f"{treal}/{tbase}" if treal else tbase
         st = lstat_at(tfd, tbase)
         if st is not None and real in self.whited and tbase not in self.added.get(treal, ()):
@@ -583,11 +570,13 @@ class _Applier:
             try:
                 fd = os.open(name, _WRITE_FLAGS, 0o600, dir_fd=pfd)
                 try:
-                    while os.copy_file_range(src, fd, 1 << 30):
-                        pass
+                    from lamina.fs.treecopy import copy_data
+
+                    copy_data(src, fd, lst)  # a sparse file keeps its holes
                     for key in os.listxattr(src):
                         if not key.startswith(_PRIVATE_XATTR_PREFIXES):
-                            os.setxattr(fd, key, os.getxattr(src, key))
+                            with contextlib.suppress(PermissionError):  # (security.* without privileges)
+                                os.setxattr(fd, key, os.getxattr(src, key))
                 finally:
                     os.close(fd)
             finally:
@@ -691,12 +680,19 @@ class _Applier:
                 self._hide(xfd, real)
             # anything else of its own already replaces what the layers below had
         elif self.lower is not None:
-            if self._below(real) is not None:
+            lst = self._below(real)
+            if lst is not None:
+                if stat.S_ISLNK(lst.st_mode):
+                    self.replaced.setdefault(real, self.lower.readlink(real))
                 self.whited.add(real)
                 self.wo.whiteout(dfd, target)
-        elif lstat_at(dfd, target) is not None:
-            self.whited.add(real)
-            self.wo.whiteout(dfd, target)
+        else:
+            st = lstat_at(dfd, target)
+            if st is not None:
+                if stat.S_ISLNK(st.st_mode):  # later whiteouts still resolve through it
+                    self.replaced.setdefault(real, os.readlink(target, dir_fd=dfd))
+                self.whited.add(real)
+                self.wo.whiteout(dfd, target)
         self._forget()
 
     def _unlinked(self, prefix: str, path: str | None = None) -> None:
@@ -711,18 +707,63 @@ class _Applier:
             del self.crossed[p]
 
     def _hiding_dir(self, head: str) -> tuple[int, str] | None:
-        """The directory a whiteout or an opaque marker acts in (fd, real path); None when neither this
-        layer nor those below have it. Where only the layers below have it, the layer's copy is made, as
-        for an entry written there."""
-        self.hiding = True
+        """The directory a whiteout or an opaque marker acts in (fd, real path); None when the layers below
+        have none there. It is resolved as the layers below show it: through their symlinks (also where
+        this layer replaced one), not through the layer's own; a directory of the layer's own is entered
+        (it merges with theirs). Where only the layers below have it, the layer's copy is made, as for an
+        entry written there."""
+        todo = [c for c in reversed(head.split("/")) if c not in ("", ".")]
+        cur = ""
+        hops = 0
+        while todo:
+            c = todo.pop()
+            if c == "..":
+                cur = cur.rpartition("/")[0]
+                continue
+            p = f"{cur}/{c}" if cur else c
+            target = self._lower_link(p) if c in self.added.get(cur, ()) or p in self.replaced else None
+            if target is None:
+                st = self._tree_lstat(cur, c)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    cur = p
+                    continue
+                if c in self.added.get(cur, ()):
+                    return None  # the layer's own file there: the layers below had no directory
+                if st is not None and stat.S_ISLNK(st.st_mode) and p not in self.whited:
+                    target = os.readlink(c, dir_fd=self.root.dir(cur)[0])
+                elif st is None and self.lower is not None:
+                    lst = self.lower.lookup(p)
+                    if lst is None or not (stat.S_ISDIR(lst.st_mode) or stat.S_ISLNK(lst.st_mode)):
+                        return None
+                    if stat.S_ISDIR(lst.st_mode):
+                        cur = p
+                        continue
+                    target = self.lower.readlink(p)
+                else:
+                    return None
+            hops += 1
+            if hops > MAX_SYMLINK_HOPS:
+                return None
+            if target.startswith("/"):
+                cur = ""
+            todo.extend(x for x in reversed(target.split("/")) if x not in ("", "."))
+        self.lower_only = True
         try:
-            return self.root.dir(head, create=self.lower is not None)
-        except OSError as err:  # missing, through a file, or a symlink loop: nothing below to hide
+            return self.root.dir(cur, create=self.lower is not None)
+        except OSError as err:  # not a directory after all (or gone): nothing below to hide
             if isinstance(err, (FileNotFoundError, NotADirectoryError)) or err.errno == errno.ELOOP:
                 return None
             raise
         finally:
-            self.hiding = False
+            self.lower_only = False
+
+    def _tree_lstat(self, parent: str, name: str) -> os.stat_result | None:
+        """The lstat of ``name`` in the directory at real path ``parent`` of the layer's tree, if there."""
+        try:
+            fd = self.root.dir(parent)[0]
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return lstat_at(fd, name)
 
     def _hide(self, dfd: int, dreal: str) -> None:
         """Hide the lower layers' entries in the directory ``dreal`` (and below): keep this layer's own.
@@ -736,8 +777,7 @@ class _Applier:
                     keep = self.added.get(real, set())
                     if real != dreal and real not in self.listed:
                         self._plain(fd, real)
-                    # Files of this layer below names not kept go: keep their payloads in the record.
-                    self._supersede_under(f"{real}/" if real else "", keep)
+                    # (every file of this layer is under a kept name: nothing of its own goes)
                     self.wo.opaque(fd, keep)
                     for name in sorted(keep):
                         st = lstat_at(fd, name)
@@ -970,7 +1010,6 @@ def _apply(
         root.on_denied = ap._denied
         root.on_mkdir = ap._implicit_dir
         root.on_notdir = ap._notdir
-        root.on_link = ap._link
         if lower is not None:
             root.on_missing = ap._missing
         fast = None

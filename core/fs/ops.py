@@ -63,8 +63,7 @@ class Root:
         on_mkdir: Callable[[int, str, str], None] | None = None,
         defer_close: bool = False,
         on_missing: Callable[[int, str, str], str | None] | None = None,
-        on_notdir: Callable[[int, str, str, bool], bool | str] | None = None,
-        on_link: Callable[[int, str, str], str | None] | None = None,
+        on_notdir: Callable[[int, str, str, bool], bool] | None = None,
     ) -> None:
         """``on_denied(parent_fd, name, real_path)`` may open up a directory a walk was refused; the
         walk then retries once (used by non-root applies over read-only or unreadable directories).
@@ -76,11 +75,9 @@ class Root:
         # For a tree that holds only the top of a stack (an overlay upper directory): a name the walk does
         # not find may be a symlink of the layers below, whose target (returned) the walk then follows.
         # A non-directory in the way (parent fd, name, real path, whether the walk creates) may be
-        # replaced by a directory (True), or stand for a symlink whose target (returned) is followed.
-        # Each symlink a walk follows is shown to on_link, which may give another target to follow.
+        # replaced by a directory (True).
         self.on_missing = on_missing
         self.on_notdir = on_notdir
-        self.on_link = on_link
         if isinstance(path, int):
             self.fd = os.dup(path)
         else:
@@ -239,18 +236,12 @@ class Root:
                         raise
                     st = os.stat(c, dir_fd=cur(), follow_symlinks=False)
                     if not stat.S_ISLNK(st.st_mode):
-                        instead = self.on_notdir(cur(), c, real(c), create) if self.on_notdir is not None else False
-                        if instead is False:
+                        if self.on_notdir is None or not self.on_notdir(cur(), c, real(c), create):
                             raise NotADirectoryError(errno.ENOTDIR, "not a directory", real(c)) from e
-                        if instead is True:
-                            fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
-                            target = None
-                        else:
-                            target = instead
+                        fd = os.open(c, _DIR_FLAGS, dir_fd=cur())
+                        target = None
                     else:
-                        target = self.on_link(cur(), c, real(c)) if self.on_link is not None else None
-                        if target is None:
-                            target = os.readlink(c, dir_fd=cur())
+                        target = os.readlink(c, dir_fd=cur())
                     if target is not None:
                         hops += 1
                         if hops > MAX_SYMLINK_HOPS:

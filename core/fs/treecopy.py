@@ -25,7 +25,11 @@ class CopyStats:
         self.method = "reflink"
 
 
-def _copy_data(src: int, dst: int, st: os.stat_result, stats: CopyStats) -> None:
+def copy_data(src: int, dst: int, st: os.stat_result, stats: CopyStats | None = None) -> None:
+    """Copy the bytes of the file ``src`` (whose stat is ``st``) into the empty file ``dst``: a reflink
+    where the filesystem shares blocks, holes kept as holes, copy_file_range, or reads and writes."""
+    if stats is None:
+        stats = CopyStats()
     size = st.st_size
     if stats.method == "reflink":
         try:
@@ -223,7 +227,7 @@ def _copy_entries(
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=dfd)
                 try:
                     if st.st_size:
-                        _copy_data(fs, fd, st, stats)
+                        copy_data(fs, fd, st, stats)
                     if is_root:
                         os.fchown(fd, st.st_uid, st.st_gid)
                     os.fchmod(fd, stat.S_IMODE(mode))

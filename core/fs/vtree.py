@@ -13,10 +13,20 @@ what it would decide is let through).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from lamina.errors import ArchiveError, UnsafePathError, shown
 from lamina.fs.ops import MAX_SYMLINK_HOPS, normalize
 from lamina.tar import whiteout
 from lamina.tar.format import DIR, LNK, SYM, Entry
+
+
+class _Op(NamedTuple):
+    """What the tree rules need of an entry (not its xattrs or sparse map: a layer's worth is kept)."""
+
+    name: str
+    type: str
+    linkname: str
 
 
 class _Cross(Exception):
@@ -35,7 +45,7 @@ class VirtualTree:
         self.kinds = kinds
         self.targets = targets  # symlink path -> target
         self._dirs: set[str] = set()  # real paths of directories walks reached (dropped when any goes)
-        self._ops: list[tuple[str, Entry]] = []
+        self._ops: list[tuple[str, _Op]] = []
 
     # -- resolution --------------------------------------------------------------------------------------
     def _resolve(self, path: str, create: bool) -> str | None:
@@ -91,7 +101,7 @@ class VirtualTree:
     # -- a layer -----------------------------------------------------------------------------------------
     def add(self, e: Entry, path: str) -> None:
         """Take entry ``e`` (``path``: its checked layer-relative path); judged in :meth:`finish`."""
-        self._ops.append((path, e))
+        self._ops.append((path, _Op(e.name, e.type, e.linkname)))
 
     def finish(self) -> None:
         """Apply the layer's entries (:class:`ArchiveError` or :class:`UnsafePathError` if the tree rules
@@ -133,7 +143,7 @@ class VirtualTree:
                     raise ArchiveError(f"cannot apply {shown(e.name)}: too many levels of symbolic links") from None
                 raise ArchiveError(f"cannot apply {shown(e.name)}: {shown(c.real)} is not a directory") from None
 
-    def _entry(self, e: Entry, head: str, base: str) -> None:
+    def _entry(self, e: _Op, head: str, base: str) -> None:
         from lamina.fs.apply import check_symlink
 
         parent = self._resolve(head, create=True)

@@ -43,7 +43,10 @@ class RecordWriter:
         self._raw = bytearray()  # raw bytes not yet framed
         self._out = bytearray()  # framed operations not yet compressed
         self._files: dict[str, int] = {}  # path -> index of its latest F or S operation
-        self._maps: dict[int, Sequence[tuple[int, int]]] = {}  # index of an S operation -> its segments
+        # index of an S operation -> where its segments are in _mapfile (offset, count): a layer may hold
+        # many sparse files of many segments, which memory need not hold until one is replaced
+        self._maps: dict[int, tuple[int, int]] = {}
+        self._mapfile: BinaryIO | None = None
         self._index = 0
         self._superseded: dict[int, bytes] = {}
 
@@ -81,12 +84,19 @@ class RecordWriter:
         self._frame_raw()
         p = path.encode("utf-8", "surrogateescape")
         self._out += b"S" + _U32.pack(len(p)) + p + _U32.pack(len(segments))
+        if self._mapfile is None:
+            import tempfile
+
+            self._mapfile = tempfile.TemporaryFile(dir=os.path.dirname(self.path) or ".")  # noqa: SIM115 (closed by close/abort)
+        at = self._mapfile.seek(0, os.SEEK_END)
         for offset, length in segments:
-            self._out += _U64.pack(offset) + _U64.pack(length)
+            pair = _U64.pack(offset) + _U64.pack(length)
+            self._out += pair
+            self._mapfile.write(pair)
             self._spill(_READ)
         self._spill(_READ)
         self._files[path] = self._index
-        self._maps[self._index] = segments
+        self._maps[self._index] = (at, len(segments))
         self._index += 1
 
     def native_state(self) -> tuple[bytearray, bytearray, int]:
@@ -108,17 +118,26 @@ class RecordWriter:
         idx = self._files.pop(path, None)
         if idx is None:
             return
-        segments = self._maps.pop(idx, None)
-        if segments is None:
+        where = self._maps.pop(idx, None)
+        if where is None:
             self._superseded[idx] = f.read()
             return
+        assert self._mapfile is not None
+        self._mapfile.seek(where[0])
         data = bytearray()  # a sparse file: its data segments only, never its holes
-        for offset, length in segments:
-            f.seek(offset)
-            data += f.read(length)
+        for _ in range(where[1]):
+            pair = self._mapfile.read(16)
+            f.seek(_U64.unpack_from(pair, 0)[0])
+            data += f.read(_U64.unpack_from(pair, 8)[0])
         self._superseded[idx] = bytes(data)
 
+    def _drop_maps(self) -> None:
+        if self._mapfile is not None:
+            self._mapfile.close()
+            self._mapfile = None
+
     def close(self) -> None:
+        self._drop_maps()
         self._frame_raw()
         self._spill(1)
         self._f.close()
@@ -129,6 +148,7 @@ class RecordWriter:
                     s.write(data)
 
     def abort(self) -> None:
+        self._drop_maps()
         try:
             self._f.close()
         finally:
