@@ -662,27 +662,30 @@ class _Lowers:
                 return None if _is_whiteout(st) else (i, st)
         return None
 
-    def lookup(self, path: str) -> os.stat_result | None:
-        """The lstat of ``path`` (a real path of the merged view) in the layers below; None if hidden or
-        absent (:class:`lamina.fs.apply.LowerLayers`)."""
+    def _where(self, path: str) -> tuple[int, str, os.stat_result] | None:
+        """For ``path`` (a real path of the merged view): the fd of its directory in the lower that shows
+        it, its name and its lstat; None if hidden or absent."""
         head, _, name = path.rpartition("/")
         state = self.state(head)
         found = self.find(state, head, name) if state else None
-        return found[1] if found is not None else None
+        return None if found is None else (self.fd(found[0], head), name, found[1])
+
+    def lookup(self, path: str) -> os.stat_result | None:
+        """The lstat of ``path`` in the layers below (:class:`lamina.fs.apply.LowerLayers`)."""
+        where = self._where(path)
+        return None if where is None else where[2]
 
     def readlink(self, path: str) -> str:
-        head, _, name = path.rpartition("/")
-        found = self.find(self.state(head), head, name)
-        if found is None:
+        where = self._where(path)
+        if where is None:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", path)
-        return os.readlink(name, dir_fd=self.fd(found[0], head))
+        return os.readlink(where[1], dir_fd=where[0])
 
     def open(self, path: str) -> int:
-        head, _, name = path.rpartition("/")
-        found = self.find(self.state(head), head, name)
-        if found is None:
+        where = self._where(path)
+        if where is None:
             raise FileNotFoundError(errno.ENOENT, "not in the layers below", path)
-        return os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd(found[0], head))
+        return os.open(where[1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=where[0])
 
     def child_state(self, state: tuple[int, ...], rel: str, name: str) -> tuple[int, ...]:
         out: list[int] = []

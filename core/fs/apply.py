@@ -27,12 +27,12 @@ import functools
 import os
 import stat
 import struct
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 from lamina.errors import ArchiveError, StoreError, UnsafePathError, shown, write_failure
-from lamina.fs.ops import MAX_SYMLINK_HOPS, Root, lstat_at, normalize, remove_at
+from lamina.fs.ops import MAX_SYMLINK_HOPS, Root, follow, lstat_at, normalize, remove_at
 from lamina.tar import whiteout
 from lamina.tar.compression import DiffStream
 from lamina.tar.format import BLK, CHR, DIR, FIFO, LNK, REG, SYM, Entry, Recorder, TarReader
@@ -266,10 +266,10 @@ class _Applier:
         """In a walk that creates, a non-directory stands in the way. The layer's own is an error; a path
         it deleted (overlay's record of a whiteout) becomes a directory that hides the layers below; a
         file of the layers below too, if the layer whites it out (see ``crossed``)."""
-        self.sync_native()  # which entries are the layer's own
         if self.lower_only or self.fast or not create:
             return False  # (the fast path gives the entry back: the Python path knows its name)
-        if name in self.added.get(real.rpartition("/")[0], ()):
+        self.sync_native()  # which entries are the layer's own
+        if self._own(real.rpartition("/")[0], name):
             return False
         if real not in self.whited:
             self.crossed.setdefault(real, self.current)
@@ -314,6 +314,10 @@ class _Applier:
         self.root.invalidate()
         self.sgid.clear()
 
+    def _own(self, parent_real: str, name: str) -> bool:
+        """Whether ``name`` in the directory at ``parent_real`` is this layer's (see :meth:`_note`)."""
+        return name in self.added.get(parent_real, ())
+
     def _note(self, parent_real: str, name: str) -> None:
         """``name`` in ``parent_real`` is this layer's; so is each directory above it (it holds the
         layer's entries: whiteouts and opaque markers keep it)."""
@@ -340,7 +344,7 @@ class _Applier:
         if self.lower is not None and not stat.S_ISDIR(st.st_mode):
             self.whited.add(real)  # the layer's entry there hid the lower path: what replaces it does too
         if (stat.S_ISLNK(st.st_mode) and real not in self.replaced
-                and base not in self.added.get(real.rpartition("/")[0], ())):
+                and not self._own(real.rpartition("/")[0], base)):
             self.replaced[real] = os.readlink(base, dir_fd=pfd)  # a lower layer's: whiteouts still go through
         self._supersede_below(pfd, base, real, st)
         remove_at(pfd, base, st)
@@ -356,11 +360,9 @@ class _Applier:
         if st is not None and stat.S_ISDIR(st.st_mode):
             self._supersede_under(real + "/")
 
-    def _supersede_under(self, prefix: str, keep: Container[str] = ()) -> None:
-        """Keep the payloads of this layer's files below ``prefix`` (a real path ending in ``/``, or ``""``
-        for the root), except those under the first-level names in ``keep``."""
-        for f in sorted(p for p in self.files
-                        if p.startswith(prefix) and p[len(prefix):].partition("/")[0] not in keep):
+    def _supersede_under(self, prefix: str) -> None:
+        """Keep the payloads of this layer's files below ``prefix`` (a real path ending in ``/``)."""
+        for f in sorted(p for p in self.files if p.startswith(prefix)):
             fpfd, fbase, _ = self.root.parent(f)
             self._supersede(fpfd, fbase, f)
 
@@ -545,7 +547,8 @@ class _Applier:
                 self.lower_only = False
         real = f"{treal}/{tbase}" if treal else tbase
         st = lstat_at(tfd, tbase)
-        if st is not None and real in self.whited and tbase not in self.added.get(treal, ()):
+        own = self._own(treal, tbase)
+        if st is not None and real in self.whited and not own:
             return None  # overlay's record of a whiteout
         if st is None and self.lower is not None:
             lst = self._below(real)
@@ -555,7 +558,7 @@ class _Applier:
                 return tfd, tbase, lst, real  # refused by the caller
             self._copy_up(tfd, tbase, real, lst)
             st = lstat_at(tfd, tbase)
-        if st is not None and tbase not in self.added.get(treal, ()):
+        if st is not None and not own:
             self.linked[real] = self.current  # a lower layer's file: a whiteout of it makes this link invalid
         return None if st is None else (tfd, tbase, st, real)
 
@@ -660,16 +663,12 @@ class _Applier:
             self.opaqued.add(dreal)
             self._hide(dfd, dreal)
             self._forget()
-            if self.crossed:
-                self._uncross(f"{dreal}/" if dreal else "")
+            self._uncross(f"{dreal}/" if dreal else "")
             return
         real = f"{dreal}/{target}" if dreal else target
         self._unlinked(real + "/", real)
-        if self.crossed:
-            self._uncross(real + "/")
-            self.crossed.pop(real, None)
-        own = target in self.added.get(dreal, ())
-        if own:
+        self._uncross(real + "/", real)
+        if self._own(dreal, target):
             st = lstat_at(dfd, target)
             self.whited.add(real)
             if st is not None and stat.S_ISDIR(st.st_mode):
@@ -702,8 +701,9 @@ class _Applier:
             if p == path or p.startswith(prefix):
                 raise ArchiveError(f"hard link {shown(name)} points at missing {shown(p)}")
 
-    def _uncross(self, prefix: str) -> None:
-        for p in [p for p in self.crossed if p.startswith(prefix)]:
+    def _uncross(self, prefix: str, path: str | None = None) -> None:
+        """A whiteout hides the lower files entries crossed at ``path`` or below ``prefix``: no error."""
+        for p in [p for p in self.crossed if p == path or p.startswith(prefix)]:
             del self.crossed[p]
 
     def _hiding_dir(self, head: str) -> tuple[int, str] | None:
@@ -712,8 +712,8 @@ class _Applier:
         this layer replaced one), not through the layer's own; a directory of the layer's own is entered
         (it merges with theirs). Where only the layers below have it, the layer's copy is made, as for an
         entry written there."""
-        todo = [c for c in reversed(head.split("/")) if c not in ("", ".")]
-        cur = ""
+        todo: list[str] = []
+        cur = follow("", head, todo)
         hops = 0
         while todo:
             c = todo.pop()
@@ -721,13 +721,14 @@ class _Applier:
                 cur = cur.rpartition("/")[0]
                 continue
             p = f"{cur}/{c}" if cur else c
-            target = self._lower_link(p) if c in self.added.get(cur, ()) or p in self.replaced else None
+            own = self._own(cur, c)
+            target = self._lower_link(p) if own or p in self.replaced else None
             if target is None:
                 st = self._tree_lstat(cur, c)
                 if st is not None and stat.S_ISDIR(st.st_mode):
                     cur = p
                     continue
-                if c in self.added.get(cur, ()):
+                if own:
                     return None  # the layer's own file there: the layers below had no directory
                 if st is not None and stat.S_ISLNK(st.st_mode) and p not in self.whited:
                     target = os.readlink(c, dir_fd=self.root.dir(cur)[0])
@@ -744,9 +745,7 @@ class _Applier:
             hops += 1
             if hops > MAX_SYMLINK_HOPS:
                 return None
-            if target.startswith("/"):
-                cur = ""
-            todo.extend(x for x in reversed(target.split("/")) if x not in ("", "."))
+            cur = follow(cur, target, todo)
         self.lower_only = True
         try:
             return self.root.dir(cur, create=self.lower is not None)

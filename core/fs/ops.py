@@ -52,6 +52,14 @@ def normalize(name: str) -> str:
     return "/".join(parts)
 
 
+def follow(cur: str, target: str, todo: list[str]) -> str:
+    """A walk by real path (``cur``, the names still to walk on ``todo``, the next last) meets a symlink to
+    ``target``: its names go onto ``todo``; returns where the walk goes on (the root for an absolute
+    target, ``..`` in it stopping there as the walk pops)."""
+    todo.extend(c for c in reversed(target.split("/")) if c not in ("", "."))
+    return "" if target.startswith("/") else cur
+
+
 class Root:
     """A directory tree addressed only through file descriptors."""
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from lamina.errors import ArchiveError, UnsafePathError, shown
-from lamina.fs.ops import MAX_SYMLINK_HOPS, normalize
+from lamina.fs.ops import MAX_SYMLINK_HOPS, follow, normalize
 from lamina.tar import whiteout
 from lamina.tar.format import DIR, LNK, SYM, Entry
 
@@ -75,10 +75,7 @@ class VirtualTree:
                 hops += 1
                 if hops > MAX_SYMLINK_HOPS:
                     raise _Cross(p, loop=True)
-                target = self.targets.get(p, "")
-                if target.startswith("/"):
-                    cur = ""
-                todo.extend(x for x in reversed(target.split("/")) if x not in ("", "."))
+                cur = follow(cur, self.targets.get(p, ""), todo)
                 continue
             elif k == "?":
                 raise _Unknown
