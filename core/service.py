@@ -300,7 +300,8 @@ class ImageService:
 
     def system_prune(self, all: bool = False) -> dict[str, Any]:
         """``lamina system prune``: stopped containers, then images without a tag (``all``: every image no
-        container uses), then layers and blobs nothing references. Returns what went and the bytes reclaimed."""
+        container uses), then layers and blobs nothing references and partial downloads no pull carries on.
+        Returns what went and the bytes reclaimed."""
         sizes = {layer.cache_id: layer.size for layer in self._layers.all()}
         stray = self.image_store.unreferenced_blobs()  # ending a removal's lease may collect them on the way
         containers: list[str] = []
@@ -330,12 +331,14 @@ class ImageService:
         self.image_store.gc()
         content = self.image_store.content
         blobs = {d: n for d, n in stray.items() if not content.exists(d)}
-        reclaimed += sum(blobs.values())
+        partials = content.drop_partials()  # downloads cut short that no pull carried on
+        reclaimed += sum(blobs.values()) + sum(partials.values())
         return {
             "ContainersDeleted": containers,
             "ImagesDeleted": report.deleted,
             "LayersDeleted": layers,
             "BlobsDeleted": sorted(blobs),
+            "PartialDownloadsDeleted": sorted(partials),
             "SpaceReclaimed": reclaimed,
         }
 

@@ -223,13 +223,17 @@ def test_system_prune_removes_stopped_containers_then_images_then_what_nothing_r
 
         digest = "sha256:" + hashlib.sha256(stray).hexdigest()
         orphan.put(stray, digest)
+        orphan.partial.mkdir()
+        cut = "sha256:" + "ab" * 32
+        (orphan.partial / cut.replace(":", "-")).write_bytes(b"p" * 100)  # a download killed mid-way
         before = svc.disk_usage().total
     out = json.loads(lamina_cli("--driver", "vfs", "--format", "json", "system", "prune", "-a",
                                 root=tmp_path).stdout)
     assert out["ContainersDeleted"] == [c.id]
     assert {"Deleted": img} in out["ImagesDeleted"] and digest in out["BlobsDeleted"]
-    # the read-write layer's 400 bytes, the image's recorded bytes and the stray blob
-    assert out["SpaceReclaimed"] == 400 + before + len(stray)
+    # the read-write layer's 400 bytes, the image's recorded bytes, the stray blob and the partial download
+    assert out["PartialDownloadsDeleted"] == [cut]
+    assert out["SpaceReclaimed"] == 400 + before + len(stray) + 100
     with _open(tmp_path) as svc:
         assert svc.containers() == [] and svc.images() == [] and svc.layers() == []
         assert not svc.image_store.content.exists(digest)

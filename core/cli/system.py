@@ -174,7 +174,7 @@ def df(g: Globals, verbose: bool) -> None:
 @click.pass_obj
 def prune(g: Globals, all_: bool, force: bool) -> None:
     """Remove stopped containers, then images without a tag (with -a, every image no container uses), then
-    layers and blobs nothing references; prints what went and the space reclaimed."""
+    layers and blobs nothing references and partial downloads; prints what went and the space reclaimed."""
     from lamina.cli.images import print_prune
 
     with g.open() as svc:
@@ -186,10 +186,12 @@ def prune(g: Globals, all_: bool, force: bool) -> None:
             for cid in out["ContainersDeleted"]:
                 click.echo(cid)
             click.echo("")
-        if out["LayersDeleted"] or out["BlobsDeleted"]:
+        if out["LayersDeleted"] or out["BlobsDeleted"] or out["PartialDownloadsDeleted"]:
             click.echo("Deleted Layers and Blobs:")
             for d in [*out["LayersDeleted"], *out["BlobsDeleted"]]:
                 click.echo(d)
+            for d in out["PartialDownloadsDeleted"]:
+                click.echo(f"{d} (partial download)")
             click.echo("")
         print_prune(out["ImagesDeleted"], out["SpaceReclaimed"])
 

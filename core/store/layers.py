@@ -182,6 +182,10 @@ class LayerStore:
             raise LayerNotFound(f"layer {chain} not found")
         return self._layer(row)
 
+    def exists(self, chain: str) -> bool:
+        """Whether a committed layer has this ChainID."""
+        return self.db.one("SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (chain,)) is not None
+
     def find(self, ref: str) -> Layer:
         """A layer by full ChainID, or by a unique prefix of its hex (at least 3 characters)."""
         if ":" in ref:
