@@ -8,6 +8,7 @@ traceback.
 
     LaminaError
     ├── ConfigError                 bad or unreadable configuration
+    ├── BadTime                     a time or duration (a filter's until=, --since) that cannot be read
     ├── DriverError                 a storage driver failed
     │   ├── DriverNotFound          no driver registered under that name
     │   ├── DriverUnsupported       the driver's probe says it cannot work here
@@ -85,6 +86,10 @@ class LaminaError(Exception):
 
 
 class ConfigError(LaminaError):
+    pass
+
+
+class BadTime(LaminaError):
     pass
 
 

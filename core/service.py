@@ -11,6 +11,7 @@ Method names follow Docker's ImageService in snake_case. It covers the layer sto
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.config import Config, load_config
 from lamina.contract import Capabilities, Change
-from lamina.errors import ContainerNotFound, ImageError, ImageNotFound, LayerNotFound
+from lamina.errors import ContainerNotFound, ImageError, ImageNotFound, LaminaError, LayerNotFound
 from lamina.plugins.discovery import DriverCatalog
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
@@ -26,11 +27,14 @@ from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
-    from lamina.images.ops import Image, ImageSummary, ImageUser
+    from lamina.images.ops import Image, ImageSummary, ImageUser, PruneReport
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
     from lamina.store.images import ImageStore
+    from lamina.store.usage import DiskUsage
+
+log = logging.getLogger("lamina.service")
 
 
 class ImageService:
@@ -137,7 +141,22 @@ class ImageService:
         return self.store.check(quick=quick, repair=repair, force=force)
 
     def layer_disk_usage(self) -> int:
-        return self._layers.disk_usage()
+        """The store's bytes as recorded: committed layers and the content store (``system df``'s total)."""
+        return self.disk_usage().total
+
+    def disk_usage(self, verbose: bool = False) -> DiskUsage:
+        """``lamina system df``: images, containers, layers and the content store (count, active, size,
+        reclaimable) and each image's shared and unique size, from the sizes recorded when layers were
+        committed; containers' read-write layers are measured only when ``verbose``."""
+        from lamina.store.usage import disk_usage
+
+        def measure(rw: str, init: str) -> int | None:
+            try:
+                return self._layers.diff_size_of(rw, init)
+            except LaminaError:  # removed meanwhile
+                return None
+
+        return disk_usage(self.store, measure_rw=measure if verbose else None)
 
     def recorded_timings(self) -> dict[str, dict[str, Any]]:
         """Per-hook timings accumulated by every process since the runroot was created (``lamina info``)."""
@@ -270,6 +289,58 @@ class ImageService:
         from lamina.images import ops as images
 
         return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
+
+    def images_prune(self, filters: dict[str, list[str]] | None = None) -> PruneReport:
+        """Docker's ImagesPrune: remove images without a tag (``dangling=false``: every image) that no container
+        uses, filtered by ``until`` (created before: a duration such as ``24h``, a Unix time or a date) and
+        ``label``/``label!`` (``KEY`` or ``KEY=VALUE``); returns what went and the bytes reclaimed."""
+        from lamina.images import ops as images
+
+        return images.prune(self.image_store, filters or {})
+
+    def system_prune(self, all: bool = False) -> dict[str, Any]:
+        """``lamina system prune``: stopped containers, then images without a tag (``all``: every image no
+        container uses), then layers and blobs nothing references and partial downloads no pull carries on.
+        Returns what went and the bytes reclaimed."""
+        sizes = {layer.cache_id: layer.size for layer in self._layers.all()}
+        stray = self.image_store.unreferenced_blobs()  # ending a removal's lease may collect them on the way
+        containers: list[str] = []
+        reclaimed = 0
+        init_layers: set[str] = set()
+        for c in self.containers():
+            if c.status == "running":
+                continue
+            try:
+                rw = self._layers.diff_size_of(c.rw_layer, c.init_layer)
+                self.container_store.remove(c)
+            except (ContainerNotFound, LayerNotFound):
+                continue  # removed meanwhile
+            except LaminaError as e:  # mounted, or started meanwhile: it stays
+                log.info("container %s stays: %s", c.short_id, e.message)
+                continue
+            containers.append(c.id)
+            init_layers.add(c.init_layer)
+            reclaimed += rw
+        left = {layer.cache_id for layer in self._layers.all()}
+        reclaimed += sum(sizes.get(lid, 0) for lid in init_layers - left)
+        report = self.images_prune({"dangling": ["false" if all else "true"]})
+        reclaimed += report.reclaimed
+        before: dict[str, int] = {layer.chain_id: layer.size for layer in self._layers.all()}
+        layers = [str(c) for c in self._layers.collect_orphans()]
+        reclaimed += sum(before.get(c, 0) for c in layers)
+        self.image_store.gc()
+        content = self.image_store.content
+        blobs = {d: n for d, n in stray.items() if not content.exists(d)}
+        partials = content.drop_partials()  # downloads cut short that no pull carried on
+        reclaimed += sum(blobs.values()) + sum(partials.values())
+        return {
+            "ContainersDeleted": containers,
+            "ImagesDeleted": report.deleted,
+            "LayersDeleted": layers,
+            "BlobsDeleted": sorted(blobs),
+            "PartialDownloadsDeleted": sorted(partials),
+            "SpaceReclaimed": reclaimed,
+        }
 
     def _image_users(self, image_id: str) -> list[ImageUser]:
         """The containers created from an image, running or not (a conflict for deleting it)."""
@@ -580,7 +651,7 @@ class ImageService:
                 store, record, [str(target)], "oci-dir", self._layers.export_exact, self.config.keep_layer_blobs,
                 lease,
             )
-            return remote.push(
+            digest = remote.push(
                 store,
                 self.config,
                 export,
@@ -590,6 +661,8 @@ class ImageService:
                 progress=progress,
                 mount_from=same_registry,
             )
+        store.touch([img.id])
+        return digest
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:
         """Check the credentials against the registry, then keep them: with the credential helper the user's

@@ -25,7 +25,8 @@ The baseline (:meth:`FaultStore.prepare`): ``fault/base:1`` (one layer B), ``fau
 (:data:`OPS`): ``load`` of ``fault/loaded:1`` (B and two more layers), ``pull`` of ``fault/pulled:1`` from a
 registry (B and two more, gzip), ``import`` of a root filesystem, ``layer add``, ``commit`` of
 ``fault-c1``, ``squash`` of ``fault/app:1``, ``rm`` of ``fault-c2``, ``rmi`` of ``fault/victim:1``,
-``tag`` of ``fault/app:1``, and ``system check --repair`` when the CLI has it (on the leftovers of a
+``tag`` of ``fault/app:1``, ``image prune -a`` (which takes ``fault/base:1`` and ``fault/victim:1``, the images
+no container uses), and ``system check --repair`` when the CLI has it (on the leftovers of a
 ``layer add`` killed just before, so that it has something to repair). Every input is made here,
 in-process, with :class:`lamina.testing.TarBuilder` and a few lines of JSON; the registry's copy is pushed
 by skopeo.
@@ -45,6 +46,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -63,7 +65,7 @@ from store_invariants import check_store
 
 from lamina.testing import TarBuilder
 
-OPS: tuple[str, ...] = ("load", "pull", "import", "layer add", "commit", "squash", "rm", "rmi", "tag")
+OPS: tuple[str, ...] = ("load", "pull", "import", "layer add", "commit", "squash", "rm", "rmi", "tag", "prune")
 REPAIR = "system check --repair"  # killed too when the CLI has `system check` (see has_system_check)
 DRIVERS = ("vfs", "overlay")
 
@@ -270,6 +272,7 @@ class Expect:
     gone_container: str | None = None
     added_name: tuple[str, str] | None = None  # (image ID, name) given to an existing image
     added_layer: str | None = None  # this ChainID gains one reference
+    gone_some: tuple[str, ...] = ()  # any of these images may be removed, each whole (a prune)
 
 
 def judge(before: State, after: State, expect: Expect) -> list[str]:
@@ -277,6 +280,11 @@ def judge(before: State, after: State, expect: Expect) -> list[str]:
     done = _finished(before, after, expect)
     if after == before or (done is not None and after == done):
         return []
+    for k in range(1, len(expect.gone_some) + 1):
+        for gone in itertools.combinations(expect.gone_some, k):
+            images = {i: n for i, n in before.images.items() if i not in gone}
+            if after == State(images, dict(before.containers), dict(before.layers)):
+                return []
     why = f"before: {before.describe()}\n  after: {after.describe()}"
     if done is not None:
         why += f"\n  finished: {done.describe()}"
@@ -469,6 +477,7 @@ class FaultStore:
             "rm": ["rm", C2],
             "rmi": ["rmi", VICTIM],
             "tag": ["tag", APP, TAGGED],
+            "prune": ["image", "prune", "-a"],
             REPAIR: ["system", "check", "--repair"],
         }[op]
 
@@ -497,6 +506,8 @@ class FaultStore:
             return Expect(gone_image=ids[VICTIM])
         if op == "tag":
             return Expect(added_name=(ids[APP], full_name(TAGGED)))
+        if op == "prune":  # every image no container uses, one at a time
+            return Expect(gone_some=(ids[BASE], ids[VICTIM]))
         return Expect()  # system check --repair: a sound store stays as it is
 
     # -- the baseline ---------------------------------------------------------------------------------

@@ -210,3 +210,36 @@ def rmi(g: Globals, refs: tuple[str, ...], force: bool, no_prune: bool) -> None:
         for r in refs:
             out += svc.image_delete(r, force=force, prune=not no_prune)
     emit(g, out, lambda: print_lines(f"{k}: {v}" for d in out for k, v in d.items()))
+
+
+@cli.group()
+def image() -> None:
+    """Manage images (``prune``); the other image verbs are top-level commands."""
+
+
+@image.command("prune")
+@click.option("-a", "--all", "all_", is_flag=True, help="Remove every image no container uses, not only untagged ones.")
+@click.option("--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="until=DURATION|TIME (created before), label=KEY[=VALUE], label!=KEY[=VALUE]; repeatable.")
+@click.option("-f", "--force", is_flag=True, help="Accepted for docker's scripts; lamina never asks.")
+@format_option
+@click.pass_obj
+def image_prune(g: Globals, all_: bool, filters: tuple[str, ...], force: bool) -> None:
+    """Remove images without a tag (with -a, every image) that no container uses; prints what went and the
+    space reclaimed."""
+    wanted = _filters(filters)
+    if all_:
+        wanted["dangling"] = ["false"]
+    with g.open() as svc:
+        report = svc.images_prune(wanted)
+    emit(g, report.as_dict(), lambda: print_prune(report.deleted, report.reclaimed))
+
+
+def print_prune(deleted: list[dict[str, str]], reclaimed: int) -> None:
+    if deleted:
+        click.echo("Deleted Images:")
+        for entry in deleted:
+            for k, v in entry.items():
+                click.echo(f"{k.lower()}: {v}")
+        click.echo("")
+    click.echo(f"Total reclaimed space: {human(reclaimed)}")

@@ -20,7 +20,7 @@ def info(g: Globals) -> None:
     with g.open() as svc:
         status = svc.layer_store_status()
         caps = svc.capabilities().as_dict()
-        svc_usage = svc.layer_disk_usage()
+        svc_usage = svc.layer_disk_usage()  # recorded sizes, as system df counts them
         data = {
             "store": dict(status),
             "capabilities": caps,
@@ -122,3 +122,77 @@ def check(g: Globals, quick: bool, repair: bool, force: bool) -> None:
     emit(g, report.as_dict(), table)
     if not report.sound:
         sys.exit(1)
+
+
+@system.command()
+@click.option("-v", "--verbose", is_flag=True,
+              help="Per image and per container; measures containers' read-write layers.")
+@format_option
+@click.pass_obj
+def df(g: Globals, verbose: bool) -> None:
+    """Show the store's disk usage: images, containers, layers and the content store (count, active, size,
+    reclaimable), from the sizes recorded when layers were committed: no layer is read."""
+    from lamina.cli.app import ago
+
+    with g.open() as svc:
+        usage = svc.disk_usage(verbose=verbose)
+
+    def size(n: int | None) -> str:
+        return "-" if n is None else human(n)
+
+    def table() -> None:
+        rows = []
+        for r in usage.rows:
+            part = "" if not r.size or r.reclaimable is None else f" ({100 * r.reclaimable // r.size}%)"
+            rows.append([r.kind, str(r.total), str(r.active), size(r.size), size(r.reclaimable) + part])
+        print_table(rows, ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"])
+        if not verbose:
+            return
+        from lamina.formats.reference import parse_normalized
+
+        click.echo("\nImages space usage:\n")
+        irows = []
+        for i in usage.images:
+            tags = [parse_normalized(n).familiar() for n in i.names if "@" not in n] or ["<none>:<none>"]
+            for t in tags:
+                repo, _, tag = t.rpartition(":")
+                irows.append([repo, tag, i.id.split(":", 1)[1][:12], ago(i.created), human(i.size),
+                              human(i.shared_size), human(i.unique_size), str(i.containers)])
+        print_table(irows, ["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE", "SHARED SIZE", "UNIQUE SIZE",
+                            "CONTAINERS"])
+        click.echo("\nContainers space usage:\n")
+        print_table([[c.id[:12], c.image_id.split(":", 1)[1][:12], size(c.size_rw), c.status, c.name or ""]
+                     for c in usage.containers], ["CONTAINER ID", "IMAGE", "SIZE", "STATUS", "NAMES"])
+
+    emit(g, usage.as_dict(), table)
+
+
+@system.command()
+@click.option("-a", "--all", "all_", is_flag=True, help="Remove every image no container uses, not only untagged ones.")
+@click.option("-f", "--force", is_flag=True, help="Accepted for docker's scripts; lamina never asks.")
+@format_option
+@click.pass_obj
+def prune(g: Globals, all_: bool, force: bool) -> None:
+    """Remove stopped containers, then images without a tag (with -a, every image no container uses), then
+    layers and blobs nothing references and partial downloads; prints what went and the space reclaimed."""
+    from lamina.cli.images import print_prune
+
+    with g.open() as svc:
+        out = svc.system_prune(all=all_)
+
+    def table() -> None:
+        if out["ContainersDeleted"]:
+            click.echo("Deleted Containers:")
+            for cid in out["ContainersDeleted"]:
+                click.echo(cid)
+            click.echo("")
+        if out["LayersDeleted"] or out["BlobsDeleted"] or out["PartialDownloadsDeleted"]:
+            click.echo("Deleted Layers and Blobs:")
+            for d in [*out["LayersDeleted"], *out["BlobsDeleted"]]:
+                click.echo(d)
+            for d in out["PartialDownloadsDeleted"]:
+                click.echo(f"{d} (partial download)")
+            click.echo("")
+        print_prune(out["ImagesDeleted"], out["SpaceReclaimed"])
+
+    emit(g, out, table)

@@ -34,6 +34,9 @@ class LayerSource:
     open: Callable[[], Readable]
     blob: BlobRef | None = None  # None: the format does not describe the blob (docker-archive)
     what: str = "layer"
+    # the blob's raw bytes from an offset on, unverified (a registry's Range): such a layer is fetched once
+    # however many pulls want it at the same time, and resumed after an interruption (content.Download)
+    open_at: Callable[[int], Readable] | None = None
 
 
 @dataclass

@@ -498,53 +498,6 @@ def rmtree(path: str | os.PathLike[str]) -> None:
         os.close(pfd)
 
 
-def disk_usage(paths: Iterable[str | os.PathLike[str]]) -> int:
-    """Bytes of disk the entries below each of ``paths`` take (each inode once); entries that vanish or
-    cannot be read meanwhile are skipped."""
-    total = 0
-    seen: set[tuple[int, int]] = set()
-    for path in paths:
-        try:
-            top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            with DirStack(top) as stack:
-                todo: list[list[str]] = [[]]
-                scan = True
-                while todo:
-                    if scan:
-                        with contextlib.suppress(OSError), os.scandir(stack.fd) as it:
-                            for e in it:
-                                try:
-                                    st = e.stat(follow_symlinks=False)
-                                except OSError:
-                                    continue
-                                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                                    if (st.st_dev, st.st_ino) in seen:
-                                        continue
-                                    seen.add((st.st_dev, st.st_ino))
-                                total += st.st_blocks * 512
-                                if stat.S_ISDIR(st.st_mode):
-                                    todo[-1].append(e.name)
-                    scan = False
-                    if todo[-1]:
-                        sub = todo[-1].pop()
-                        try:
-                            stack.push(sub)
-                        except OSError:
-                            continue
-                        todo.append([])
-                        scan = True
-                        continue
-                    todo.pop()
-                    if todo:
-                        stack.pop()
-        finally:
-            os.close(top)
-    return total
-
-
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False, mode: int = 0o644) -> bool:
     """Write a small file whole or not at all: a temporary file beside it, unique to this write (so
     processes writing the same file at once never share one), synced, then renamed over ``path``.

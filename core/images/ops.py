@@ -254,6 +254,7 @@ def inspect(store: ImageStore, img: Image) -> dict[str, Any]:
         "Origin": rec.origin,
         "Loaded": rec.loaded,
         "LastUpdated": rec.last_updated,
+        "LastUsed": rec.last_used,
     }
 
 
@@ -446,6 +447,100 @@ def _prune_parents(store: ImageStore, parent: str | None, out: list[dict[str, st
         parent = nxt
 
 
+# -- prune ----------------------------------------------------------------------------------------------
+PRUNE_FILTERS = ("dangling", "until", "label", "label!")
+
+
+@dataclass
+class PruneReport:
+    """What a prune removed, as docker reports it, and the bytes that went (by the store's accounting:
+    ``system df``'s total drops by as much)."""
+
+    deleted: list[dict[str, str]] = field(default_factory=list)
+    reclaimed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ImagesDeleted": self.deleted, "SpaceReclaimed": self.reclaimed}
+
+
+def _prune_matcher(filters: dict[str, list[str]]) -> tuple[bool, Callable[[ImageStore, ImageRecord], bool]]:
+    """(whether tagged images go too, whether a record passes the ``until`` and label filters)."""
+    from lamina.timespec import parse_time
+
+    for key, values in filters.items():
+        if key not in PRUNE_FILTERS:
+            raise ImageError(f"invalid filter {key!r}; prune filters are {', '.join(PRUNE_FILTERS)}")
+        if key == "dangling" and any(v not in ("true", "false", "1", "0") for v in values):
+            raise ImageError(f"invalid filter 'dangling={values[0]}': use true or false")
+    every = "dangling" in filters and filters["dangling"][-1] in ("false", "0")
+    until = min(parse_time(v) for v in filters["until"]) if filters.get("until") else None
+    wanted, unwanted = filters.get("label", []), filters.get("label!", [])
+
+    def matches(store: ImageStore, rec: ImageRecord) -> bool:
+        if until is not None and created_time(rec) >= until:
+            return False
+        if wanted or unwanted:
+            labels = load(store, rec).config.labels
+            if not _labels_match(labels, wanted):
+                return False
+            if any(_labels_match(labels, [u]) for u in unwanted):
+                return False
+        return True
+
+    return every, matches
+
+
+def prune(store: ImageStore, filters: dict[str, list[str]]) -> PruneReport:
+    """Docker's ImagesPrune: remove the images without a tag (with ``dangling=false``, every image) that no
+    container uses and no other image stands on, matching ``until`` (created before) and ``label``/``label!``;
+    a removed image's parents that are then left without names or users go as well, as they do with rmi.
+    Each image goes in one transaction that checks once more that its names are still those it was chosen
+    with and that nothing needs it, so an image tagged or used meanwhile stays."""
+    every, matches = _prune_matcher(filters)
+    sizes = {layer.chain_id: layer.size for layer in store.layers.all()}
+    report = PruneReport()
+    seen: set[str] = set()
+
+    def remove(rec: ImageRecord, names: tuple[str, ...] | None) -> bool:
+        from lamina.store.usage import blob_size
+
+        blobs = {d: blob_size(store.store, d) for d in store.blobs(rec.id)}
+        removed: list[str] = []
+        try:
+            layers = store.delete(rec.id, names_seen=rec.names if names is None else names, names_out=removed)
+        except ImageNotFound:
+            return False
+        if layers is None:
+            return False
+        report.deleted.extend({"Untagged": parse_normalized(n).familiar()} for n in removed)
+        report.deleted.append({"Deleted": rec.id})
+        report.reclaimed += sum(sizes.get(c, 0) for c in layers)
+        report.reclaimed += sum(n for d, n in blobs.items() if not store.content.exists(d))
+        return True
+
+    progress = True
+    while progress:
+        progress = False
+        records = store.all()
+        used = store.container_counts()
+        parents = {r.parent for r in records if r.parent}
+        for rec in records:
+            if rec.id in seen or rec.id in parents or rec.id in used or (rec.tags and not every):
+                continue
+            seen.add(rec.id)
+            if not matches(store, rec) or not remove(rec, None):
+                continue
+            progress = True
+            parent = rec.parent
+            while parent and store.exists(parent):  # intermediate images left without names or users
+                prec = store.get(parent)
+                if prec.names or not remove(prec, ()):
+                    break
+                seen.add(parent)
+                parent = prec.parent
+    return report
+
+
 # -- save -----------------------------------------------------------------------------------------------
 def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: str, keep_layer_blobs: bool) -> None:
     from lamina.formats.archives import WRITERS
@@ -462,6 +557,7 @@ def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: 
             rec_names.extend(n for n in names if n not in rec_names)
 
     transfer.save(store, list(chosen.values()), path, fmt, store.layers.export_exact, keep_layer_blobs)
+    store.touch(chosen)
 
 
 def _to_save(store: ImageStore, ref: str) -> list[tuple[ImageRecord, list[str]]]:

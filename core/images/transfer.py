@@ -37,6 +37,7 @@ from lamina.tar.compression import CHUNK, Readable, VerifyingReader, determinist
 
 if TYPE_CHECKING:
     from lamina.formats.archives import Writer
+    from lamina.store.content import Download
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -157,18 +158,29 @@ def load_source(
                  "size": layer.blob.size if layer.blob else None}
         if keep and layer.blob is not None:
             lease.blob(layer.blob.digest)  # before looking: a collection cannot take it from now on
-        try:
-            store.layers.lease(chain, lease)
-            present = True
-        except LayerNotFound:
-            present = False
-        if present:
-            if keep and layer.blob is not None and not content.exists(layer.blob.digest):
-                content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
-            if progress:
-                progress({**event, "status": "exists"})
-        else:
-            _apply(store, lease, layer, parent, keep, progress, event)
+        with contextlib.ExitStack() as stack:
+            download = None
+            if layer.open_at is not None and layer.blob is not None and not content.exists(layer.blob.digest) \
+                    and not store.layers.exists(chain):
+                # Another process fetching the same blob finishes (blob stored, layer committed) before
+                # this one looks again; one that was cut short left a partial download to carry on from.
+                download = stack.enter_context(
+                    content.download(layer.blob.digest, layer.blob.size, layer.what, layer.open_at))
+            try:
+                store.layers.lease(chain, lease)
+                present = True
+            except LayerNotFound:
+                present = False
+            if present:
+                if keep and layer.blob is not None and not content.exists(layer.blob.digest):
+                    if download is not None:
+                        download.fetch()
+                    else:
+                        content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
+                if progress:
+                    progress({**event, "status": "exists"})
+            else:
+                _apply(store, lease, layer, parent, keep, progress, event, download)
         if keep and layer.blob is not None:
             blobs.append(layer.blob.digest)
         parent = chain
@@ -194,22 +206,28 @@ def _unique(items: Sequence[str]) -> list[str]:
 
 def _apply(
     store: ImageStore, lease: Lease, layer: Any, parent: ChainID | None, keep: bool, progress: ProgressFn | None,
-    event: dict[str, Any],
+    event: dict[str, Any], download: Download | None = None,
 ) -> None:
+    """Apply one layer; from ``download`` (which verifies and stores its blob) when one is given."""
     blob: BlobRef | None = layer.blob
     with contextlib.ExitStack() as stack:
         writer = None
-        if keep and blob is not None and not store.content.exists(blob.digest):
-            lease.blob(blob.digest)
-            writer = stack.enter_context(store.content.writer(blob.digest))
-        raw: Readable = layer.open()
-        close = getattr(raw, "close", None)
-        if close is not None:
-            stack.callback(close)  # also when applying fails half-way
         verifying = None
-        if blob is not None:
-            verifying = VerifyingReader(raw, blob.digest, blob.size, layer.what, tee=writer.file if writer else None)
-            raw = verifying
+        raw: Readable
+        if download is not None:
+            raw = download
+        else:
+            if keep and blob is not None and not store.content.exists(blob.digest):
+                lease.blob(blob.digest)
+                writer = stack.enter_context(store.content.writer(blob.digest))
+            raw = layer.open()
+            close = getattr(raw, "close", None)
+            if close is not None:
+                stack.callback(close)  # also when applying fails half-way
+            if blob is not None:
+                verifying = VerifyingReader(
+                    raw, blob.digest, blob.size, layer.what, tee=writer.file if writer else None)
+                raw = verifying
         if progress:
             last = [0.0]
 
@@ -223,6 +241,8 @@ def _apply(
         store.layers.register(raw, parent, expected_diff_id=layer.diff_id, lease=lease)
         if verifying is not None:
             verifying.finish()
+        if download is not None:
+            download.fetch()  # bytes after the tar's end, if any: the blob is whole and checked
         if writer is not None:
             writer.commit()
     if progress:

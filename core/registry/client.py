@@ -343,6 +343,7 @@ class _BlobStream:
         what: str,
         options: RegistryOptions,
         sleep: Callable[[int], None],
+        offset: int = 0,
     ) -> None:
         self._open_at = open_at
         self._size = size
@@ -352,7 +353,7 @@ class _BlobStream:
         self._resp: requests.Response | None = None
         self._iter: Iterator[bytes] | None = None
         self._buf = b""
-        self._received = 0  # bytes of the blob received so far (delivered or buffered)
+        self._received = offset  # bytes of the blob received so far (delivered or buffered)
         self._skip = 0  # bytes to drop from a 200 answer to a Range request
         self._failures = 0
         self._progress = False
@@ -983,6 +984,17 @@ class RegistryClient:
 
     def open_blob(self, repo: str, digest: str, size: int) -> BlobReader:
         """Stream a blob; the returned reader verifies size and digest when its last byte is read."""
+        return BlobReader(self._blob_stream(repo, digest, size, 0), parse_digest(digest), size,
+                          f"blob {self.host}/{self._repo(repo)}@{digest}")
+
+    def open_blob_at(self, repo: str, digest: str, size: int, offset: int) -> _BlobStream:
+        """A blob's raw bytes from ``offset`` on (``Range``), unverified: for a caller that hashes the bytes
+        before ``offset`` itself (a resumed download)."""
+        if not 0 <= offset <= size:
+            raise RegistryError(f"offset {offset} is outside blob {digest} of {size} bytes")
+        return self._blob_stream(repo, digest, size, offset)
+
+    def _blob_stream(self, repo: str, digest: str, size: int, offset: int) -> _BlobStream:
         repo = self._repo(repo)
         digest = parse_digest(digest)
         size = _check_size(size)
@@ -990,19 +1002,22 @@ class RegistryClient:
         url = self._url(f"/v2/{repo}/blobs/{digest}")
         scopes = self._pull(repo)
 
-        def open_at(offset: int) -> requests.Response:
+        def open_at(at: int) -> requests.Response:
             headers = {"Accept-Encoding": "identity"}
-            if offset:
-                headers["Range"] = f"bytes={offset}-"
+            if at:
+                headers["Range"] = f"bytes={at}-"
             resp = self._send("GET", url, scopes=scopes, what=f"GET {what}", headers=headers, follow=True)
-            if resp.status_code == 200 or (offset and resp.status_code == 206):
+            if resp.status_code == 200 or (at and resp.status_code == 206):
                 return resp
             with resp:
                 self._fail(resp, what)
 
-        stream = _BlobStream(open_at, size, what, self.options, self._sleep)
-        stream._connect()
-        return BlobReader(stream, digest, size, what)
+        stream = _BlobStream(open_at, size, what, self.options, self._sleep, offset)
+        if offset < size:
+            stream._connect()
+        else:
+            stream._eof = True
+        return stream
 
     def open_blob_urls(self, desc: Descriptor) -> BlobReader:
         """Fetch a foreign layer from its descriptor's ``urls`` (no registry credentials are sent there)."""

@@ -112,13 +112,16 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
         )
     layers = []
     for i, (d, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True)):
+        at: Callable[[int], Readable] | None = None
         if d.urls:
             opener: Callable[[], Readable] = functools.partial(client.open_blob_urls, d)
         else:
             opener = functools.partial(client.open_blob, repo, d.digest, d.size)
+            at = functools.partial(client.open_blob_at, repo, d.digest, d.size)
         layers.append(
             LayerSource(
-                DiffID(diff_id), opener, BlobRef(d.media_type, d.digest, d.size), what=f"layer {i + 1} ({d.digest})"
+                DiffID(diff_id), opener, BlobRef(d.media_type, d.digest, d.size), what=f"layer {i + 1} ({d.digest})",
+                open_at=at,
             )
         )
     names = []
@@ -177,6 +180,15 @@ def _prefetch(
         lease.blob(blob.digest)
         if store.content.exists(blob.digest):
             return
+        if layer.open_at is not None:  # once, whoever else wants it; resumed from what a cut fetch left
+            download = store.content.download(blob.digest, blob.size, layer.what, layer.open_at)
+            if not download.acquire(cancel):
+                return
+            with download:
+                while download.read(CHUNK):
+                    if cancel.is_set():
+                        return
+            return
         with store.content.writer(blob.digest) as w:
             src = layer.open()
             try:
@@ -207,7 +219,7 @@ def _prefetch(
             with lock:
                 return store.content.open(digest)
 
-        img.layers[idx] = LayerSource(layer.diff_id, from_store, layer.blob, layer.what)
+        img.layers[idx] = LayerSource(layer.diff_id, from_store, layer.blob, layer.what)  # no open_at: in the store
     pool.shutdown(wait=False)
     return futures
 

@@ -233,6 +233,7 @@ class ContainerStore:
                     raise ImageNotFound(f"image {image_id.split(':')[-1][:12]} was removed")
                 init_id = self.layers.reference(db, init.chain_id)
                 self.layers.commit_rw(db, rw)
+                self.store.images.mark_used(db, image_id, time.time())
                 db.execute(
                     "UPDATE containers SET state='created', init_layer=?, rw_layer=?, owner_pid=NULL,"
                     " owner_start=NULL WHERE id=?",

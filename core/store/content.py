@@ -16,15 +16,18 @@ no image refers to and no live lease holds; leases of dead processes are ended b
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from lamina.digest import Digest, parse_digest
-from lamina.errors import BlobNotFound, DigestMismatch, write_failure
+from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, write_failure
 from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
 
 
@@ -33,6 +36,7 @@ class ContentStore:
         self.root = root / "content"
         self.blobs = self.root / "blobs"
         self.ingest = self.root / "ingest"
+        self.partial = self.root / "partial"  # downloads in progress, or cut short: see Download
         self.read_only = read_only  # its filesystem takes no writes: nothing is made or cleaned
         if read_only:
             return
@@ -70,6 +74,36 @@ class ContentStore:
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:
             return f.read()
+
+    def download(self, digest: str, size: int, what: str, open_at: Callable[[int], Readable]) -> Download:
+        """A fetch of a blob that happens once however many want it (:class:`Download`)."""
+        return Download(self, digest, size, what, open_at)
+
+    def drop_partials(self) -> dict[str, int]:
+        """Remove the partial downloads no process is carrying on (``system prune``); returns each one's
+        digest and size."""
+        out: dict[str, int] = {}
+        if self.read_only or not self.partial.is_dir():
+            return out
+        for entry in os.scandir(self.partial):
+            if entry.name.endswith(".lock"):
+                continue
+            lock = self.partial / f"{entry.name}.lock"
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                size = entry.stat().st_size
+                os.unlink(entry.path)
+                os.unlink(lock)
+                out[entry.name.replace("-", ":", 1)] = size
+            except OSError:
+                continue  # being fetched
+            finally:
+                os.close(fd)
+        return out
 
     def writer(self, digest: str) -> BlobWriter:
         return BlobWriter(self, parse_digest(digest))
@@ -170,6 +204,170 @@ class ContentStore:
         algo, _, rest = name.partition(":")
         if algo and rest and "/" not in name and not algo.startswith(".") and not rest.startswith("."):
             (self.blobs / algo / rest).unlink(missing_ok=True)
+
+
+class Download:
+    """A blob fetched into the content store once, however many processes (or threads) want it at the same
+    time, and resumed from what an interrupted fetch left.
+
+    ``content/partial/<algo>-<hex>`` holds the bytes received so far and ``<algo>-<hex>.lock`` is its
+    ``flock``: the holder fetches, the others wait (:meth:`acquire`) and then find the blob in place, or,
+    when the holder died or failed, carry on from its partial file. Reading replays that file's bytes
+    first (hashing them again: the digest covers the whole blob), then asks ``open_at(offset)`` for the
+    rest (a registry's ``Range``), appending it; the blob is renamed into place when its last byte has
+    been read and the whole hashes to the digest. A partial file whose bytes turn out wrong goes, so the
+    next attempt starts over. The kernel drops the lock of a process killed at any point.
+
+    Use it as a context manager after :meth:`acquire`; :attr:`complete` says whether the blob was already
+    there (reading then serves the stored file).
+    """
+
+    def __init__(self, store: ContentStore, digest: str, size: int, what: str,
+                 open_at: Callable[[int], Readable]) -> None:
+        self.store = store
+        self.digest = parse_digest(digest)
+        self.size = size
+        self.what = what
+        self._open_at = open_at
+        name = self.digest.replace(":", "-")
+        self._part = store.partial / name
+        self._lock = store.partial / f"{name}.lock"
+        self._lock_fd: int | None = None
+        self._src: Readable | BinaryIO | None = None
+        self._out: BinaryIO | None = None
+        self._replay = 0  # bytes of the partial file still to replay
+        self._left = size
+        self._hash = hashlib.new(self.digest.split(":", 1)[0])
+        self.complete = False
+        self.resumed_at = 0
+
+    def acquire(self, cancel: threading.Event | None = None) -> bool:
+        """Wait until this process may fetch the blob (False if ``cancel`` was set meanwhile)."""
+        try:
+            self.store.partial.mkdir(exist_ok=True, mode=0o700)
+            while True:
+                fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if cancel is not None and cancel.is_set():
+                            os.close(fd)
+                            return False
+                        time.sleep(0.05)
+                if self.store.exists(self.digest):
+                    self._lock_fd = fd
+                    self.complete = True
+                    return True
+                try:
+                    same = os.stat(self._lock).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self._lock_fd = fd
+                    return True
+                os.close(fd)  # a finished fetch removed that lock file: take the current one
+        except OSError as e:
+            raise write_failure(e, f"fetching {self.what}") from e
+
+    def __enter__(self) -> Download:
+        if self._lock_fd is None:
+            self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        if self.complete:
+            self._src = self.store.open(self.digest)
+            return
+        try:
+            have = os.stat(self._part).st_size
+        except FileNotFoundError:
+            have = 0
+        try:
+            if have > self.size:
+                os.truncate(self._part, 0)
+                have = 0
+            self._out = open(self._part, "ab")  # noqa: SIM115 - closed by close()
+            self._src = open(self._part, "rb") if have else None  # noqa: SIM115
+        except OSError as e:
+            raise write_failure(e, f"fetching {self.what}") from e
+        self._replay = self.resumed_at = have
+
+    def read(self, n: int = -1, /) -> bytes:
+        if self._src is None and self._out is None:
+            self._start()
+        if self.complete:
+            assert self._src is not None
+            return self._src.read(n)
+        if self._left <= 0:
+            return b""
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        if self._replay:
+            assert self._src is not None
+            data = self._src.read(min(want, self._replay))
+            if not data:
+                raise ArchiveError(f"the partial download of {self.what} shrank while it was read")
+            self._replay -= len(data)
+            if not self._replay:
+                getattr(self._src, "close", lambda: None)()
+                self._src = None
+        else:
+            if self._src is None:
+                self._src = self._open_at(self.size - self._left)
+            data = self._src.read(want)
+            if not data:
+                raise ArchiveError(f"{self.what} is truncated: {self._left} of {self.size} bytes missing")
+            assert self._out is not None
+            try:
+                self._out.write(data)
+            except OSError as e:
+                raise write_failure(e, f"storing {self.what}") from e
+        self._left -= len(data)
+        self._hash.update(data)
+        if self._left == 0:
+            self._finish()
+        return data
+
+    def _finish(self) -> None:
+        assert self._out is not None
+        try:
+            self._out.close()
+            if self._hash.hexdigest() != self.digest.split(":", 1)[1]:
+                self._part.unlink(missing_ok=True)
+                raise DigestMismatch(
+                    f"{self.what} does not match its digest"
+                    + (f" (resumed at byte {self.resumed_at}; the partial download was dropped)"
+                       if self.resumed_at else "")
+                )
+            self.store.place(self._part, self.digest)
+        except OSError as e:
+            raise write_failure(e, f"storing {self.what}") from e
+        self.complete = True
+
+    def fetch(self) -> None:
+        """Read the whole blob into the store (nothing when it is there already)."""
+        if self.complete:
+            return
+        while self.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        for f in (self._src, self._out):
+            close = getattr(f, "close", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    close()
+        self._src = self._out = None
+        if self._lock_fd is not None:
+            if self.complete:  # nobody needs that lock file again; later comers find the blob
+                with contextlib.suppress(OSError):
+                    os.unlink(self._lock)
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 class BlobWriter:

@@ -35,7 +35,7 @@ from typing import Any
 
 from lamina.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
 
-SCHEMA_VERSION = 3  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
+SCHEMA_VERSION = 4  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
 BUSY_TIMEOUT_S = 60.0
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode, extended codes masked)
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
@@ -44,7 +44,9 @@ _ROOM_TO_OPEN = 1 << 20
 
 # One place for every table of lamina.db. Version 1 kept leases per process (layer_leases, content_leases);
 # version 2 has lease objects that own layers and blobs; version 3 has the same tables, and the exact-export
-# records of tree drivers' layers under <root>/tar-split, which an older lamina would not know to keep.
+# records of tree drivers' layers under <root>/tar-split, which an older lamina would not know to keep;
+# version 4 adds when each image and layer was last used (``last_used``, for prune policies) and the size
+# of each blob an image needs (``image_blobs.size``, for the disk-usage accounting).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -62,7 +64,8 @@ CREATE TABLE IF NOT EXISTS layers (
     compression TEXT,
     refs INTEGER NOT NULL DEFAULT 0,
     depth INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    last_used REAL
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
 CREATE TABLE IF NOT EXISTS leases (
@@ -90,7 +93,8 @@ CREATE TABLE IF NOT EXISTS images (
     created REAL,
     loaded REAL NOT NULL,
     last_updated REAL NOT NULL,
-    origin TEXT NOT NULL DEFAULT ''
+    origin TEXT NOT NULL DEFAULT '',
+    last_used REAL
 );
 CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
 CREATE INDEX IF NOT EXISTS images_top_layer ON images(top_layer);
@@ -110,6 +114,7 @@ CREATE TABLE IF NOT EXISTS image_manifests (
 CREATE TABLE IF NOT EXISTS image_blobs (
     image_id TEXT NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     digest TEXT NOT NULL,
+    size INTEGER,
     PRIMARY KEY (image_id, digest)
 );
 CREATE INDEX IF NOT EXISTS image_blobs_digest ON image_blobs(digest);
@@ -324,6 +329,21 @@ class Database:
                     self._rollback(db)
                     raise self._error(e, runroot) from e
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction on lamina.db: every statement in it sees the same snapshot."""
+        with self._lock:
+            try:
+                self.db.execute("BEGIN")
+            except sqlite3.Error as e:
+                raise self._error(e, False, "cannot start a transaction") from e
+            try:
+                yield self.db
+            except sqlite3.Error as e:
+                raise self._error(e, False) from e
+            finally:
+                self._rollback(self.db)
+
     def _error(self, e: sqlite3.Error, runroot: bool, doing: str = "store database error") -> StoreError:
         """The one-line error for a failed statement."""
         code = _code(e)
@@ -390,6 +410,10 @@ class Database:
                     db.execute(statement)
             if version is not None and int(version) < 2:
                 _migrate_v1_leases(db)
+            for table, column in (("layers", "last_used REAL"), ("images", "last_used REAL"),
+                                  ("image_blobs", "size INTEGER")):  # version 4
+                if column.split()[0] not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
             db.execute(
                 "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),

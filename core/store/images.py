@@ -14,6 +14,8 @@ reference on its top layer, and the end of the loading process's layer and blob 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -47,6 +49,7 @@ class ImageRecord:
     origin: str
     names: tuple[str, ...] = ()
     manifests: tuple[ManifestRecord, ...] = field(default=())
+    last_used: float | None = None  # a container was made from it, or it was saved, pushed or stored again
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -110,8 +113,18 @@ class ImageStore:
             alive |= {r[1] for r in db.execute("SELECT lease, digest FROM lease_blobs") if r[0] not in ignoring}
             return self.content.gc(alive, files)
 
+    def unreferenced_blobs(self) -> dict[str, int]:
+        """The blobs in the content store that no image names (a lease may hold them), with their sizes."""
+        named = {r[0] for r in self.db.query("SELECT DISTINCT digest FROM image_blobs")}
+        out: dict[str, int] = {}
+        for d in self.content.walk():
+            if d not in named:
+                with contextlib.suppress(OSError):
+                    out[str(d)] = os.stat(self.content.path(d)).st_size
+        return out
+
     # -- queries ----------------------------------------------------------------------------------------
-    _COLS = "id, top_layer, parent, created, loaded, last_updated, origin"
+    _COLS = "id, top_layer, parent, created, loaded, last_updated, origin, last_used"
 
     def _record(self, row: tuple[Any, ...]) -> ImageRecord:
         iid = row[0]
@@ -122,7 +135,8 @@ class ImageStore:
             "SELECT digest, media_type FROM image_manifests WHERE image_id=? ORDER BY added, digest", (iid,)
         ))
         return ImageRecord(
-            iid, ChainID(row[1]) if row[1] else None, row[2], row[3], row[4], row[5], row[6], names, manifests
+            iid, ChainID(row[1]) if row[1] else None, row[2], row[3], row[4], row[5], row[6], names, manifests,
+            last_used=row[7] if row[7] is not None else row[4],  # a store from before version 4: when loaded
         )
 
     def get(self, image_id: str) -> ImageRecord:
@@ -214,19 +228,19 @@ class ImageStore:
                 if parent is not None and db.execute("SELECT 1 FROM images WHERE id=?", (parent,)).fetchone() is None:
                     parent = None  # removed meanwhile: the new image stands on its own layers all the same
                 db.execute(
-                    "INSERT INTO images (id, top_layer, parent, created, loaded, last_updated, origin)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (new.id, top, parent, new.created, now, now, new.origin),
+                    "INSERT INTO images (id, top_layer, parent, created, loaded, last_updated, origin, last_used)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (new.id, top, parent, new.created, now, now, new.origin, now),
                 )
-                db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (new.id, new.id))
+                self._add_blob(db, new.id, new.id)
             else:
-                db.execute("UPDATE images SET last_updated=? WHERE id=?", (now, new.id))
+                db.execute("UPDATE images SET last_updated=?, last_used=? WHERE id=?", (now, now, new.id))
             for m in new.manifests:
                 db.execute(
                     "INSERT OR IGNORE INTO image_manifests VALUES (?, ?, ?, ?)", (new.id, m.digest, m.media_type, now)
                 )
             for b in new.blobs:
-                db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (new.id, b))
+                self._add_blob(db, new.id, b)
             for name in new.names:
                 if self._set_name(db, name, new.id, now):
                     moved.append(name)
@@ -237,6 +251,15 @@ class ImageStore:
         if leased:
             self.layers.collect(leased)
         return self.get(new.id), moved
+
+    def _add_blob(self, db: sqlite3.Connection, image_id: str, digest: str) -> None:
+        """Record that an image needs a blob, with the blob's size for the disk-usage accounting."""
+        try:
+            size: int | None = os.stat(self.content.path(digest)).st_size
+        except OSError:
+            size = None  # not kept (or gone): counts as nothing
+        db.execute("INSERT OR IGNORE INTO image_blobs (image_id, digest, size) VALUES (?, ?, ?)",
+                   (image_id, digest, size))
 
     def _set_name(self, db: sqlite3.Connection, name: str, image_id: str, now: float) -> bool:
         row = db.execute("SELECT image_id FROM image_names WHERE name=?", (name,)).fetchone()
@@ -260,7 +283,7 @@ class ImageStore:
                 (image_id, manifest.digest, manifest.media_type, time.time()),
             )
             for b in blobs:
-                db.execute("INSERT OR IGNORE INTO image_blobs VALUES (?, ?)", (image_id, b))
+                self._add_blob(db, image_id, b)
             return True
 
     def add_name(self, image_id: str, name: str) -> bool:
@@ -284,6 +307,26 @@ class ImageStore:
             db.execute("DELETE FROM image_names WHERE name=?", (name,))
             db.execute("UPDATE images SET last_updated=? WHERE id=?", (time.time(), row[0]))
             return str(row[0])
+
+    def mark_used(self, db: sqlite3.Connection, image_id: str, now: float) -> None:
+        """Record, in the caller's transaction, that an image and the layers under it were used now."""
+        row = db.execute("UPDATE images SET last_used=? WHERE id=? RETURNING top_layer", (now, image_id)).fetchone()
+        if row is not None and row[0]:
+            db.execute(
+                "WITH RECURSIVE chain(id) AS (SELECT id FROM layers WHERE chain_id=?"
+                " UNION ALL SELECT l.parent FROM layers l JOIN chain c ON l.id = c.id WHERE l.parent IS NOT NULL)"
+                " UPDATE layers SET last_used=? WHERE id IN chain",
+                (row[0], now),
+            )
+
+    def touch(self, image_ids: Iterable[str]) -> None:
+        """Record that images were used (saved, pushed); a store that takes no writes records nothing."""
+        if self.store.read_only:
+            return
+        with self.db.tx() as db:
+            now = time.time()
+            for image_id in image_ids:
+                self.mark_used(db, image_id, now)
 
     def chain_length(self, image_id: str) -> int:
         """How many layers the image stands on (0 when it has none, or they are gone)."""
@@ -312,7 +355,7 @@ class ImageStore:
 
     def delete(
         self, image_id: str, *, if_unused: bool = False, names_out: list[str] | None = None, damaged: bool = False,
-        untag: Sequence[str] = (),
+        untag: Sequence[str] = (), names_seen: Collection[str] | None = None,
     ) -> list[ChainID] | None:
         """Remove an image row with its names, manifests and blob references; release its layers.
 
@@ -322,7 +365,8 @@ class ImageStore:
         ``untag``: names removed first, in the same transaction, whether the image then goes or not (the
         first must still name the image, :class:`InvalidReference` otherwise; the others go if they do), so
         that removing an image's last name and the image is one step. ``names_out`` lists every name removed.
-        Returns the layers removed.
+        Returns the layers removed. ``names_seen`` (a prune): the image goes, with its names, only if those
+        are still exactly its names and nothing else needs it; otherwise it stays and None is returned.
 
         A ``damaged`` image (``system check --repair``) goes even with child images (they keep their own
         layers and lose only the parent link) and without its top layer.
@@ -352,6 +396,10 @@ class ImageStore:
                 if if_unused and (children or containers or db.execute(
                     "SELECT 1 FROM image_names WHERE image_id=?", (image_id,)
                 ).fetchone()):
+                    return None
+                if names_seen is not None and (children or containers or set(names_seen) != {
+                    r[0] for r in db.execute("SELECT name FROM image_names WHERE image_id=?", (image_id,))
+                }):
                     return None
                 short = image_id.split(":", 1)[-1][:12]
                 if containers:

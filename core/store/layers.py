@@ -182,6 +182,10 @@ class LayerStore:
             raise LayerNotFound(f"layer {chain} not found")
         return self._layer(row)
 
+    def exists(self, chain: str) -> bool:
+        """Whether a committed layer has this ChainID."""
+        return self.db.one("SELECT 1 FROM layers WHERE chain_id=? AND state='committed'", (chain,)) is not None
+
     def find(self, ref: str) -> Layer:
         """A layer by full ChainID, or by a unique prefix of its hex (at least 3 characters)."""
         if ":" in ref:
@@ -284,10 +288,10 @@ class LayerStore:
                     db.execute("UPDATE layers SET chain_id=NULL WHERE chain_id=? AND state != 'committed'", (chain,))
                     db.execute(
                         "UPDATE layers SET state='committed', chain_id=?, diff_id=?, size=?, tar_size=?,"
-                        " compression=?, compressed_digest=?, refs=?, owner_pid=NULL, owner_start=NULL"
-                        " WHERE id=?",
+                        " compression=?, compressed_digest=?, refs=?, owner_pid=NULL, owner_start=NULL,"
+                        " last_used=? WHERE id=?",
                         (chain, diff_id, size, stream.size, stream.compression,
-                         stream.compressed_digest, 0 if lease else 1, lid),
+                         stream.compressed_digest, 0 if lease else 1, time.time(), lid),
                     )
                     if lease is not None:
                         lease.add_layer(db, lid)
@@ -296,6 +300,7 @@ class LayerStore:
                         lease.add_layer(db, existing[0])
                     else:
                         db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (existing[0],))
+                    db.execute("UPDATE layers SET last_used=? WHERE id=?", (time.time(), existing[0]))
                     db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
         except BaseException:
             stream.close()
@@ -854,11 +859,6 @@ class LayerStore:
             self.unmount(cache_id, scoped=True)
 
     # -- status ---------------------------------------------------------------------------------------
-    def disk_usage(self) -> int:
-        from lamina.fs.ops import disk_usage
-
-        return disk_usage([self.root / self.driver.name, self.records])
-
     def recorded_timings(self) -> dict[str, dict[str, Any]]:
         """Per-operation timings accumulated by every process since the runroot was created."""
         self.save_timings()
