@@ -27,6 +27,7 @@ from lamina.tar.compression import Readable
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
     from lamina.images.cache import ImageCache, ReleasableLayer
+    from lamina.images.graph import ContentGraph
     from lamina.images.ops import Image, ImageSummary, ImageUser
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
@@ -500,6 +501,14 @@ class ImageService:
             lease.end()
             raise
         return img, ReleasableLayer(self._layers, layer, path, lease)
+
+    @property
+    def graph(self) -> ContentGraph:
+        """The content graph of the stored images (containerd's images package: check, children, walk,
+        platforms); see :mod:`lamina.images.graph`."""
+        from lamina.images.graph import ContentGraph
+
+        return ContentGraph(self.image_store)
 
     def squash_image(self, ref: str, parent: str | None = None) -> Image:
         """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""
