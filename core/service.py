@@ -459,8 +459,13 @@ class ImageService:
         images named there (those that exist) are the sources, matched by history."""
         from lamina.images.cache import ImageCache
 
-        return ImageCache(self.image_store, [self.get_image(r) for r in source_refs or [] if self._exists(r)],
-                          local_only=not source_refs)
+        sources = []
+        for ref in source_refs or []:
+            try:
+                sources.append(self.get_image(ref))
+            except ImageNotFound:  # docker skips a source it does not have
+                continue
+        return ImageCache(self.image_store, sources, local_only=not source_refs)
 
     def _exists(self, ref: str) -> bool:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from registry_fixtures import Registry, push_with_skopeo
 
 from image_fixtures import ImageFacts
 from lamina import ImageService
@@ -225,3 +226,27 @@ def test_releasable_layer_of_a_killed_process_is_reclaimed(
         assert svc.layers() == []
         assert not _mounted(path)
         assert svc.store.db.query("SELECT * FROM mount_refs", runroot=True) == []
+
+
+def test_releasable_layer_pull_options(tmp_path: Path, umoci_small_image: ImageFacts, registry: Registry) -> None:
+    name = f"{registry.host}/builder-pull:1"
+    push_with_skopeo(umoci_small_image.ref(), registry, "builder-pull:1")
+    with _open(tmp_path / "a") as a, _open(tmp_path / "b") as b:
+        with pytest.raises(ImageNotFound):
+            b.get_image_and_releasable_layer(name)  # no-pull: local images only
+        img, layer = b.get_image_and_releasable_layer(name, pull_option="prefer-local")
+        with layer:
+            assert img is not None and img.id == umoci_small_image.config_digest
+            assert (Path(layer.path or "") / "usr/bin/hello").exists()
+
+        # the tag moves to another image on the registry: prefer-local keeps the local one, force-pull
+        # fetches the new one
+        newer = _run_step(a, a.pull_image(name).id, "echo more > /more", "more", b"more\n")
+        a.push_image(newer.id, name)
+        img, layer = b.get_image_and_releasable_layer(name, pull_option="prefer-local")
+        layer.release()
+        assert img is not None and img.id == umoci_small_image.config_digest
+        img, layer = b.get_image_and_releasable_layer(name, pull_option="force-pull")
+        with layer:
+            assert img is not None and img.id == newer.id
+            assert (Path(layer.path or "") / "more").read_bytes() == b"more\n"
