@@ -70,6 +70,7 @@ def test_build_step_is_found_by_the_cache(tmp_path: Path, driver: str, umoci_sma
 
         # the same step is a hit; container-specific members do not count, anything else does
         assert cache.get_cache(base.id, _step("echo one > /one")) == one.id
+        assert cache.get_cache("small:1", _step("echo one > /one")) == one.id  # the parent by any reference
         assert cache.get_cache(base.id, _step("echo one > /one", Hostname="other", Image="x")) == one.id
         assert cache.get_cache(base.id, _step("echo two > /two")) is None
         assert cache.get_cache(base.id, _step("echo one > /one", Env=["A=2"])) is None

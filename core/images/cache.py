@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.digest import DiffID, chain_ids
 from lamina.errors import ImageNotFound, LaminaError
 from lamina.formats import oci
-from lamina.images.ops import Image, load
+from lamina.images.ops import Image, get_image, load
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -94,11 +94,10 @@ class ImageCache:
         self, parent_id: str, config: dict[str, Any], platform: oci.Platform | None = None
     ) -> str | None:
         """The ID of an image that the build step ``config`` (a container config, docker's JSON members) made
-        on the image ``parent_id`` (``""``: scratch), or None. ``platform``: the image's must match."""
+        on the image ``parent_id`` (an ID, or any reference; ``""``: scratch), or None. ``platform``: the
+        image's must match. :class:`ImageNotFound` when there is no such parent."""
         config = oci.check_container_config(config)
-        parent = self._get(parent_id) if parent_id else None
-        if parent_id and parent is None:
-            raise ImageNotFound(f"image {parent_id} not found")
+        parent = get_image(self.store, parent_id) if parent_id else None
         found = self._local(parent, config, platform)
         if self.local_only:
             return found

@@ -273,15 +273,15 @@ class ImageStore:
         ``parent`` descends from it (a cycle)."""
         with self.db.tx() as db:
             row = db.execute("SELECT parent FROM images WHERE id=?", (image_id,)).fetchone()
-            if row is None or row[0] is not None or image_id == parent:
+            if row is None or row[0] is not None:
+                return False
+            if db.execute("SELECT 1 FROM images WHERE id=?", (parent,)).fetchone() is None:
                 return False
             cur: str | None = parent
-            while cur is not None:  # walk up from the new parent: the image must not be among its ancestors
-                up = db.execute("SELECT parent FROM images WHERE id=?", (cur,)).fetchone()
-                if up is None and cur == parent:
-                    return False
+            while cur is not None:  # up from the new parent: the image must not be among its ancestors
                 if cur == image_id:
                     return False
+                up = db.execute("SELECT parent FROM images WHERE id=?", (cur,)).fetchone()
                 cur = up[0] if up else None
             db.execute("UPDATE images SET parent=? WHERE id=?", (parent, image_id))
             return True
