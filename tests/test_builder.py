@@ -105,6 +105,29 @@ def test_build_step_is_found_by_the_cache(tmp_path: Path, driver: str, umoci_sma
             cache.get_cache("sha256:" + "0" * 64, _step("echo one > /one"))
 
 
+def test_build_step_without_changes_adds_no_layer(tmp_path: Path, umoci_small_image: ImageFacts) -> None:
+    """A metadata step (ENV, LABEL...) changes no file: its image has the parent's layers and an empty-layer
+    history entry, as docker's builder makes it; the empty layer applied meanwhile does not stay."""
+    with _open(tmp_path) as svc:
+        svc.load_image(umoci_small_image.path)
+        base = svc.get_image("small:1")
+        c = svc.create_container("small:1")
+        layers = {la.chain_id for la in svc.layers()}  # the image's and the container's init layer
+        step = {"Cmd": ["/bin/sh", "-c", "#(nop) ", "ENV B=2"], "Env": ["A=1", "B=2"]}
+        img = svc.commit_build_step(c.id, step, config={**base.config.config, "Env": ["A=1", "B=2"]})
+        assert img.diff_ids == base.diff_ids and img.chain == base.chain
+        assert img.config.history[-1]["empty_layer"] is True
+        assert img.config.history[-1]["created_by"] == "/bin/sh -c #(nop)  ENV B=2"
+        assert {la.chain_id for la in svc.layers()} == layers
+        assert svc.make_image_cache().get_cache(base.id, step) == img.id
+        plain = svc.commit_image(c.id)  # a plain commit keeps its (empty) layer
+        assert len(plain.diff_ids) == len(base.diff_ids) + 1
+        svc.remove_container(c.id)
+        svc.image_delete(img.id)
+        svc.image_delete(plain.id)
+        assert [i.id for i in svc.images()] == [base.id]
+
+
 def test_same_config_rules() -> None:
     a = _step("true")
     assert same_config(a, dict(a))

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from lamina.tar.compression import Readable
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
+EMPTY_TAR_DIFF_ID = DiffID(sha256_digest(bytes(1024)))  # a tar of no entries: what an unchanged container's diff is
 log = logging.getLogger("lamina.images.ops")
 
 
@@ -572,7 +573,9 @@ def commit(
     ``config`` replaces the image's runtime config (before ``changes`` apply). A build step passes the
     ``container_config`` it ran with (docker's ContainerConfig): it is recorded in the new image's config,
     its ``Cmd`` becomes the history entry's ``created_by``, and the image's origin is ``build``, which is what
-    the build cache (:mod:`lamina.images.cache`) looks for. A plain commit records none (nor inherits one).
+    the build cache (:mod:`lamina.images.cache`) looks for; a build step that changed no file adds no layer
+    (its history entry is an ``empty_layer`` one, as with docker's builder). A plain commit records no step
+    config (nor inherits one) and always adds its layer.
     """
     from lamina.formats.imageconfig import apply_changes
     from lamina.images import transfer
@@ -593,8 +596,12 @@ def commit(
             entry["author"] = author
         if message:
             entry["comment"] = message
+        diff_ids = [*img.config.diff_ids, layer.diff_id]
+        if container_config is not None and layer.diff_id == EMPTY_TAR_DIFF_ID and img.chain:
+            entry["empty_layer"] = True  # the leased empty layer goes when the image commits
+            diff_ids.pop()
         raw = _child_config(
-            img, [*img.config.diff_ids, layer.diff_id], [*img.config.history, entry],
+            img, diff_ids, [*img.config.history, entry],
             created=now, author=author or None, config=runtime, container_config=container_config,
         )
         return _store_image(store, lease, raw, name, img.id, "commit" if container_config is None else "build")
