@@ -27,6 +27,8 @@ from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
+    from lamina.images.cache import ImageCache, ReleasableLayer
+    from lamina.images.graph import ContentGraph
     from lamina.images.ops import Image, ImageSummary, ImageUser, PruneReport
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
@@ -475,8 +477,11 @@ class ImageService:
         author: str = "",
         message: str = "",
         changes: list[str] | None = None,
+        config: dict[str, Any] | None = None,
+        container_config: dict[str, Any] | None = None,
     ) -> Image:
-        """Docker's CommitImage: the container's changes become a layer on its image, in a new image."""
+        """Docker's CommitImage: the container's changes become a layer on its image, in a new image.
+        ``config`` replaces the image's runtime config; ``container_config``: see :meth:`commit_build_step`."""
         from lamina.images import ops as images
 
         c = self.get_container(ref)
@@ -487,7 +492,7 @@ class ImageService:
             diff = self._layers.diff_of(c.rw_layer, c.init_layer)
             try:
                 return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
-                                     changes=changes)
+                                     changes=changes, config=config, container_config=container_config)
             except LaminaError:
                 if self.container_store.exists(c.id):
                     raise
@@ -495,6 +500,91 @@ class ImageService:
                 raise ContainerNotFound(f"container {c.name or c.short_id} was removed during the commit") from None
             finally:
                 diff.close()
+
+    # -- builder hooks (docker's builder backend) ------------------------------------------------------
+    def commit_build_step(
+        self,
+        container: str,
+        container_config: dict[str, Any],
+        *,
+        config: dict[str, Any] | None = None,
+        author: str = "",
+        comment: str = "",
+        parent_image_id: str | None = None,
+        new_name: str | None = None,
+    ) -> Image:
+        """Docker's CommitBuildStep: :meth:`commit_image` for a builder. The new image records its parent
+        (the container's image; ``parent_image_id``, when given, must be that image) and
+        ``container_config``, the config the step ran with (docker's ContainerConfig; its ``Cmd`` becomes the
+        history's ``created_by``), so :meth:`make_image_cache` finds it for the same step next time.
+        ``config`` is the new image's runtime config (default: the parent's)."""
+        c = self.get_container(container)
+        if parent_image_id and self.get_image(parent_image_id).id != c.image_id:
+            raise ImageError(f"container {c.name or c.short_id} was not created from image {parent_image_id}")
+        return self.commit_image(c.id, new_name, author=author, message=comment, config=config,
+                                 container_config=container_config)
+
+    def make_image_cache(self, source_refs: list[str] | None = None) -> ImageCache:
+        """Docker's MakeImageCache: the build cache. Without ``source_refs`` it finds a build step's image
+        among the children of its parent (:meth:`ImageCache.get_cache`); with them (``--cache-from``), the
+        images named there (those that exist) are the sources, matched by history."""
+        from lamina.images.cache import ImageCache
+
+        sources = []
+        for ref in source_refs or []:
+            try:
+                sources.append(self.get_image(ref))
+            except ImageNotFound:  # docker skips a source it does not have
+                continue
+        return ImageCache(self.image_store, sources, local_only=not source_refs)
+
+    def _exists(self, ref: str) -> bool:
+        try:
+            self.get_image(ref)
+        except ImageNotFound:
+            return False
+        return True
+
+    def get_image_and_releasable_layer(
+        self, ref: str, *, pull_option: str = "no-pull", platform: Platform | None = None
+    ) -> tuple[Image | None, ReleasableLayer]:
+        """Docker's GetImageAndReleasableLayer: the image and its top layer mounted (read-only by convention)
+        until :meth:`ReleasableLayer.release` (or the end of a ``with`` block). An empty ref (``scratch``, as
+        docker passes it) gives no image and an empty layer. ``pull_option``: ``no-pull`` (a local image only),
+        ``prefer-local`` (pull one that is missing) or ``force-pull``.
+
+        The layer is held by a lease and a mount reference of this process: an ``rmi`` meanwhile leaves it
+        in place until the release, and a killed process's are reclaimed by the next one to open the store."""
+        from lamina.images.cache import ReleasableLayer
+
+        if not ref or ref == "scratch":
+            return None, ReleasableLayer.empty()
+        if pull_option not in ("no-pull", "prefer-local", "force-pull"):
+            raise ImageError(f"unknown pull option {pull_option!r}: use no-pull, prefer-local or force-pull")
+        if pull_option == "force-pull" or (pull_option == "prefer-local" and not self._exists(ref)):
+            self.pull_image(ref, platform=platform)
+        img = self.get_image(ref)
+        if not img.chain:
+            return img, ReleasableLayer.empty()
+        lease = self.store.lease()
+        try:
+            try:
+                layer = self._layers.lease(img.chain[-1], lease)
+            except LayerNotFound:
+                raise ImageNotFound(f"image {img.short_id} was removed") from None
+            path = self._layers.mount(layer.cache_id, scoped=True)
+        except BaseException:
+            lease.end()
+            raise
+        return img, ReleasableLayer(self._layers, layer, path, lease)
+
+    @property
+    def graph(self) -> ContentGraph:
+        """The content graph of the stored images (containerd's images package: check, children, walk,
+        platforms); see :mod:`lamina.images.graph`."""
+        from lamina.images.graph import ContentGraph
+
+        return ContentGraph(self.image_store)
 
     def squash_image(self, ref: str, parent: str | None = None) -> Image:
         """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""

@@ -8,7 +8,7 @@ One module per group of commands, each registering its commands on the click gro
 - :mod:`lamina.cli.layers` -- ``layers`` and the ``layer`` group (``add``, ``export``, ``rm``, ``mount``,
   ``umount``, ``diff``);
 - :mod:`lamina.cli.images` -- ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``,
-  ``untag``, ``rmi`` and the ``image`` group (``prune``);
+  ``untag``, ``rmi``, ``manifest inspect`` and the ``image`` group (``prune``);
 - :mod:`lamina.cli.containers` -- ``create``, ``ps``, ``mount``, ``umount``, ``diff``, ``commit``, ``rm``,
   ``squash``, ``run``, ``bundle``;
 - :mod:`lamina.cli.registry` -- ``pull``, ``push``, ``login``, ``logout``;

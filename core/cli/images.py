@@ -1,5 +1,5 @@
-"""Image commands: ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``, ``untag`` and
-``rmi``."""
+"""Image commands: ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``, ``untag``, ``rmi``
+and ``manifest inspect``."""
 
 from __future__ import annotations
 
@@ -243,3 +243,26 @@ def print_prune(deleted: list[dict[str, str]], reclaimed: int) -> None:
                 click.echo(f"{k.lower()}: {v}")
         click.echo("")
     click.echo(f"Total reclaimed space: {human(reclaimed)}")
+
+
+
+@cli.group()
+def manifest() -> None:
+    """Image manifests as stored."""
+
+
+@manifest.command("inspect")
+@click.argument("ref", metavar="IMAGE")
+@click.pass_obj
+def manifest_inspect(g: Globals, ref: str) -> None:
+    """Print the manifest an image came with, or the index it was selected from, exactly as stored.
+
+    An image made here (commit, import) or loaded from a docker-archive has none until a save or push
+    makes one.
+    """
+    with g.open() as svc:
+        raw = svc.graph.target_bytes(ref)
+    sys.stdout.buffer.write(raw)
+    if sys.stdout.isatty() and not raw.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()

@@ -919,6 +919,17 @@ def _check_inner_config(value: object) -> dict[str, Any]:
     return inner
 
 
+def check_container_config(value: object, where: str = "config") -> dict[str, Any]:
+    """Validate a container config object (an image config's ``config`` or ``container_config``, docker's
+    ``container.Config`` as JSON): each member docker types is of that type. Returns it."""
+    if not isinstance(value, dict):
+        _bad(where, "an object", value)
+    try:
+        return _check_inner_config(value)
+    except InvalidDocument as e:
+        raise InvalidDocument(e.message.replace("config.", f"{where}.", 1)) from None
+
+
 def _check_history(value: object) -> tuple[dict[str, Any], ...]:
     if value is None:
         return ()

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from lamina.tar.compression import Readable
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
+EMPTY_TAR_DIFF_ID = DiffID(sha256_digest(bytes(1024)))  # a tar of no entries: what an unchanged container's diff is
 log = logging.getLogger("lamina.images.ops")
 
 
@@ -616,6 +617,8 @@ def _child_config(img: Image, diff_ids: list[str], history: list[dict[str, Any]]
     import json
 
     doc = dict(img.config.doc)
+    for own in ("container", "container_config"):  # what the parent's own build step ran with is not the child's
+        doc.pop(own, None)
     doc.update({k: v for k, v in top.items() if v is not None})
     rootfs = dict(doc.get("rootfs") or {"type": "layers"})
     rootfs["diff_ids"] = list(diff_ids)
@@ -658,26 +661,46 @@ def commit(
     author: str = "",
     message: str = "",
     changes: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    container_config: dict[str, Any] | None = None,
 ) -> Image:
-    """A new image: ``img`` plus one layer made of ``diff`` (a container's changes), with a history entry."""
+    """A new image: ``img`` plus one layer made of ``diff`` (a container's changes), with a history entry.
+
+    ``config`` replaces the image's runtime config (before ``changes`` apply). A build step passes the
+    ``container_config`` it ran with (docker's ContainerConfig): it is recorded in the new image's config,
+    its ``Cmd`` becomes the history entry's ``created_by``, and the image's origin is ``build``, which is what
+    the build cache (:mod:`lamina.images.cache`) looks for; a build step that changed no file adds no layer
+    (its history entry is an ``empty_layer`` one, as with docker's builder). A plain commit records no step
+    config (nor inherits one) and always adds its layer.
+    """
     from lamina.formats.imageconfig import apply_changes
     from lamina.images import transfer
 
     name = _target_name(ref)
-    config = apply_changes(dict(img.config.config), changes or [])
+    if container_config is not None:
+        container_config = oci.check_container_config(container_config, "container_config")
+    base = oci.check_container_config(config, "config") if config is not None else img.config.config
+    runtime = apply_changes(dict(base), changes or [])
     with store.store.lease() as lease:
         layer = store.layers.register(diff, img.chain[-1] if img.chain else None, lease=lease)
         now = transfer.utc_now_rfc3339()
-        entry: dict[str, Any] = {"created": now, "created_by": "lamina commit"}
+        created_by = "lamina commit"
+        if container_config is not None:
+            created_by = " ".join(container_config.get("Cmd") or [])
+        entry: dict[str, Any] = {"created": now, "created_by": created_by}
         if author:
             entry["author"] = author
         if message:
             entry["comment"] = message
+        diff_ids = [*img.config.diff_ids, layer.diff_id]
+        if container_config is not None and layer.diff_id == EMPTY_TAR_DIFF_ID and img.chain:
+            entry["empty_layer"] = True  # the leased empty layer goes when the image commits
+            diff_ids.pop()
         raw = _child_config(
-            img, [*img.config.diff_ids, layer.diff_id], [*img.config.history, entry],
-            created=now, author=author or None, config=config,
+            img, diff_ids, [*img.config.history, entry],
+            created=now, author=author or None, config=runtime, container_config=container_config,
         )
-        return _store_image(store, lease, raw, name, img.id, "commit")
+        return _store_image(store, lease, raw, name, img.id, "commit" if container_config is None else "build")
 
 
 def squash(store: ImageStore, img: Image, parent: Image | None, diff: Readable) -> Image:

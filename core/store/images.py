@@ -194,6 +194,10 @@ class ImageStore:
     def children(self, image_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent=? ORDER BY loaded", (image_id,))]
 
+    def roots(self) -> list[str]:
+        """Images that name no parent, oldest first (the build cache's candidates on ``scratch``)."""
+        return [r[0] for r in self.db.query("SELECT id FROM images WHERE parent IS NULL ORDER BY loaded")]
+
     def container_counts(self) -> dict[str, int]:
         """How many containers (those ``ps -a`` lists) each image has, by image ID; images without any are absent."""
         return {r[0]: int(r[1]) for r in self.db.query(
@@ -284,6 +288,25 @@ class ImageStore:
             )
             for b in blobs:
                 self._add_blob(db, image_id, b)
+            return True
+
+    def adopt(self, image_id: str, parent: str) -> bool:
+        """Record ``parent`` as the parent of ``image_id`` when it has none (docker's SetParent, for an image
+        the build cache found by its history). False when either is gone, it has a parent already, or
+        ``parent`` descends from it (a cycle)."""
+        with self.db.tx() as db:
+            row = db.execute("SELECT parent FROM images WHERE id=?", (image_id,)).fetchone()
+            if row is None or row[0] is not None:
+                return False
+            if db.execute("SELECT 1 FROM images WHERE id=?", (parent,)).fetchone() is None:
+                return False
+            cur: str | None = parent
+            while cur is not None:  # up from the new parent: the image must not be among its ancestors
+                if cur == image_id:
+                    return False
+                up = db.execute("SELECT parent FROM images WHERE id=?", (cur,)).fetchone()
+                cur = up[0] if up else None
+            db.execute("UPDATE images SET parent=? WHERE id=?", (parent, image_id))
             return True
 
     def add_name(self, image_id: str, name: str) -> bool:

@@ -176,6 +176,11 @@ class Store:
             if not owner_alive(pid, start)
         ]
         done: list[str] = []
+        # mounts first: a layer that only a dead process's mount kept is then collected below
+        reclaimed = self.layers.reclaim_mounts()
+        if reclaimed:
+            done.append(f"dropped the mount references of {reclaimed} process{'es' if reclaimed > 1 else ''} "
+                        "or layers that are gone")
         if dead:
             removed = end_leases(self, dead)
             done.append(f"ended {len(dead)} lease{'s' if len(dead) > 1 else ''} of processes that are gone")
@@ -184,10 +189,6 @@ class Store:
             done += [f"finished off container {cid[:12]}" for cid in self.containers.recover()]
         done += [f"removed incomplete layer {lid[:12]}" for lid in self.layers.recover()]
         done += [f"removed unused layer {_short(c)}" for c in self.layers.collect_orphans()]
-        reclaimed = self.layers.reclaim_mounts()
-        if reclaimed:
-            done.append(f"dropped the mount references of {reclaimed} process{'es' if reclaimed > 1 else ''} "
-                        "or layers that are gone")
         return done
 
     # -- checking -------------------------------------------------------------------------------------
