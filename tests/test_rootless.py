@@ -9,6 +9,7 @@ under ``/root``). Every lamina command then runs as that user through ``runuser`
 from __future__ import annotations
 
 import io
+import json
 import os
 import pwd
 import shutil
@@ -216,6 +217,22 @@ def test_run_as_an_ordinary_user_on_vfs(stage: Stage) -> None:
     bad = _as(USER_NOSUB, *lam, "run", "--rm", "-u", "nobody", HOST_IMAGE, "id", stage=stage, check=False)
     assert bad.returncode != 0 and b"uid 65534 is not mapped" in bad.stderr and b"Traceback" not in bad.stderr
     assert _as(USER_NOSUB, *lam, "ps", "-a", "-q", stage=stage).stdout == b""
+
+
+def test_bundle_as_an_ordinary_user_is_rootless(stage: Stage) -> None:
+    lam = _store(stage, "nosub-bundle", stage.nosub_uid, "vfs")
+    _as(USER_NOSUB, *lam, "import", "--change", "CMD /bin/sh", _host_tar(stage), HOST_IMAGE, stage=stage)
+    _as(USER_NOSUB, *lam, "create", "--name", "b", HOST_IMAGE, stage=stage)
+    bundle = stage.work / "nosub-bundle" / "bundle"
+    spec = json.loads(_as(USER_NOSUB, *lam, "bundle", "--format", "json", "b", str(bundle), "cat", "/etc/os-release",
+                          stage=stage).stdout)
+    assert spec["linux"]["uidMappings"] == [{"containerID": 0, "hostID": stage.nosub_uid, "size": 1}]
+    # plain runc, as the same user, runs what lamina wrote
+    out = _as(USER_NOSUB, "runc", "--root", str(bundle.parent / "state"), "run", "--bundle", str(bundle), "b1",
+              stage=stage)
+    assert out.stdout == b'NAME="lamina host binaries"\nID=lamina-host\n'
+    _as(USER_NOSUB, *lam, "umount", "b", stage=stage)
+    _as(USER_NOSUB, *lam, "rm", "b", stage=stage)
 
 
 def test_run_maps_subordinate_ids(stage: Stage) -> None:
