@@ -18,6 +18,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,6 +298,35 @@ def test_run_on_overlay_inside_unshare(stage: Stage) -> None:
     info = _as(USER_NOSUB, *ns, *lam, "info", stage=stage, check=False).stdout
     assert b"Userxattr: yes" in info
     assert _as(USER_NOSUB, *ns, *lam, "ps", "-a", "-q", stage=stage).stdout == b""
+
+
+@contextmanager
+def _fuse_for_everyone() -> Iterator[None]:
+    """/dev/fuse usable by the test users (many systems ship it 0666; here it may be 0600)."""
+    mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    if mode & 0o006 == 0o006:
+        yield
+        return
+    os.chmod("/dev/fuse", mode | 0o006)
+    try:
+        yield
+    finally:
+        os.chmod("/dev/fuse", mode)
+
+
+def test_run_on_fuse_overlayfs_as_an_ordinary_user(stage: Stage) -> None:
+    require_tool("fuse-overlayfs")
+    require_tool("fusermount3")
+    if not os.path.exists("/dev/fuse"):
+        pytest.fail("fuse-overlayfs needs /dev/fuse")
+    lam = _store(stage, "sub-fuse", stage.uid, "overlay")
+    with _fuse_for_everyone():
+        _as(USER, *lam, "import", "--change", "CMD /bin/sh", _host_tar(stage), HOST_IMAGE, stage=stage)
+        assert b"Mount mode: fuse" in _as(USER, *lam, "info", stage=stage).stdout
+        out = _as(USER, *lam, "run", "--rm", HOST_IMAGE, "sh", "-c", "cat /etc/os-release; id -u", stage=stage)
+        assert out.stdout == b'NAME="lamina host binaries"\nID=lamina-host\n0\n'
+        assert _as(USER, *lam, "ps", "-a", "-q", stage=stage).stdout == b""
+    assert str(stage.work / "sub-fuse") not in Path("/proc/self/mountinfo").read_text()
 
 
 def test_run_on_overlay_inside_unshare_with_subordinate_ids(stage: Stage,
