@@ -9,6 +9,9 @@ passes its path):
   ``/etc/group`` without ever leaving the root filesystem.
 * :func:`write_bundle` writes that document into a bundle directory (the root filesystem is referenced
   by absolute path, never copied).
+* :func:`rootless_user_namespace` tells whether the caller needs a user namespace to run a container
+  (not root, or root only inside a user namespace) and which ids it can map; :func:`build_spec` then
+  writes a rootless spec.
 * :func:`run_bundle` runs the bundle with an OCI runtime (runc; crun is accepted by name), streams the
   container's output, returns its exit code and always removes the runtime's state for the container.
 """
@@ -20,6 +23,7 @@ import errno
 import json
 import os
 import posixpath
+import pwd
 import re
 import resource
 import secrets
@@ -29,6 +33,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from lamina.errors import ContainerError, FormatError, ImageError, RuntimeFailure, UnsafePathError
@@ -36,9 +41,13 @@ from lamina.errors import ContainerError, FormatError, ImageError, RuntimeFailur
 __all__ = [
     "DEFAULT_CAPABILITIES",
     "DEFAULT_PATH",
+    "IdMap",
     "RuntimeFailure",
+    "UserNamespace",
     "build_spec",
+    "in_user_namespace",
     "resolve_user",
+    "rootless_user_namespace",
     "run_bundle",
     "write_bundle",
 ]
@@ -271,6 +280,128 @@ def resolve_user(rootfs: str, user: str) -> tuple[int, int, list[int]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# rootless: the user namespace a container gets when the caller is not (fully) root
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """``size`` ids from ``container_id`` on inside the container are ``host_id`` on in the caller's namespace."""
+
+    container_id: int
+    host_id: int
+    size: int
+
+    def doc(self) -> dict[str, int]:
+        return {"containerID": self.container_id, "hostID": self.host_id, "size": self.size}
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """The uid and gid mappings of a rootless container's user namespace."""
+
+    uid_mappings: tuple[IdMap, ...]
+    gid_mappings: tuple[IdMap, ...]
+
+    @staticmethod
+    def _maps(mappings: tuple[IdMap, ...], value: int) -> bool:
+        return any(m.container_id <= value < m.container_id + m.size for m in mappings)
+
+    def maps_uid(self, uid: int) -> bool:
+        return self._maps(self.uid_mappings, uid)
+
+    def maps_gid(self, gid: int) -> bool:
+        return self._maps(self.gid_mappings, gid)
+
+
+def _read_id_map(kind: str) -> list[tuple[int, int, int]]:
+    """This process's ``/proc/self/{uid,gid}_map``: (inside, outside, count) triples; [] if unreadable."""
+    try:
+        with open(f"/proc/self/{kind}_map") as f:
+            text = f.read()
+    except OSError:
+        return []
+    out: list[tuple[int, int, int]] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 3 and all(x.isdigit() for x in fields):
+            out.append((int(fields[0]), int(fields[1]), int(fields[2])))
+    return out
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace other than the initial one (its uid map is not
+    the full identity map, the test runc and rootlesskit use)."""
+    current = _read_id_map("uid")
+    return bool(current) and current != [(0, 0, 4294967295)]
+
+
+def _subordinate_ranges(path: str, name: str | None, own_id: int) -> list[tuple[int, int]]:
+    """The ``(start, count)`` ranges ``/etc/subuid``-style ``path`` grants the user (by name or id)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_ACCOUNT_FILE)
+    except OSError:
+        return []
+    keys = {str(own_id)} | ({name} if name else set())
+    ranges: list[tuple[int, int]] = []
+    for raw in data.decode("utf-8", errors="replace").splitlines():
+        fields = raw.strip().split(":")
+        if len(fields) != 3 or fields[0] not in keys:
+            continue
+        start, count = _entry_id(fields[1]), _entry_id(fields[2])
+        if start is None or not count or start + count > MAX_ID + 1:
+            continue
+        ranges.append((start, count))
+    return ranges
+
+
+def _rootless_map(own_id: int, name: str | None, subid_file: str, tool: str) -> tuple[IdMap, ...]:
+    """Container id 0 is the caller; 1..N are its subordinate ids when it has some and ``tool``
+    (newuidmap/newgidmap, which the runtime calls to write such a mapping) is installed."""
+    maps = [IdMap(0, own_id, 1)]
+    if shutil.which(tool) is None:
+        return tuple(maps)
+    next_id = 1
+    for start, count in _subordinate_ranges(subid_file, name, own_id):
+        if any(start < m.host_id + m.size and m.host_id < start + count for m in maps):
+            continue  # a repeated or overlapping entry: a host id may be mapped only once
+        count = min(count, MAX_ID + 1 - next_id)
+        if count <= 0:
+            break
+        maps.append(IdMap(next_id, start, count))
+        next_id += count
+    return tuple(maps)
+
+
+def rootless_user_namespace(*, subordinate_ids: bool = True) -> UserNamespace | None:
+    """The user namespace a container needs for this caller, or None for real root (none needed).
+
+    * An ordinary user: the container's root is the caller's uid and gid; with ``subordinate_ids``,
+      ranges ``/etc/subuid`` and ``/etc/subgid`` grant the user become container ids 1..N when
+      newuidmap and newgidmap are installed (as ``podman`` does; runc calls those tools itself).
+    * Root inside a user namespace (``unshare -rm``): every id mapped here is mapped again, unchanged,
+      so the container's root is this namespace's root.
+    * Another uid inside a user namespace: that uid alone, as the container's root.
+    """
+    euid, egid = os.geteuid(), os.getegid()
+    nested = in_user_namespace()
+    if euid == 0 and not nested:
+        return None
+    if euid == 0:
+        uids = tuple(IdMap(inside, inside, count) for inside, _, count in _read_id_map("uid"))
+        gids = tuple(IdMap(inside, inside, count) for inside, _, count in _read_id_map("gid"))
+        return UserNamespace(uids or (IdMap(0, 0, 1),), gids or (IdMap(0, 0, 1),))
+    if nested or not subordinate_ids:
+        return UserNamespace((IdMap(0, euid, 1),), (IdMap(0, egid, 1),))
+    try:
+        name: str | None = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        name = None
+    return UserNamespace(_rootless_map(euid, name, "/etc/subuid", "newuidmap"),
+                         _rootless_map(egid, name, "/etc/subgid", "newgidmap"))
+
+
+# --------------------------------------------------------------------------------------------------
 # config.json
 
 
@@ -320,7 +451,7 @@ def _nofile_limits() -> tuple[int, int]:
 def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[str] | None = None,
                env: Sequence[str] = (), workdir: str | None = None, user: str | None = None,
                hostname: str | None = None, network: Network = "none", terminal: bool = False,
-               readonly: bool = False) -> dict[str, Any]:
+               readonly: bool = False, userns: UserNamespace | None = None) -> dict[str, Any]:
     """Build an OCI runtime-spec ``config.json`` document for running an image on ``rootfs``.
 
     ``args`` replaces the image's Cmd (the Entrypoint stays, as with ``docker run IMAGE ARGS``);
@@ -328,6 +459,11 @@ def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[s
     and User. ``hostname`` defaults to a random 12-hex-digit name. ``network="none"`` gives the
     container its own network namespace (loopback only), ``"host"`` shares the host's and binds its
     ``/etc/resolv.conf`` and ``/etc/hosts`` read-only.
+
+    ``userns`` (from :func:`rootless_user_namespace`) makes a rootless spec, as ``runc spec --rootless``
+    does: a user namespace with those mappings, no cgroup device rules, no ``gid=`` on ``/dev/pts``
+    unless that group is mapped, and the host's ``/sys`` bound recursively for ``network="host"``. The
+    container's user and groups must be mapped.
     """
     if not isinstance(image_config, Mapping):
         raise FormatError("the image config must be a JSON object")
@@ -376,6 +512,14 @@ def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[s
     if extra_gids:
         user_doc["additionalGids"] = extra_gids
 
+    if userns is not None:
+        for what, value, mapped in [("uid", uid, userns.maps_uid(uid)), ("gid", gid, userns.maps_gid(gid)),
+                                    *(("group", g, userns.maps_gid(g)) for g in extra_gids)]:
+            if not mapped:
+                raise ContainerError(f"{what} {value} is not mapped in the rootless container's user namespace "
+                                     "(grant the user subordinate ids in /etc/subuid and /etc/subgid, "
+                                     "and install newuidmap/newgidmap)")
+
     soft, hard = _nofile_limits()
     caps = list(DEFAULT_CAPABILITIES)
 
@@ -391,9 +535,10 @@ def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[s
     ]
     namespaces = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     if network == "host":
-        # sysfs cannot show another network namespace's devices; bind the host's, read-only.
+        # sysfs cannot show another network namespace's devices; bind the host's, read-only (recursively
+        # in a user namespace, which may not split the host's /sys from the mounts on it).
         mounts.append({"destination": "/sys", "type": "bind", "source": "/sys",
-                       "options": ["bind", "nosuid", "noexec", "nodev", "ro"]})
+                       "options": ["rbind" if userns else "bind", "nosuid", "noexec", "nodev", "ro"]})
         for name in ("/etc/resolv.conf", "/etc/hosts"):
             if os.path.isfile(name):
                 mounts.append({"destination": name, "type": "bind", "source": os.path.realpath(name),
@@ -402,6 +547,23 @@ def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[s
         namespaces.append({"type": "network"})
         mounts.append({"destination": "/sys", "type": "sysfs", "source": "sysfs",
                        "options": ["nosuid", "noexec", "nodev", "ro"]})
+
+    linux: dict[str, Any] = {
+        "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+        "namespaces": namespaces,
+        "maskedPaths": list(MASKED_PATHS),
+        "readonlyPaths": list(READONLY_PATHS),
+    }
+    if userns is not None:
+        # Device cgroup rules need root; the user namespace keeps device nodes out of reach anyway.
+        del linux["resources"]
+        namespaces.append({"type": "user"})
+        linux["uidMappings"] = [m.doc() for m in userns.uid_mappings]
+        linux["gidMappings"] = [m.doc() for m in userns.gid_mappings]
+        if not userns.maps_gid(5):
+            for m in mounts:
+                if m["type"] == "devpts":
+                    m["options"] = [o for o in m["options"] if o != "gid=5"]
 
     return {
         "ociVersion": OCI_VERSION,
@@ -418,12 +580,7 @@ def build_spec(rootfs: str, image_config: Mapping[str, Any], *, args: Sequence[s
         "root": {"path": root, "readonly": readonly},
         "hostname": hostname,
         "mounts": mounts,
-        "linux": {
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "namespaces": namespaces,
-            "maskedPaths": list(MASKED_PATHS),
-            "readonlyPaths": list(READONLY_PATHS),
-        },
+        "linux": linux,
     }
 
 

@@ -602,9 +602,11 @@ class ImageService:
 
     # -- running --------------------------------------------------------------------------------------
     def _spec(self, c: Container, rootfs: str, opts: dict[str, Any]) -> dict[str, Any]:
-        from lamina.runtime import build_spec
+        from lamina.runtime import build_spec, rootless_user_namespace
 
         img = self.get_image(c.image_id)
+        if "userns" not in opts:  # not root (or root only in a user namespace): a rootless spec
+            opts = {**opts, "userns": rootless_user_namespace()}
         return build_spec(rootfs, img.config.config, hostname=c.id[:12], **opts)
 
     def bundle(self, ref: str, bundle_dir: str | os.PathLike[str], **opts: Any) -> dict[str, Any]:

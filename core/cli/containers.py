@@ -163,7 +163,11 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_obj
 def run(g: Globals, image: str, command: tuple[str, ...], remove: bool, name: str | None, env: tuple[str, ...],
         workdir: str | None, user: str | None, network: str) -> None:
-    """Run a command in a new container (through the OCI runtime, runc by default); exits with its code."""
+    """Run a command in a new container (through the OCI runtime, runc by default); exits with its code.
+
+    Without root (or as root inside a user namespace) the container gets a user namespace whose root is
+    the caller, plus the caller's /etc/subuid and /etc/subgid ranges when newuidmap/newgidmap exist.
+    """
     with g.open() as svc:
         _, code = svc.run_container(image, list(command) or None, name=name, remove=remove, env=list(env),
                                     workdir=workdir, user=user, network=network)
