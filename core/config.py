@@ -7,6 +7,7 @@
     root = "/var/lib/lamina"
     runroot = "/run/lamina"
     driver_priority = ["overlay", "vfs"]
+    additional_image_stores = []        # other lamina stores' roots, used read-only (a shared filesystem)
 
     [storage.limits]                    # guards against decompression bombs while applying a layer
     max_layer_bytes = 68719476736
@@ -77,6 +78,7 @@ class Config:
     keep_layer_blobs: bool = True
     runtime: str = "runc"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    additional_image_stores: tuple[Path, ...] = ()  # roots of stores whose images are used read-only
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -84,6 +86,7 @@ class Config:
             value = Path(getattr(self, name))
             object.__setattr__(self, name, value if value.is_absolute() else Path.cwd() / value)
         object.__setattr__(self, "driver_priority", tuple(self.driver_priority))
+        object.__setattr__(self, "additional_image_stores", tuple(Path(p) for p in self.additional_image_stores))
 
     def options_for(self, driver: str) -> dict[str, Any]:
         return dict(self.driver_options.get(driver, {}))
@@ -174,7 +177,7 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
             _positive(images[key], f"{where}: images.{key}")
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
-    known = {"driver", "root", "runroot", "driver_priority", "options", "limits"}
+    known = {"driver", "root", "runroot", "driver_priority", "options", "limits", "additional_image_stores"}
     unknown = sorted(set(storage) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [storage]: {', '.join(unknown)}")
@@ -237,6 +240,15 @@ def load_config(
     for name, table in options.items():
         _expect(table, dict, f"{where}: [storage.options.{name}]")
 
+    shared = storage.get("additional_image_stores", [])
+    _expect(shared, list, f"{where}: storage.additional_image_stores")
+    for entry in shared:
+        _expect(entry, str, f"{where}: storage.additional_image_stores entry")
+        if not entry.startswith("/"):
+            raise ConfigError(f"{where}: storage.additional_image_stores entry {entry!r} is not an absolute path")
+        if Path(entry) == root_p:
+            raise ConfigError(f"{where}: storage.additional_image_stores names the store's own root {entry}")
+
     limits_t = storage.get("limits", {})
     _expect(limits_t, dict, f"{where}: [storage.limits]")
     unknown = sorted(set(limits_t) - {"max_layer_bytes", "max_layer_entries"})
@@ -257,6 +269,7 @@ def load_config(
         keep_layer_blobs=bool(storage.get("keep_layer_blobs", True)),
         runtime=str(storage.get("runtime", "runc")),
         registry=_registry_config(storage.get("registry", {})),
+        additional_image_stores=tuple(Path(p) for p in dict.fromkeys(shared)),
     )
 
 

@@ -71,6 +71,10 @@ class Driver:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    # True (set before __init__ runs) when the store is only read: an additional image store, which the
+    # driver must not write to, whatever its filesystem allows (no stamps, probes or caches under ``home``;
+    # ``runhome`` is this process's own)
+    read_only: bool = False
 
     def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
         self.home = home

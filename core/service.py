@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from lamina.config import Config, load_config
 from lamina.contract import Capabilities, Change
-from lamina.errors import ContainerNotFound, ImageError, ImageNotFound, LaminaError, LayerNotFound
+from lamina.errors import ContainerNotFound, ImageConflict, ImageError, ImageNotFound, LaminaError, LayerNotFound
 from lamina.plugins.discovery import DriverCatalog
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
@@ -43,6 +43,54 @@ class ImageService:
     def __init__(self, store: Store) -> None:
         self.store = store
         self._layers = store.layers
+        self._shared: list[ImageService] | None = None
+
+    # -- additional image stores ----------------------------------------------------------------------
+    @property
+    def shared_stores(self) -> list[ImageService]:
+        """The additional image stores (``[storage] additional_image_stores``), opened on first use and only
+        ever read. One that cannot be opened is left out with a warning, so that a shared filesystem that is
+        not mounted stops no local work."""
+        if self._shared is None:
+            import dataclasses
+            import hashlib
+
+            self._shared = []
+            for path in self.config.additional_image_stores:
+                tag = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+                cfg = dataclasses.replace(self.config, root=path, runroot=self.config.runroot / "shared" / tag,
+                                          driver=None, additional_image_stores=())
+                try:
+                    self._shared.append(ImageService(Store(cfg, shared=True)))
+                except LaminaError as e:
+                    log.warning("additional image store %s left out: %s", path, e.message)
+        return self._shared
+
+    @property
+    def location(self) -> str:
+        """Where this service's images live: ``""`` for a store of its own, the root of an additional one."""
+        return str(self.store.root) if self.store.shared else ""
+
+    def _owner(self, ref: str) -> tuple[ImageService, Image]:
+        """The store holding the image ``ref`` names (this one first, then the additional stores)."""
+        try:
+            return self, self.get_image(ref)
+        except ImageNotFound as missing:
+            for other in self.shared_stores:
+                try:
+                    return other, other.get_image(ref)
+                except ImageNotFound:
+                    continue
+            raise missing
+
+    def _only_here(self, ref: str) -> None:
+        """Refuse to change an image that lives in an additional image store (it is only read)."""
+        try:
+            self.get_image(ref)
+        except ImageNotFound:
+            other, img = self._owner(ref)
+            raise ImageConflict(f"image {img.short_id} is in the additional image store {other.location}, "
+                                "which lamina only reads") from None
 
     @property
     def container_store(self) -> ContainerStore:
@@ -105,11 +153,18 @@ class ImageService:
         return self
 
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: object) -> None:
+        self._close_shared()
         self.store.close(abandon=isinstance(e, KeyboardInterrupt))
 
     def cleanup(self) -> None:
         """Release the driver and close the store's databases."""
+        self._close_shared()
         self.store.close()
+
+    def _close_shared(self) -> None:
+        for other in self._shared or []:
+            other.cleanup()
+        self._shared = None
 
     # -- store ----------------------------------------------------------------------------------------
     @property
@@ -235,10 +290,26 @@ class ImageService:
         return images.get_image(self.image_store, ref)
 
     def images(self, filters: dict[str, list[str]] | None = None, all: bool = False) -> list[ImageSummary]:
-        """Image summaries, newest first; filters ``dangling``, ``label``, ``before``, ``since``, ``reference``."""
+        """Image summaries, newest first; filters ``dangling``, ``label``, ``before``, ``since``, ``reference``.
+        Images of the additional image stores follow (``store`` says where), but for those this store has."""
         from lamina.images import ops as images
 
-        return images.list_images(self.image_store, filters or {}, all)
+        def created(ref: str) -> float:
+            return images.created_time(self._owner(ref)[1].record)
+
+        out = images.list_images(self.image_store, filters or {}, all, created_of=created)
+        if not self.config.additional_image_stores:
+            return out
+        seen = {s.id for s in out}
+        for other in self.shared_stores:
+            more = [s for s in images.list_images(other.image_store, filters or {}, all, created_of=created)
+                    if s.id not in seen]
+            for s in more:
+                s.store = other.location
+            seen.update(s.id for s in more)
+            out += more
+        out.sort(key=lambda s: s.created, reverse=True)
+        return out
 
     def count_images(self) -> int:
         return self.image_store.count()
@@ -255,31 +326,35 @@ class ImageService:
         """Docker-inspect-like details of an image."""
         from lamina.images import ops as images
 
-        return images.inspect(self.image_store, self.get_image(ref))
+        other, img = self._owner(ref)
+        return {**images.inspect(other.image_store, img), "Store": other.location}
 
     def get_image_manifest(self, ref: str) -> dict[str, Any] | None:
         """The descriptor of the manifest an image was loaded with (None when it came without one)."""
-        img = self.get_image(ref)
+        other, img = self._owner(ref)
         if not img.record.manifests:
             return None
         m = img.record.manifests[0]
-        return {"mediaType": m.media_type, "digest": m.digest, "size": self.image_store.content.size(m.digest)}
+        return {"mediaType": m.media_type, "digest": m.digest, "size": other.image_store.content.size(m.digest)}
 
     def image_history(self, ref: str) -> list[dict[str, Any]]:
         from lamina.images import ops as images
 
-        return images.history(self.image_store, self.get_image(ref))
+        other, img = self._owner(ref)
+        return images.history(other.image_store, img)
 
     def tag_image(self, ref: str, new_name: str) -> str:
         """Give an image another name; returns the normalized name."""
         from lamina.images import ops as images
 
+        self._only_here(ref)
         return images.tag(self.image_store, self.get_image(ref), new_name)
 
     def untag_image(self, ref: str, name: str) -> list[dict[str, str]]:
         """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
         from lamina.images import ops as images
 
+        self._only_here(ref)
         return images.untag(self.image_store, self.get_image(ref), name, self._image_users)
 
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
@@ -290,6 +365,7 @@ class ImageService:
         """
         from lamina.images import ops as images
 
+        self._only_here(ref)
         return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
 
     def images_prune(self, filters: dict[str, list[str]] | None = None) -> PruneReport:
@@ -366,7 +442,19 @@ class ImageService:
         tag or digest among ``refs`` means each of its tagged images (``docker save repo``)."""
         from lamina.images import ops as images
 
-        images.save(self.image_store, refs, path, format, self.config.keep_layer_blobs)
+        owners: dict[int, ImageService] = {}
+        for ref in refs:
+            try:
+                images.save_set(self.image_store, ref)
+                owners[id(self)] = self
+            except ImageNotFound:
+                other = self._owner(ref)[0]
+                owners[id(other)] = other
+        if len(owners) > 1:
+            raise ImageError("these images live in different stores (this one and an additional image store); "
+                             "save them to separate archives")
+        owner = next(iter(owners.values()), self)
+        images.save(owner.image_store, refs, path, format, owner.config.keep_layer_blobs)
 
     def import_image(
         self,
@@ -701,6 +789,11 @@ class ImageService:
             if rec is not None:
                 return images.load(self.image_store, rec)
         candidates = resolve_names(name, self.config.registry.registries)
+        for other in self.shared_stores:  # an additional image store's image is there already: no network
+            for ref in candidates:
+                rec = other.image_store.by_name(str(ref if ref.digest else ref.with_default_tag()))
+                if rec is not None:
+                    return images.load(other.image_store, rec)
         pulled = remote.pull(
             self.image_store,
             self.config,
@@ -726,7 +819,9 @@ class ImageService:
         from lamina.images import transfer
         from lamina.registry import remote
 
-        img = self.get_image(ref)
+        owner, img = self._owner(ref)
+        if owner is not self:
+            return owner.push_image(ref, dest, tls_verify=tls_verify, creds=creds, progress=progress)
         if dest is None:
             named = parse_normalized(ref)
             if not img.record.tags or ref.removeprefix("sha256:") in img.id:

@@ -135,7 +135,8 @@ class OverlayDriver(Driver):
 
     def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
         super().__init__(home, runhome, options)
-        (home / "l").mkdir(exist_ok=True, mode=0o700)
+        if not self.read_only:
+            (home / "l").mkdir(exist_ok=True, mode=0o700)
         self.mode = self._choose_mode()
         self.opaque_xattr = "user.overlay.opaque" if self.mode == "userxattr" else "trusted.overlay.opaque"
         self.extra_opts = [o for o in str(options.get("mountopt", "")).split(",") if o]
@@ -230,6 +231,8 @@ class OverlayDriver(Driver):
                 f"this overlay store mounts in {recorded!r} mode but this process can only use {wanted!r} "
                 "(a store made inside a user namespace must be used from one, and vice versa)"
             )
+        if not recorded and self.read_only:
+            return wanted
         if not recorded and not _write_atomic(path, wanted + "\n", exclusive=True):
             return self._choose_mode()  # another process recorded the store's mode first: check against it
         if wanted == "fuse" and not (self._mount_program(self.options) or shutil.which("fuse-overlayfs")):
@@ -253,6 +256,8 @@ class OverlayDriver(Driver):
             "new_mount_api": self.mode != "fuse" and has_new_mount_api(),
             "index_param": os.path.exists("/sys/module/overlay/parameters/index"),
         }
+        if self.read_only:  # nothing to diff in a store that is only read, and nowhere to probe
+            return {**data, "native_diff": False, "native_diff_reason": "not probed: the store is only read"}
         try:
             native, why = self._probe_native_diff(data)
         except OSError as e:

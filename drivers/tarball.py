@@ -54,7 +54,8 @@ class TarballDriver(Driver):
     def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
         super().__init__(home, runhome, options)
         self.layers = home / "layers"
-        self.layers.mkdir(exist_ok=True)
+        if not self.read_only:
+            self.layers.mkdir(exist_ok=True)
 
     @classmethod
     def probe(cls, home: Path, options: Mapping[str, Any]) -> None:

@@ -44,7 +44,8 @@ class VfsDriver(TreeDriver):
         super().__init__(home, runhome, options)
         self.dirs = home / "dir"
         self.records = home / "records"
-        self.dirs.mkdir(exist_ok=True)
+        if not self.read_only:
+            self.dirs.mkdir(exist_ok=True)
         self.copy_method = "unknown"
 
     @classmethod

@@ -122,6 +122,7 @@ def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quie
         print_lines(dict.fromkeys(ident(s.id) for s in items))
         return
     rows = []
+    shared = any(s.store for s in items)  # a column only when additional image stores contribute
     for s in items:
         tags = s.repo_tags or ["<none>:<none>"]
         dig = {d.split("@", 1)[0]: d.split("@", 1)[1] for d in s.repo_digests}
@@ -130,9 +131,10 @@ def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quie
             row = [repo, tag]
             if digests:
                 row.append(dig.get(repo, "<none>"))
-            row += [ident(s.id), ago(s.created), human(s.size)]
+            row += [ident(s.id), ago(s.created), human(s.size)] + ([s.store or "-"] if shared else [])
             rows.append(row)
-    headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"]
+    headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"] \
+        + (["STORE"] if shared else [])
     emit(g, [s.as_dict() for s in items], lambda: print_table(rows, headers))
 
 

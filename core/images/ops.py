@@ -76,6 +76,7 @@ class ImageSummary:
     layers: int
     containers: int = 0  # containers created from the image (what `ps -a` lists)
     chain: list[ChainID] = field(default_factory=list, repr=False)
+    store: str = ""  # "" in the store itself, else the additional image store's root
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +90,7 @@ class ImageSummary:
             "Labels": self.labels,
             "Layers": self.layers,
             "Containers": self.containers,
+            "Store": self.store,
         }
 
 
@@ -167,13 +169,16 @@ def created_time(rec: ImageRecord) -> float:
     return rec.created if rec.created is not None else rec.loaded
 
 
-def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool) -> list[ImageSummary]:
+def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool,
+                created_of: Callable[[str], float] | None = None) -> list[ImageSummary]:
+    """``created_of(ref)``: when the image ``before=``/``since=`` name was created (default: looked up here)."""
     _check_filters(store, filters)
     dangling: bool | None = None
     if "dangling" in filters:
         dangling = filters["dangling"][-1] in ("true", "1")
-    before = created_time(find(store, filters["before"][-1])) if "before" in filters else None
-    since = created_time(find(store, filters["since"][-1])) if "since" in filters else None
+    when = created_of or (lambda ref: created_time(find(store, ref)))
+    before = when(filters["before"][-1]) if "before" in filters else None
+    since = when(filters["since"][-1]) if "since" in filters else None
     patterns = filters.get("reference", [])
     layers = {layer.chain_id: layer for layer in store.layers.all()}
     containers = store.container_counts()
@@ -559,6 +564,11 @@ def save(store: ImageStore, refs: list[str], path: str | os.PathLike[str], fmt: 
 
     transfer.save(store, list(chosen.values()), path, fmt, store.layers.export_exact, keep_layer_blobs)
     store.touch(chosen)
+
+
+def save_set(store: ImageStore, ref: str) -> list[str]:
+    """The IDs of the images a save of ``ref`` takes (:class:`ImageNotFound` when this store has none)."""
+    return [rec.id for rec, _ in _to_save(store, ref)]
 
 
 def _to_save(store: ImageStore, ref: str) -> list[tuple[ImageRecord, list[str]]]:

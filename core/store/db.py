@@ -282,12 +282,26 @@ def _connect(path: Path) -> sqlite3.Connection:
 class Database:
     """Both of a store's SQLite files, with this process's identity for the rows it owns."""
 
-    def __init__(self, root: Path, runroot: Path) -> None:
+    def __init__(self, root: Path, runroot: Path, *, shared: bool = False) -> None:
+        """``shared``: another store's database, used read-only whatever its file system allows (an
+        additional image store); its run root is this process's memory."""
         self.root = root
         self.runroot = runroot
         self.me: tuple[int, float | None] = (os.getpid(), proc_start(os.getpid()))
         self._lock = threading.RLock()  # one connection per file, shared by this process's threads
         # Why lamina.db (refusal) or mounts.db (run_refusal) takes no writes now: None, or the error to raise
+        if shared:
+            self.db = _connect_read_only(root / "lamina.db", run=False)
+            self.refusal: StoreError | None = StoreReadOnly(
+                f"{root} is an additional image store: lamina only reads it")
+            self.mdb = _connect_read_only(Path("/nonexistent/mounts.db"), run=True)
+            self.run_refusal: StoreError | None = None
+            try:
+                self._check_shared_schema()
+            except BaseException:
+                self.close()
+                raise
+            return
         self.db, self.refusal = _open(root / "lamina.db", f"store {root}", run=False)
         try:
             self.mdb, self.run_refusal = _open(runroot / "mounts.db", f"run root {runroot}", run=True)
@@ -399,6 +413,16 @@ class Database:
                 for statement in _RUN_SCHEMA.split(";"):
                     if statement.strip():
                         mdb.execute(statement)
+
+    def _check_shared_schema(self) -> None:
+        version = self._version()
+        if version is None or int(version) != SCHEMA_VERSION:
+            newer = version is not None and int(version) > SCHEMA_VERSION
+            raise StoreError(
+                f"additional image store {self.root} has schema {version or 'none'}, this lamina reads "
+                f"{SCHEMA_VERSION}: "
+                + ("update lamina" if newer else "open it once with this lamina where it is writable")
+            )
 
     def _create_schema(self) -> None:
         with self.tx() as db:

@@ -30,19 +30,26 @@ log = logging.getLogger("lamina.store")
 
 
 class Store:
-    def __init__(self, config: Config, *, catalog: DriverCatalog | None = None, recover: bool = True) -> None:
+    def __init__(self, config: Config, *, catalog: DriverCatalog | None = None, recover: bool = True,
+                 shared: bool = False) -> None:
         """Open the store; unless ``recover`` is False (``system check``, which reports what killed
-        processes left), finish off what they left first."""
+        processes left), finish off what they left first. A ``shared`` store (an additional image store)
+        is only read, whatever its file system allows: no directory, lock, recovery or run root of its own."""
         self.config = config
-        self.recovers = recover
+        self.recovers = recover and not shared
+        self.shared = shared
         self.root = config.root
         self.runroot = config.runroot
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.runroot.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
-        self.db = Database(self.root, self.runroot)
+        if shared:
+            if not (self.root / "lamina.db").is_file():
+                raise StoreError(f"additional image store {self.root} is not a lamina store (no lamina.db)")
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self.runroot.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as e:
+                raise StoreError(f"cannot create store directories under {e.filename}: {e.strerror}") from e
+        self.db = Database(self.root, self.runroot, shared=shared)
         # A store whose filesystem takes no writes (read-only, or too full to open the database for writing)
         # opens for reading: no probe, no recovery, no timings; every write fails with the reason.
         self.read_only = self.db.refusal is not None
@@ -54,7 +61,7 @@ class Store:
             self.layers = LayerStore(self)
             self._images: ImageStore | None = None
             self._containers: ContainerStore | None = None
-            if recover:
+            if self.recovers:
                 self.recover()
         except BaseException:
             self.db.close()
@@ -131,12 +138,15 @@ class Store:
         if existing is None and refused is not None:
             raise refused  # a new store cannot be made on a filesystem that takes no writes
         try:
-            home.mkdir(exist_ok=True, mode=0o700)
-            runhome.mkdir(exist_ok=True, mode=0o700)
+            if not self.shared:
+                home.mkdir(exist_ok=True, mode=0o700)
+            runhome.mkdir(parents=self.shared, exist_ok=True, mode=0o700)
         except OSError as e:
             raise write_failure(e, f"creating the driver's directories under {self.root}") from e
         try:
-            instance = info.cls(home, runhome, self.config.options_for(name))
+            instance = info.cls.__new__(info.cls)
+            instance.read_only = self.shared
+            instance.__init__(home, runhome, self.config.options_for(name))  # type: ignore[misc]
         except LaminaError:
             raise
         except Exception as e:

@@ -1,0 +1,130 @@
+"""Additional image stores (issue 15): another lamina store, bind-mounted read-only, whose images a store
+lists, inspects, saves, pushes and runs containers from, and never writes to."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import lamina_cli
+from lamina import ImageService
+from lamina.config import Config
+from lamina.errors import ImageConflict, ImageError, StoreError
+from lamina.testing import TarBuilder, require_root
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    """Every file's, link's and directory's path with its content hash or target, mode and owner."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath, name)
+            st = p.lstat()
+            what = f"{st.st_mode:o} {st.st_uid}:{st.st_gid}"
+            if p.is_symlink():
+                what += " -> " + os.readlink(p)
+            elif p.is_file():
+                what += " " + hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p.relative_to(root))] = what
+    return out
+
+
+@pytest.fixture
+def shared(tmp_path: Path) -> Iterator[Path]:
+    """A vfs store with two images, bind-mounted read-only at ``tmp_path/ro``."""
+    require_root()
+    src = tmp_path / "src"
+    with ImageService.open(Config(root=src / "root", runroot=src / "run", driver="vfs")) as svc:
+        svc.import_image(io.BytesIO(TarBuilder().file("etc/os-release", b"ID=shared\n").build()), "shared/app:1")
+        svc.import_image(io.BytesIO(TarBuilder().file("other", b"o").build()), "shared/other:1")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src / "root"), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+def _config(tmp: Path, shared: Path, driver: str = "vfs") -> Path:
+    path = tmp / f"{driver}.toml"
+    path.write_text(f'[storage]\nadditional_image_stores = ["{shared}"]\n')
+    return path
+
+
+def _cli(tmp: Path, cfg: Path, driver: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    return lamina_cli("--config", str(cfg), "--driver", driver, *args, root=tmp / driver, check=check)
+
+
+@pytest.mark.parametrize("driver", ["vfs", "overlay"])
+def test_a_read_only_store_is_listed_inspected_saved_and_never_changed(tmp_path: Path, shared: Path,
+                                                                       driver: str) -> None:
+    before = _tree_digest(shared)
+    cfg = _config(tmp_path, shared, driver)
+    listing = json.loads(_cli(tmp_path, cfg, driver, "--format", "json", "images").stdout)
+    assert sorted(i["RepoTags"][0] for i in listing) == ["shared/app:1", "shared/other:1"]
+    assert {i["Store"] for i in listing} == {str(shared)}
+    table = _cli(tmp_path, cfg, driver, "images").stdout.decode()
+    assert "STORE" in table.splitlines()[0] and str(shared) in table
+    [details] = json.loads(_cli(tmp_path, cfg, driver, "inspect", "shared/app:1").stdout)
+    assert details["Store"] == str(shared) and details["Size"] == len(b"ID=shared\n")
+    _cli(tmp_path, cfg, driver, "save", "-o", str(tmp_path / "app.tar"), "shared/app:1")
+    with ImageService.open(Config(root=tmp_path / "check", runroot=tmp_path / "check-run", driver="vfs")) as svc:
+        [loaded] = svc.load_image(tmp_path / "app.tar")
+        assert loaded.image.id == details["Id"]
+    refused = _cli(tmp_path, cfg, driver, "rmi", "shared/app:1", check=False)
+    assert refused.returncode != 0 and b"additional image store" in refused.stderr
+    assert b"Traceback" not in refused.stderr and refused.stderr.count(b"\n") == 1
+    refused = _cli(tmp_path, cfg, driver, "tag", "shared/app:1", "mine:1", check=False)
+    assert refused.returncode != 0 and b"only reads" in refused.stderr
+    # pulling what the shared store has needs no registry (none runs at this address)
+    pulled = _cli(tmp_path, cfg, driver, "--format", "json", "pull", "shared/app:1", check=False)
+    assert pulled.returncode == 0, pulled.stderr
+    assert _tree_digest(shared) == before
+
+
+def test_images_of_the_store_itself_come_first_and_filters_span_both(tmp_path: Path, shared: Path) -> None:
+    cfg = Config(root=tmp_path / "own", runroot=tmp_path / "own-run", driver="vfs",
+                 additional_image_stores=(shared,))
+    with ImageService.open(cfg) as svc:
+        mine = svc.import_image(io.BytesIO(TarBuilder().file("m", b"m").build()), "mine:1").id
+        listed = svc.images()
+        assert listed[0].id == mine and listed[0].store == "" and {s.store for s in listed[1:]} == {str(shared)}
+        assert [s.id for s in svc.images({"since": ["shared/other:1"]})] == [mine]
+        with pytest.raises(ImageConflict, match="additional image store"):
+            svc.image_delete("shared/other:1")
+        svc.export_image(["shared/app:1", "shared/other:1"], tmp_path / "both.tar")
+        with pytest.raises(ImageError, match="different stores"):
+            svc.export_image(["mine:1", "shared/app:1"], tmp_path / "mixed.tar")
+
+
+def test_a_missing_additional_store_is_left_out(tmp_path: Path) -> None:
+    cfg = Config(root=tmp_path / "own", runroot=tmp_path / "own-run", driver="vfs",
+                 additional_image_stores=(tmp_path / "absent",))
+    with ImageService.open(cfg) as svc:
+        assert svc.images() == [] and svc.shared_stores == []
+    from lamina.store.kernel import Store
+
+    with pytest.raises(StoreError, match="not a lamina store"):
+        Store(Config(root=tmp_path / "absent", runroot=tmp_path / "r"), shared=True)
+
+
+def test_config_validates_additional_stores(tmp_path: Path) -> None:
+    from lamina.config import load_config
+    from lamina.errors import ConfigError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[storage]\nadditional_image_stores = ["relative/path"]\n')
+    with pytest.raises(ConfigError, match="not an absolute path"):
+        load_config(bad)
+    bad.write_text('[storage]\nroot = "/x"\nadditional_image_stores = ["/x"]\n')
+    with pytest.raises(ConfigError, match="own root"):
+        load_config(bad)
