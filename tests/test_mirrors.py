@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from registry_fixtures import (
+    AuthRegistry,
     Registry,
     _registry_fields,
     free_port,
@@ -32,7 +33,7 @@ from lamina import ImageService
 from lamina.config import Config, load_config
 from lamina.errors import ConfigError, LaminaError
 from lamina.formats.reference import parse_normalized
-from lamina.registry import endpoints
+from lamina.registry import endpoints, remote
 
 ENDPOINT_LOG = "lamina.registry.endpoints"
 
@@ -238,6 +239,53 @@ def test_blob_missing_on_the_mirror_comes_from_the_source(
     assert served and set(served.values()) == {mirror}  # the manifest, the config and the other layers
 
 
+def test_credentials_are_looked_up_per_endpoint(
+    tmp_path: Path, source: Registry, auth_registry: AuthRegistry, umoci_small_image: ImageFacts,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mirror needs a login: the stored one for its host is used; credentials given for the pull are
+    the source's and never go to the mirror."""
+    from lamina.registry import auth
+
+    caplog.set_level(logging.DEBUG, logger=ENDPOINT_LOG)
+    push_with_skopeo(umoci_small_image.ref("small:1"), source, "creds/app:1")
+    push_with_skopeo(umoci_small_image.ref("small:1"), auth_registry, "creds/app:1", auth_registry.creds)
+    conf = _config(tmp_path / "lamina.toml", _mirror_config(source, (auth_registry.host, "all")))
+    mirror, src = f"mirror {auth_registry.host}/creds/app", f"source {source.host}/creds/app"
+    # no login for the mirror: it refuses, the source serves
+    with _svc(tmp_path, conf, "anonymous") as svc:
+        svc.pull_image(f"{source.host}/creds/app:1")
+    assert {where for _, _, where in _served(caplog)} == {src}
+    # logged in to the mirror; the wrong credentials given for the pull are not sent there
+    auth.store_credentials(auth_registry.host, auth_registry.user, auth_registry.password)
+    caplog.clear()
+    with _svc(tmp_path, conf, "logged-in") as svc:
+        svc.pull_image(f"{source.host}/creds/app:1", creds=("mallory", "wrong"))
+    assert {where for _, _, where in _served(caplog)} == {mirror}
+
+
+def test_insecure_settings_reach_the_clients(tmp_path: Path) -> None:
+    conf = _config(tmp_path / "lamina.toml", """
+[[registry]]
+location = "secure.example"
+
+[[registry.mirror]]
+location = "plain-mirror.example:5000"
+insecure = true
+
+[[registry]]
+location = "plain.example"
+insecure = true
+""")
+    config = load_config(conf, root=tmp_path / "root", runroot=tmp_path / "run")
+    with remote.open_chain(config, parse_normalized("secure.example/a:1")) as chain:
+        assert [chain._client(i).options.insecure for i in range(2)] == [True, False]
+    with remote.open_chain(config, parse_normalized("plain.example/a:1")) as chain:
+        assert chain._client(0).options.insecure is True
+    with remote.open_chain(config, parse_normalized("secure.example/a:1"), tls_verify=False) as chain:
+        assert chain._client(1).options.insecure is True  # --tls-verify=false: every endpoint
+
+
 # -- location, blocked, push -----------------------------------------------------------------------------------
 def test_prefix_rewriting_for_pull_and_push(tmp_path: Path, source: Registry, umoci_small_image: ImageFacts) -> None:
     push_with_skopeo(umoci_small_image.ref("small:1"), source, "rewritten/app:1")
@@ -396,3 +444,21 @@ def test_config_values(tmp_path: Path) -> None:
     assert (table.prefix, table.location, table.insecure, table.blocked) == ("a.example/x", "b.example:5000/y", True,
                                                                               False)
     assert [(m.location, m.insecure, m.pull_from_mirror) for m in table.mirrors] == [("m.example", True, "digest-only")]
+
+
+def test_readme_example(tmp_path: Path) -> None:
+    """The README's [[registry]] example is valid and does what the README says."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "cache.lan:5000" in b]
+    config = load_config(_config(tmp_path / "lamina.toml", block), root=tmp_path / "root", runroot=tmp_path / "run")
+    assert _resolved(config, "registry.example.com/app:1") == [
+        "mirror cache.lan:5000/app", "source registry.example.com/app"]
+    assert _resolved(config, f"registry.example.com/app@sha256:{'a' * 64}") == [
+        "mirror cache.lan:5000/app", "mirror backup.lan/mirrored/app", "source registry.example.com/app"]
+    assert _resolved(config, "old.example.com/team/app:1") == ["source registry.example.com/team/app"]
+    assert str(endpoints.push_endpoint(config, parse_normalized("old.example.com/team/app:1"))) == \
+        "source registry.example.com/team/app"
+    with pytest.raises(endpoints.RegistryBlocked, match="blocked"):
+        endpoints.pull_endpoints(config, parse_normalized("a.untrusted.example/app:1"))

@@ -5,7 +5,9 @@ descriptors into an :class:`~lamina.formats.imagemodel.ImageSource`, exactly lik
 hands it to :func:`lamina.images.transfer.load_source`: layers already stored are not fetched at all, the first
 missing layer streams straight from the registry into the driver while later ones are fetched into the
 content store concurrently (``max_concurrent_downloads``), every blob is verified as it streams, and the
-image commits in one transaction. A pull by digest verifies the manifest against it.
+image commits in one transaction. A pull by digest verifies the manifest against it. Which registries a
+reference is pulled from (mirrors, then its location) and pushed to is :mod:`lamina.registry.endpoints`'s
+business.
 
 Pushing sends the image as it was pulled or loaded (the kept manifest and blobs, so every digest is
 reproduced), or a manifest made anew when blobs were dropped; blobs the registry has are skipped, blobs
