@@ -31,7 +31,7 @@ from conftest import lamina_cli
 from image_fixtures import ImageFacts
 from lamina import ImageService
 from lamina.config import Config, load_config
-from lamina.errors import ConfigError, LaminaError
+from lamina.errors import ConfigError, DigestMismatch, LaminaError
 from lamina.formats.reference import parse_normalized
 from lamina.registry import endpoints, remote
 
@@ -54,6 +54,13 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def cache(source: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A pull-through cache in front of ``source``."""
     with running(pull_through_cache(tmp_path_factory.mktemp("mirror-cache"), source.url)) as reg:
+        yield reg
+
+
+@pytest.fixture(scope="module")
+def spare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """A plain registry only this module uses (its blobs may be damaged on purpose)."""
+    with running(Registry(**_registry_fields(tmp_path_factory.mktemp("mirror-spare")))) as reg:
         yield reg
 
 
@@ -284,6 +291,21 @@ insecure = true
         assert chain._client(0).options.insecure is True
     with remote.open_chain(config, parse_normalized("secure.example/a:1"), tls_verify=False) as chain:
         assert chain._client(1).options.insecure is True  # --tls-verify=false: every endpoint
+
+
+def test_damaged_blob_on_a_mirror_is_never_accepted(
+    tmp_path: Path, source: Registry, spare: Registry, umoci_small_image: ImageFacts
+) -> None:
+    push_with_skopeo(umoci_small_image.ref("small:1"), source, "damaged/app:1")
+    push_with_skopeo(umoci_small_image.ref("small:1"), spare, "damaged/app:1")
+    for layer in umoci_small_image.layer_digests:  # same sizes, other bytes
+        data = _blob_file(spare, layer)
+        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    conf = _config(tmp_path / "lamina.toml", _mirror_config(source, (spare.host, "all")))
+    with _svc(tmp_path, conf) as svc:
+        with pytest.raises(DigestMismatch):
+            svc.pull_image(f"{source.host}/damaged/app:1")
+        assert svc.images(all=True) == []
 
 
 # -- location, blocked, push -----------------------------------------------------------------------------------
