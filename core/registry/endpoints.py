@@ -184,11 +184,6 @@ class EndpointChain:
         for client in clients:
             client.close()
 
-    @property
-    def serving(self) -> Endpoint:
-        """The endpoint that served the image's manifest (the first endpoint before that)."""
-        return self.endpoints[self._start or 0]
-
     def _client(self, index: int) -> Any:
         with self._lock:
             client = self._clients.get(index)
