@@ -228,6 +228,15 @@ class EndpointChain:
         log.debug("%s: blob %s from %s", self.ref, digest, self.endpoints[index])
         return reader
 
+    def open_blob_at(self, repo: str, digest: str, size: int, offset: int) -> Any:
+        """A blob's bytes from ``offset`` on, unverified (the caller hashes the whole blob): the bytes before
+        may have come from another endpoint."""
+        self._check(repo)
+        index, stream = self._first(f"blob {digest}", lambda c, ep: c.open_blob_at(ep.repo, digest, size, offset))
+        log.debug("%s: blob %s from %s%s", self.ref, digest, self.endpoints[index],
+                  f" (bytes {offset}- of {size})" if offset else "")
+        return stream
+
     def open_blob_urls(self, desc: oci.Descriptor) -> Any:
         reader = self._client(self._start or 0).open_blob_urls(desc)
         log.debug("%s: blob %s from its URLs", self.ref, desc.digest)
