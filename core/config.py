@@ -361,6 +361,8 @@ def _registry_tables(tables: Any, where: str) -> tuple[RegistrySettings, ...]:
         if not location and not prefix.startswith("*."):
             raise ConfigError(f"{at}: needs a location unless its prefix is *.domain")
         prefix = prefix or location
+        if prefix == "index.docker.io" or prefix.startswith("index.docker.io/"):
+            prefix = "docker.io" + prefix[len("index.docker.io"):]  # names are matched in their normalized form
         if prefix in seen:
             raise ConfigError(f"{at}: prefix {prefix!r} is given by another [[registry]] too")
         seen.add(prefix)

@@ -466,6 +466,10 @@ def test_config_values(tmp_path: Path) -> None:
     assert (table.prefix, table.location, table.insecure, table.blocked) == ("a.example/x", "b.example:5000/y", True,
                                                                               False)
     assert [(m.location, m.insecure, m.pull_from_mirror) for m in table.mirrors] == [("m.example", True, "digest-only")]
+    path.write_text('[[registry]]\nlocation = "index.docker.io"\n')
+    cfg = load_config(path, root=tmp_path / "root", runroot=tmp_path / "run")
+    assert _resolved(cfg, "busybox") == ["source docker.io/library/busybox"]
+    assert cfg.registry.per_registry[0].prefix == "docker.io"
 
 
 def test_readme_example(tmp_path: Path) -> None:
