@@ -32,6 +32,18 @@
     [containers]
     runtime = "runc"                    # the OCI runtime `lamina run` uses: runc, crun, or a path
 
+    [[registry]]                        # per-registry settings, shaped like containers' registries.conf v2
+    prefix = "example.com/team"         # which references this table covers (default: location); host,
+                                        # host/namespace, host/repo or "*.example.com"
+    location = "registry.internal:5000/team"   # where they really live: replaces the prefix
+    insecure = false                    # plain HTTP / no TLS verification for the location
+    blocked = false                     # true: pulls and pushes of these references are refused
+
+    [[registry.mirror]]                 # tried in order before the location, for pulls only
+    location = "mirror.internal:5000/team"
+    insecure = false
+    pull_from_mirror = "all"            # or "digest-only", "tag-only"
+
 Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HOME/lamina/storage.toml``
 (the first that exists wins). Explicit arguments (CLI flags) beat ``$LAMINA_DRIVER``, which beats the file.
 """
@@ -39,6 +51,7 @@ Lookup order: ``$LAMINA_CONFIG``, ``/etc/lamina/storage.toml``, ``$XDG_CONFIG_HO
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +69,29 @@ class Limits:
     max_layer_entries: int = 10_000_000
 
 
+PULL_FROM_MIRROR = ("all", "digest-only", "tag-only")
+
+
+@dataclass(frozen=True)
+class MirrorSettings:
+    """A ``[[registry.mirror]]``: another place to pull the registry's images from."""
+
+    location: str  # host[:port][/path]
+    insecure: bool = False
+    pull_from_mirror: str = "all"  # one of PULL_FROM_MIRROR
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """A ``[[registry]]``: where references starting with ``prefix`` live and how to reach them."""
+
+    prefix: str  # host[:port][/path] or *.domain
+    location: str = ""  # host[:port][/path]; empty only for a wildcard prefix (the reference's own host)
+    insecure: bool = False
+    blocked: bool = False
+    mirrors: tuple[MirrorSettings, ...] = ()
+
+
 @dataclass(frozen=True)
 class RegistryConfig:
     registries: tuple[str, ...] = ("docker.io",)
@@ -64,6 +100,7 @@ class RegistryConfig:
     max_concurrent_uploads: int = 5
     max_download_attempts: int = 5
     allow_foreign_urls: bool = False
+    per_registry: tuple[RegistrySettings, ...] = ()  # the [[registry]] tables
 
 
 @dataclass(frozen=True)
@@ -141,10 +178,11 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{where}: invalid TOML: {e}") from e
-    unknown_tables = sorted(set(data) - {"storage", "images", "containers"})
+    unknown_tables = sorted(set(data) - {"storage", "images", "containers", "registry"})
     if unknown_tables:
         raise ConfigError(
-            f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage], [images], [containers]"
+            f"{where}: unknown table(s) {', '.join(unknown_tables)}; lamina reads [storage], [images], "
+            "[containers], [[registry]]"
         )
     containers = data.get("containers", {})
     _expect(containers, dict, f"{where}: [containers]")
@@ -185,6 +223,8 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
     if "keep_layer_blobs" in images:
         out["keep_layer_blobs"] = images["keep_layer_blobs"]
     registry = {k: v for k, v in images.items() if k != "keep_layer_blobs"}
+    if "registry" in data:
+        registry["per_registry"] = _registry_tables(data["registry"], where)
     if registry:
         out["registry"] = registry
     if "runtime" in containers:
@@ -285,3 +325,80 @@ def _positive(value: Any, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{where}: must be a positive integer, got {value!r}")
     return value
+
+
+# -- [[registry]] ---------------------------------------------------------------------------------------
+_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST_RE = re.compile(rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[a-fA-F0-9:]+\])(?::[0-9]{{1,5}})?", re.ASCII)
+_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*", re.ASCII)
+
+
+def _location_problem(value: str) -> str | None:
+    """Why ``value`` is not ``host[:port][/path]`` (the path as repository components), or None."""
+    if "://" in value:
+        return "must not have a scheme (write host[:port][/path])"
+    host, _, path = value.partition("/")
+    if _HOST_RE.fullmatch(host) is None:
+        return "must be host[:port][/path]"
+    if path:
+        for component in path.split("/"):
+            if _COMPONENT_RE.fullmatch(component) is None:
+                return f"has an invalid repository path component {component!r}"
+    return None
+
+
+def _registry_tables(tables: Any, where: str) -> tuple[RegistrySettings, ...]:
+    _expect(tables, list, f"{where}: [[registry]]")
+    out: list[RegistrySettings] = []
+    seen: set[str] = set()
+    for n, table in enumerate(tables, 1):
+        at = f"{where}: registry #{n}"
+        _expect(table, dict, at)
+        unknown = sorted(set(table) - {"prefix", "location", "insecure", "blocked", "mirror"})
+        if unknown:
+            raise ConfigError(f"{at}: unknown key(s) {', '.join(unknown)}")
+        location = _expect(table.get("location", ""), str, f"{at}: location")
+        location = location.rstrip("/")
+        prefix = _expect(table.get("prefix", ""), str, f"{at}: prefix").rstrip("/")
+        if location:
+            problem = _location_problem(location)
+            if problem:
+                raise ConfigError(f"{at}: location {location!r} {problem}")
+        if prefix.startswith("*."):
+            if _HOST_RE.fullmatch(prefix[2:]) is None or ":" in prefix[2:]:
+                raise ConfigError(f"{at}: prefix {prefix!r}: a wildcard prefix is *.domain, without port or path")
+        elif prefix:
+            problem = _location_problem(prefix)
+            if problem:
+                raise ConfigError(f"{at}: prefix {prefix!r} {problem}")
+        if not location and not prefix.startswith("*."):
+            raise ConfigError(f"{at}: needs a location unless its prefix is *.domain")
+        prefix = prefix or location
+        if prefix == "index.docker.io" or prefix.startswith("index.docker.io/"):
+            prefix = "docker.io" + prefix[len("index.docker.io"):]  # names are matched in their normalized form
+        if prefix in seen:
+            raise ConfigError(f"{at}: prefix {prefix!r} is given by another [[registry]] too")
+        seen.add(prefix)
+        flags: dict[str, bool] = {}
+        for key in ("insecure", "blocked"):
+            flags[key] = bool(_expect(table.get(key, False), bool, f"{at}: {key}"))
+        mirrors: list[MirrorSettings] = []
+        for m, mirror in enumerate(_expect(table.get("mirror", []), list, f"{at}: mirror"), 1):
+            mat = f"{at}: mirror #{m}"
+            _expect(mirror, dict, mat)
+            unknown = sorted(set(mirror) - {"location", "insecure", "pull_from_mirror"})
+            if unknown:
+                raise ConfigError(f"{mat}: unknown key(s) {', '.join(unknown)}")
+            if "location" not in mirror:
+                raise ConfigError(f"{mat}: needs a location")
+            mloc = _expect(mirror["location"], str, f"{mat}: location").rstrip("/")
+            problem = _location_problem(mloc)
+            if problem:
+                raise ConfigError(f"{mat}: location {mloc!r} {problem}")
+            mode = _expect(mirror.get("pull_from_mirror", "all"), str, f"{mat}: pull_from_mirror")
+            if mode not in PULL_FROM_MIRROR:
+                raise ConfigError(f"{mat}: pull_from_mirror must be one of {', '.join(PULL_FROM_MIRROR)}, got {mode!r}")
+            minsecure = bool(_expect(mirror.get("insecure", False), bool, f"{mat}: insecure"))
+            mirrors.append(MirrorSettings(mloc, minsecure, mode))
+        out.append(RegistrySettings(prefix, location, flags["insecure"], flags["blocked"], tuple(mirrors)))
+    return tuple(out)

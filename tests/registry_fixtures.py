@@ -27,6 +27,7 @@ Fixtures:
     id (``kid``); the registry trusts that self-signed certificate (``rootcertbundle``).
 
 Helpers (skopeo only, no lamina): :func:`push_with_skopeo` and :func:`inspect_remote`.
+:func:`pull_through_cache` makes a registry that caches another (run it with :func:`running`).
 
 The fixtures are shared by the whole session: use a repository name of your own per test, and expect
 other tests' repositories in the catalog. A test that stops a registry must leave it running
@@ -478,6 +479,18 @@ def _registry_fields(base: Path, auth: dict[str, Any] | None = None) -> dict[str
     host = f"{LOOPBACK}:{port}"
     return {"host": host, "url": f"http://{host}", "storage_dir": storage, "config_path": config_path,
             "log_path": base / "registry.log"}
+
+
+def pull_through_cache(base: Path, remote_url: str) -> Registry:
+    """A registry (not started; use :func:`running`) that is a pull-through cache of ``remote_url``
+    (distribution's ``proxy.remoteurl``): it serves what it holds, fetches the rest from the remote and keeps
+    it (blobs are stored in the background while they are served), refuses pushes, and answers tags from
+    its own storage when the remote cannot be reached."""
+    fields = _registry_fields(base)
+    config = json.loads(fields["config_path"].read_text())
+    config["proxy"] = {"remoteurl": remote_url}
+    fields["config_path"].write_text(json.dumps(config, indent=2) + "\n")
+    return Registry(**fields)
 
 
 def _move(reg: Registry, port: int) -> None:

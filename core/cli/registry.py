@@ -67,11 +67,18 @@ class _TransferProgress(Progress):
 @click.argument("name", metavar="IMAGE")
 @click.option("--platform", metavar="OS/ARCH[/VARIANT]", help="Platform to pull from an index (default: host).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.option("--debug", is_flag=True, help="Debug logging, e.g. which registry or mirror served each blob.")
 @_registry_options
 @format_option
 @click.pass_obj
-def pull(g: Globals, name: str, platform: str | None, quiet: bool, tls_verify: bool | None, creds: str | None) -> None:
-    """Pull an image from a registry (unqualified names try [images] registries in order); prints its ID."""
+def pull(g: Globals, name: str, platform: str | None, quiet: bool, debug: bool, tls_verify: bool | None,
+         creds: str | None) -> None:
+    """Pull an image from a registry (unqualified names try [images] registries in order, [[registry]] mirrors
+    come before their registry); prints its ID."""
+    if debug:
+        import logging
+
+        logging.getLogger().setLevel(logging.DEBUG)
     with g.open() as svc:
         img = svc.pull_image(
             name,

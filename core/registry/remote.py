@@ -5,7 +5,9 @@ descriptors into an :class:`~lamina.formats.imagemodel.ImageSource`, exactly lik
 hands it to :func:`lamina.images.transfer.load_source`: layers already stored are not fetched at all, the first
 missing layer streams straight from the registry into the driver while later ones are fetched into the
 content store concurrently (``max_concurrent_downloads``), every blob is verified as it streams, and the
-image commits in one transaction. A pull by digest verifies the manifest against it.
+image commits in one transaction. A pull by digest verifies the manifest against it. Which registries a
+reference is pulled from (mirrors, then its location) and pushed to is :mod:`lamina.registry.endpoints`'s
+business.
 
 Pushing sends the image as it was pulled or loaded (the kept manifest and blobs, so every digest is
 reproduced), or a manifest made anew when blobs were dropped; blobs the registry has are skipped, blobs
@@ -67,14 +69,23 @@ def is_insecure(host: str, insecure: tuple[str, ...] | list[str]) -> bool:
     return False
 
 
-def make_client(host: str, config: Config, *, tls_verify: bool | None = None, creds: Creds | None = None) -> Any:
+def make_client(
+    host: str, config: Config, *, tls_verify: bool | None = None, creds: Creds | None = None, insecure: bool = False,
+    max_attempts: int | None = None,
+) -> Any:
+    """A client for ``host``. ``insecure``: the configuration's table for this endpoint allows plain HTTP;
+    ``tls_verify`` (the command line's) beats it and ``insecure_registries``."""
     from lamina.registry.auth import find_credentials, normalize_host
     from lamina.registry.client import RegistryClient, RegistryOptions
 
-    insecure = is_insecure(host, config.registry.insecure_registries) if tls_verify is None else not tls_verify
+    if tls_verify is None:
+        insecure = insecure or is_insecure(host, config.registry.insecure_registries)
+    else:
+        insecure = not tls_verify
+    attempts = config.registry.max_download_attempts
     options = RegistryOptions(
         insecure=insecure,
-        max_attempts=config.registry.max_download_attempts,
+        max_attempts=attempts if max_attempts is None else max(1, min(attempts, max_attempts)),
         allow_foreign_urls=config.registry.allow_foreign_urls,
     )
 
@@ -240,14 +251,22 @@ def pull(
     creds: Creds | None = None,
     progress: ProgressFn | None = None,
 ) -> Pulled:
-    """Pull the first of ``candidates`` (see :func:`lamina.formats.reference.resolve_names`) a registry has."""
+    """Pull the first of ``candidates`` (see :func:`lamina.formats.reference.resolve_names`) a registry has,
+    each from its mirrors or its location as the ``[[registry]]`` tables say (:mod:`lamina.registry.endpoints`)."""
     from lamina.registry.client import RegistryError
 
     errors: list[str] = []
     for ref in candidates:
-        with make_client(ref.domain, config, tls_verify=tls_verify, creds=creds) as client:
+        try:
+            chain = open_chain(config, ref, tls_verify=tls_verify, creds=creds)
+        except RegistryError as e:  # blocked, or a location that makes no valid name
+            if len(candidates) == 1:
+                raise
+            errors.append(f"{ref}: {e.message}")
+            continue
+        with chain:
             try:
-                img = read_remote(client, ref, platform, str(ref))
+                img = read_remote(chain, ref, platform, str(ref))
             except RegistryError as e:
                 if len(candidates) == 1:
                     raise
@@ -255,6 +274,21 @@ def pull(
                 continue
             return _pull_source(store, config, img, ref, progress)
     raise ImageNotFound("no registry has the image: " + "; ".join(errors))
+
+
+def open_chain(config: Config, ref: Reference, *, tls_verify: bool | None = None, creds: Creds | None = None) -> Any:
+    """The :class:`~lamina.registry.endpoints.EndpointChain` a pull of ``ref`` reads from: clients made on
+    first use, mirrors with fewer attempts (a failing mirror hands over to the next endpoint quickly), the
+    given credentials for the location only."""
+    from lamina.registry import endpoints
+
+    def connect(endpoint: endpoints.Endpoint) -> Any:
+        return make_client(
+            endpoint.host, config, tls_verify=tls_verify, creds=None if endpoint.mirror else creds,
+            insecure=endpoint.insecure, max_attempts=endpoints.MIRROR_ATTEMPTS if endpoint.mirror else None,
+        )
+
+    return endpoints.EndpointChain(ref, endpoints.pull_endpoints(config, ref), connect)
 
 
 def _pull_source(store: ImageStore, config: Config, img: ImageSource, ref: Reference,
@@ -289,9 +323,14 @@ def push(
     mount_from: list[str] | None = None,
 ) -> str:
     """Push an :class:`~lamina.formats.imagemodel.ImageExport` (with a manifest) to ``dest``; returns the manifest
-    digest."""
-    with make_client(dest.domain, config, tls_verify=tls_verify, creds=creds) as client:
-        return _push_with(client, config, export, dest, progress, mount_from)
+    digest. ``dest`` goes to its ``[[registry]]`` location (never a mirror); ``mount_from`` names repositories of
+    ``dest``'s registry."""
+    from lamina.registry import endpoints
+
+    endpoint = endpoints.push_endpoint(config, dest)
+    mounts = endpoints.mount_sources(config, endpoint.host, dest.domain, mount_from or [])
+    with make_client(endpoint.host, config, tls_verify=tls_verify, creds=creds, insecure=endpoint.insecure) as client:
+        return _push_with(client, config, export, endpoint.ref, progress, mounts)
 
 
 def _push_with(client: Any, config: Config, export: Any, dest: Reference, progress: ProgressFn | None,
@@ -332,4 +371,4 @@ def parse_destination(text: str) -> Reference:
     return ref if ref.digest else ref.with_default_tag()
 
 
-__all__ = ["Pulled", "is_insecure", "make_client", "parse_destination", "pull", "push"]
+__all__ = ["Pulled", "is_insecure", "make_client", "open_chain", "parse_destination", "pull", "push"]

@@ -1,0 +1,252 @@
+"""Where a reference is pulled from and pushed to: the ``[[registry]]`` tables of the configuration.
+
+The rules follow containers' ``registries.conf`` (v2):
+
+* The table whose ``prefix`` matches the reference's name (``domain/path``, without tag or digest) for the
+  longest stretch applies. A prefix ``host``, ``host/namespace`` or ``host/repo`` matches the name itself
+  and every name below it (``example.com/team`` matches ``example.com/team/app``, not
+  ``example.com/teams``); ``*.example.com`` matches any name on a subdomain of ``example.com`` (any port).
+  A reference no table matches is reached at its own domain.
+* ``location`` replaces the matched prefix: with ``prefix = "example.com/team"`` and ``location =
+  "registry.internal:5000/mirrored"``, ``example.com/team/app:1`` is ``registry.internal:5000/mirrored/app:1``
+  on the wire. A wildcard table without a location keeps the reference's own domain.
+* ``blocked = true`` refuses pulls and pushes of matching references (:class:`RegistryBlocked`).
+* Pulls try the table's mirrors in order (each rewriting the prefix to its own location), then the location;
+  a mirror with ``pull_from_mirror = "digest-only"`` serves only pulls by digest, ``"tag-only"`` only pulls
+  by tag. The endpoint that served the image's (top) manifest serves its config and layers; a blob it lacks
+  is asked of the endpoints after it. A mirror that fails (cannot be reached, 404, 5xx, refuses access,
+  sends something that does not verify) is passed over for the next endpoint; content is verified against
+  its digest whoever serves it. Pushes go to the location only.
+* ``insecure = true`` (on a table for its location, on a mirror for the mirror) allows plain HTTP there, as
+  ``[images] insecure_registries`` does. Credentials are looked up for each endpoint's host; credentials given
+  for the pull or push (``--creds``) go to the location only.
+
+The image keeps the names it was asked for, whichever endpoint served it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from lamina.config import Config, RegistrySettings
+from lamina.errors import DigestMismatch, InvalidDocument, InvalidReference, LaminaError
+from lamina.formats import oci
+from lamina.formats.reference import Reference
+from lamina.registry.client import RegistryError
+
+log = logging.getLogger("lamina.registry.endpoints")
+
+T = TypeVar("T")
+
+#: How often a mirror is asked (retries included) before the next endpoint is tried.
+MIRROR_ATTEMPTS = 2
+
+
+class RegistryBlocked(RegistryError):
+    """The configuration blocks the registry a reference names."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One place to reach an image: the reference as that registry knows it."""
+
+    ref: Reference  # domain = the endpoint's host, path = the repository there
+    insecure: bool = False  # the [[registry]] or mirror table allows plain HTTP
+    mirror: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.ref.domain
+
+    @property
+    def repo(self) -> str:
+        return self.ref.path
+
+    def __str__(self) -> str:
+        return f"{'mirror' if self.mirror else 'source'} {self.ref.name}"
+
+
+def _match_length(prefix: str, ref: Reference) -> int:
+    """How much of ``ref.name`` the prefix covers, or -1 when it does not match."""
+    name = ref.name
+    if prefix.startswith("*."):
+        host = ref.domain.rsplit(":", 1)[0] if not ref.domain.endswith("]") else ref.domain
+        return len(ref.domain) if host.endswith(prefix[1:]) else -1
+    if name == prefix or name.startswith(prefix + "/"):
+        return len(prefix)
+    return -1
+
+
+def find_settings(config: Config, ref: Reference) -> tuple[RegistrySettings, int] | None:
+    """The ``[[registry]]`` table for ``ref`` (the longest matching prefix) and how much of its name matched."""
+    best: tuple[RegistrySettings, int] | None = None
+    for table in config.registry.per_registry:
+        length = _match_length(table.prefix, ref)
+        if length >= 0 and (best is None or len(table.prefix) > len(best[0].prefix)):
+            best = (table, length)
+    return best
+
+
+def _rewrite(location: str, ref: Reference, matched: int) -> Reference:
+    """``ref`` with its first ``matched`` characters of name replaced by ``location``."""
+    if not location:
+        return ref
+    name = location + ref.name[matched:]
+    host, _, repo = name.partition("/")
+    try:
+        return Reference(host, repo, ref.tag, ref.digest)
+    except InvalidReference as e:
+        raise RegistryError(f"the registry location {location!r} makes no valid reference of {ref}: {e.message}") \
+            from None
+
+
+def _blocked(table: RegistrySettings, ref: Reference, action: str) -> RegistryBlocked:
+    return RegistryBlocked(f"cannot {action} {ref}: the registry {table.prefix} is blocked in the configuration")
+
+
+def push_endpoint(config: Config, ref: Reference) -> Endpoint:
+    """Where a push of ``ref`` goes: the location of its table (never a mirror)."""
+    found = find_settings(config, ref)
+    if found is None:
+        return Endpoint(ref)
+    table, matched = found
+    if table.blocked:
+        raise _blocked(table, ref, "push")
+    return Endpoint(_rewrite(table.location, ref, matched), insecure=table.insecure)
+
+
+def pull_endpoints(config: Config, ref: Reference) -> list[Endpoint]:
+    """Where a pull of ``ref`` looks, in order: the mirrors that serve this kind of pull, then the location."""
+    found = find_settings(config, ref)
+    if found is None:
+        return [Endpoint(ref)]
+    table, matched = found
+    if table.blocked:
+        raise _blocked(table, ref, "pull")
+    skip = "tag-only" if ref.digest is not None else "digest-only"
+    out = [
+        Endpoint(_rewrite(m.location, ref, matched), insecure=m.insecure, mirror=True)
+        for m in table.mirrors
+        if m.pull_from_mirror != skip
+    ]
+    out.append(Endpoint(_rewrite(table.location, ref, matched), insecure=table.insecure))
+    return out
+
+
+def mount_sources(config: Config, host: str, domain: str, repos: list[str]) -> list[str]:
+    """The repositories ``repos`` (named on ``domain``) as they are called on ``host``, for those the
+    configuration puts there (the candidates a push may mount blobs from)."""
+    out: list[str] = []
+    for repo in repos:
+        try:
+            endpoint = push_endpoint(config, Reference(domain, repo))
+        except LaminaError:
+            continue
+        if endpoint.host == host and endpoint.repo not in out:
+            out.append(endpoint.repo)
+    return out
+
+
+# Failures after which the next endpoint is tried.
+_FALL_THROUGH = (RegistryError, DigestMismatch, InvalidDocument)
+
+
+class EndpointChain:
+    """The endpoints of one pull, used like a :class:`~lamina.registry.client.RegistryClient` by
+    :func:`lamina.registry.remote.read_remote` (``repo`` is the reference's repository; each endpoint reads
+    its own). The first manifest fixes the endpoint the rest of the image comes from; every request then
+    tries that endpoint and, when it fails, the ones after it. Thread-safe (a pull fetches layers
+    concurrently)."""
+
+    def __init__(self, ref: Reference, endpoints: list[Endpoint], connect: Callable[[Endpoint], Any]) -> None:
+        if not endpoints:
+            raise RegistryError(f"no endpoint to pull {ref} from")
+        self.ref = ref
+        self.endpoints = endpoints
+        self._connect = connect
+        self._clients: dict[int, Any] = {}
+        self._start: int | None = None  # the endpoint that served the first manifest
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> EndpointChain:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
+
+    def _client(self, index: int) -> Any:
+        with self._lock:
+            client = self._clients.get(index)
+            if client is None:
+                client = self._clients[index] = self._connect(self.endpoints[index])
+            return client
+
+    def _check(self, repo: str) -> None:
+        if repo != self.ref.path:
+            raise RegistryError(f"this pull reads {self.ref.path}, not {repo}")
+
+    def _first(self, what: str, call: Callable[[Any, Endpoint], T]) -> tuple[int, T]:
+        start = self._start or 0
+        failures: list[str] = []
+        last = len(self.endpoints) - 1
+        for index in range(start, len(self.endpoints)):
+            endpoint = self.endpoints[index]
+            try:
+                return index, call(self._client(index), endpoint)
+            except _FALL_THROUGH as e:
+                if index == last:
+                    if failures:
+                        raise _with_note(e, "; ".join(failures)) from e
+                    raise
+                log.debug("%s: %s from %s failed (%s); trying %s", self.ref, what, endpoint, e,
+                          self.endpoints[index + 1])
+                failures.append(f"{endpoint}: {e}")
+        raise AssertionError("unreachable")
+
+    def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, str]:
+        self._check(repo)
+        index, found = self._first(f"manifest {reference}", lambda c, ep: c.get_manifest(ep.repo, reference))
+        result: tuple[bytes, str, str] = found
+        if self._start is None:
+            self._start = index
+        log.debug("%s: manifest %s from %s", self.ref, result[2], self.endpoints[index])
+        return result
+
+    def open_blob(self, repo: str, digest: str, size: int) -> Any:
+        self._check(repo)
+        index, reader = self._first(f"blob {digest}", lambda c, ep: c.open_blob(ep.repo, digest, size))
+        log.debug("%s: blob %s from %s", self.ref, digest, self.endpoints[index])
+        return reader
+
+    def open_blob_at(self, repo: str, digest: str, size: int, offset: int) -> Any:
+        """A blob's bytes from ``offset`` on, unverified (the caller hashes the whole blob): the bytes before
+        may have come from another endpoint."""
+        self._check(repo)
+        index, stream = self._first(f"blob {digest}", lambda c, ep: c.open_blob_at(ep.repo, digest, size, offset))
+        log.debug("%s: blob %s from %s%s", self.ref, digest, self.endpoints[index],
+                  f" (bytes {offset}- of {size})" if offset else "")
+        return stream
+
+    def open_blob_urls(self, desc: oci.Descriptor) -> Any:
+        reader = self._client(self._start or 0).open_blob_urls(desc)
+        log.debug("%s: blob %s from its URLs", self.ref, desc.digest)
+        return reader
+
+
+def _with_note(error: LaminaError, note: str) -> LaminaError:
+    """``error`` saying which mirrors failed before it (same class when it can be made so)."""
+    message = f"{error.message} (mirrors tried first: {note})"
+    try:
+        return type(error)(message)
+    except TypeError:
+        return RegistryError(message)
