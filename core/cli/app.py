@@ -104,14 +104,15 @@ def emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
         table()
 
 
-def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--format`` on a command too (``lamina info --format json``), overriding the global one."""
+def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "json")) -> Callable[..., Any]:
+    """``--format`` on a command too (``lamina info --format json``), overriding the global one; a command may
+    offer more ``choices`` than the global option's (``info --format prometheus``)."""
 
     def set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
         if value is not None and isinstance(ctx.obj, Globals):
             ctx.obj.format = value
 
-    return click.option("--format", "fmt_local", type=click.Choice(["table", "json"]), default=None,
+    return click.option("--format", "fmt_local", type=click.Choice(list(choices)), default=None,
                         expose_value=False, callback=set_format, help="Output format.")(f)
 
 
