@@ -269,8 +269,8 @@ class ImageService:
         ``since``/``until``: Unix seconds, or as ``docker events`` reads them, an RFC 3339 time or a
         duration before now (``10m``). ``filters``: ``type`` (image, container, layer), ``event`` (the
         action), ``image``, ``container``, ``layer`` (ID, ID prefix or name). Without ``since``, all the
-        events kept, or with ``follow`` only new ones; ``follow`` waits for more until ``until`` has passed
-        (forever without it: stop iterating to end)."""
+        events kept, or only new ones when following without ``until``; ``follow`` waits for more until
+        ``until`` has passed (forever without it: stop iterating to end)."""
         from lamina.formats.reference import parse_normalized
         from lamina.store.events import parse_filters, parse_time
 
@@ -550,7 +550,7 @@ class ImageService:
             progress=progress,
         )
         for item in loaded:
-            self._event("image", "load", item.image.id, self._name_of(item.image))
+            self._event("image", "load", item.image.id, self._name_of(item.image, next(iter(item.names), None)))
         return loaded
 
     @_timed("image.save")

@@ -9,7 +9,7 @@ from lamina.cli.app import Globals, cli, format_option
 
 @cli.command()
 @click.option("--since", metavar="TIME", help="Show the events from TIME on (RFC 3339, Unix seconds, or a "
-              "duration before now such as 10m); without it only new events.")
+              "duration before now such as 10m); without it (nor --until) only new events.")
 @click.option("--until", metavar="TIME", help="Stop at TIME (same forms as --since) instead of following forever.")
 @click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
               help="type=image|container|layer, event=ACTION, image=NAME|ID, container=NAME|ID, layer=ID "

@@ -241,11 +241,16 @@ class EventLog:
         follow: bool = False,
         poll_s: float = POLL_S,
     ) -> Iterator[Event]:
-        """The events from ``since_ns`` (all kept, or with ``follow`` only new ones, when None) up to
-        ``until_ns``, oldest first, that pass ``filters``. With ``follow`` it waits for new ones, until
-        ``until_ns`` has passed when given, else for as long as the caller iterates."""
-        filters = filters or {}
-        seq = self.last_seq() if follow and since_ns is None else 0
+        """The events from ``since_ns`` up to ``until_ns``, oldest first, that pass ``filters``: without
+        ``since_ns`` all kept, or (docker's rule) only new ones when following without ``until_ns`` either.
+        With ``follow`` it waits for new ones, until ``until_ns`` has passed when given, else for as long as
+        the caller iterates."""
+        # where "new" starts is fixed now, not when the caller first asks for an event
+        seq = self.last_seq() if follow and since_ns is None and until_ns is None else 0
+        return self._read(seq, since_ns, until_ns, filters or {}, follow, poll_s)
+
+    def _read(self, seq: int, since_ns: int | None, until_ns: int | None, filters: dict[str, list[str]],
+              follow: bool, poll_s: float) -> Iterator[Event]:
         while True:
             seen = self.version()
             batch = self.after(seq, since_ns=since_ns)
