@@ -300,6 +300,7 @@ def test_a_read_only_store_records_nothing(tmp_path: Path, two_images: tuple[Pat
     with loop_ext4(tmp_path, 16) as disk:
         ro_store = (disk / "root", tmp_path / "run")  # the store read-only, its run root writable
         ro_run = (tmp_path / "root", disk / "run")  # the run root read-only
+        old_run = (tmp_path / "root3", disk / "run3")  # the same, made by a lamina without the event log
 
         def cli(where: tuple[Path, Path], *args: str) -> bytes:
             proc = subprocess.run(
@@ -314,6 +315,11 @@ def test_a_read_only_store_records_nothing(tmp_path: Path, two_images: tuple[Pat
 
         cli(ro_store, "--driver", "vfs", "import", str(two_images[0]), "a:1")
         cli(ro_run, "--driver", "vfs", "import", str(two_images[1]), "b:1")
+        cli(old_run, "--driver", "vfs", "import", str(two_images[1]), "b:1")
+        db = sqlite3.connect(old_run[1] / "mounts.db")
+        db.execute("DROP TABLE events")
+        db.commit()
+        db.close()
         remount(disk, read_only=True)
         try:
             cli(ro_store, "save", "-o", str(tmp_path / "a.tar"), "a:1")
@@ -322,11 +328,15 @@ def test_a_read_only_store_records_nothing(tmp_path: Path, two_images: tuple[Pat
             cli(ro_run, "tag", "b:1", "c:1")
             assert b"c" in cli(ro_run, "images")
             assert actions(ro_run) == ["import"]
+            cli(old_run, "tag", "b:1", "c:1")
+            assert actions(old_run) == []
         finally:
             remount(disk, read_only=False)
         assert actions(ro_run) == ["import"]
         cli(ro_run, "tag", "b:1", "d:1")
         assert actions(ro_run) == ["import", "tag"]
+        cli(old_run, "tag", "b:1", "d:1")  # a writable run root gets the table when the store opens
+        assert actions(old_run) == ["tag"]
 
 
 def test_layer_container_commit_and_squash_events(tmp_path: Path, two_images: tuple[Path, Path]) -> None:

@@ -198,7 +198,7 @@ class LaminaGroup(click.Group):
 @click.option("--config", "config", metavar="FILE", help="Configuration file (default: $LAMINA_CONFIG, "
               "/etc/lamina/storage.toml, $XDG_CONFIG_HOME/lamina/storage.toml).")
 @click.option("--root", metavar="DIR", help="Store root directory.")
-@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts).")
+@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts, timings, events).")
 @click.option("--driver", metavar="NAME", help="Storage driver (also $LAMINA_DRIVER).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output format.")
