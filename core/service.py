@@ -272,15 +272,19 @@ class ImageService:
         events kept, or only new ones when following without ``until``; ``follow`` waits for more until
         ``until`` has passed (forever without it: stop iterating to end)."""
         from lamina.formats.reference import parse_normalized
-        from lamina.store.events import parse_filters, parse_time
+        from lamina.store.events import parse_filters
+        from lamina.timespec import parse_time
 
         wanted = parse_filters(filters)
         for i, value in enumerate(wanted.get("image", [])):
             with contextlib.suppress(LaminaError):  # not a name: an ID or ID prefix
                 wanted["image"][i] = parse_normalized(value).familiar()
         now = time.time()
-        since_ns = None if since is None else parse_time(since, now, what="--since")
-        until_ns = None if until is None else parse_time(until, now, what="--until")
+
+        def ns(t: str | float | None) -> int | None:
+            return None if t is None else int((t if isinstance(t, (int, float)) else parse_time(t, now)) * 1e9)
+
+        since_ns, until_ns = ns(since), ns(until)
         return self.store.events.read(since_ns=since_ns, until_ns=until_ns, filters=wanted, follow=follow)
 
     def _event(self, type: str, action: str, id: str, name: str = "", **attrs: str) -> None:
@@ -457,11 +461,13 @@ class ImageService:
         self._removal_events(img.id, out)
         return out
 
-    def _removal_events(self, image_id: str, entries: list[dict[str, str]]) -> None:
-        """``untag`` and ``delete`` events for the ``Untagged``/``Deleted`` entries of an untag or delete."""
-        for entry in entries:
+    def _removal_events(self, image_id: str | None, entries: list[dict[str, str]]) -> None:
+        """``untag`` and ``delete`` events for the ``Untagged``/``Deleted`` entries of an untag, delete or prune;
+        without ``image_id`` a name belongs to the image deleted next (a prune lists each image so)."""
+        for i, entry in enumerate(entries):
             if "Untagged" in entry:
-                self._event("image", "untag", image_id, entry["Untagged"])
+                owner = image_id or next((e["Deleted"] for e in entries[i:] if "Deleted" in e), "")
+                self._event("image", "untag", owner, entry["Untagged"])
             else:
                 self._event("image", "delete", entry["Deleted"])
 
@@ -480,14 +486,19 @@ class ImageService:
         self._removal_events(image_id, out)
         return out
 
+    @_timed("image.prune")
     def images_prune(self, filters: dict[str, list[str]] | None = None) -> PruneReport:
         """Docker's ImagesPrune: remove images without a tag (``dangling=false``: every image) that no container
         uses, filtered by ``until`` (created before: a duration such as ``24h``, a Unix time or a date) and
         ``label``/``label!`` (``KEY`` or ``KEY=VALUE``); returns what went and the bytes reclaimed."""
         from lamina.images import ops as images
 
-        return images.prune(self.image_store, filters or {})
+        report = images.prune(self.image_store, filters or {})
+        self._removal_events(None, report.deleted)
+        self._event("image", "prune", "", reclaimed=str(report.reclaimed))
+        return report
 
+    @_timed("system.prune")
     def system_prune(self, all: bool = False) -> dict[str, Any]:
         """``lamina system prune``: stopped containers, then images without a tag (``all``: every image no
         container uses), then layers and blobs nothing references and partial downloads no pull carries on.
@@ -509,6 +520,7 @@ class ImageService:
                 log.info("container %s stays: %s", c.short_id, e.message)
                 continue
             containers.append(c.id)
+            self._container_event(c, "remove")
             init_layers.add(c.init_layer)
             reclaimed += rw
         left = {layer.cache_id for layer in self._layers.all()}
@@ -518,6 +530,8 @@ class ImageService:
         before: dict[str, int] = {layer.chain_id: layer.size for layer in self._layers.all()}
         layers = [str(c) for c in self._layers.collect_orphans()]
         reclaimed += sum(before.get(c, 0) for c in layers)
+        for chain in layers:
+            self._event("layer", "remove", chain)
         self.image_store.gc()
         content = self.image_store.content
         blobs = {d: n for d, n in stray.items() if not content.exists(d)}

@@ -217,7 +217,7 @@ def test_since_until_and_filters(tmp_path: Path, two_images: tuple[Path, Path]) 
         for bad in (["type=volume"], ["color=red"], ["image"]):
             with pytest.raises(LaminaError, match="invalid"):
                 seen(filters=bad)
-        with pytest.raises(LaminaError, match="invalid --since"):
+        with pytest.raises(LaminaError, match="invalid time"):
             seen(since="yesterday")
 
     # the CLI: the same picks; lines of TIME TYPE ACTION ID NAME (ATTRIBUTES)
@@ -365,6 +365,32 @@ def test_layer_container_commit_and_squash_events(tmp_path: Path, two_images: tu
         ("container", "commit", c.id, "box", {**ref, "committedID": committed.id, "imageRef": "committed:1"}),
         ("image", "squash", squashed.id, "", {"source": committed.id}),
     ]
+
+
+def test_prune_events(tmp_path: Path, two_images: tuple[Path, Path]) -> None:
+    with _svc(tmp_path) as svc:
+        with open(two_images[0], "rb") as f:
+            dangling = svc.import_image(f)
+        with open(two_images[1], "rb") as f:
+            kept = svc.import_image(f, "b:1")
+        c = svc.create_container("b:1", name="box")
+        start = time.time()
+        report = svc.images_prune()
+        assert report.deleted == [{"Deleted": dangling.id}]
+        system = svc.system_prune(all=True)
+        assert system["ContainersDeleted"] == [c.id]
+        got = [(e.type, e.action, e.id, e.name, e.attributes) for e in svc.events(since=start)]
+        timings = svc.recorded_timings()
+    assert got == [
+        ("image", "delete", dangling.id, "", {}),
+        ("image", "prune", "", "", {"reclaimed": str(report.reclaimed)}),
+        ("container", "remove", c.id, "box", {"image": "b:1", "imageID": kept.id}),
+        ("image", "untag", kept.id, "b:1", {}),
+        ("image", "delete", kept.id, "", {}),
+        ("image", "prune", "", "", {"reclaimed": got[-1][4]["reclaimed"]}),
+    ]
+    assert int(got[-1][4]["reclaimed"]) > 0
+    assert timings["image.prune"]["calls"] == 2 and timings["system.prune"]["calls"] == 1
 
 
 def test_run_start_and_exit(tmp_path: Path, debian_image_docker_archive: ImageFacts) -> None:

@@ -38,7 +38,7 @@ _BATCH = 500
 
 
 class EventError(LaminaError):
-    """A bad ``--since``/``--until`` time or ``--filter``."""
+    """A bad ``--filter``."""
 
 
 @dataclass(frozen=True)
@@ -77,35 +77,7 @@ class Event:
         return " ".join(out)
 
 
-# -- times and filters -------------------------------------------------------------------------------------
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_time(value: str | float | int | datetime, now: float | None = None, *, what: str = "time") -> int:
-    """A point in time as nanoseconds since the epoch, the way ``docker events`` reads ``--since``/``--until``:
-    an RFC 3339 date (a naive one in local time), Unix seconds (``1700000000.5``), or a duration like ``10m``
-    or ``1h30m`` meaning that long before ``now``."""
-    if isinstance(value, datetime):
-        return int(value.timestamp() * 1_000_000_000)
-    if isinstance(value, (int, float)):
-        return int(value * 1_000_000_000)
-    text = value.strip()
-    now = time.time() if now is None else now
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        whole, _, frac = text.partition(".")
-        return int(whole) * 1_000_000_000 + int((frac + "0" * 9)[:9])
-    if text and _DURATION.sub("", text) == "" and _DURATION.match(text):
-        secs = sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
-        return int((now - secs) * 1_000_000_000)
-    try:
-        return int(datetime.fromisoformat(text.replace("z", "Z")).timestamp() * 1_000_000_000)
-    except ValueError:
-        raise EventError(
-            f"invalid {what} {value!r}: give an RFC 3339 time, Unix seconds or a duration like 10m"
-        ) from None
-
-
+# -- filters -----------------------------------------------------------------------------------------------
 def parse_filters(items: list[str] | dict[str, list[str]] | None) -> dict[str, list[str]]:
     """``key=value`` filters (or a dict of them) checked: keys of :data:`FILTER_KEYS`, types of :data:`TYPES`.
     Values of one key are alternatives; different keys must all match."""
