@@ -8,6 +8,7 @@
     runroot = "/run/lamina"
     driver_priority = ["overlay", "vfs"]
     additional_image_stores = []        # other lamina stores' roots, used read-only (a shared filesystem)
+    max_events = 10000                  # the newest events `lamina events` keeps (in the run root)
 
     [storage.limits]                    # guards against decompression bombs while applying a layer
     max_layer_bytes = 68719476736
@@ -116,6 +117,7 @@ class Config:
     runtime: str = "runc"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     additional_image_stores: tuple[Path, ...] = ()  # roots of stores whose images are used read-only
+    max_events: int = 10_000
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -215,7 +217,8 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
             _positive(images[key], f"{where}: images.{key}")
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
-    known = {"driver", "root", "runroot", "driver_priority", "options", "limits", "additional_image_stores"}
+    known = {"driver", "root", "runroot", "driver_priority", "options", "limits", "additional_image_stores",
+             "max_events"}
     unknown = sorted(set(storage) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [storage]: {', '.join(unknown)}")
@@ -310,6 +313,7 @@ def load_config(
         runtime=str(storage.get("runtime", "runc")),
         registry=_registry_config(storage.get("registry", {})),
         additional_image_stores=tuple(Path(p) for p in dict.fromkeys(shared)),
+        max_events=_positive(storage.get("max_events", 10_000), f"{where}: storage.max_events"),
     )
 
 

@@ -11,16 +11,19 @@ Method names follow Docker's ImageService in snake_case. It covers the layer sto
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 
 from lamina.config import Config, load_config
 from lamina.contract import Capabilities, Change
 from lamina.errors import ContainerNotFound, ImageConflict, ImageError, ImageNotFound, LaminaError, LayerNotFound
-from lamina.plugins.discovery import DriverCatalog
+from lamina.plugins.discovery import DriverCatalog, OpStats
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
 from lamina.tar.compression import Readable
@@ -33,10 +36,41 @@ if TYPE_CHECKING:
     from lamina.images.transfer import Loaded, ProgressFn
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
-    from lamina.store.images import ImageStore
+    from lamina.store.events import Event
+    from lamina.store.images import ImageRecord, ImageStore
     from lamina.store.usage import DiskUsage
 
 log = logging.getLogger("lamina.service")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _timed(op: str) -> Callable[[Callable[Concatenate[ImageService, _P], _R]],
+                                 Callable[Concatenate[ImageService, _P], _R]]:
+    """Count an ImageService method's calls, errors and wall time as operation ``op`` (``image.pull``), kept
+    with the driver's hook timings (the run root's ``timings``; ``lamina info``)."""
+
+    def wrap(f: Callable[Concatenate[ImageService, _P], _R]) -> Callable[Concatenate[ImageService, _P], _R]:
+        @functools.wraps(f)
+        def timed(self: ImageService, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            t0 = time.perf_counter()
+            failed = True
+            try:
+                out = f(self, *args, **kwargs)
+                failed = False
+                return out
+            finally:
+                dt = time.perf_counter() - t0
+                st = self.store.driver.observer.stats.setdefault(op, OpStats())
+                st.calls += 1
+                st.errors += failed
+                st.total_s += dt
+                st.max_s = max(st.max_s, dt)
+
+        return timed
+
+    return wrap
 
 
 class ImageService:
@@ -222,7 +256,55 @@ class ImageService:
     def timings(self) -> dict[str, dict[str, Any]]:
         return {k: v.as_dict() for k, v in sorted(self.store.driver.observer.stats.items())}
 
+    # -- events ---------------------------------------------------------------------------------------
+    def events(
+        self,
+        since: str | float | None = None,
+        until: str | float | None = None,
+        filters: dict[str, list[str]] | list[str] | None = None,
+        follow: bool = False,
+    ) -> Iterator[Event]:
+        """The events of every process using the store, oldest first (``lamina events``).
+
+        ``since``/``until``: Unix seconds, or as ``docker events`` reads them, an RFC 3339 time or a
+        duration before now (``10m``). ``filters``: ``type`` (image, container, layer), ``event`` (the
+        action), ``image``, ``container``, ``layer`` (ID, ID prefix or name). Without ``since``, all the
+        events kept, or only new ones when following without ``until``; ``follow`` waits for more until
+        ``until`` has passed (forever without it: stop iterating to end)."""
+        from lamina.formats.reference import parse_normalized
+        from lamina.store.events import parse_filters
+        from lamina.timespec import parse_time
+
+        wanted = parse_filters(filters)
+        for i, value in enumerate(wanted.get("image", [])):
+            with contextlib.suppress(LaminaError):  # not a name: an ID or ID prefix
+                wanted["image"][i] = parse_normalized(value).familiar()
+        now = time.time()
+
+        def ns(t: str | float | None) -> int | None:
+            return None if t is None else int((t if isinstance(t, (int, float)) else parse_time(t, now)) * 1e9)
+
+        since_ns, until_ns = ns(since), ns(until)
+        return self.store.events.read(since_ns=since_ns, until_ns=until_ns, filters=wanted, follow=follow)
+
+    def _event(self, type: str, action: str, id: str, name: str = "", **attrs: str) -> None:
+        """Record that ``action`` was done to an image, container or layer; call it once the action has
+        succeeded. Never fails (an event that cannot be written is dropped)."""
+        self.store.events.append(type, action, id, name, attrs)
+
+    @staticmethod
+    def _name_of(record: ImageRecord | None, name: str | None = None) -> str:
+        """An image's name as events show it: ``name`` if given, else its first tag (familiar), else none."""
+        from lamina.formats.reference import parse_normalized
+
+        chosen = name or (record.tags[0] if record is not None and record.tags else "")
+        try:
+            return parse_normalized(chosen).familiar() if chosen else ""
+        except LaminaError:
+            return chosen  # an ID or ID prefix
+
     # -- layers ---------------------------------------------------------------------------------------
+    @_timed("layer.create")
     def register_layer(
         self,
         stream: BinaryIO | Readable,
@@ -235,9 +317,11 @@ class ImageService:
 
         The caller holds one reference on the returned layer until :meth:`release_layer`.
         """
-        return self._layers.register(
+        layer = self._layers.register(
             stream, parent, expected_diff_id=expected_diff_id, expected_digest=expected_digest
         )
+        self._event("layer", "create", layer.chain_id, **({"parent": parent} if parent else {}))
+        return layer
 
     def get_layer(self, ref: str) -> Layer:
         """A layer by ChainID or unique ChainID hex prefix."""
@@ -249,11 +333,15 @@ class ImageService:
     def retain_layer(self, chain: str) -> Layer:
         return self._layers.retain(chain)
 
+    @_timed("layer.remove")
     def release_layer(self, ref: str) -> list[str]:
         """Drop one reference taken by :meth:`register_layer` or :meth:`retain_layer`; returns the ChainIDs
         removed as a result. References that images and containers hold are not the caller's to drop: a
         layer they use is refused (:class:`LayerInUse` names them), and so is one with child layers."""
-        return list(self._layers.release(self._layers.find(ref).chain_id))
+        removed = [str(c) for c in self._layers.release(self._layers.find(ref).chain_id)]
+        for chain in removed:
+            self._event("layer", "remove", chain)
+        return removed
 
     def export_layer(self, ref: str) -> BinaryIO:
         """The exact tar stream of a layer; raises ExportError at its end if it no longer matches."""
@@ -268,12 +356,20 @@ class ImageService:
         with self._layers.mounted(self._layers.find(ref).cache_id) as path:
             yield path
 
+    @_timed("layer.mount")
     def mount_layer(self, ref: str) -> str:
         """Take a mount reference that outlives this process (``lamina mount``); see unmount_layer."""
-        return self._layers.mount(self._layers.find(ref).cache_id)
+        layer = self._layers.find(ref)
+        path = self._layers.mount(layer.cache_id)
+        self._event("layer", "mount", layer.chain_id)
+        return path
 
+    @_timed("layer.unmount")
     def unmount_layer(self, ref: str, force: bool = False) -> int:
-        return self._layers.unmount(self._layers.find(ref).cache_id, force=force)
+        layer = self._layers.find(ref)
+        left = self._layers.unmount(layer.cache_id, force=force)
+        self._event("layer", "unmount", layer.chain_id)
+        return left
 
     def layer_mount_count(self, ref: str) -> int:
         return self._layers.mount_count(self._layers.find(ref).cache_id)
@@ -343,20 +439,39 @@ class ImageService:
         other, img = self._owner(ref)
         return images.history(other.image_store, img)
 
+    @_timed("image.tag")
     def tag_image(self, ref: str, new_name: str) -> str:
         """Give an image another name; returns the normalized name."""
         from lamina.images import ops as images
 
         self._only_here(ref)
-        return images.tag(self.image_store, self.get_image(ref), new_name)
+        img = self.get_image(ref)
+        name = images.tag(self.image_store, img, new_name)
+        self._event("image", "tag", img.id, self._name_of(None, name))
+        return name
 
+    @_timed("image.untag")
     def untag_image(self, ref: str, name: str) -> list[dict[str, str]]:
         """Remove one name; an image left with no name and no children is deleted (cri-o's UntagImage)."""
         from lamina.images import ops as images
 
         self._only_here(ref)
-        return images.untag(self.image_store, self.get_image(ref), name, self._image_users)
+        img = self.get_image(ref)
+        out = images.untag(self.image_store, img, name, self._image_users)
+        self._removal_events(img.id, out)
+        return out
 
+    def _removal_events(self, image_id: str | None, entries: list[dict[str, str]]) -> None:
+        """``untag`` and ``delete`` events for the ``Untagged``/``Deleted`` entries of an untag, delete or prune;
+        without ``image_id`` a name belongs to the image deleted next (a prune lists each image so)."""
+        for i, entry in enumerate(entries):
+            if "Untagged" in entry:
+                owner = image_id or next((e["Deleted"] for e in entries[i:] if "Deleted" in e), "")
+                self._event("image", "untag", owner, entry["Untagged"])
+            else:
+                self._event("image", "delete", entry["Deleted"])
+
+    @_timed("image.delete")
     def image_delete(self, ref: str, force: bool = False, prune: bool = True) -> list[dict[str, str]]:
         """Docker's ImageDelete: untag by name, delete by ID; returns ``Untagged``/``Deleted`` entries.
 
@@ -366,16 +481,24 @@ class ImageService:
         from lamina.images import ops as images
 
         self._only_here(ref)
-        return images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
+        image_id = self.get_image(ref).id
+        out = images.delete(self.image_store, ref, force=force, prune=prune, users=self._image_users)
+        self._removal_events(image_id, out)
+        return out
 
+    @_timed("image.prune")
     def images_prune(self, filters: dict[str, list[str]] | None = None) -> PruneReport:
         """Docker's ImagesPrune: remove images without a tag (``dangling=false``: every image) that no container
         uses, filtered by ``until`` (created before: a duration such as ``24h``, a Unix time or a date) and
         ``label``/``label!`` (``KEY`` or ``KEY=VALUE``); returns what went and the bytes reclaimed."""
         from lamina.images import ops as images
 
-        return images.prune(self.image_store, filters or {})
+        report = images.prune(self.image_store, filters or {})
+        self._removal_events(None, report.deleted)
+        self._event("image", "prune", "", reclaimed=str(report.reclaimed))
+        return report
 
+    @_timed("system.prune")
     def system_prune(self, all: bool = False) -> dict[str, Any]:
         """``lamina system prune``: stopped containers, then images without a tag (``all``: every image no
         container uses), then layers and blobs nothing references and partial downloads no pull carries on.
@@ -397,6 +520,7 @@ class ImageService:
                 log.info("container %s stays: %s", c.short_id, e.message)
                 continue
             containers.append(c.id)
+            self._container_event(c, "remove")
             init_layers.add(c.init_layer)
             reclaimed += rw
         left = {layer.cache_id for layer in self._layers.all()}
@@ -406,6 +530,8 @@ class ImageService:
         before: dict[str, int] = {layer.chain_id: layer.size for layer in self._layers.all()}
         layers = [str(c) for c in self._layers.collect_orphans()]
         reclaimed += sum(before.get(c, 0) for c in layers)
+        for chain in layers:
+            self._event("layer", "remove", chain)
         self.image_store.gc()
         content = self.image_store.content
         blobs = {d: n for d, n in stray.items() if not content.exists(d)}
@@ -426,17 +552,22 @@ class ImageService:
 
         return [ImageUser(c.id, c.status == "running") for c in self.container_store.using_image(image_id)]
 
+    @_timed("image.load")
     def load_image(
         self, path: str | os.PathLike[str], *, platform: Platform | None = None, progress: ProgressFn | None = None
     ) -> list[Loaded]:
         """Load every image of a docker-archive or OCI layout (directory or tar)."""
         from lamina.images import transfer
 
-        return transfer.load(
+        loaded = transfer.load(
             self.image_store, path, platform=platform, keep_layer_blobs=self.config.keep_layer_blobs,
             progress=progress,
         )
+        for item in loaded:
+            self._event("image", "load", item.image.id, self._name_of(item.image, next(iter(item.names), None)))
+        return loaded
 
+    @_timed("image.save")
     def export_image(self, refs: list[str], path: str | os.PathLike[str], format: str = "docker-archive") -> None:
         """Save images as ``docker-archive``, ``oci-dir`` or ``oci-archive`` at ``path``; a repository without
         tag or digest among ``refs`` means each of its tagged images (``docker save repo``)."""
@@ -455,7 +586,14 @@ class ImageService:
                              "save them to separate archives")
         owner = next(iter(owners.values()), self)
         images.save(owner.image_store, refs, path, format, owner.config.keep_layer_blobs)
+        for ref in refs:
+            try:
+                image_id = owner.get_image(ref).id
+            except LaminaError:
+                image_id = ""  # a repository: each of its tagged images went
+            self._event("image", "save", image_id, self._name_of(None, ref), format=format)
 
+    @_timed("image.import")
     def import_image(
         self,
         stream: BinaryIO | Readable,
@@ -468,9 +606,12 @@ class ImageService:
         """A one-layer image from a root filesystem tar (any compression lamina reads)."""
         from lamina.images import ops as images
 
-        return images.import_rootfs(self.image_store, stream, ref, changes or [], message, platform)
+        img = images.import_rootfs(self.image_store, stream, ref, changes or [], message, platform)
+        self._event("image", "import", img.id, self._name_of(img.record))
+        return img
 
     # -- containers -----------------------------------------------------------------------------------
+    @_timed("container.create")
     def create_container(
         self, image_ref: str, name: str | None = None, labels: dict[str, str] | None = None
     ) -> Container:
@@ -487,7 +628,15 @@ class ImageService:
             except LayerNotFound:
                 raise ImageNotFound(f"image {img.short_id} was removed") from None
             with self._layers.mounted(layer.cache_id) as path:
-                return self.container_store.create(img.id, top, name, dict(labels or {}), exists_in(path), lease)
+                c = self.container_store.create(img.id, top, name, dict(labels or {}), exists_in(path), lease)
+        self._container_event(c, "create")
+        return c
+
+    def _container_event(self, c: Container, action: str, **attrs: str) -> None:
+        """An event about a container; its image is named (docker's ``image`` attribute) and given by ID."""
+        tags = self.image_tags(c.image_id)
+        image = self._name_of(None, tags[0]) if tags else c.image_id
+        self._event("container", action, c.id, c.name or "", image=image, imageID=c.image_id, **attrs)
 
     create_layer = create_container
 
@@ -505,9 +654,13 @@ class ImageService:
         except ImageNotFound:
             return ()
 
+    @_timed("container.mount")
     def mount(self, ref: str) -> str:
         """Mount a container's root filesystem until :meth:`unmount` (refcounted); returns the path."""
-        return self._mount_container(self.get_container(ref), ref, scoped=False)
+        c = self.get_container(ref)
+        path = self._mount_container(c, ref, scoped=False)
+        self._container_event(c, "mount")
+        return path
 
     def _mount_container(self, c: Container, ref: str, *, scoped: bool) -> str:
         try:
@@ -515,8 +668,12 @@ class ImageService:
         except LayerNotFound:  # its read-write layer is on its way out with it
             raise ContainerNotFound(f"no container {ref!r}: it was removed") from None
 
+    @_timed("container.unmount")
     def unmount(self, ref: str, force: bool = False) -> int:
-        return self._layers.unmount(self.get_container(ref).rw_layer, force=force)
+        c = self.get_container(ref)
+        left = self._layers.unmount(c.rw_layer, force=force)
+        self._container_event(c, "unmount")
+        return left
 
     @contextmanager
     def perform_with_base_fs(self, ref: str) -> Iterator[str]:
@@ -551,12 +708,15 @@ class ImageService:
             cur = self._layers.parent_of(cur)
         return out[::-1]
 
+    @_timed("container.remove")
     def remove_container(self, ref: str, force: bool = False) -> str:
         """Remove a container and its layers; a mounted one only with ``force`` (it is unmounted)."""
         c = self.get_container(ref)
         self.container_store.remove(c, force=force)
+        self._container_event(c, "remove")
         return c.id
 
+    @_timed("image.commit")
     def commit_image(
         self,
         ref: str,
@@ -574,13 +734,11 @@ class ImageService:
 
         c = self.get_container(ref)
         img = self.get_image(c.image_id)
-        from lamina.errors import LaminaError
-
         with self.perform_with_base_fs(c.id):  # a concurrent rm without --force is refused meanwhile
             diff = self._layers.diff_of(c.rw_layer, c.init_layer)
             try:
-                return images.commit(self.image_store, img, diff, new_name, author=author, message=message,
-                                     changes=changes, config=config, container_config=container_config)
+                new = images.commit(self.image_store, img, diff, new_name, author=author, message=message,
+                                    changes=changes, config=config, container_config=container_config)
             except LaminaError:
                 if self.container_store.exists(c.id):
                     raise
@@ -588,6 +746,8 @@ class ImageService:
                 raise ContainerNotFound(f"container {c.name or c.short_id} was removed during the commit") from None
             finally:
                 diff.close()
+        self._container_event(c, "commit", imageRef=self._name_of(new.record), committedID=new.id)
+        return new
 
     # -- builder hooks (docker's builder backend) ------------------------------------------------------
     def commit_build_step(
@@ -674,6 +834,7 @@ class ImageService:
 
         return ContentGraph(self.image_store)
 
+    @_timed("image.squash")
     def squash_image(self, ref: str, parent: str | None = None) -> Image:
         """Docker's SquashImage: one new layer with the image's tree against ``parent`` (or all of it)."""
         from lamina.images import ops as images
@@ -684,9 +845,12 @@ class ImageService:
         base = self._layers.get(pimg.chain[-1]).cache_id if pimg and pimg.chain else None
         diff = self._layers.diff_of(top, base)
         try:
-            return images.squash(self.image_store, img, pimg, diff)
+            new = images.squash(self.image_store, img, pimg, diff)
         finally:
             diff.close()
+        self._event("image", "squash", new.id, self._name_of(new.record), source=img.id,
+                    **({"parent": pimg.id} if pimg else {}))
+        return new
 
     # -- running --------------------------------------------------------------------------------------
     def _spec(self, c: Container, rootfs: str, opts: dict[str, Any]) -> dict[str, Any]:
@@ -716,8 +880,10 @@ class ImageService:
             raise
         return spec
 
+    @_timed("container.run")
     def run_container(
         self,
+        /,
         image_ref: str,
         args: list[str] | None = None,
         *,
@@ -748,6 +914,7 @@ class ImageService:
                 write_bundle(str(bundle_dir), spec)
                 self.container_store.set_running(c.id)
                 started = True
+                self._container_event(c, "start")
                 code = run_bundle(
                     str(bundle_dir), c.id, runtime=self.config.runtime,
                     runtime_root=str(self._layers.runroot / "runtime"), stdin=stdin, stdout=stdout, stderr=stderr,
@@ -758,17 +925,22 @@ class ImageService:
             shutil.rmtree(bundle_dir, ignore_errors=True)
             if started and not remove and not isinstance(e, RuntimeFailure):
                 self.container_store.set_exited(c.id, code)  # it ran (and was interrupted): keep it, as docker does
+                self._container_event(c, "exit")
             else:
                 self.container_store.remove(self.get_container(c.id), force=True)
+                self._container_event(c, "remove")
             raise
         shutil.rmtree(bundle_dir, ignore_errors=True)
         self.container_store.set_exited(c.id, code)
+        self._container_event(c, "exit", exitCode=str(code))
         final = self.get_container(c.id)
         if remove:
             self.container_store.remove(final, force=True)
+            self._container_event(c, "remove")
         return final, int(code)
 
     # -- registries -----------------------------------------------------------------------------------
+    @_timed("image.pull")
     def pull_image(
         self,
         name: str,
@@ -803,8 +975,10 @@ class ImageService:
             creds=creds,
             progress=progress,
         )
+        self._event("image", "pull", pulled.loaded.image.id, self._name_of(None, pulled.reference))
         return images.load(self.image_store, pulled.loaded.image)
 
+    @_timed("image.push")
     def push_image(
         self,
         ref: str,
@@ -849,6 +1023,7 @@ class ImageService:
                 mount_from=same_registry,
             )
         store.touch([img.id])
+        self._event("image", "push", img.id, self._name_of(None, str(target)), digest=digest)
         return digest
 
     def login(self, host: str, user: str, password: str, *, tls_verify: bool | None = None) -> None:

@@ -12,6 +12,7 @@ One module per group of commands, each registering its commands on the click gro
 - :mod:`lamina.cli.containers` -- ``create``, ``ps``, ``mount``, ``umount``, ``diff``, ``commit``, ``rm``,
   ``squash``, ``run``, ``bundle``;
 - :mod:`lamina.cli.registry` -- ``pull``, ``push``, ``login``, ``logout``;
+- :mod:`lamina.cli.events` -- ``events``;
 - this module -- :func:`main`, the entry point (``lamina`` and ``python -m lamina``).
 
 Heavy modules (the store, drivers, compression libraries) are imported inside the commands, so
@@ -26,7 +27,7 @@ from collections.abc import Sequence
 
 import click
 
-from lamina.cli import containers, images, layers, registry, system  # noqa: F401 - registers the commands
+from lamina.cli import containers, events, images, layers, registry, system  # noqa: F401 - registers the commands
 from lamina.cli.app import cli, fail, interrupted, stop_on_signals
 
 __all__ = ["cli", "main"]

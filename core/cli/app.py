@@ -104,14 +104,15 @@ def emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
         table()
 
 
-def format_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--format`` on a command too (``lamina info --format json``), overriding the global one."""
+def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "json")) -> Callable[..., Any]:
+    """``--format`` on a command too (``lamina info --format json``), overriding the global one; a command may
+    offer more ``choices`` than the global option's (``info --format prometheus``)."""
 
     def set_format(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
         if value is not None and isinstance(ctx.obj, Globals):
             ctx.obj.format = value
 
-    return click.option("--format", "fmt_local", type=click.Choice(["table", "json"]), default=None,
+    return click.option("--format", "fmt_local", type=click.Choice(list(choices)), default=None,
                         expose_value=False, callback=set_format, help="Output format.")(f)
 
 
@@ -197,7 +198,7 @@ class LaminaGroup(click.Group):
 @click.option("--config", "config", metavar="FILE", help="Configuration file (default: $LAMINA_CONFIG, "
               "/etc/lamina/storage.toml, $XDG_CONFIG_HOME/lamina/storage.toml).")
 @click.option("--root", metavar="DIR", help="Store root directory.")
-@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts).")
+@click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts, timings, events).")
 @click.option("--driver", metavar="NAME", help="Storage driver (also $LAMINA_DRIVER).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output format.")

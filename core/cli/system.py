@@ -13,29 +13,83 @@ from lamina.cli.app import Globals, cli, emit, fail, format_option, human, print
 
 
 @cli.command()
-@format_option
+@lambda f: format_option(f, ("table", "json", "prometheus"))
 @click.pass_obj
 def info(g: Globals) -> None:
-    """Show the store, its driver's status and per-operation timings."""
+    """Show the store, its driver's status and the timings of lamina's operations (image.pull,
+    container.create, ...) and of the driver's hooks, summed over every process since the run root was made.
+
+    --format prometheus prints them, with the numbers of images, layers and containers and the disk usage,
+    in Prometheus' text exposition format (for node_exporter's textfile collector)."""
     with g.open() as svc:
         status = svc.layer_store_status()
         caps = svc.capabilities().as_dict()
         svc_usage = svc.layer_disk_usage()  # recorded sizes, as system df counts them
-        data = {
+        timings = svc.recorded_timings()
+        data: dict[str, Any] = {
             "store": dict(status),
             "capabilities": caps,
             "disk_usage": svc_usage,
-            "timings": svc.recorded_timings(),
+            "timings": timings,
             "version": __version__,
         }
+        if g.format == "prometheus":
+            counts = {"images": svc.count_images(), "layers": len(svc.layers()),
+                      "containers": len(svc.containers())}
+    if g.format == "prometheus":
+        click.echo(_prometheus(data, counts), nl=False)
+        return
 
     def table() -> None:
         for k, v in status:
             click.echo(f"{k}: {v}")
         click.echo("Capabilities: " + ", ".join(k for k, v in caps.items() if v))
         click.echo(f"Disk usage: {human(svc_usage)}")
+        ops = {k: v for k, v in timings.items() if "." in k}
+        if ops:
+            click.echo("Operations:")
+            for op, t in ops.items():
+                click.echo(f"  {op}: {t['calls']} calls, {t['errors']} errors, {t['total_ms']:.1f} ms in all, "
+                           f"{t['max_ms']:.1f} ms at most")
 
     emit(g, data, table)
+
+
+def _prometheus(data: dict[str, Any], counts: dict[str, int]) -> str:
+    """``info``'s numbers in Prometheus' text exposition format (version 0.0.4). Timings named ``kind.verb``
+    are lamina's operations (``op`` label); the others are the driver's hooks (``hook`` label)."""
+
+    def label(v: str) -> str:
+        return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    out: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: list[tuple[str, float | int]]) -> None:
+        out.append(f"# HELP {name} {text}")
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(f"{name}{labels} {value!r}" for labels, value in samples)
+
+    timings: dict[str, dict[str, Any]] = data["timings"]
+    for prefix, key, what in (("lamina_operation", "op", "lamina operation"),
+                              ("lamina_driver_hook", "hook", "storage driver hook")):
+        rows = [(f'{{{key}="{label(k)}"}}', v) for k, v in sorted(timings.items()) if ("." in k) == (key == "op")]
+        since = "by every process since the run root was created"
+        family(f"{prefix}_calls_total", "counter", f"Calls of a {what} {since}.",
+               [(lb, int(v["calls"])) for lb, v in rows])
+        family(f"{prefix}_errors_total", "counter", f"Calls of a {what} that failed, {since}.",
+               [(lb, int(v["errors"])) for lb, v in rows])
+        family(f"{prefix}_seconds_total", "counter", f"Wall time spent in a {what} {since}.",
+               [(lb, round(float(v["total_ms"]) / 1000, 6)) for lb, v in rows])
+        family(f"{prefix}_max_seconds", "gauge", f"The longest call of a {what} {since}.",
+               [(lb, round(float(v["max_ms"]) / 1000, 6)) for lb, v in rows])
+    for what, n in counts.items():
+        family(f"lamina_{what}", "gauge", f"{what.capitalize()} in the store.", [("", n)])
+    family("lamina_disk_bytes", "gauge", "Bytes the store's layers take on disk.", [("", int(data["disk_usage"]))])
+    store = data["store"]
+    family("lamina_info", "gauge", "The lamina version and the store's driver and root.",
+           [(f'{{version="{label(data["version"])}",driver="{label(store["Storage Driver"])}",'
+             f'root="{label(store["Root"])}"}}', 1)])
+    return "\n".join(out) + "\n"
 
 
 @cli.command()

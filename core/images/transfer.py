@@ -86,6 +86,7 @@ class _Counting:
 class Loaded:
     image: ImageRecord
     moved: list[str]  # names taken from other images
+    names: tuple[str, ...] = ()  # the names the archive gave it
 
 
 # -- load -----------------------------------------------------------------------------------------------
@@ -193,7 +194,7 @@ def load_source(
         manifests=manifests,
         blobs=blobs,
     ), lease)
-    return Loaded(record, moved)
+    return Loaded(record, moved, tuple(img.names))
 
 
 def _tagged(name: str) -> bool:

@@ -1,9 +1,9 @@
 """The store's database: connections, the schema and its migrations, transactions, process identity.
 
 Two SQLite files: ``root/lamina.db`` (layers, images, names, containers, leases: what must survive a
-reboot) and ``runroot/mounts.db`` (mount references and hook timings: as volatile as the mounts). Both run
-in WAL mode; every write is a ``BEGIN IMMEDIATE`` transaction with a busy timeout, so a check and the act
-it decides happen under one write lock, whichever process runs them.
+reboot) and ``runroot/mounts.db`` (mount references, timings and the event log: as volatile as the
+mounts). Both run in WAL mode; every write is a ``BEGIN IMMEDIATE`` transaction with a busy timeout, so
+a check and the act it decides happen under one write lock, whichever process runs them.
 
 No ``sqlite3`` exception leaves this module's callers: opening maps them to :class:`StoreError`, a busy
 store to :class:`StoreLocked`, a full disk (SQLITE_FULL) to :class:`StoreFull`, a read-only one to
@@ -143,7 +143,10 @@ CREATE TABLE IF NOT EXISTS timings (hook TEXT PRIMARY KEY, calls INTEGER, errors
     max_s REAL);
 CREATE TABLE IF NOT EXISTS mount_refs (id TEXT NOT NULL, holder TEXT NOT NULL, count INTEGER NOT NULL,
     path TEXT NOT NULL, PRIMARY KEY (id, holder));
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, time_ns INTEGER NOT NULL,
+    type TEXT NOT NULL, action TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL, attrs TEXT NOT NULL);
 """
+_RUN_TABLES = ("timings", "mount_refs", "events")
 
 _BOOT_TIME: list[float] = []
 
@@ -408,7 +411,10 @@ class Database:
             raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
         if row is None or int(row) < SCHEMA_VERSION:
             self._create_schema()
-        if not self._run_ready():  # a new run root (after a reboot) beside an existing store
+        missing = self._run_missing()
+        # a new run root (after a reboot) beside an existing store; one that takes no writes may lack the
+        # event log (of an older lamina), which then records nothing
+        if missing and (self.run_refusal is None or missing != {"events"}):
             with self.tx(runroot=True) as mdb:
                 for statement in _RUN_SCHEMA.split(";"):
                     if statement.strip():
@@ -450,11 +456,12 @@ class Database:
             return None  # a new database: no meta table yet
         return str(row[0]) if row else None
 
-    def _run_ready(self) -> bool:
+    def _run_missing(self) -> set[str]:
         try:
-            return bool(self.mdb.execute("SELECT 1 FROM sqlite_master WHERE name='mount_refs'").fetchone())
+            found = {r[0] for r in self.mdb.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.Error:
-            return False
+            found = set()
+        return set(_RUN_TABLES) - found
 
     def claim(self, table: str, row_id: str, owner: tuple[int | None, float | None], where: str,
               state: str | None = None) -> bool:

@@ -24,6 +24,7 @@ from lamina.store.leases import Lease, end_leases
 if TYPE_CHECKING:
     from lamina.store.check import CheckReport
     from lamina.store.containers import ContainerStore
+    from lamina.store.events import EventLog
     from lamina.store.images import ImageStore
 
 log = logging.getLogger("lamina.store")
@@ -61,6 +62,7 @@ class Store:
             self.layers = LayerStore(self)
             self._images: ImageStore | None = None
             self._containers: ContainerStore | None = None
+            self._events: EventLog | None = None
             if self.recovers:
                 self.recover()
         except BaseException:
@@ -75,6 +77,15 @@ class Store:
 
             self._images = ImageStore(self)
         return self._images
+
+    @property
+    def events(self) -> EventLog:
+        """The event log (in the run root's database), made on first use."""
+        if self._events is None:
+            from lamina.store.events import EventLog
+
+            self._events = EventLog(self.db, read_only=self.read_only, max_events=self.config.max_events)
+        return self._events
 
     @property
     def containers(self) -> ContainerStore:
