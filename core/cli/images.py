@@ -216,7 +216,7 @@ def rmi(g: Globals, refs: tuple[str, ...], force: bool, no_prune: bool) -> None:
 
 @cli.group()
 def image() -> None:
-    """Manage images (``prune``); the other image verbs are top-level commands."""
+    """Manage images (prune); the other image verbs are top-level commands."""
 
 
 @image.command("prune")
