@@ -98,6 +98,8 @@ class ImageService:
                     self._shared.append(ImageService(Store(cfg, shared=True)))
                 except LaminaError as e:
                     log.warning("additional image store %s left out: %s", path, e.message)
+                except OSError as e:  # not readable by this user, say
+                    log.warning("additional image store %s left out: %s", path, e.strerror or e)
         return self._shared
 
     @property
@@ -403,8 +405,7 @@ class ImageService:
             for s in more:
                 s.store = other.location
             seen.update(s.id for s in more)
-            out += more
-        out.sort(key=lambda s: s.created, reverse=True)
+            out += more  # after the store's own, each store's newest first
         return out
 
     def count_images(self) -> int:

@@ -101,6 +101,21 @@ def test_a_partial_download_is_resumed_and_a_wrong_one_dropped(tmp_path: Path) -
     assert store.read(other_digest) == other
 
 
+def test_reads_fill_across_the_partial_files_end_and_drop_forgets(tmp_path: Path) -> None:
+    """A reader sniffing magic bytes gets them whole where replayed bytes end and new ones begin; bytes that
+    fed a failure the network did not cause (a tar that does not apply) are dropped, not resumed from."""
+    store = ContentStore(tmp_path)
+    data = os.urandom(1 << 16)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    store.partial.mkdir()
+    partial = store.partial / digest.replace(":", "-")
+    partial.write_bytes(data[:1])
+    with store.download(digest, len(data), "test blob", _Source(data).open_at) as d:
+        assert d.read(8) == data[:8]
+        d.drop()
+    assert not partial.exists() and not store.exists(digest)
+
+
 # -- pulls in several processes against a real registry -------------------------------------------------
 def _push_two_images_sharing_a_big_layer(tmp: Path, registry: Registry, repo: str) -> str:
     """``repo/a:1`` and ``repo/b:1``: one big random layer below a small one of their own. Returns the

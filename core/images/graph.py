@@ -195,7 +195,7 @@ class ContentGraph:
         lock = threading.Lock()
         finished = threading.Event()
         errors: list[BaseException] = []
-        pending = 0
+        pending = 1  # the loop below holds one until it has submitted every start: none may end the walk early
         with ThreadPoolExecutor(max_workers=limit, thread_name_prefix="lamina-walk") as pool:
 
             def submit(desc: oci.Descriptor) -> None:
@@ -206,22 +206,29 @@ class ContentGraph:
                     pending += 1
                 pool.submit(run, desc)
 
-            def run(desc: oci.Descriptor) -> None:
+            def done() -> None:
                 nonlocal pending
+                with lock:
+                    pending -= 1
+                    if pending == 0:
+                        finished.set()
+
+            def run(desc: oci.Descriptor) -> None:
                 try:
+                    with lock:
+                        if errors:  # a handler failed: no other starts
+                            return
                     for child in handler(desc) or ():
                         submit(as_descriptor(child))
                 except BaseException as e:  # handed to the caller
                     with lock:
                         errors.append(e)
                 finally:
-                    with lock:
-                        pending -= 1
-                        if pending == 0:
-                            finished.set()
+                    done()
 
             for d in start:
                 submit(d)
+            done()
             finished.wait()
         if errors:
             raise errors[0]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest, sha256_digest
 from lamina.errors import (
+    BlobNotFound,
     DigestError,
     ImageConflict,
     ImageError,
@@ -534,12 +535,18 @@ def prune(store: ImageStore, filters: dict[str, list[str]]) -> PruneReport:
             if rec.id in seen or rec.id in parents or rec.id in used or (rec.tags and not every):
                 continue
             seen.add(rec.id)
-            if not matches(store, rec) or not remove(rec, None):
+            try:
+                if not matches(store, rec) or not remove(rec, None):
+                    continue
+            except (ImageNotFound, BlobNotFound):  # another process removed it meanwhile
                 continue
             progress = True
             parent = rec.parent
-            while parent and store.exists(parent):  # intermediate images left without names or users
-                prec = store.get(parent)
+            while parent:  # intermediate images left without names or users
+                try:
+                    prec = store.get(parent)
+                except ImageNotFound:  # removed meanwhile
+                    break
                 if prec.names or not remove(prec, ()):
                     break
                 seen.add(parent)

@@ -172,16 +172,21 @@ def load_source(
                 present = True
             except LayerNotFound:
                 present = False
-            if present:
-                if keep and layer.blob is not None and not content.exists(layer.blob.digest):
-                    if download is not None:
-                        download.fetch()
-                    else:
-                        content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
-                if progress:
-                    progress({**event, "status": "exists"})
-            else:
-                _apply(store, lease, layer, parent, keep, progress, event, download)
+            try:
+                if present:
+                    if keep and layer.blob is not None and not content.exists(layer.blob.digest):
+                        if download is not None:
+                            download.fetch()
+                        else:
+                            content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
+                    if progress:
+                        progress({**event, "status": "exists"})
+                else:
+                    _apply(store, lease, layer, parent, keep, progress, event, download)
+            except FormatError:
+                if download is not None:
+                    download.drop()  # bytes that do not apply or verify: the next pull starts over
+                raise
         if keep and layer.blob is not None:
             blobs.append(layer.blob.digest)
         parent = chain

@@ -195,6 +195,9 @@ def _prefetch(
             download = store.content.download(blob.digest, blob.size, layer.what, layer.open_at)
             if not download.acquire(cancel):
                 return
+            if download.complete:  # another process stored it meanwhile
+                download.close()
+                return
             with download:
                 while download.read(CHUNK):
                     if cancel.is_set():

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from lamina.digest import Digest, parse_digest
-from lamina.errors import ArchiveError, BlobNotFound, DigestMismatch, write_failure
+from lamina.errors import ArchiveError, BlobNotFound, DigestError, DigestMismatch, write_failure
 from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
 
 
@@ -169,7 +169,7 @@ class ContentStore:
             if d not in keep:
                 try:
                     self.path(d).unlink()
-                except FileNotFoundError:
+                except (FileNotFoundError, DigestError):  # gone, or no blob's name (system check reports it)
                     continue
                 removed.append(d)
         return removed
@@ -298,14 +298,22 @@ class Download:
         self._replay = self.resumed_at = have
 
     def read(self, n: int = -1, /) -> bytes:
+        """Up to ``n`` bytes; fewer only at the blob's end (a reader sniffing a format's magic gets them
+        whole, even where the partial file's bytes end and the registry's begin)."""
         if self._src is None and self._out is None:
             self._start()
         if self.complete:
             assert self._src is not None
             return self._src.read(n)
+        want = self._left if n is None or n < 0 else min(n, self._left)
+        data = self._read(want)
+        while data and len(data) < want and self._left > 0:
+            data += self._read(want - len(data))
+        return data
+
+    def _read(self, want: int) -> bytes:
         if self._left <= 0:
             return b""
-        want = self._left if n is None or n < 0 else min(n, self._left)
         if self._replay:
             assert self._src is not None
             data = self._src.read(min(want, self._replay))
@@ -348,6 +356,14 @@ class Download:
             raise write_failure(e, f"storing {self.what}") from e
         self.complete = True
 
+    def drop(self) -> None:
+        """Forget the bytes received so far: what they fed failed in a way the network did not cause (a tar
+        that does not apply, a digest that does not match), so they are not worth resuming from."""
+        self.close_files()
+        if not self.complete:
+            with contextlib.suppress(OSError):
+                self._part.unlink()
+
     def fetch(self) -> None:
         """Read the whole blob into the store (nothing when it is there already)."""
         if self.complete:
@@ -355,13 +371,16 @@ class Download:
         while self.read(CHUNK):
             pass
 
-    def close(self) -> None:
+    def close_files(self) -> None:
         for f in (self._src, self._out):
             close = getattr(f, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):
                     close()
         self._src = self._out = None
+
+    def close(self) -> None:
+        self.close_files()
         if self._lock_fd is not None:
             if self.complete:  # nobody needs that lock file again; later comers find the blob
                 with contextlib.suppress(OSError):

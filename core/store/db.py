@@ -409,6 +409,9 @@ class Database:
         row = self._version()
         if row is not None and int(row) > SCHEMA_VERSION:
             raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
+        if row is not None and int(row) < SCHEMA_VERSION and self.refusal is not None:
+            raise StoreError(f"store {self.root} has schema {row}, this lamina needs {SCHEMA_VERSION}, and it takes "
+                             f"no writes now ({self.refusal.message}): open it once where it can be written")
         if row is None or int(row) < SCHEMA_VERSION:
             self._create_schema()
         missing = self._run_missing()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest
-from lamina.errors import AmbiguousImage, ImageConflict, ImageNotFound, InvalidReference
+from lamina.errors import AmbiguousImage, ImageConflict, ImageNotFound, InvalidReference, LaminaError
 from lamina.store.content import ContentStore
 from lamina.store.db import owner_alive
 
@@ -119,7 +119,7 @@ class ImageStore:
         out: dict[str, int] = {}
         for d in self.content.walk():
             if d not in named:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, LaminaError):  # a name that is no digest: system check's
                     out[str(d)] = os.stat(self.content.path(d)).st_size
         return out
 
@@ -333,7 +333,8 @@ class ImageStore:
 
     def mark_used(self, db: sqlite3.Connection, image_id: str, now: float) -> None:
         """Record, in the caller's transaction, that an image and the layers under it were used now."""
-        row = db.execute("UPDATE images SET last_used=? WHERE id=? RETURNING top_layer", (now, image_id)).fetchone()
+        row = db.execute("SELECT top_layer FROM images WHERE id=?", (image_id,)).fetchone()
+        db.execute("UPDATE images SET last_used=? WHERE id=?", (now, image_id))
         if row is not None and row[0]:
             db.execute(
                 "WITH RECURSIVE chain(id) AS (SELECT id FROM layers WHERE chain_id=?"

@@ -42,7 +42,11 @@ class Store:
         self.root = config.root
         self.runroot = config.runroot
         if shared:
-            if not (self.root / "lamina.db").is_file():
+            try:
+                found = (self.root / "lamina.db").is_file()
+            except OSError as e:
+                raise StoreError(f"cannot read additional image store {self.root}: {e.strerror or e}") from e
+            if not found:
                 raise StoreError(f"additional image store {self.root} is not a lamina store (no lamina.db)")
         else:
             try:
