@@ -45,6 +45,12 @@ def _layers(base: Path) -> dict[str, str]:
     return {r["chain_id"]: r["cache_id"] for r in rows}
 
 
+def _containers(base: Path) -> list[dict[str, object]]:
+    """What ``ps -a`` says of each container but its layers' CacheIDs (the driver's)."""
+    rows = json.loads(lamina_cli("--format", "json", "ps", "-a", root=base).stdout)
+    return [{k: v for k, v in r.items() if k not in ("InitLayer", "RWLayer")} for r in rows]
+
+
 def _stored_driver(root: Path) -> str:
     with sqlite3.connect(f"file:{root / 'lamina.db'}?mode=ro", uri=True) as db:
         return str(db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()[0])
@@ -161,6 +167,39 @@ def test_migrate_refuses_a_store_with_containers_without_the_flag(tmp_path: Path
     assert check_store(base / "root", base / "run", "overlay") == []
     out = lamina_cli("system", "migrate", "--driver", "overlay", root=base).stdout.decode()
     assert "already uses driver overlay" in out
+
+
+@pytest.mark.parametrize(("first", "second"), [("vfs", "overlay"), ("overlay", "vfs")])
+def test_migrate_killed_before_the_switch_in_it_and_in_the_cleanup(tmp_path: Path, first: str, second: str) -> None:
+    """Killed at each step of the state machine (just before the switch, right after it, just before the
+    cleanup of the way back): the next command sees a sound store on one driver or the other and finishes
+    the switch; the last run finds nothing left to do."""
+    require_root()
+    base = tmp_path / "s"
+    root, run = base / "root", base / "run"
+    lamina_cli("--driver", first, "import", "-", "example.com/tiny:1", input=_tiny_tar("one"), root=base)
+    lamina_cli("create", "--name", "c", "--label", "k=v", "example.com/tiny:1", root=base)
+    mnt = lamina_cli("mount", "c", root=base).stdout.decode().strip()
+    Path(mnt, "changed.txt").write_text("changed\n")
+    Path(mnt, "tiny.txt").unlink()
+    lamina_cli("umount", "c", root=base)
+    before = _images(base)
+    ps = _containers(base)
+    argv = ["--root", str(root), "--runroot", str(run), "system", "migrate", "--driver", second, "--containers"]
+    for point, driver in (("lamina.store.migrate:_switch", first), ("lamina.store.migrate:_move_into_place", second),
+                          ("lamina.store.migrate:cleanup", first)):
+        argv[-2] = driver if point.endswith("cleanup") else second  # the cleanup: on the way back
+        killed = kill_at(point, argv)
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr)
+        assert _stored_driver(root) == driver, point
+        assert _images(base) == before, point  # the first command after the kill finishes what it can
+        assert check_store(root, run, driver) == [], point
+        assert _containers(base) == ps, point
+    lamina_cli("system", "migrate", "-q", "--driver", first, "--containers", root=base)
+    assert not (root / "migrate").exists() and not (root / second).exists()
+    diff = lamina_cli("diff", "c", root=base).stdout.decode().splitlines()
+    assert "A /changed.txt" in diff and "D /tiny.txt" in diff
+    assert _images(base) == before and check_store(root, run, first) == []
 
 
 def test_migrate_debian_store_vfs_to_overlay_killed_and_run_again(tmp_path: Path, debian_image_oci: ImageFacts) -> None:

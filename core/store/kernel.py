@@ -61,10 +61,10 @@ class Store:
         self._closed = False
         try:
             stored = self.stored_driver()
-            if stored and not self.read_only and (self.root / "migrate" / stored).is_dir():
+            if stored and not self.read_only and (self.root / "migrate").is_dir():
                 from lamina.store.migrate import finish_switch
 
-                finish_switch(self.root, self.runroot, self.db, stored)  # a driver switch killed half-way
+                finish_switch(self.root, self.runroot, self.db, stored)  # a driver switch not yet finished
             only = self.config.driver or self.stored_driver()
             self.catalog = catalog if catalog is not None else discover(only=only)
             self._partial = catalog is None and only is not None  # other built-in drivers not imported

@@ -30,9 +30,11 @@ D. *Moving*: ``meta.driver`` is the new driver and ``<root>/migrate/<new>`` (the
    into ``<root>/<new>``. Whichever process opens the store next does this (:class:`~lamina.store.kernel.Store`
    calls :func:`finish_switch` before it starts the driver), under the lock file ``<root>/migrate/lock``;
    every step can be repeated, so a kill in D is finished by the next command.
-E. *Cleanup*: the old driver's home and run home, the records of the old layers, and the staging store
-   (``<root>/migrate``, ``<runroot>/migrate``) are removed. A kill leaves files no row refers to; the next
-   ``system migrate`` (to the same driver: it reports the store as migrated) removes them.
+E. *Cleanup*, right after D by the same process: the records of the old layers, the old driver's home and
+   run home, then the staging store (``<root>/migrate``, ``<runroot>/migrate``, ``state.json`` last) are
+   removed. A kill leaves ``state.json`` naming the store's driver as the target, and the next process to
+   open the store carries on with the cleanup. The records go first, so that a store in E has no file a
+   check would count as an orphan but the old driver's home (which is no driver's of the store any more).
 
 A process that opened the store before the switch and still runs after it would make layers with the old
 driver: the layer store refuses to (it checks ``meta.driver`` in the transaction that starts a layer), so
@@ -131,26 +133,35 @@ def _flock(path: Path, *, wait: bool) -> Iterator[bool]:
 # -- D and E: finishing the switch ----------------------------------------------------------------------
 def finish_switch(root: Path, runroot: Path, db: Database, driver: str) -> None:
     """States D and E: move the new driver's layers into place, then remove what the old driver kept.
-    Called on opening a store whose ``meta.driver`` is ``driver`` while ``<root>/migrate/<driver>`` exists."""
+    Called on opening a store that has a staging store; does nothing unless the switch to ``driver`` (the
+    store's driver now) was made (in state B, while the copy is under way, a read of ``state.json``)."""
     staging = root / STAGING
+    state = _read_state(root)
+    if state is None or state.get("to") != driver:
+        return
     with _flock(staging / "lock", wait=True) as locked:
         if not locked:
             return  # the staging store is gone: another process finished
-        staged = staging / driver
-        if staged.is_dir():
-            try:
-                records = staging / "tar-split"
-                dest = root / "tar-split"
-                dest.mkdir(exist_ok=True, mode=0o700)
-                if records.is_dir():
-                    for name in os.listdir(records):
-                        os.replace(records / name, dest / name)
-                target = root / driver
-                _remove_tree(target)  # the real home is still the staged one: anything here is a probe's
-                os.rename(staged, target)
-            except OSError as e:
-                raise write_failure(e, f"finishing the switch of {root} to driver {driver!r}") from e
+        if (staging / driver).is_dir():
+            _move_into_place(root, driver)
         cleanup(root, runroot, db, driver)
+
+
+def _move_into_place(root: Path, driver: str) -> None:
+    """State D: the staging store's records, then its driver home, become the store's."""
+    staging = root / STAGING
+    try:
+        records = staging / "tar-split"
+        dest = root / "tar-split"
+        dest.mkdir(exist_ok=True, mode=0o700)
+        if records.is_dir():
+            for name in os.listdir(records):
+                os.replace(records / name, dest / name)
+        target = root / driver
+        _remove_tree(target)  # the real home is still the staged one: anything here is a probe's
+        os.rename(staging / driver, target)
+    except OSError as e:
+        raise write_failure(e, f"finishing the switch of {root} to driver {driver!r}") from e
 
 
 def cleanup(root: Path, runroot: Path, db: Database, driver: str) -> bool:
@@ -162,15 +173,19 @@ def cleanup(root: Path, runroot: Path, db: Database, driver: str) -> bool:
     state = _read_state(root) or {}
     old = state.get("from")
     try:
-        if old and old != driver and "/" not in old and not old.startswith("."):
-            _remove_tree(root / old)
-            _remove_tree(runroot / old)
         ids = {r[0] for r in db.query("SELECT id FROM layers")}
         records = root / "tar-split"
         for name in os.listdir(records) if records.is_dir() else []:
             if not name.startswith(".") and name.split(".", 1)[0] not in ids:
                 (records / name).unlink(missing_ok=True)
+        if old and old != driver and "/" not in old and not old.startswith("."):
+            _remove_tree(root / old)
+            _remove_tree(runroot / old)
         _remove_tree(runroot / STAGING)
+        for entry in list(staging.iterdir()):
+            if entry.name not in ("state.json", "lock"):
+                _remove_tree(entry)
+        (staging / "state.json").unlink(missing_ok=True)
         _remove_tree(staging)
     except OSError as e:
         log.warning("could not yet remove what the migration from %s left: %s", old, e)
