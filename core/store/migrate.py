@@ -194,8 +194,6 @@ def cleanup(root: Path, runroot: Path, db: Database, driver: str) -> bool:
 
 # -- B: the staging store -------------------------------------------------------------------------------
 def _open_staging(main: Store, driver: str) -> Store:
-    from lamina.store.kernel import Store
-
     root = main.root / STAGING
     state = _read_state(main.root)
     if root.exists() and (state is None or state.get("to") != driver or state.get("from") != main.driver.name):
@@ -208,13 +206,14 @@ def _open_staging(main: Store, driver: str) -> Store:
     except OSError as e:
         raise write_failure(e, f"creating the staging store {root}") from e
     config = dataclasses.replace(main.config, root=root, runroot=main.runroot / STAGING, driver=driver)
+    opened = type(main)  # the kernel's Store, which imports this module
     try:
-        return Store(config)
+        return opened(config)
     except DriverConflict:  # a staging store made for another driver and not yet marked
         _remove_tree(root)
         root.mkdir(mode=0o700)
         _write_state(main.root, {"from": main.driver.name, "to": driver})
-        return Store(config)
+        return opened(config)
 
 
 _CONTAINER_COLS = "id, name, image_id, init_layer, rw_layer, created, labels, status, exit_code, run_start"
@@ -384,8 +383,6 @@ def _containers_refusal(n: int) -> str:
 
 def migrate(main: Store, driver: str, *, containers: bool = False, progress: Progress | None = None) -> dict[str, Any]:
     """Move the store to ``driver`` (states B to E above) and close it. Returns what was done."""
-    from lamina.store.kernel import Store
-
     say: Progress = progress or (lambda _msg: None)
     refused = main.db.refused()
     if refused is not None:
@@ -428,6 +425,6 @@ def migrate(main: Store, driver: str, *, containers: bool = False, progress: Pro
     say(f"switched the store to driver {driver}")
     main.close()
     config = dataclasses.replace(main.config, driver=None)
-    Store(config).close()  # opening finishes the switch (states D and E)
+    type(main)(config).close()  # opening finishes the switch (states D and E)
     result["migrated"] = True
     return result
