@@ -77,6 +77,22 @@ def _tiny_tar(text: str) -> bytes:
     return buf.getvalue()
 
 
+def _tree(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with its content's sha256 (a symlink: its target; a directory: its mode)."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath, name)
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_dir():
+                out[rel] = oct(p.stat().st_mode)
+            else:
+                out[rel] = _sha256(p)
+    return out
+
+
 def _mounts(root: Path) -> list[str]:
     return [ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if str(root) in ln]
 
@@ -112,6 +128,8 @@ def test_copy_vfs_to_overlay_and_back_keeps_images_byte_exact(tmp_path: Path, sm
     saved = _save_digests(small_store, refs, tmp_path)
     src_layers = _layers(small_store)
 
+    src_tree = _tree(small_store / "root")
+
     # a new overlay store: everything, each layer applied once
     over = tmp_path / "over"
     proc = lamina_cli("--driver", "overlay", "--format", "json", "copy", str(small_store / "root"),
@@ -121,6 +139,7 @@ def test_copy_vfs_to_overlay_and_back_keeps_images_byte_exact(tmp_path: Path, sm
     assert _stored_driver(over / "root") == "overlay"
     assert _images(over) == before
     assert _layers(over).keys() == src_layers.keys()
+    assert _tree(small_store / "root") == src_tree  # the source is only read
     assert _save_digests(over, refs, tmp_path) == saved
 
     # again: nothing applied, the destination's layers untouched

@@ -51,7 +51,8 @@ def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
 
 def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
     """A store given by its root on the command line: its own driver (the one it was made with) and its own
-    run root (the configured one for the configured root, else one under it named after the root)."""
+    run root (the configured one for the configured root, else one under it named after the root); no
+    additional image stores."""
     import dataclasses
     import hashlib
     from pathlib import Path
@@ -66,7 +67,8 @@ def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
         raise StoreError(f"no lamina store at {path}")
     runroot = base.runroot if root == base.root else \
         base.runroot / "stores" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    return dataclasses.replace(base, root=root, runroot=runroot, driver=None if made else base.driver)
+    return dataclasses.replace(base, root=root, runroot=runroot, driver=None if made else base.driver,
+                               additional_image_stores=())
 
 
 @cli.command(name="copy")
@@ -79,11 +81,13 @@ def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
 def copy_cmd(g: Globals, src: str, dest: str, refs: tuple[str, ...], quiet: bool) -> None:
     """Copy images (all of them when none is named) from one store to another, given by their root
     directories, without an archive between: the same IDs, names, manifests and blobs; layers the
-    destination has are not applied again. Each store keeps its own driver (--driver: for a new DEST)."""
+    destination has are not applied again. Each store keeps its own driver (--driver: for a new DEST). SRC is
+    only read, as an additional image store is."""
     from lamina.service import ImageService
+    from lamina.store.kernel import Store
 
     progress = None if quiet else Progress()
-    with ImageService.open(_other_store(g, src, existing=True), recover=False) as source, \
+    with ImageService(Store(_other_store(g, src, existing=True), shared=True)) as source, \
             ImageService.open(_other_store(g, dest, existing=False)) as target:
         copied = source.copy_images(target, list(refs), progress=progress)
         data = [{"Id": c.image.id, "Names": list(c.image.names), "LayersApplied": c.applied} for c in copied]
