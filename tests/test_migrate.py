@@ -242,22 +242,24 @@ def test_migrate_debian_store_vfs_to_overlay_killed_and_run_again(tmp_path: Path
     argv = ["--root", str(root), "--runroot", str(run), "system", "migrate", "--driver", "overlay", "--containers"]
     seed = int(os.environ.get("LAMINA_TEST_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    delay = rng.uniform(startup_floor(), startup_floor() + 2.0)
-    proc = subprocess.Popen([sys.executable, "-m", "lamina", *argv], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    where = f"seed {seed}, killed after {delay:.2f} s"
-
-    # the store works meanwhile (on vfs, unless the kill came after the switch), and changes meanwhile
-    lamina_cli("import", "-", "example.com/tiny:1", input=_tiny_tar("tiny"), root=base)
-    driver = _stored_driver(root)
-    assert check_store(root, run, driver) == [], where
+    floor = startup_floor()
+    where = f"seed {seed}"
+    for k, spread in enumerate((2.0, 4.0)):  # SIGKILL at random instants (while copying, most of the time)
+        delay = floor + rng.uniform(0, spread)
+        where = f"seed {seed}, kill {k} after {delay:.2f} s"
+        proc = subprocess.Popen([sys.executable, "-m", "lamina", *argv], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # the next command works (on vfs, unless the kill came after the switch), and the store changes meanwhile
+        lamina_cli("import", "-", f"example.com/tiny:{k}", input=_tiny_tar(f"tiny {k}"), root=base)
+        driver = _stored_driver(root)
+        assert check_store(root, run, driver) == [], where
     expected = _images(base)
 
     if driver == "vfs":  # the usual case: killed while copying; now killed right after the switch
-        killed = kill_at("lamina.store.migrate:finish_switch", argv)
+        killed = kill_at("lamina.store.migrate:_move_into_place", argv)
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert _stored_driver(root) == "overlay" and (root / "migrate" / "overlay").is_dir()
         assert _images(base) == expected  # this command finishes the switch
