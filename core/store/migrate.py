@@ -391,8 +391,9 @@ def migrate(main: Store, driver: str, *, containers: bool = False, progress: Pro
     result: dict[str, Any] = {"from": old, "to": driver, "layers": 0, "containers": 0,
                               "images": main.images.count(), "migrated": False}
     if old == driver:
-        if cleanup(main.root, main.runroot, main.db, driver):
-            say("removed what an earlier migration left")
+        with _flock(main.root / STAGING / "run.lock", wait=False) as locked:
+            if locked and cleanup(main.root, main.runroot, main.db, driver):  # not another migration's
+                say("removed what an earlier migration left")
         main.close()
         return result
     n = int(main.db.one("SELECT COUNT(*) FROM containers")[0])
