@@ -611,7 +611,9 @@ class ImageService:
         with self.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being read
             for image_id in dict.fromkeys(wanted):
                 held = store.lease_image(lease, image_id)
-                out.append(transfer.copy_image(store, dest.image_store, held, progress=progress))
+                copied = transfer.copy_image(store, dest.image_store, held, progress=progress)
+                dest._event("image", "copy", copied.image.id, self._name_of(copied.image), source=str(self.store.root))
+                out.append(copied)
         return out
 
     def migrate_driver(self, driver: str, *, containers: bool = False,
