@@ -401,7 +401,7 @@ def migrate(main: Store, driver: str, *, containers: bool = False, progress: Pro
         raise MigrationRefused(_containers_refusal(n))
     from lamina.plugins.discovery import discover, lookup
 
-    lookup(discover(only=driver), driver)  # an unknown driver is an error before anything is made
+    lookup(discover(), driver)  # an unknown driver is an error (naming those there are) before anything is made
     (main.root / STAGING).mkdir(exist_ok=True, mode=0o700)
     with _flock(main.root / STAGING / "run.lock", wait=False) as locked:
         if not locked:
