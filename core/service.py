@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from lamina.images.cache import ImageCache, ReleasableLayer
     from lamina.images.graph import ContentGraph
     from lamina.images.ops import Image, ImageSummary, ImageUser, PruneReport
-    from lamina.images.transfer import Loaded, ProgressFn
+    from lamina.images.transfer import Copied, Loaded, ProgressFn
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
     from lamina.store.events import Event
@@ -593,6 +593,37 @@ class ImageService:
             except LaminaError:
                 image_id = ""  # a repository: each of its tagged images went
             self._event("image", "save", image_id, self._name_of(None, ref), format=format)
+
+    def copy_images(
+        self, dest: ImageService, refs: list[str] | None = None, *, progress: ProgressFn | None = None
+    ) -> list[Copied]:
+        """Copy images (every one when ``refs`` is None or empty) from this store into ``dest``, another
+        store, with no archive between: the same IDs, names, parents, manifests and blobs (byte-exact);
+        layers ``dest`` has are not applied again, the others come from this store's exact tar streams.
+        Each store keeps its own driver. This store is only read (and leases what is being copied)."""
+        from lamina.images import transfer
+
+        if os.path.realpath(dest.store.root) == os.path.realpath(self.store.root):
+            raise ImageError("the source and destination are the same store")
+        store = self.image_store
+        wanted = [self.get_image(r).id for r in refs] if refs else [r.id for r in store.all()]
+        out = []
+        with self.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being read
+            for image_id in dict.fromkeys(wanted):
+                held = store.lease_image(lease, image_id)
+                copied = transfer.copy_image(store, dest.image_store, held, progress=progress)
+                dest._event("image", "copy", copied.image.id, self._name_of(copied.image), source=str(self.store.root))
+                out.append(copied)
+        return out
+
+    def migrate_driver(self, driver: str, *, containers: bool = False,
+                       progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """``lamina system migrate``: move every layer (images keep their IDs, names, manifests and blobs)
+        and, with ``containers``, every container to ``driver``, in place; see :mod:`lamina.store.migrate`.
+        The store is closed on return (open it again: it then runs on the new driver)."""
+        from lamina.store.migrate import migrate
+
+        return migrate(self.store, driver, containers=containers, progress=progress)
 
     @_timed("image.import")
     def import_image(

@@ -4,11 +4,12 @@ One module per group of commands, each registering its commands on the click gro
 
 - :mod:`lamina.cli.app` -- the ``lamina`` group (global options, :class:`~lamina.cli.app.Globals`, error
   handling) and the helpers the command modules share (output formats, tables, sizes, ages, progress);
-- :mod:`lamina.cli.system` -- ``info``, ``drivers`` and the ``system`` group (``check``, ``df``, ``prune``);
+- :mod:`lamina.cli.system` -- ``info``, ``drivers`` and the ``system`` group (``check``, ``df``, ``prune``,
+  ``migrate``);
 - :mod:`lamina.cli.layers` -- ``layers`` and the ``layer`` group (``add``, ``export``, ``rm``, ``mount``,
   ``umount``, ``diff``);
 - :mod:`lamina.cli.images` -- ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``,
-  ``untag``, ``rmi``, ``manifest inspect`` and the ``image`` group (``prune``);
+  ``untag``, ``rmi``, ``manifest inspect``, ``copy`` and the ``image`` group (``prune``);
 - :mod:`lamina.cli.containers` -- ``create``, ``ps``, ``mount``, ``umount``, ``diff``, ``commit``, ``rm``,
   ``squash``, ``run``, ``bundle``;
 - :mod:`lamina.cli.registry` -- ``pull``, ``push``, ``login``, ``logout``;

@@ -1,9 +1,11 @@
 """Image commands: ``load``, ``save``, ``import``, ``images``, ``inspect``, ``history``, ``tag``, ``untag``, ``rmi``
-and ``manifest inspect``."""
+``manifest inspect`` and ``copy``."""
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
@@ -19,6 +21,9 @@ from lamina.cli.app import (
     print_table,
     to_platform,
 )
+
+if TYPE_CHECKING:
+    from lamina.config import Config
 
 
 @cli.command()
@@ -42,6 +47,53 @@ def load(g: Globals, path: str, platform: str | None, quiet: bool) -> None:
             tags = [parse_normalized(n).familiar() for n in r.image.tags]
             lines += [f"Loaded image: {t}" for t in tags] or [f"Loaded image ID: {r.image.id}"]
     emit(g, data, lambda: print_lines(lines))
+
+
+def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
+    """A store given by its root on the command line: its own driver (the one it was made with) and its own
+    run root (the configured one for the configured root, else one under it named after the root); no
+    additional image stores."""
+    import dataclasses
+    import hashlib
+    from pathlib import Path
+
+    from lamina.config import load_config
+    from lamina.errors import StoreError
+
+    base = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot)
+    root = Path(os.path.abspath(path))
+    made = (root / "lamina.db").is_file()
+    if existing and not made:
+        raise StoreError(f"no lamina store at {path}")
+    runroot = base.runroot if root == base.root else \
+        base.runroot / "stores" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return dataclasses.replace(base, root=root, runroot=runroot, driver=None if made else base.driver,
+                               additional_image_stores=())
+
+
+@cli.command(name="copy")
+@click.argument("src", metavar="SRC-STORE", type=click.Path())
+@click.argument("dest", metavar="DEST-STORE", type=click.Path())
+@click.argument("refs", metavar="[IMAGE...]", nargs=-1)
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@format_option
+@click.pass_obj
+def copy_cmd(g: Globals, src: str, dest: str, refs: tuple[str, ...], quiet: bool) -> None:
+    """Copy images (all of them when none is named) from one store to another, given by their root
+    directories, without an archive between: the same IDs, names, manifests and blobs; layers the
+    destination has are not applied again. Each store keeps its own driver (--driver: for a new DEST). SRC is
+    only read, as an additional image store is."""
+    from lamina.service import ImageService
+    from lamina.store.kernel import Store
+
+    progress = None if quiet else Progress()
+    with ImageService(Store(_other_store(g, src, existing=True), shared=True)) as source, \
+            ImageService.open(_other_store(g, dest, existing=False)) as target:
+        copied = source.copy_images(target, list(refs), progress=progress)
+        data = [{"Id": c.image.id, "Names": list(c.image.names), "LayersApplied": c.applied} for c in copied]
+    emit(g, data, lambda: print_lines(
+        f"Copied image {c.image.id.split(':')[-1][:12]}" + (f" ({', '.join(c.image.tags)})" if c.image.tags else "")
+        for c in copied))
 
 
 @cli.command()

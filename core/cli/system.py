@@ -1,5 +1,5 @@
-"""``lamina info``, ``lamina drivers`` and the ``lamina system`` group (``check``): the store and the
-storage drivers."""
+"""``lamina info``, ``lamina drivers`` and the ``lamina system`` group (``check``, ``migrate``, ...): the
+store and the storage drivers."""
 
 from __future__ import annotations
 
@@ -250,3 +250,31 @@ def prune(g: Globals, all_: bool, force: bool) -> None:
         print_prune(out["ImagesDeleted"], out["SpaceReclaimed"])
 
     emit(g, out, table)
+
+
+@system.command()
+@click.option("--driver", "new_driver", required=True, metavar="NAME", help="The driver to move the store to.")
+@click.option("--containers", is_flag=True, help="Move the containers too, with their changes (not running ones).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@format_option
+@click.pass_obj
+def migrate(g: Globals, new_driver: str, containers: bool, quiet: bool) -> None:
+    """Move every layer of the store (and with --containers every container) to another storage driver, in
+    place: images keep their IDs, names, manifests and blobs. The store works on the old driver until the
+    switch at the end; killed at any point, running the command again finishes the job. A store with
+    containers is refused without --containers."""
+    def say(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    with g.open() as svc:
+        result = svc.migrate_driver(new_driver, containers=containers, progress=say)
+
+    def table() -> None:
+        if result["migrated"]:
+            click.echo(f"Migrated {result['images']} images, {result['layers']} layers and {result['containers']}"
+                       f" containers from {result['from']} to {result['to']}")
+        else:
+            click.echo(f"The store already uses driver {result['to']}")
+
+    emit(g, result, table)

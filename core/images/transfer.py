@@ -255,6 +255,60 @@ def _apply(
         progress({**event, "status": "done"})
 
 
+# -- copy -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Copied:
+    image: ImageRecord
+    moved: list[str]  # names taken from other images of the destination
+    applied: int  # layers applied in the destination (the others it had)
+
+
+def copy_image(
+    src: ImageStore, dest: ImageStore, record: ImageRecord, *, progress: ProgressFn | None = None,
+) -> Copied:
+    """Copy one image, which a lease of the caller holds in ``src``, into another store: the same ID, names,
+    parent, manifests and blobs (byte-exact, each verified as it streams), and the layers ``dest`` lacks,
+    applied from the source's exact tar streams and checked against their DiffIDs. Nothing of it is
+    written to ``src``; in ``dest`` it all happens inside one lease, which the image's commit ends."""
+    config = oci.parse_config(src.config_bytes(record.id))
+    diff_ids = [DiffID(d) for d in config.diff_ids]
+    chains = chain_ids(diff_ids)
+    wanted = _unique([record.id, *src.blobs(record.id)])
+    applied = 0
+    with dest.store.lease() as lease:
+        kept = []
+        for digest in wanted:
+            if not src.content.exists(digest):
+                continue  # not kept there (a layer blob with keep_layer_blobs = false): not here either
+            lease.blob(digest)
+            if not dest.content.exists(digest):
+                with src.content.open(digest) as f:
+                    dest.content.copy_in(f, digest, src.content.size(digest), f"blob {digest}")
+            kept.append(digest)
+        parent: ChainID | None = None
+        for i, (chain, diff_id) in enumerate(zip(chains, diff_ids, strict=True)):
+            event = {"event": "layer", "index": i + 1, "count": len(chains), "diff_id": diff_id}
+            try:
+                dest.layers.lease(chain, lease)
+                status = "exists"
+            except LayerNotFound:
+                stream = src.layers.export_exact(chain)
+                try:
+                    dest.layers.register(stream, parent, expected_diff_id=diff_id, lease=lease)
+                finally:
+                    stream.close()
+                applied += 1
+                status = "done"
+            if progress:
+                progress({**event, "status": status})
+            parent = chain
+        image, moved = dest.create(NewImage(
+            id=record.id, diff_ids=diff_ids, created=record.created, origin=record.origin, names=list(record.names),
+            manifests=list(record.manifests), blobs=kept, parent=record.parent,
+        ), lease)
+    return Copied(image, moved, applied)
+
+
 # -- save -----------------------------------------------------------------------------------------------
 ExportLayer = Callable[[ChainID], Readable]
 

@@ -58,7 +58,13 @@ class Store:
         # A store whose filesystem takes no writes (read-only, or too full to open the database for writing)
         # opens for reading: no probe, no recovery, no timings; every write fails with the reason.
         self.read_only = self.db.refusal is not None
+        self._closed = False
         try:
+            stored = self.stored_driver()
+            if stored and not self.read_only and (self.root / "migrate").is_dir():
+                from lamina.store.migrate import finish_switch
+
+                finish_switch(self.root, self.runroot, self.db, stored)  # a driver switch not yet finished
             only = self.config.driver or self.stored_driver()
             self.catalog = catalog if catalog is not None else discover(only=only)
             self._partial = catalog is None and only is not None  # other built-in drivers not imported
@@ -227,7 +233,11 @@ class Store:
     def close(self, *, abandon: bool = False) -> None:
         """Release the driver and close the databases. With ``abandon`` (an interrupt stopped this process's
         work on the store wherever it was), first finish off what that work left, as the next process would
-        for a dead one: a transaction cut short, leases, incomplete layers and containers, partial blobs."""
+        for a dead one: a transaction cut short, leases, incomplete layers and containers, partial blobs.
+        Closing a closed store does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             if abandon and not self.read_only:
                 self.db.rollback()

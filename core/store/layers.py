@@ -40,6 +40,7 @@ from lamina.errors import (
     LayerInUse,
     LayerLimitExceeded,
     LayerNotFound,
+    StoreError,
     StoreFull,
     StoreLocked,
     StoreReadOnly,
@@ -250,6 +251,7 @@ class LayerStore:
         me = self.db.me
         try:
             with self.db.tx() as db:
+                _same_driver(db, self.driver.name)
                 if pcache is not None and db.execute(
                     "SELECT 1 FROM layers WHERE id=? AND state='committed'", (pcache,)
                 ).fetchone() is None:
@@ -339,6 +341,7 @@ class LayerStore:
         lid = os.urandom(32).hex()
         me = self.db.me
         with self.db.tx() as db:
+            _same_driver(db, self.driver.name)
             prow = db.execute("SELECT depth FROM layers WHERE id=? AND state='committed'", (parent,)).fetchone()
             if prow is None:
                 raise LayerNotFound(f"layer {parent[:12]} was removed")
@@ -915,6 +918,14 @@ def _drop_ref(mdb: sqlite3.Connection, cache_id: str, holder: str) -> None:
     """Inside a transaction on mounts.db: one mount reference of ``holder`` fewer (the row goes at zero)."""
     mdb.execute("UPDATE mount_refs SET count=count-1 WHERE id=? AND holder=?", (cache_id, holder))
     mdb.execute("DELETE FROM mount_refs WHERE id=? AND holder=? AND count <= 0", (cache_id, holder))
+
+
+def _same_driver(db: sqlite3.Connection, name: str) -> None:
+    """Inside the transaction that starts a layer: the store still runs on this process's driver (``system
+    migrate`` may have switched it since the process opened the store)."""
+    row = db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
+    if row is not None and row[0] != name:
+        raise StoreError(f"the store was switched to driver {row[0]!r} meanwhile; run the command again")
 
 
 def _short(digest: str) -> str:
