@@ -647,10 +647,17 @@ class ImageService:
     def create_container(
         self, image_ref: str, name: str | None = None, labels: dict[str, str] | None = None
     ) -> Container:
-        """A container from an image: an init layer (runtime placeholders) and a read-write layer on it."""
+        """A container from an image: an init layer (runtime placeholders) and a read-write layer on it. An
+        image of an additional image store is copied into this store first (its layers, names and blobs):
+        a container's layers live here."""
         from lamina.store.containers import exists_in
 
-        img = self.get_image(image_ref)
+        try:
+            img = self.get_image(image_ref)
+        except ImageNotFound:
+            other, shared = self._owner(image_ref)
+            other.copy_images(self, [shared.id])
+            img = self.get_image(shared.id)
         top = img.chain[-1] if img.chain else None
         if top is None:
             raise ImageError(f"image {img.short_id} has no layers")

@@ -35,6 +35,7 @@ import fcntl
 import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
@@ -380,6 +381,37 @@ def layer_tar_bytes(facts: ImageFacts, index: int) -> bytes:
 
         return zstandard.ZstdDecompressor().decompressobj().decompress(data)
     return data
+
+
+def host_binaries_tar(path: Path) -> None:
+    """A root filesystem of host binaries (sh, cat, id) and their libraries, every entry owned by 0:0."""
+    files: dict[str, str] = {}
+    for name in ("sh", "cat", "id"):
+        exe = shutil.which(name)
+        assert exe is not None
+        files[f"bin/{name}"] = os.path.realpath(exe)
+        ldd = subprocess.run(["ldd", exe], capture_output=True, text=True).stdout
+        for word in ldd.split():
+            if word.startswith("/") and os.path.exists(word):
+                files[word.lstrip("/")] = os.path.realpath(word)
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        dirs = sorted({"etc", "tmp", *(str(p) for f in files for p in Path(f).parents if str(p) != ".")})
+        for d in dirs:
+            info = tarfile.TarInfo(d)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            t.addfile(info)
+        extra = {"etc/os-release": b'NAME="lamina host binaries"\nID=lamina-host\n',
+                 "etc/passwd": b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
+                 "etc/group": b"root:x:0:\nnogroup:x:65534:\n"}
+        for name, data in extra.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            t.addfile(info, io.BytesIO(data))
+        for name, real in sorted(files.items()):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = os.path.getsize(real), 0o755
+            with open(real, "rb") as f:
+                t.addfile(info, f)
 
 
 # -- fixtures -------------------------------------------------------------------------------------------

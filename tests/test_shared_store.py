@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import lamina_cli
+from image_fixtures import host_binaries_tar
 from lamina import ImageService
 from lamina.config import Config
 from lamina.errors import ImageConflict, ImageError, StoreError
@@ -41,8 +42,10 @@ def shared(tmp_path: Path) -> Iterator[Path]:
     """A vfs store with two images, bind-mounted read-only at ``tmp_path/ro``."""
     require_root()
     src = tmp_path / "src"
+    host_binaries_tar(tmp_path / "host.tar")
     with ImageService.open(Config(root=src / "root", runroot=src / "run", driver="vfs")) as svc:
-        svc.import_image(io.BytesIO(TarBuilder().file("etc/os-release", b"ID=shared\n").build()), "shared/app:1")
+        with open(tmp_path / "host.tar", "rb") as f:
+            svc.import_image(f, "shared/app:1")
         svc.import_image(io.BytesIO(TarBuilder().file("other", b"o").build()), "shared/other:1")
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -75,7 +78,7 @@ def test_a_read_only_store_is_listed_inspected_saved_and_never_changed(tmp_path:
     table = _cli(tmp_path, cfg, driver, "images").stdout.decode()
     assert "STORE" in table.splitlines()[0] and str(shared) in table
     [details] = json.loads(_cli(tmp_path, cfg, driver, "inspect", "shared/app:1").stdout)
-    assert details["Store"] == str(shared) and details["Size"] == len(b"ID=shared\n")
+    assert details["Store"] == str(shared) and details["Size"] > 10_000
     _cli(tmp_path, cfg, driver, "save", "-o", str(tmp_path / "app.tar"), "shared/app:1")
     with ImageService.open(Config(root=tmp_path / "check", runroot=tmp_path / "check-run", driver="vfs")) as svc:
         [loaded] = svc.load_image(tmp_path / "app.tar")
@@ -88,6 +91,11 @@ def test_a_read_only_store_is_listed_inspected_saved_and_never_changed(tmp_path:
     # pulling what the shared store has needs no registry (none runs at this address)
     pulled = _cli(tmp_path, cfg, driver, "--format", "json", "pull", "shared/app:1", check=False)
     assert pulled.returncode == 0, pulled.stderr
+    # a container's layers live in this store: the image is copied here first, then it runs
+    ran = _cli(tmp_path, cfg, driver, "run", "--rm", "shared/app:1", "/bin/cat", "/etc/os-release", check=False)
+    assert ran.returncode == 0 and ran.stdout == b'NAME="lamina host binaries"\nID=lamina-host\n', ran.stderr
+    listing = json.loads(_cli(tmp_path, cfg, driver, "--format", "json", "images").stdout)
+    assert {i["RepoTags"][0]: i["Store"] for i in listing} == {"shared/app:1": "", "shared/other:1": str(shared)}
     assert _tree_digest(shared) == before
 
 
