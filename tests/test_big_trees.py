@@ -22,7 +22,7 @@ import pytest
 from big_trees import chain_tar, descend, driver_leftovers, exercise, export_sha256, unmount_below, wide_tar
 
 from lamina.config import Config
-from lamina.fs.ops import DirStack, Root, disk_usage, rmtree
+from lamina.fs.ops import DirStack, Root, rmtree
 from lamina.service import ImageService
 from lamina.testing import TarBuilder, require_root, require_tool
 
@@ -107,13 +107,11 @@ def test_a_deep_chain_whited_out_with_few_descriptors(work: Path) -> None:
 # -- the tree helpers ----------------------------------------------------------------------------------------
 
 
-def test_rmtree_and_disk_usage_of_a_deep_tree_with_few_descriptors(work: Path) -> None:
+def test_rmtree_of_a_deep_tree_with_few_descriptors(work: Path) -> None:
     top = work / "t"
     top.mkdir()
     make_chain(top, DEPTH)
     with fd_limit(64):
-        used = disk_usage([top])
-        assert used >= DEPTH * 4096 // 2  # every directory counted (a block each, or close)
         rmtree(top)
     assert not top.exists()
 
