@@ -488,3 +488,51 @@ def test_readme_example(tmp_path: Path) -> None:
         "source registry.example.com/team/app"
     with pytest.raises(endpoints.RegistryBlocked, match="blocked"):
         endpoints.pull_endpoints(config, parse_normalized("a.untrusted.example/app:1"))
+
+
+def test_a_mirror_that_breaks_off_mid_blob_is_carried_on_by_the_source(
+    tmp_path: Path, source: Registry, spare: Registry, debian_image_oci: ImageFacts,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The mirror dies in the middle of the big layer: the source serves the rest of it with ``Range``,
+    and the blob, hashed whole, is accepted."""
+    import threading
+
+    caplog.set_level(logging.DEBUG, logger=ENDPOINT_LOG)
+    push_with_skopeo(debian_image_oci.ref(), source, "midblob/debian:1")
+    push_with_skopeo(debian_image_oci.ref(), spare, "midblob/debian:1")
+    [layer] = debian_image_oci.layer_digests
+    partial = tmp_path / "store" / "root" / "content" / "partial" / layer.replace(":", "-")
+    conf = _config(tmp_path / "lamina.toml", _mirror_config(source, (spare.host, "all")))
+    since = source.log_size()
+    killed = threading.Event()
+
+    def kill_mid_blob() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if partial.stat().st_size > 4 << 20:
+                    spare.kill()
+                    killed.set()
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=kill_mid_blob)
+    watcher.start()
+    try:
+        with _svc(tmp_path, conf) as svc:
+            img = svc.pull_image(f"{source.host}/midblob/debian:1")
+            assert img.id == debian_image_oci.config_digest
+            assert [la.diff_id for la in svc.layers()] == list(debian_image_oci.diff_ids)
+    finally:
+        watcher.join()
+        spare.start()
+    assert killed.is_set(), "the pull ended before the mirror could be killed"
+    messages = [r.getMessage() for r in caplog.records if r.name == ENDPOINT_LOG]
+    assert any(f"blob {layer} from mirror {spare.host}/midblob/debian broke off at byte" in m for m in messages)
+    time.sleep(0.2)
+    ranged = [line for line in source.log_text(since).splitlines()
+              if f"/blobs/{layer} HTTP" in line and '" 206 ' in line]
+    assert len(ranged) == 1, ranged

@@ -195,8 +195,8 @@ class EndpointChain:
         if repo != self.ref.path:
             raise RegistryError(f"this pull reads {self.ref.path}, not {repo}")
 
-    def _first(self, what: str, call: Callable[[Any, Endpoint], T]) -> tuple[int, T]:
-        start = self._start or 0
+    def _first(self, what: str, call: Callable[[Any, Endpoint], T], start: int | None = None) -> tuple[int, T]:
+        start = (self._start or 0) if start is None else start
         failures: list[str] = []
         last = len(self.endpoints) - 1
         for index in range(start, len(self.endpoints)):
@@ -232,15 +232,54 @@ class EndpointChain:
         """A blob's bytes from ``offset`` on, unverified (the caller hashes the whole blob): the bytes before
         may have come from another endpoint."""
         self._check(repo)
-        index, stream = self._first(f"blob {digest}", lambda c, ep: c.open_blob_at(ep.repo, digest, size, offset))
+        return _CarriedOn(self, digest, size, offset)
+
+    def _open_at(self, digest: str, size: int, offset: int, start: int | None = None) -> tuple[int, Any]:
+        index, stream = self._first(f"blob {digest}", lambda c, ep: c.open_blob_at(ep.repo, digest, size, offset),
+                                    start)
         log.debug("%s: blob %s from %s%s", self.ref, digest, self.endpoints[index],
                   f" (bytes {offset}- of {size})" if offset else "")
-        return stream
+        return index, stream
 
     def open_blob_urls(self, desc: oci.Descriptor) -> Any:
         reader = self._client(self._start or 0).open_blob_urls(desc)
         log.debug("%s: blob %s from its URLs", self.ref, desc.digest)
         return reader
+
+
+class _CarriedOn:
+    """A blob's raw bytes from an offset on, from the endpoints of a chain in turn: where one breaks off for
+    good (its own retries with ``Range`` spent), the next carries on from the byte it stopped at. The bytes
+    are unverified here; the reader hashes the whole blob, whoever served each part."""
+
+    def __init__(self, chain: EndpointChain, digest: str, size: int, offset: int) -> None:
+        self._chain = chain
+        self._digest = digest
+        self._size = size
+        self._offset = offset
+        self._index, self._stream = chain._open_at(digest, size, offset)
+
+    def read(self, n: int = -1, /) -> bytes:
+        while True:
+            try:
+                data: bytes = self._stream.read(n)
+            except _FALL_THROUGH as e:
+                if self._index >= len(self._chain.endpoints) - 1:
+                    raise
+                log.debug("%s: blob %s from %s broke off at byte %d (%s); carrying on from %s", self._chain.ref,
+                          self._digest, self._chain.endpoints[self._index], self._offset, e,
+                          self._chain.endpoints[self._index + 1])
+                self.close()
+                self._index, self._stream = self._chain._open_at(self._digest, self._size, self._offset,
+                                                                 self._index + 1)
+                continue
+            self._offset += len(data)
+            return data
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
 
 
 def _with_note(error: LaminaError, note: str) -> LaminaError:
