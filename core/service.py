@@ -121,12 +121,15 @@ class ImageService:
 
     def _only_here(self, ref: str) -> None:
         """Refuse to change an image that lives in an additional image store (it is only read)."""
+        if not self.config.additional_image_stores:
+            return
         try:
             self.get_image(ref)
         except ImageNotFound:
             other, img = self._owner(ref)
-            raise ImageConflict(f"image {img.short_id} is in the additional image store {other.location}, "
-                                "which lamina only reads") from None
+            if other is not self:  # (another process may have made it here meanwhile: then it is this store's)
+                raise ImageConflict(f"image {img.short_id} is in the additional image store {other.location}, "
+                                    "which lamina only reads") from None
 
     @property
     def container_store(self) -> ContainerStore:
