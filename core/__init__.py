@@ -5,11 +5,12 @@ The public names are imported lazily so that ``lamina --version`` and ``import l
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False  # not typing's: importing typing would double the cost of ``lamina --version``
 if TYPE_CHECKING:
+    from typing import Any
+
     from lamina.errors import LaminaError
     from lamina.service import ImageService
 

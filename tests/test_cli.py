@@ -81,6 +81,29 @@ def test_version_and_help_do_not_import_heavy_modules(tmp_path: Path, flag: str)
     assert heavy == []
 
 
+@pytest.mark.parametrize("flag", ["--version", "--help", "-h"])
+def test_version_and_help_answer_without_click(tmp_path: Path, flag: str) -> None:
+    proc = run(tmp_path, flag, store=False, pre=("-X", "importtime"), env={"COLUMNS": "100"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "lamina.cli" in imported and "click" not in imported and "typing" not in imported
+    assert proc.stdout.startswith(b"Usage: lamina" if flag != "--version" else b"lamina, version ")
+
+
+def test_the_stored_help_is_what_click_renders(tmp_path: Path) -> None:
+    """``lamina --help`` prints a stored copy; it must be click's rendering of the commands as they are now
+    (on failure: ``python -m lamina.cli.entry --write-help``)."""
+    from lamina.cli._help import TEXT
+
+    rendered = subprocess.run([sys.executable, "-c", "from lamina.cli.entry import main; main(['--help'])"],
+                              capture_output=True, env=base_env(tmp_path), check=True).stdout.decode()
+    assert rendered == TEXT
+    # narrower than the stored copy: click renders it
+    narrow = run(tmp_path, "--help", store=False, env={"COLUMNS": "60"})
+    assert narrow.returncode == 0 and narrow.stdout.decode() != TEXT and b"Commands:" in narrow.stdout
+
+
 # -- the workflow -------------------------------------------------------------------------------------------
 
 
@@ -325,7 +348,7 @@ def test_mismatched_export_is_one_line(tmp_path: Path, tars: dict[str, Path]) ->
 
 
 def test_tls_verify_spellings() -> None:
-    from lamina.cli import _bare_tls_verify
+    from lamina.cli.entry import _bare_tls_verify
 
     assert _bare_tls_verify(["pull", "--tls-verify", "x"]) == ["pull", "--tls-verify=true", "x"]
     assert _bare_tls_verify(["push", "--tls-verify=false", "x"]) == ["push", "--tls-verify=false", "x"]

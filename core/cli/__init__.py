@@ -14,7 +14,9 @@ One module per group of commands, each registering its commands on the click gro
   ``squash``, ``run``, ``bundle``;
 - :mod:`lamina.cli.registry` -- ``pull``, ``push``, ``login``, ``logout``;
 - :mod:`lamina.cli.events` -- ``events``;
-- this module -- :func:`main`, the entry point (``lamina`` and ``python -m lamina``).
+- :mod:`lamina.cli.entry` -- what runs a command line: click's errors turned into one line, signals;
+- this module -- :func:`main`, the entry point (``lamina`` and ``python -m lamina``), which answers
+  ``--version`` before anything else is imported.
 
 Heavy modules (the store, drivers, compression libraries) are imported inside the commands, so
 ``lamina --version`` and ``lamina --help`` stay fast. Errors print one line; ``--debug`` adds the
@@ -26,50 +28,48 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-import click
-
-from lamina.cli import containers, events, images, layers, registry, system  # noqa: F401 - registers the commands
-from lamina.cli.app import cli, fail, interrupted, stop_on_signals
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["cli", "main"]
 
-_TLS_COMMANDS = ("pull", "push", "login")
-
-
-def _bare_tls_verify(args: list[str]) -> list[str]:
-    """A bare ``--tls-verify`` (podman's spelling of true) of pull/push/login becomes ``--tls-verify=true``."""
-    if not any(a in _TLS_COMMANDS for a in args):
-        return args
-    out: list[str] = []
-    for i, a in enumerate(args):
-        if a == "--":
-            return out + args[i:]
-        out.append("--tls-verify=true" if a == "--tls-verify" else a)
-    return out
-
 
 def main(argv: Sequence[str] | None = None) -> None:
-    stop_on_signals()
+    """The ``lamina`` command. ``lamina --version`` answers here, importing neither click nor the store."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    if args == ["--version"]:
+        from lamina import __version__
+
+        sys.stdout.write(f"lamina, version {__version__}\n")
+        return
+    if args in (["--help"], ["-h"]) and _columns() >= 80:  # click's rendering, stored (lamina.cli._help)
+        from lamina.cli._help import TEXT
+
+        sys.stdout.write(TEXT)
+        return
+    from lamina.cli.entry import main as run
+
+    run(args)
+
+
+def _columns() -> int:
+    """The width click formats help for, as :func:`shutil.get_terminal_size` finds it (80 when unknown)."""
+    import os
+
     try:
-        args = _bare_tls_verify(list(argv) if argv is not None else sys.argv[1:])
-        cli.main(args=args, prog_name="lamina", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
-        click.echo(e.ctx.get_help() if e.ctx else str(e))
-        sys.exit(2)
-    except click.UsageError as e:
-        hint = f" (see 'lamina {e.ctx.command_path.partition(' ')[2]} --help')".replace("  ", " ") if e.ctx else ""
-        fail(f"{e.format_message()}{hint}", 2)
-    except click.ClickException as e:
-        fail(e.format_message(), e.exit_code)
-    except click.exceptions.Abort as e:
-        if isinstance(e.__context__, KeyboardInterrupt):  # click turns one met outside a command into Abort
-            interrupted(e.__context__)
-        fail("aborted", 1)
-    except KeyboardInterrupt as e:
-        interrupted(e)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 80
+    except (OSError, ValueError):
+        return 80
 
 
-if __name__ == "__main__":
-    main()
+def __getattr__(name: str) -> Any:
+    if name == "cli":  # the click group, with every command registered
+        from lamina.cli.entry import cli
+
+        return cli
+    raise AttributeError(f"module 'lamina.cli' has no attribute {name!r}")

@@ -49,7 +49,7 @@ def _registry_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _tls_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """``--tls-verify``, ``--tls-verify=true`` or ``--tls-verify=false`` (podman's spelling); a bare
-    ``--tls-verify`` is rewritten to ``--tls-verify=true`` by ``lamina.cli._bare_tls_verify``."""
+    ``--tls-verify`` is rewritten to ``--tls-verify=true`` by ``lamina.cli.entry._bare_tls_verify``."""
     return click.option("--tls-verify", "tls_verify", type=_TLS, default=None, metavar="[=true|false]", help=help)
 
 
