@@ -91,6 +91,24 @@ def test_version_and_help_answer_without_click(tmp_path: Path, flag: str) -> Non
     assert proc.stdout.startswith(b"Usage: lamina" if flag != "--version" else b"lamina, version ")
 
 
+# what a listing has no use for: the registry client and its HTTP stack, the OCI runtime, the archive formats
+# and image transfer, tar writing, and the compression libraries
+LISTING_NEEDS_NOT = ("lamina.registry", "lamina.runtime", "lamina.formats.ocilayout", "lamina.formats.dockerarchive",
+                     "lamina.formats.archives", "lamina.formats.archivefs", "lamina.images.transfer", "requests",
+                     "urllib3", "urllib.request", "http", "ssl", "tarfile", "zstandard", "isal")
+
+
+@pytest.mark.parametrize("verb", [("images",), ("ps", "-a"), ("layers",), ("inspect", "app:1")])
+def test_listing_verbs_import_only_what_they_use(tmp_path: Path, verb: tuple[str, ...]) -> None:
+    ok(run(tmp_path, "--driver", "vfs", "import", "-", "app:1", stdin=TarBuilder().file("f", b"x").build()))
+    proc = run(tmp_path, "--driver", "vfs", *verb, pre=("-X", "importtime"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.decode().splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert "lamina.store.kernel" in imported  # the measurement works
+    assert sorted(m for m in imported if any(m == n or m.startswith(n + ".") for n in LISTING_NEEDS_NOT)) == []
+
+
 def test_the_stored_help_is_what_click_renders(tmp_path: Path) -> None:
     """``lamina --help`` prints a stored copy; it must be click's rendering of the commands as they are now
     (on failure: ``python -m lamina.cli.entry --write-help``)."""

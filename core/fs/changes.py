@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import os
 import stat
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from lamina.contract import Change
 from lamina.fs.ops import DirStack, Root, lstat_at
 from lamina.tar import whiteout
+
+if TYPE_CHECKING:
+    import tarfile
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SKIP_XATTR = ("trusted.overlay.", "user.overlay.")
@@ -211,6 +214,8 @@ def _compare_entries(lfd: int, pfd: int, pair: _Pair, out: list[Change]) -> None
 
 
 def _header(name: str, st: os.stat_result, linkname: str, xattrs: dict[str, bytes]) -> tarfile.TarInfo:
+    import tarfile  # (imported when a diff is made: listings do without it)
+
     ti = tarfile.TarInfo(name)
     mode = st.st_mode
     ti.mode = stat.S_IMODE(mode)
@@ -238,10 +243,15 @@ def _header(name: str, st: os.stat_result, linkname: str, xattrs: dict[str, byte
 
 
 def header_bytes(ti: tarfile.TarInfo) -> bytes:
-    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    import tarfile  # (imported when a diff is made: listings do without it)
+
+    data: bytes = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return data
 
 
 def whiteout_header(path: str) -> bytes:
+    import tarfile  # (imported when a diff is made: listings do without it)
+
     ti = tarfile.TarInfo(whiteout.whiteout_of(path))
     ti.mode = 0
     ti.mtime = 0
@@ -251,6 +261,8 @@ def whiteout_header(path: str) -> bytes:
 
 def diff_tar(layer_dir: str, changes: list[Change]) -> Iterator[bytes]:
     """Yield a tar stream carrying ``changes`` (as returned by :func:`tree_changes` on ``layer_dir``)."""
+    import tarfile
+
     seen_inodes: dict[tuple[int, int], str] = {}
     with Root(layer_dir) as root:
         for ch in sorted(changes, key=lambda c: c.path):

@@ -22,7 +22,6 @@ import json
 import logging
 import re
 import secrets
-import tarfile
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,6 +93,8 @@ def check_name(name: str) -> str:
 
 def init_tar(exists: Any) -> bytes:
     """The init layer's tar: the placeholders ``exists(path)`` says the image lacks (deterministic bytes)."""
+    import tarfile  # only when a container is made: listings do without it
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for path, kind, target in INIT_ENTRIES:

@@ -28,7 +28,7 @@ import os
 import sqlite3
 import threading
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -234,7 +234,7 @@ def _connect_read_only(path: Path, *, run: bool) -> sqlite3.Connection:
     else:
         wal = path.with_name(path.name + "-wal")
         mode = "mode=ro" if wal.exists() and wal.stat().st_size else "mode=ro&immutable=1"
-        uri = f"file:{urllib.request.pathname2url(str(path.absolute()))}?{mode}"
+        uri = f"file:{urllib.parse.quote(str(path.absolute()))}?{mode}"  # (not urllib.request: its import is slow)
         try:
             db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                  check_same_thread=False)

@@ -9,10 +9,8 @@ at the configured byte limit. Errors of the underlying decompressors are transla
 
 from __future__ import annotations
 
-import bz2
 import contextlib
 import hashlib
-import lzma
 import queue
 import threading
 import weakref
@@ -153,6 +151,9 @@ class _ZstdChunks:
 
 
 def _stdlib_chunks(raw: _HashingRaw, kind: str) -> Callable[[], bytes]:
+    import bz2  # imported when a layer needs them: most commands never read xz or bzip2
+    import lzma
+
     f: lzma.LZMAFile | bz2.BZ2File = (
         lzma.LZMAFile(raw) if kind == "xz" else bz2.BZ2File(raw)  # type: ignore[arg-type,call-overload]  # noqa: SIM115
     )
