@@ -507,7 +507,7 @@ class ImageService:
         """``lamina system prune``: stopped containers, then images without a tag (``all``: every image no
         container uses), then layers and blobs nothing references and partial downloads no pull carries on.
         Returns what went and the bytes reclaimed."""
-        sizes = {layer.cache_id: layer.size for layer in self._layers.all()}
+        start = self._layers.all()  # (what is removed below was there at the start)
         stray = self.image_store.unreferenced_blobs()  # ending a removal's lease may collect them on the way
         containers: list[str] = []
         reclaimed = 0
@@ -528,12 +528,11 @@ class ImageService:
             init_layers.add(c.init_layer)
             reclaimed += rw
         left = {layer.cache_id for layer in self._layers.all()}
-        reclaimed += sum(sizes.get(lid, 0) for lid in init_layers - left)
+        reclaimed += sum(layer.size for layer in start if layer.cache_id in init_layers - left)
         report = self.images_prune({"dangling": ["false" if all else "true"]})
         reclaimed += report.reclaimed
-        before: dict[str, int] = {layer.chain_id: layer.size for layer in self._layers.all()}
         layers = [str(c) for c in self._layers.collect_orphans()]
-        reclaimed += sum(before.get(c, 0) for c in layers)
+        reclaimed += sum(layer.size for layer in start if layer.chain_id in layers)
         for chain in layers:
             self._event("layer", "remove", chain)
         self.image_store.gc()

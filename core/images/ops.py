@@ -509,9 +509,7 @@ def prune(store: ImageStore, filters: dict[str, list[str]]) -> PruneReport:
     seen: set[str] = set()
 
     def remove(rec: ImageRecord, names: tuple[str, ...] | None) -> bool:
-        from lamina.store.usage import blob_size
-
-        blobs = {d: blob_size(store.store, d) for d in store.blobs(rec.id)}
+        blobs = {d: store.content.stored_size(d) or 0 for d in store.blobs(rec.id)}
         removed: list[str] = []
         try:
             layers = store.delete(rec.id, names_seen=rec.names if names is None else names, names_out=removed)

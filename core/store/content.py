@@ -65,6 +65,13 @@ class ContentStore:
         except FileNotFoundError:
             raise BlobNotFound(f"blob {digest} is not in the content store") from None
 
+    def stored_size(self, digest: str) -> int | None:
+        """A stored blob's size; None when it is not there (or ``digest`` names no blob at all)."""
+        try:
+            return os.stat(self.path(digest)).st_size
+        except (OSError, DigestError):
+            return None
+
     def open(self, digest: str) -> BinaryIO:
         try:
             return open(self.path(digest), "rb")

@@ -14,8 +14,6 @@ reference on its top layer, and the end of the loading process's layer and blob 
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sqlite3
 import time
 from collections.abc import Collection, Iterable, Sequence
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lamina.digest import ChainID, DiffID, chain_ids, parse_digest
-from lamina.errors import AmbiguousImage, ImageConflict, ImageNotFound, InvalidReference, LaminaError
+from lamina.errors import AmbiguousImage, ImageConflict, ImageNotFound, InvalidReference
 from lamina.store.content import ContentStore
 from lamina.store.db import owner_alive
 
@@ -117,10 +115,9 @@ class ImageStore:
         """The blobs in the content store that no image names (a lease may hold them), with their sizes."""
         named = {r[0] for r in self.db.query("SELECT DISTINCT digest FROM image_blobs")}
         out: dict[str, int] = {}
-        for d in self.content.walk():
-            if d not in named:
-                with contextlib.suppress(OSError, LaminaError):  # a name that is no digest: system check's
-                    out[str(d)] = os.stat(self.content.path(d)).st_size
+        for d in self.content.walk():  # (a file whose name is no digest has no size: system check reports it)
+            if d not in named and (size := self.content.stored_size(d)) is not None:
+                out[str(d)] = size
         return out
 
     # -- queries ----------------------------------------------------------------------------------------
@@ -258,10 +255,7 @@ class ImageStore:
 
     def _add_blob(self, db: sqlite3.Connection, image_id: str, digest: str) -> None:
         """Record that an image needs a blob, with the blob's size for the disk-usage accounting."""
-        try:
-            size: int | None = os.stat(self.content.path(digest)).st_size
-        except OSError:
-            size = None  # not kept (or gone): counts as nothing
+        size = self.content.stored_size(digest)  # None: not kept (or gone), counts as nothing
         db.execute("INSERT OR IGNORE INTO image_blobs (image_id, digest, size) VALUES (?, ?, ?)",
                    (image_id, digest, size))
 

@@ -16,7 +16,6 @@ store, the blobs that only images no container uses name.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -95,14 +94,6 @@ class DiskUsage:
         }
 
 
-def blob_size(store: Store, digest: str) -> int:
-    """A stored blob's size (0 when it is gone)."""
-    try:
-        return os.stat(store.images.content.path(digest)).st_size
-    except (OSError, ValueError):
-        return 0
-
-
 def disk_usage(store: Store, *, measure_rw: Callable[[str, str], int | None] | None = None) -> DiskUsage:
     """The store's usage from its records; ``measure_rw(rw_layer, init_layer)`` sizes containers' read-write layers
     (none are measured without it). Read in one transaction, so the figures agree with each other."""
@@ -173,7 +164,7 @@ def disk_usage(store: Store, *, measure_rw: Callable[[str, str], int | None] | N
         if recorded is not None:
             blob_sizes[digest] = recorded
     for digest in blobs_of.keys() - blob_sizes.keys():  # recorded before sizes were (a version 3 store)
-        blob_sizes[digest] = blob_size(store, digest)
+        blob_sizes[digest] = store.images.content.stored_size(digest) or 0
     content_size = sum(blob_sizes.values())
     active_blobs = {d for d, owners in blobs_of.items() if any(used_by.get(i) for i in owners)}
     held = image_layers | container_layers
