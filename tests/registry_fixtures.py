@@ -527,6 +527,16 @@ def _require_tools() -> None:
     require_tool("skopeo")
 
 
+@pytest.fixture
+def isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No credentials from the machine: lamina's and containers' auth files live in the test's directory
+    (``pytestmark = pytest.mark.usefixtures("isolated_auth")`` in a module that talks to registries)."""
+    monkeypatch.setenv("LAMINA_AUTH_FILE", str(tmp_path / "auth.json"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+
+
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     """A plain-HTTP registry without auth on 127.0.0.1 (session-wide)."""

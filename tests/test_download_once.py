@@ -27,11 +27,7 @@ from lamina.testing import TarBuilder
 BIG = 64 << 20
 
 
-@pytest.fixture(autouse=True)
-def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LAMINA_AUTH_FILE", str(tmp_path / "auth.json"))
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+pytestmark = pytest.mark.usefixtures("isolated_auth")
 
 
 # -- the content store's side, in process ----------------------------------------------------------------
@@ -52,10 +48,22 @@ class _Source:
         return io.BytesIO(self.data[offset:])
 
 
+def _blob(size: int) -> tuple[bytes, str]:
+    data = os.urandom(size)
+    return data, "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _partial(store: ContentStore, digest: str, data: bytes) -> Path:
+    """A partial download of ``digest`` holding ``data``, as one cut short leaves it."""
+    store.partial.mkdir(exist_ok=True)
+    partial = store.partial / digest.replace(":", "-")
+    partial.write_bytes(data)
+    return partial
+
+
 def test_threads_wanting_one_blob_fetch_it_once(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
-    data = os.urandom(3 << 20)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    data, digest = _blob(3 << 20)
     src = _Source(data)
     read_back: list[bytes] = []
 
@@ -76,11 +84,8 @@ def test_threads_wanting_one_blob_fetch_it_once(tmp_path: Path) -> None:
 
 def test_a_partial_download_is_resumed_and_a_wrong_one_dropped(tmp_path: Path) -> None:
     store = ContentStore(tmp_path)
-    data = os.urandom(1 << 20)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    store.partial.mkdir()
-    partial = store.partial / digest.replace(":", "-")
-    partial.write_bytes(data[:300_000])
+    data, digest = _blob(1 << 20)
+    _partial(store, digest, data[:300_000])
     src = _Source(data)
     with store.download(digest, len(data), "test blob", src.open_at) as d:
         assert d.read(100_000) == data[:100_000]  # replayed from the partial file
@@ -88,10 +93,8 @@ def test_a_partial_download_is_resumed_and_a_wrong_one_dropped(tmp_path: Path) -
         assert d.resumed_at == 300_000
     assert src.offsets == [300_000] and store.read(digest) == data
     # a partial file whose bytes are not the blob's: the digest check fails, and the file goes
-    other = os.urandom(1 << 20)
-    other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
-    partial = store.partial / other_digest.replace(":", "-")
-    partial.write_bytes(b"x" * 1000)
+    other, other_digest = _blob(1 << 20)
+    partial = _partial(store, other_digest, b"x" * 1000)
     with pytest.raises(DigestMismatch, match="resumed at byte 1000"), \
             store.download(other_digest, len(other), "test blob", _Source(other).open_at) as d:
         d.fetch()
@@ -105,11 +108,8 @@ def test_reads_fill_across_the_partial_files_end_and_drop_forgets(tmp_path: Path
     """A reader sniffing magic bytes gets them whole where replayed bytes end and new ones begin; bytes that
     fed a failure the network did not cause (a tar that does not apply) are dropped, not resumed from."""
     store = ContentStore(tmp_path)
-    data = os.urandom(1 << 16)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    store.partial.mkdir()
-    partial = store.partial / digest.replace(":", "-")
-    partial.write_bytes(data[:1])
+    data, digest = _blob(1 << 16)
+    partial = _partial(store, digest, data[:1])
     with store.download(digest, len(data), "test blob", _Source(data).open_at) as d:
         assert d.read(8) == data[:8]
         d.drop()

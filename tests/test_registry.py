@@ -30,13 +30,7 @@ def _mounts(root: Path) -> list[str]:
     return [line for line in Path("/proc/self/mountinfo").read_text().splitlines() if str(root) in line]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No credentials from the machine: lamina's and containers' auth files live in the test's directory."""
-    monkeypatch.setenv("LAMINA_AUTH_FILE", str(tmp_path / "auth.json"))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "xdg"))
-    monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "containers-auth.json"))
-    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+pytestmark = pytest.mark.usefixtures("isolated_auth")
 
 
 @pytest.mark.parametrize("driver", ["vfs", "overlay"])
