@@ -650,8 +650,9 @@ class ImageService:
         self, image_ref: str, name: str | None = None, labels: dict[str, str] | None = None
     ) -> Container:
         """A container from an image: an init layer (runtime placeholders) and a read-write layer on it. An
-        image of an additional image store is copied into this store first (its layers, names and blobs):
-        a container's layers live here."""
+        image of an additional image store is copied into this store first (its names and blobs; its layers
+        are used in place where the driver can stack on them, as overlay does, and copied otherwise): a
+        container's own layers live here."""
         from lamina.store.containers import exists_in
 
         try:

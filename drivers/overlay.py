@@ -14,6 +14,8 @@ On-disk layout under the driver's home::
     <cache-id>/lower          parents' short names, nearest first: "l/AAAAAA:l/BBBBBB" (no file for a base)
     <cache-id>/rw             present for read-write (container) layers
     <cache-id>/tarsplit       tar-split record of a layer applied before lamina kept these records itself
+    <cache-id>/source         for an adopted layer (no diff/ of its own): the absolute path of the diff/
+                              directory of another store's overlay layer it uses in place, read-only
     mode                      how this store mounts: kernel, userxattr (user namespace) or fuse
 
 ``link`` and ``lower`` are written to a temporary file, synced and renamed, so a kill never leaves them
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound
+from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound, shown
 from lamina.fs.apply import apply_tar
 from lamina.fs.changes import added_below, diff_size, diff_tar, entry_differs, tree_changes
 from lamina.fs.ops import DirStack, Root, clear_dir, lstat_at, remove_at, rmtree, write_atomic
@@ -314,6 +316,21 @@ class OverlayDriver(Driver):
             raise LayerNotFound(f"bad layer id {layer_id!r}")
         return self.home / layer_id
 
+    def _diff(self, layer_id: str, *, check: bool = True) -> str:
+        """The directory holding the layer's own content: its ``diff``, or, for a layer adopted from another
+        store (:meth:`lamina_adopt`), that store's directory (with ``check``, an error if it is gone)."""
+        d = self._dir(layer_id)
+        try:
+            with open(d / "source", encoding="utf-8") as f:
+                source = f.read().strip()
+        except FileNotFoundError:
+            return str(d / "diff")
+        if check and not os.path.isdir(source):
+            theirs = Path(source).parent
+            raise DriverError(f"layer {layer_id[:12]} uses layer {theirs.name[:12]} of the store at "
+                              f"{shown(str(theirs.parent.parent))}, which is gone")
+        return source
+
     def _lower_ids(self, layer_id: str) -> list[str]:
         """Short names of the parents, nearest first."""
         try:
@@ -325,9 +342,12 @@ class OverlayDriver(Driver):
     def _lower_dirs(self, layer_id: str) -> list[str]:
         out = []
         for short in self._lower_ids(layer_id):
-            link = self.home / short
-            target = os.readlink(link)  # ../<id>/diff
-            out.append(os.path.normpath(os.path.join(self.home / "l", target)))
+            target = os.readlink(self.home / short)  # ../<id>/diff
+            parts = target.split("/")
+            if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff":
+                out.append(self._diff(parts[1]))
+            else:
+                out.append(os.path.normpath(os.path.join(self.home / "l", target)))
         return out
 
     # -- mounting -----------------------------------------------------------------------------------
@@ -405,7 +425,7 @@ class OverlayDriver(Driver):
             return None
         if (d / "rw").exists():
             return MountPlan(lowers, str(d / "diff"), str(d / "work"), str(d / "merged"))
-        return MountPlan([str(d / "diff"), *lowers], None, None, str(d / "merged"))
+        return MountPlan([self._diff(layer_id), *lowers], None, None, str(d / "merged"))
 
     # -- hooks: description -------------------------------------------------------------------------
     @hookimpl
@@ -432,15 +452,41 @@ class OverlayDriver(Driver):
     @hookimpl
     def lamina_metadata(self, layer_id: str) -> dict[str, str]:
         d = self._dir(layer_id)
-        return {"diff": str(d / "diff"), "merged": str(d / "merged"), "work": str(d / "work"),
+        return {"diff": self._diff(layer_id, check=False), "merged": str(d / "merged"), "work": str(d / "work"),
                 "lower": ":".join(self._lower_ids(layer_id))}
 
     # -- hooks: registration ------------------------------------------------------------------------
     @hookimpl
     def lamina_create(self, layer_id: str, parent: str | None, rw: bool) -> bool:
+        self._create(layer_id, parent, rw, None)
+        return True
+
+    @hookimpl
+    def lamina_adopt(self, layer_id: str, parent: str | None, source: str, source_driver: str) -> bool:
+        """Use another store's overlay layer in place: this layer's own content is that store's ``diff``
+        directory, a lower directory of every mount above it. Only from a store that marks opaque
+        directories in the same xattr namespace (the same mount mode); the directory is never written."""
+        src = Path(source)
+        if source_driver != self.name or src.name != "diff" or not src.is_absolute() or src.is_symlink() \
+                or not src.is_dir():
+            return False
+        try:
+            mode = (src.parent.parent / "mode").read_text().strip()
+        except OSError:
+            return False
+        if ("userxattr" if mode == "userxattr" else "trusted") != \
+                ("userxattr" if self.mode == "userxattr" else "trusted"):
+            return False
+        self._create(layer_id, parent, False, str(src))
+        return True
+
+    def _create(self, layer_id: str, parent: str | None, rw: bool, source: str | None) -> None:
         d = self._dir(layer_id)
         d.mkdir(mode=0o700)
-        (d / "diff").mkdir(mode=0o755)
+        if source is None:
+            (d / "diff").mkdir(mode=0o755)
+        else:
+            _write_atomic(d / "source", source + "\n")
         (d / "work").mkdir(mode=0o700)
         (d / "merged").mkdir(mode=0o700)
         if rw:
@@ -458,7 +504,6 @@ class OverlayDriver(Driver):
             pshort = (pd / "link").read_text().strip()
             lowers = [f"l/{pshort}", *self._lower_ids(parent)]
             _write_atomic(d / "lower", ":".join(lowers) + "\n")
-        return True
 
     @hookimpl
     def lamina_apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
@@ -479,7 +524,7 @@ class OverlayDriver(Driver):
             raise LayerNotFound(f"overlay layer {layer_id} does not exist")
         plan = self._plan(layer_id)
         if plan is None:
-            return str(d / "diff")  # a base layer: its own directory is the whole tree
+            return self._diff(layer_id)  # a base layer: its own directory is the whole tree
         from lamina.fs.mounts import is_mountpoint
 
         if is_mountpoint(plan.target):
@@ -513,7 +558,7 @@ class OverlayDriver(Driver):
     @hookimpl
     def lamina_changes(self, layer_id: str, parent: str | None) -> list[Change]:
         if self._native_ok(layer_id, parent):
-            return _NativeDiff(str(self._dir(layer_id) / "diff"), self._lower_dirs(layer_id),
+            return _NativeDiff(self._diff(layer_id), self._lower_dirs(layer_id),
                                self.opaque_xattr).changes()
         with self._view(layer_id) as mine, self._view(parent) as theirs:
             return tree_changes(mine, theirs)
@@ -526,7 +571,7 @@ class OverlayDriver(Driver):
             return
         plan = self._plan(layer_id)
         if plan is None:
-            yield str(self._dir(layer_id) / "diff")
+            yield self._diff(layer_id)
             return
         from lamina.fs.mounts import is_mountpoint
 
@@ -543,7 +588,7 @@ class OverlayDriver(Driver):
     def lamina_diff(self, layer_id: str, parent: str | None) -> ByteStream:
         changes = self.lamina_changes(layer_id, parent)
         if self._native_ok(layer_id, parent):
-            return ExactTarStream(diff_tar(str(self._dir(layer_id) / "diff"), changes), None)
+            return ExactTarStream(diff_tar(self._diff(layer_id), changes), None)
 
         def chunks() -> Any:
             with self._view(layer_id) as mine:
@@ -555,13 +600,13 @@ class OverlayDriver(Driver):
     def lamina_diff_size(self, layer_id: str, parent: str | None) -> int:
         changes = self.lamina_changes(layer_id, parent)
         if self._native_ok(layer_id, parent):
-            return diff_size(str(self._dir(layer_id) / "diff"), changes)
+            return diff_size(self._diff(layer_id), changes)
         with self._view(layer_id) as mine:
             return diff_size(mine, changes)
 
     @hookimpl
     def lamina_diff_root(self, layer_id: str) -> str:
-        return str(self._dir(layer_id) / "diff")
+        return self._diff(layer_id)
 
     @hookimpl
     def lamina_tar_stream(self, layer_id: str) -> ByteStream:

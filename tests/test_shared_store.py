@@ -47,14 +47,18 @@ def shared(tmp_path: Path) -> Iterator[Path]:
         with open(tmp_path / "host.tar", "rb") as f:
             svc.import_image(f, "shared/app:1")
         svc.import_image(io.BytesIO(TarBuilder().file("other", b"o").build()), "shared/other:1")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "--bind", str(src / "root"), str(ro)], check=True)
+    yield from _read_only_bind(src / "root", tmp_path / "ro")
+
+
+def _read_only_bind(source: Path, at: Path) -> Iterator[Path]:
+    """``source`` bind-mounted read-only at ``at`` (made) until the generator is closed."""
+    at.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(at)], check=True)
     try:
-        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
-        yield ro
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(at)], check=True)
+        yield at
     finally:
-        subprocess.run(["umount", str(ro)], check=False)
+        subprocess.run(["umount", str(at)], check=False)
 
 
 def _config(tmp: Path, shared: Path, driver: str = "vfs") -> Path:
@@ -136,3 +140,77 @@ def test_config_validates_additional_stores(tmp_path: Path) -> None:
     bad.write_text('[storage]\nroot = "/x"\nadditional_image_stores = ["/x"]\n')
     with pytest.raises(ConfigError, match="own root"):
         load_config(bad)
+
+
+@pytest.fixture
+def shared_overlay(tmp_path: Path) -> Iterator[Path]:
+    """An overlay store with a base image and a child whose layer deletes a file (a whiteout) and
+    replaces a directory (an opaque one), bind-mounted read-only at ``tmp_path/ro-overlay``."""
+    require_root()
+    src = tmp_path / "src-overlay"
+    host_binaries_tar(tmp_path / "host.tar")
+    with ImageService.open(Config(root=src / "root", runroot=src / "run", driver="overlay")) as svc:
+        with open(tmp_path / "host.tar", "rb") as f:
+            svc.import_image(f, "shared/app:1")
+        c = svc.create_container("shared/app:1")
+        with svc.perform_with_base_fs(c.id) as rootfs:
+            root = Path(rootfs)
+            (root / "etc/os-release").unlink()
+            (root / "etc/child").write_text("from the child layer\n")
+            for p in (root / "tmp").iterdir():
+                p.unlink()
+            (root / "tmp").rmdir()
+            (root / "tmp").mkdir()
+            (root / "tmp/new").write_text("new\n")
+        svc.commit_image(c.id, "shared/child:1")
+        svc.remove_container(c.id)
+    yield from _read_only_bind(src / "root", tmp_path / "ro-overlay")
+
+
+def test_overlay_runs_containers_on_the_shared_layers_in_place(tmp_path: Path, shared_overlay: Path) -> None:
+    before = _tree_digest(shared_overlay)
+    shared_home = shared_overlay / "overlay"
+    cfg = Config(root=tmp_path / "main" / "root", runroot=tmp_path / "main" / "run", driver="overlay",
+                 additional_image_stores=[shared_overlay])
+    with ImageService.open(cfg) as svc:
+        [theirs] = [s for s in svc.shared_stores]
+        c = svc.create_container("shared/child:1")
+        img = svc.get_image("shared/child:1")
+        assert img.id == theirs.get_image("shared/child:1").id
+        # every layer of the image reads the shared store's directories: nothing was copied
+        for chain in img.chain:
+            mine, other = svc.get_layer(chain), theirs.get_layer(chain)
+            assert svc.store.driver.metadata(mine.cache_id)["diff"] == str(shared_home / other.cache_id / "diff")
+            assert not (cfg.root / "overlay" / mine.cache_id / "diff").exists()
+        copied = sum(f.stat().st_size for f in (cfg.root / "overlay").rglob("*") if f.is_file())
+        assert copied < 10_000, copied  # link, lower and source files only
+        with svc.perform_with_base_fs(c.id) as rootfs:
+            root = Path(rootfs)
+            assert (root / "etc/child").read_text() == "from the child layer\n"
+            assert not (root / "etc/os-release").exists()  # the shared layer's whiteout hides it
+            assert sorted(p.name for p in (root / "tmp").iterdir()) == ["new"]  # its opaque directory
+            assert (root / "bin/cat").stat().st_size > 1000
+            (root / "etc/mine").write_text("mine\n")
+        assert svc.changes(c.id) and any(ch.path == "/etc/mine" for ch in svc.changes(c.id))
+        committed = svc.commit_image(c.id, "local/committed:1")
+        assert committed.chain[:-1] == img.chain
+        # exports of the adopted layers are byte-exact: the same archive from here and from the store
+        svc.export_image(["shared/child:1"], tmp_path / "here.tar")
+        theirs.export_image(["shared/child:1"], tmp_path / "there.tar")
+        assert (tmp_path / "here.tar").read_bytes() == (tmp_path / "there.tar").read_bytes()
+        report = svc.check()
+        assert report.sound, report.as_dict()
+        svc.remove_container(c.id)
+        svc.image_delete("local/committed:1")
+        svc.image_delete(img.id, force=True)
+        assert svc.layers() == []
+        assert set(os.listdir(cfg.root / "overlay")) <= {"l", "mode", ".probe-ok"}
+        assert os.listdir(cfg.root / "overlay" / "l") == []
+    cli = lamina_cli("--config", str(_config(tmp_path, shared_overlay, "overlay")), "--driver", "overlay",
+                     "run", "--rm", "shared/child:1", "/bin/cat", "/etc/child", root=tmp_path / "cli")
+    assert cli.stdout == b"from the child layer\n"
+    assert _tree_digest(shared_overlay) == before
+    # the store that used the layers in place names them when the shared store goes away
+    subprocess.run(["umount", str(shared_overlay)], check=True)
+    checked = lamina_cli("--driver", "overlay", "system", "check", root=tmp_path / "cli", check=False)
+    assert checked.returncode == 1 and b"which is gone" in checked.stdout, checked.stdout

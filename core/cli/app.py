@@ -138,6 +138,9 @@ def to_platform(value: str | None) -> Any:
     return parse_platform(value)
 
 
+_FINISHED = {"exists": "already present", "adopted": "used in place"}  # a layer's last status, as shown
+
+
 class Progress:
     """Per-layer progress on a terminal (stderr); silent otherwise."""
 
@@ -157,7 +160,7 @@ class Progress:
             line = f"{head}: applying {done}" + (f" / {human(total)}" if total else "")
             sys.stderr.write("\r\x1b[2K" + line)
         else:
-            sys.stderr.write("\r\x1b[2K" + f"{head}: {'already present' if status == 'exists' else 'done'}\n")
+            sys.stderr.write("\r\x1b[2K" + f"{head}: {_FINISHED.get(str(status), 'done')}\n")
         sys.stderr.flush()
 
 

@@ -81,6 +81,14 @@ class ActiveDriver:
         with self._calling(f"creating layer {layer_id[:12]} ({self.name})"):
             self.pm.hook.lamina_create(layer_id=layer_id, parent=parent, rw=rw)
 
+    def adopt(self, layer_id: str, parent: str | None, source: str, source_driver: str) -> bool:
+        """Whether the driver made ``layer_id`` use ``source`` in place (False: it cannot, or has no such hook)."""
+        if not self.implements("lamina_adopt"):
+            return False
+        with self._calling(f"adopting layer {layer_id[:12]} ({self.name})"):
+            return bool(self.pm.hook.lamina_adopt(
+                layer_id=layer_id, parent=parent, source=source, source_driver=source_driver))
+
     def apply_diff(self, layer_id: str, parent: str | None, diff: DiffStream) -> int:
         with self._calling(f"applying layer {layer_id[:12]} ({self.name})"):
             return int(self.pm.hook.lamina_apply_diff(layer_id=layer_id, parent=parent, diff=diff) or 0)

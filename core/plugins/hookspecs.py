@@ -87,6 +87,20 @@ def lamina_create(layer_id: str, parent: str | None, rw: bool) -> bool:
 
 
 @hookspec(firstresult=True)
+def lamina_adopt(layer_id: str, parent: str | None, source: str, source_driver: str) -> bool:
+    """Optional. Create the committed layer ``layer_id`` on ``parent`` whose own content is ``source``, the
+    :func:`lamina_diff_root` of a layer of another store's ``source_driver`` driver, in place: no copy.
+
+    lamina asks this only for a store it reads and never writes (an additional image store), when a
+    container is created on one of its images. Return True when the layer now reads ``source`` (never
+    writing it) and False when this driver cannot use it so (another driver's layout, another way of
+    marking whiteouts): lamina then applies the layer's exact tar instead. Removing the layer never
+    touches ``source``.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
 def lamina_apply_diff(layer_id: str, parent: str | None, diff: DiffStream) -> int:
     """Apply an uncompressed tar diff to the freshly created ``layer_id``; return the content size.
 

@@ -46,6 +46,7 @@ from lamina.errors import (
     StoreReadOnly,
     write_failure,
 )
+from lamina.fs.ops import write_atomic
 from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
 from lamina.tar.compression import DiffStream, Readable, verify
 from lamina.tar.split import ExactTarStream, assemble
@@ -235,36 +236,20 @@ class LayerStore:
         leased layers and then reference the top one, in the transaction that commits the image.
         """
         parent_row = self.get(parent) if parent else None
-        depth = parent_row.depth + 1 if parent_row else 1
-        if depth > MAX_DEPTH:
-            raise LayerLimitExceeded(f"layer chain deeper than {MAX_DEPTH} layers")
         stream = DiffStream(
             src,
             max_bytes=self.config.limits.max_layer_bytes,
             max_entries=self.config.limits.max_layer_entries,
             hash_compressed=expected_digest is not None,
         )
-        lid = os.urandom(32).hex()
-        if not self.driver.capabilities().keeps_stream:
-            stream.record = str(self._record(lid))  # kept by lamina.fs.apply.apply_tar as the driver applies
         pcache = parent_row.cache_id if parent_row else None
-        me = self.db.me
         try:
-            with self.db.tx() as db:
-                _same_driver(db, self.driver.name)
-                if pcache is not None and db.execute(
-                    "SELECT 1 FROM layers WHERE id=? AND state='committed'", (pcache,)
-                ).fetchone() is None:
-                    raise LayerNotFound(f"parent layer {parent} was removed")
-                db.execute(
-                    "INSERT INTO layers (id, parent, state, owner_pid, owner_start, depth, created)"
-                    " VALUES (?, ?, 'incomplete', ?, ?, ?, ?)",
-                    (lid, pcache, me[0], me[1], depth, time.time()),
-                )
+            lid = self._begin(parent_row)
         except BaseException:
             stream.close()
             raise
-        existing = None
+        if not self.driver.capabilities().keeps_stream:
+            stream.record = str(self._record(lid))  # kept by lamina.fs.apply.apply_tar as the driver applies
         try:
             self.driver.create(lid, pcache, rw=False)
             size = self.driver.apply_diff(lid, pcache, stream)
@@ -280,30 +265,8 @@ class LayerStore:
             if expected_digest is not None:
                 verify(str(stream.compressed_digest), expected_digest, "layer blob")
             chain = chain_id(parent_row.chain_id if parent_row else None, diff_id)
-            with self.db.tx() as db:
-                existing = db.execute(
-                    "SELECT id FROM layers WHERE chain_id=? AND state='committed'", (chain,)
-                ).fetchone()
-                if existing is None:
-                    # a row on its way out may still hold the ChainID: it gives it up (its remover works
-                    # by CacheID) and this layer takes over
-                    db.execute("UPDATE layers SET chain_id=NULL WHERE chain_id=? AND state != 'committed'", (chain,))
-                    db.execute(
-                        "UPDATE layers SET state='committed', chain_id=?, diff_id=?, size=?, tar_size=?,"
-                        " compression=?, compressed_digest=?, refs=?, owner_pid=NULL, owner_start=NULL,"
-                        " last_used=? WHERE id=?",
-                        (chain, diff_id, size, stream.size, stream.compression,
-                         stream.compressed_digest, 0 if lease else 1, time.time(), lid),
-                    )
-                    if lease is not None:
-                        lease.add_layer(db, lid)
-                else:
-                    if lease is not None:
-                        lease.add_layer(db, existing[0])
-                    else:
-                        db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (existing[0],))
-                    db.execute("UPDATE layers SET last_used=? WHERE id=?", (time.time(), existing[0]))
-                    db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
+            existing = self._commit(lid, chain, diff_id, size, stream.size, stream.compression,
+                                    stream.compressed_digest, lease)
         except BaseException:
             stream.close()
             self._discard(lid)
@@ -311,6 +274,98 @@ class LayerStore:
         stream.close()
         if existing is not None:
             self._discard(lid)  # same content already stored: the loser's work goes
+        return self.get(chain)
+
+    def _begin(self, parent_row: Layer | None) -> str:
+        """A new layer's row, ``incomplete`` and owned by this process; its CacheID."""
+        depth = parent_row.depth + 1 if parent_row else 1
+        if depth > MAX_DEPTH:
+            raise LayerLimitExceeded(f"layer chain deeper than {MAX_DEPTH} layers")
+        lid = os.urandom(32).hex()
+        pcache = parent_row.cache_id if parent_row else None
+        me = self.db.me
+        with self.db.tx() as db:
+            _same_driver(db, self.driver.name)
+            if pcache is not None and db.execute(
+                "SELECT 1 FROM layers WHERE id=? AND state='committed'", (pcache,)
+            ).fetchone() is None:
+                raise LayerNotFound(f"parent layer {parent_row.chain_id if parent_row else ''} was removed")
+            db.execute(
+                "INSERT INTO layers (id, parent, state, owner_pid, owner_start, depth, created)"
+                " VALUES (?, ?, 'incomplete', ?, ?, ?, ?)",
+                (lid, pcache, me[0], me[1], depth, time.time()),
+            )
+        return lid
+
+    def _commit(self, lid: str, chain: ChainID, diff_id: str, size: int, tar_size: int, compression: str | None,
+                compressed_digest: str | None, lease: Lease | None) -> str | None:
+        """Commit the layer ``lid`` as ``chain`` (one reference, or held by ``lease``); when a committed
+        layer already has that ChainID, that one gets the reference and ``lid`` is marked for removal: its
+        CacheID is returned."""
+        with self.db.tx() as db:
+            existing = db.execute(
+                "SELECT id FROM layers WHERE chain_id=? AND state='committed'", (chain,)
+            ).fetchone()
+            if existing is None:
+                # a row on its way out may still hold the ChainID: it gives it up (its remover works
+                # by CacheID) and this layer takes over
+                db.execute("UPDATE layers SET chain_id=NULL WHERE chain_id=? AND state != 'committed'", (chain,))
+                db.execute(
+                    "UPDATE layers SET state='committed', chain_id=?, diff_id=?, size=?, tar_size=?,"
+                    " compression=?, compressed_digest=?, refs=?, owner_pid=NULL, owner_start=NULL,"
+                    " last_used=? WHERE id=?",
+                    (chain, diff_id, size, tar_size, compression, compressed_digest, 0 if lease else 1,
+                     time.time(), lid),
+                )
+                if lease is not None:
+                    lease.add_layer(db, lid)
+                return None
+            if lease is not None:
+                lease.add_layer(db, existing[0])
+            else:
+                db.execute("UPDATE layers SET refs=refs+1 WHERE id=?", (existing[0],))
+            db.execute("UPDATE layers SET last_used=? WHERE id=?", (time.time(), existing[0]))
+            db.execute("UPDATE layers SET state='removing' WHERE id=?", (lid,))
+            return str(existing[0])
+
+    def adopt(self, src: LayerStore, chain: str, parent: str | None, lease: Lease) -> Layer | None:
+        """Register ``src``'s layer ``chain`` (``src`` is a store lamina only reads: an additional image
+        store) on ``parent`` here with its content used in place, when this driver can
+        (``lamina_adopt``): the same ChainID, DiffID and sizes, and a copy of its exact-export record.
+        None when it cannot; the caller then copies the layer. Held by ``lease``, as :meth:`register`'s.
+
+        Nothing is read back: the shared layer is trusted as this store's own layers are, and
+        ``lamina system check`` verifies it like them."""
+        if not self.driver.implements("lamina_adopt") or self.driver.capabilities().keeps_stream:
+            return None
+        theirs = src.get(chain)
+        record = src._record(theirs.cache_id)
+        source = src.driver.diff_root(theirs.cache_id) if record.exists() else None
+        if source is None:
+            return None
+        parent_row = self.get(parent) if parent else None
+        if chain_id(parent_row.chain_id if parent_row else None, theirs.diff_id) != chain:
+            raise LayerNotFound(f"layer {_short(chain)} does not stand on {_short(parent or '')} in its store")
+        lid = self._begin(parent_row)
+        pcache = parent_row.cache_id if parent_row else None
+        try:
+            try:
+                write_atomic(self._record(lid), record.read_bytes(), mode=0o600)
+                sup = src.records / f"{theirs.cache_id}.tsr.sup"
+                if sup.exists():
+                    write_atomic(self.records / f"{lid}.tsr.sup", sup.read_bytes(), mode=0o600)
+            except OSError as e:
+                raise write_failure(e, f"copying the record of layer {_short(chain)}") from e
+            if not self.driver.adopt(lid, pcache, source, src.driver.name):
+                self._discard(lid)
+                return None
+            existing = self._commit(lid, ChainID(chain), theirs.diff_id, theirs.size, theirs.tar_size,
+                                    theirs.compression, theirs.compressed_digest, lease)
+        except BaseException:
+            self._discard(lid)
+            raise
+        if existing is not None:
+            self._discard(lid)
         return self.get(chain)
 
     def _discard(self, lid: str) -> None:

@@ -6,6 +6,7 @@ says it cannot work here is skipped with the probe's reason.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
@@ -357,3 +358,42 @@ class DriverConformance:
         with pytest.raises(LaminaError):
             export_bytes(svc, layer.chain_id)
 
+
+    def test_adopted_layers_read_the_other_store_in_place(self, svc: ImageService, caps: Capabilities,
+                                                           tmp_path: Path) -> None:
+        """``lamina_adopt`` (optional): layers of another store of this driver, opened only to be read (an
+        additional image store), used in place show the same tree and export the same bytes; removing them
+        leaves that store as it was."""
+        if not svc.layer_store.driver.implements("lamina_adopt"):
+            pytest.skip("driver does not adopt other stores' layers")
+        from lamina.config import Config
+        from lamina.store.kernel import Store
+
+        other_root = tmp_path / "other"
+        cfg = dataclasses.replace(svc.config, root=other_root / "root", runroot=other_root / "run")
+        with ImageService.open(cfg) as writer:
+            base = self.add(writer, TarBuilder().dir("a").file("a/old", b"1").file("gone", b"x").file("keep", b"k"))
+            child = self.add(writer, TarBuilder().dir("a").file("a/new", b"n").opaque("a").whiteout("gone"),
+                             parent=base.chain_id)
+            expected = [export_bytes(writer, c) for c in (base.chain_id, child.chain_id)]
+        before = tree_snapshot(str(other_root / "root"))
+        shared = ImageService(Store(Config(root=other_root / "root", runroot=tmp_path / "shared-run",
+                                           driver=svc.config.driver, driver_options=svc.config.driver_options),
+                                    shared=True))
+        try:
+            with svc.store.lease() as lease:
+                adopted = [svc.layer_store.adopt(shared.layer_store, base.chain_id, None, lease)]
+                if adopted[0] is None:
+                    pytest.skip("driver declined to adopt its own kind of layer here")
+                adopted.append(svc.layer_store.adopt(shared.layer_store, child.chain_id, base.chain_id, lease))
+                assert [a.chain_id if a else None for a in adopted] == [base.chain_id, child.chain_id]
+                assert [export_bytes(svc, c) for c in (base.chain_id, child.chain_id)] == expected
+                if caps.can_mount:
+                    with svc.mounted_layer(child.chain_id) as path:
+                        names = {str(p.relative_to(path)) for p in Path(path).rglob("*")}
+                        assert names == {"a", "a/new", "keep"}
+                assert svc.check().problems == []
+        finally:
+            shared.cleanup()
+        assert svc.layers() == []  # the lease held them; nothing else does
+        assert tree_snapshot(str(other_root / "root")) == before
