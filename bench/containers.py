@@ -28,8 +28,18 @@ Operations and targets (ratio of medians, lamina / podman, measured in the same 
 ``commit``
     as for diff, on a fresh container each repetition, then ``lamina commit C bench/commit:N`` against
     ``podman commit C bench/commit:N``. Target <= 1.5x.
-``startup`` (information)
-    ``python -c pass`` and ``python -m lamina --version``: the floor under every lamina command.
+``read``
+    on the one-image store (the warm-up's containers and images removed), each read verb against podman's:
+    ``lamina images`` / ``podman images``, ``lamina ps -a`` / ``podman ps -a``, ``lamina inspect IMG`` /
+    ``podman image inspect IMG``, ``lamina layers`` / ``podman image tree IMG`` (podman has no verb listing
+    the store's layers; ``image tree`` lists the image's). Target <= 1.0x each.
+``inprocess``
+    the same work through ``ImageService`` in one Python process (the way lamina is embedded): create +
+    remove of a container, ``changes`` after one write, ``commit_image`` of one write; medians of N,
+    against podman's CLI medians of create-rm, diff and commit from the same run. Information (no target).
+``startup``
+    ``python -c pass`` (information), ``python -m lamina --version`` and ``--help`` (targets: <= 25 ms each,
+    absolute): the floor under every lamina command.
 
 Timing and noise control are bench/run.py's (imported): the work directory's lock, the settle wait after
 mass deletions on journal-less ext4, ``sync``, an idle wait and prefaulted memory before every timed
@@ -68,8 +78,11 @@ if str(BENCH_DIR) not in sys.path:
 import run as harness  # noqa: E402  (bench/run.py)
 from run import MIB, Bench, Sample, log  # noqa: E402
 
-OPS = ("create-rm", "diff", "commit")
-TARGETS = {"create-rm": 1.0, "diff": 1.5, "commit": 1.5}
+OPS = ("read", "create-rm", "diff", "commit", "inprocess")
+READ_VERBS = ("images", "ps", "inspect", "layers")
+TARGETS = {"create-rm": 1.0, "diff": 1.5, "commit": 1.5, **dict.fromkeys(READ_VERBS, 1.0)}
+STARTUP_TARGETS = {"python -m lamina --version": 0.025, "python -m lamina --help": 0.025}  # seconds, absolute
+INPROCESS = {"inprocess create+rm": "create-rm", "inprocess changes": "diff", "inprocess commit": "commit"}
 IMAGE = "bench/debian:1"
 CREATED = "2026-01-01T00:00:00Z"
 PREFAULT_BYTES = 256 * MIB  # more than a lamina or podman process touches here
@@ -252,6 +265,23 @@ class ContainerBench:
                 cid, _ = self.changed_container(tool, f"warmup{i}")
                 self.quiet(tool.cmd("diff", cid))
                 self.quiet(tool.cmd("commit", cid, f"bench/warmup:{i}"))
+                for verb in READ_VERBS:
+                    self.quiet(tool.cmd(*self.read_args(tool, verb)))
+        # Back to one image and no container, for the read verbs.
+        for tool in self.tools:
+            for cid in self.container_ids(tool):
+                self.quiet(tool.cmd("rm", "-f", cid))
+            for i in range(2):
+                self.quiet(tool.cmd("rmi", f"bench/warmup:{i}"))
+
+    def read_args(self, tool: Tool, verb: str) -> list[str]:
+        if verb == "ps":
+            return ["ps", "-a"]
+        if verb == "inspect":
+            return ["image", "inspect", IMAGE] if tool.name == "podman" else ["inspect", IMAGE]
+        if verb == "layers" and tool.name == "podman":
+            return ["image", "tree", IMAGE]
+        return [verb]
 
     # -- measurements ----------------------------------------------------------------------------------
     def order(self, rep: int) -> tuple[Tool, ...]:
@@ -317,11 +347,43 @@ class ContainerBench:
                 problems.append(f"{tool.name}: the committed image has {n} layer(s), expected 2")
         self.checks["commit"] = problems
 
+    def measure_read(self, repeat: int) -> None:
+        problems: list[str] = []
+        images = {tool.name: len(self.quiet(tool.cmd("images", "-q")).split()) for tool in self.tools}
+        if set(images.values()) != {1}:
+            problems.append(f"not a one-image store: {images}")
+        for rep in range(repeat):
+            for tool in self.order(rep):
+                for verb in READ_VERBS:
+                    args = self.read_args(tool, verb)
+                    s, out = self.timed(tool.cmd(*args))
+                    self.timing(verb, tool, f"{tool.name} {' '.join(args)}", args).add(s)
+                    if verb in ("images", "inspect") and IMAGE.split(":")[0] not in out:
+                        problems.append(f"{tool.name} {verb} does not show {IMAGE}")
+            log(f"read      rep {rep + 1}/{repeat} " + ", ".join(
+                f"{verb} {self.timings[(verb, t.name)].samples[-1]:.3f}/{t.name}" for t in self.tools
+                for verb in READ_VERBS))
+        self.checks["read"] = problems
+
+    def measure_inprocess(self, repeat: int) -> None:
+        """Create + remove, changes and commit through ImageService in one process, in the lamina store."""
+        store = self.top / "lamina"
+        script = INPROCESS_SCRIPT.format(root=str(store / "root"), run=str(store / "run"), image=IMAGE, n=repeat)
+        out = self.quiet([sys.executable, "-c", script])
+        result = json.loads(out.strip().splitlines()[-1])
+        for label, samples in result.items():
+            t = self.timings.setdefault(("inprocess", label), Timing("inprocess", label, label, ["ImageService"]))
+            for wall in samples:
+                t.add(Sample(wall, 0.0, 0.0, 0, 0, 0.0))
+        log("inprocess: " + ", ".join(f"{k} {statistics.median(v) * 1000:.1f} ms" for k, v in result.items()))
+
     def measure_startup(self, repeat: int) -> None:
         py = [sys.executable, "-c", "pass"]
         version = [sys.executable, "-m", "lamina", "--version"]
+        help_ = [sys.executable, "-m", "lamina", "--help"]
         for _ in range(repeat):
-            for label, cmd in (("python -c pass", py), ("python -m lamina --version", version)):
+            for label, cmd in (("python -c pass", py), ("python -m lamina --version", version),
+                               ("python -m lamina --help", help_)):
                 s, _ = self.timed(cmd)
                 self.timings.setdefault(("startup", label), Timing("startup", label, label, cmd)).add(s)
         log("startup: " + ", ".join(f"{t.label} {t.median:.3f}s" for (op, _), t in self.timings.items()
@@ -329,7 +391,7 @@ class ContainerBench:
 
     def comparisons(self) -> list[dict[str, Any]]:
         out = []
-        for op in ("create-rm", "create", "rm", "diff", "commit"):
+        for op in (*READ_VERBS, "create-rm", "create", "rm", "diff", "commit"):
             lam, pod = self.timings.get((op, "lamina")), self.timings.get((op, "podman"))
             if lam is None or pod is None:
                 continue
@@ -341,6 +403,24 @@ class ContainerBench:
                         "podman_cpu_median": round(pod.cpu_median, 3),
                         "lamina_range": [min(lam.samples), max(lam.samples)],
                         "podman_range": [min(pod.samples), max(pod.samples)]})
+        for label, op in INPROCESS.items():
+            lam, pod = self.timings.get(("inprocess", label)), self.timings.get((op, "podman"))
+            if lam is None or pod is None:
+                continue
+            out.append({"op": label, "lamina_median": lam.median, "podman_median": pod.median,
+                        "ratio": round(lam.median / pod.median, 3) if pod.median > 0 else float("inf"),
+                        "target": None, "verdict": "info", "lamina_cpu_median": 0.0,
+                        "podman_cpu_median": round(pod.cpu_median, 3),
+                        "lamina_range": [min(lam.samples), max(lam.samples)],
+                        "podman_range": [min(pod.samples), max(pod.samples)]})
+        for (op, label), t in self.timings.items():
+            if op == "startup" and label in STARTUP_TARGETS:
+                limit = STARTUP_TARGETS[label]
+                out.append({"op": label, "lamina_median": t.median, "podman_median": None,
+                            "ratio": None, "target_seconds": limit,
+                            "target": None, "verdict": "PASS" if t.median <= limit else "MISS",
+                            "lamina_cpu_median": round(t.cpu_median, 3), "podman_cpu_median": 0.0,
+                            "lamina_range": [min(t.samples), max(t.samples)], "podman_range": [0.0, 0.0]})
         return out
 
     # -- profiling -------------------------------------------------------------------------------------
@@ -414,12 +494,17 @@ def print_table(cb: ContainerBench, comps: list[dict[str, Any]], info: harness.W
                "LAMINA CPU s", "PODMAN CPU s"]
     rows = []
     for c in comps:
-        rows.append([c["op"], f"{c['lamina_median']:.3f}", f"{c['podman_median']:.3f}", f"{c['ratio']:.2f}x",
+        if c.get("target_seconds") is not None:  # an absolute target (start-up)
+            rows.append([c["op"], f"{c['lamina_median']:.3f}", "", "", f"<={c['target_seconds']:.3f}s", c["verdict"],
+                         "{:.3f}-{:.3f}".format(*c["lamina_range"]), "", f"{c['lamina_cpu_median']:.3f}", ""])
+            continue
+        ratio = f"{c['ratio']:.3f}x" if c["ratio"] < 0.1 else f"{c['ratio']:.2f}x"
+        rows.append([c["op"], f"{c['lamina_median']:.4f}", f"{c['podman_median']:.3f}", ratio,
                      f"<={c['target']:.1f}x" if c["target"] is not None else "", c["verdict"],
                      "{:.3f}-{:.3f}".format(*c["lamina_range"]), "{:.3f}-{:.3f}".format(*c["podman_range"]),
                      f"{c['lamina_cpu_median']:.3f}", f"{c['podman_cpu_median']:.3f}"])
-    for (op, _), t in cb.timings.items():
-        if op == "startup":
+    for (op, label), t in cb.timings.items():
+        if op == "startup" and label not in STARTUP_TARGETS:
             rows.append([t.label, f"{t.median:.3f}", "", "", "", "info", f"{min(t.samples):.3f}-{max(t.samples):.3f}",
                          "", f"{t.cpu_median:.3f}", ""])
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -427,6 +512,7 @@ def print_table(cb: ContainerBench, comps: list[dict[str, Any]], info: harness.W
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
     print()
     print("Medians of wall seconds per command (create-rm: per create + rm pair); RATIO = lamina / podman.")
+    print("inprocess rows: the same work through ImageService in one process, against podman's command.")
     print("CPU = median user + system seconds of the command (wait4). lamina runs as `python -m lamina`, so the")
     print("startup rows (interpreter, then interpreter + CLI imports) are a floor under each of its commands.")
     noisy = [f"{t.op}/{t.tool} ({f:.2f}s of {w:.2f}s)" for t in cb.timings.values()
@@ -436,6 +522,41 @@ def print_table(cb: ContainerBench, comps: list[dict[str, Any]], info: harness.W
               + (" ..." if len(noisy) > 8 else ""))
     for op, problems in cb.checks.items():
         print(f"check {op}: " + ("ok" if not problems else f"FAILED ({len(problems)}): {problems[0]}"))
+
+
+# Run by measure_inprocess in a fresh interpreter, against the lamina store the CLI runs used; prints JSON.
+INPROCESS_SCRIPT = """
+import json, statistics, time
+from pathlib import Path
+from lamina import ImageService
+from lamina.config import Config
+
+out = {{"inprocess create+rm": [], "inprocess changes": [], "inprocess commit": []}}
+with ImageService.open(Config(root=Path({root!r}), runroot=Path({run!r}), driver="overlay")) as svc:
+    for i in range({n} + 2):  # two untimed rounds first
+        t0 = time.perf_counter()
+        c = svc.create_container({image!r})
+        svc.remove_container(c.id)
+        create_rm = time.perf_counter() - t0
+        c = svc.create_container({image!r})
+        Path(svc.mount(c.id), "etc", f"lamina-inprocess-{{i}}").write_text("x")
+        t0 = time.perf_counter()
+        changes = svc.changes(c.id)
+        changes_s = time.perf_counter() - t0
+        assert any(ch.path == f"/etc/lamina-inprocess-{{i}}" for ch in changes), changes
+        t0 = time.perf_counter()
+        img = svc.commit_image(c.id, f"bench/inprocess:{{i}}")
+        commit_s = time.perf_counter() - t0
+        assert len(img.chain) == 2
+        svc.unmount(c.id)
+        svc.remove_container(c.id)
+        svc.image_delete(img.id)
+        if i >= 2:
+            out["inprocess create+rm"].append(create_rm)
+            out["inprocess changes"].append(changes_s)
+            out["inprocess commit"].append(commit_s)
+print(json.dumps(out))
+"""
 
 
 # -- main ------------------------------------------------------------------------------------------------
@@ -492,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.no_startup:
             cb.measure_startup(args.repeat)
         for op in ops:
-            {"create-rm": cb.measure_create_rm, "diff": cb.measure_diff, "commit": cb.measure_commit}[op](args.repeat)
+            {"read": cb.measure_read, "create-rm": cb.measure_create_rm, "diff": cb.measure_diff,
+             "commit": cb.measure_commit, "inprocess": cb.measure_inprocess}[op](args.repeat)
         code_changed = harness.code_fingerprint() != code
     finally:
         cb.cleanup(args.keep)
