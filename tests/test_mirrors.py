@@ -59,7 +59,7 @@ def cache(source: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def spare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A plain registry only this module uses (its blobs may be damaged on purpose)."""
+    """A plain registry only this module uses (a test kills it mid-blob)."""
     with running(Registry(**_registry_fields(tmp_path_factory.mktemp("mirror-spare")))) as reg:
         yield reg
 
