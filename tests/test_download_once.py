@@ -116,6 +116,33 @@ def test_reads_fill_across_the_partial_files_end_and_drop_forgets(tmp_path: Path
     assert not partial.exists() and not store.exists(digest)
 
 
+def test_a_layer_streamed_from_a_download_that_does_not_verify_is_not_committed(tmp_path: Path) -> None:
+    """A gzip layer whose header alone differs from the blob's (the same tar, so the DiffID matches; a mirror
+    serving it): the digest fails at the blob's last byte, inside the apply, so no layer is committed, and
+    neither the partial file nor its lock is left."""
+    import gzip
+
+    tar = TarBuilder().file("f", bytes(range(256)) * 4096).build()
+    good = gzip.compress(tar, mtime=0)
+    bad = bytearray(good)
+    bad[9] ^= 0xFF  # the OS byte
+    digest = "sha256:" + hashlib.sha256(good).hexdigest()
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    with ImageService.open(Config(root=tmp_path / "root", runroot=tmp_path / "run", driver="vfs")) as svc:
+        images = svc.image_store
+        with images.store.lease() as lease:
+            with pytest.raises(DigestMismatch, match="does not match its digest"), \
+                    images.content.download(digest, len(bad), "layer", _Source(bytes(bad)).open_at) as d:
+                images.layers.register(d, None, expected_diff_id=diff_id, lease=lease)
+            assert not d.complete
+        assert svc.layers() == [] and not images.content.exists(digest)
+        assert list(images.content.partial.iterdir()) == []
+        with images.store.lease() as lease, \
+                images.content.download(digest, len(good), "layer", _Source(good).open_at) as d:
+            assert images.layers.register(d, None, expected_diff_id=diff_id, lease=lease).diff_id == diff_id
+        assert images.content.read(digest) == good
+
+
 # -- pulls in several processes against a real registry -------------------------------------------------
 def _push_two_images_sharing_a_big_layer(tmp: Path, registry: Registry, repo: str) -> str:
     """``repo/a:1`` and ``repo/b:1``: one big random layer below a small one of their own. Returns the

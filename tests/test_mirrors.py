@@ -31,7 +31,7 @@ from conftest import lamina_cli
 from image_fixtures import ImageFacts
 from lamina import ImageService
 from lamina.config import Config, load_config
-from lamina.errors import ConfigError, DigestMismatch, LaminaError
+from lamina.errors import ConfigError, LaminaError
 from lamina.formats.reference import parse_normalized
 from lamina.registry import endpoints, remote
 
@@ -59,7 +59,7 @@ def cache(source: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 @pytest.fixture(scope="module")
 def spare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    """A plain registry only this module uses (its blobs may be damaged on purpose)."""
+    """A plain registry only this module uses (a test kills it mid-blob)."""
     with running(Registry(**_registry_fields(tmp_path_factory.mktemp("mirror-spare")))) as reg:
         yield reg
 
@@ -288,19 +288,158 @@ insecure = true
         assert chain._client(1).options.insecure is True  # --tls-verify=false: every endpoint
 
 
-def test_damaged_blob_on_a_mirror_is_never_accepted(
-    tmp_path: Path, source: Registry, spare: Registry, umoci_small_image: ImageFacts
+# -- damaged content -------------------------------------------------------------------------------------------
+@pytest.fixture
+def damaged(tmp_path: Path) -> Iterator[Registry]:
+    """A plain registry of this test's own, whose stored blobs the test replaces by other bytes."""
+    with running(Registry(**_registry_fields(tmp_path / "damaged-registry"))) as reg:
+        yield reg
+
+
+def _damage(reg: Registry, digest: str, header_only: bool = False) -> None:
+    """Replace the registry's stored bytes of ``digest`` by others of the same size: every byte flipped, or
+    (``header_only``) just the OS byte of a gzip header, which leaves a valid gzip stream of the same tar (the
+    layer applies and its DiffID matches; only the blob's digest tells)."""
+    path = _blob_file(reg, digest)
+    data = bytearray(path.read_bytes())
+    if header_only:
+        assert data[:2] == b"\x1f\x8b"
+        data[9] ^= 0xFF
+    else:
+        data = bytearray(b ^ 0xFF for b in data)
+    path.write_bytes(bytes(data))
+
+
+def _store_is_sound(root: Path, image: ImageFacts) -> None:
+    """Every blob of ``image`` in the store's content hashes to its digest; no partial download is left."""
+    import hashlib
+
+    for digest in _blobs(image):
+        data = (root / "content" / "blobs" / "sha256" / digest.partition(":")[2]).read_bytes()
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    partial = root / "content" / "partial"
+    assert not partial.exists() or list(partial.iterdir()) == []
+
+
+def _partials_are_right(root: Path, image: ImageFacts, failed: str) -> None:
+    """No partial download of the blob ``failed`` is left; one of another blob (a concurrent download the
+    failure cut short, kept to be resumed) holds the first bytes of the right blob."""
+    partial = root / "content" / "partial"
+    names = {p.name for p in partial.iterdir()} if partial.exists() else set()
+    assert not {n for n in names if n.startswith(failed.replace(":", "-"))}, names
+    for name in names - {n for n in names if n.endswith(".lock")}:
+        data = (partial / name).read_bytes()
+        assert image.blob(name.replace("-", ":", 1)).read_bytes()[:len(data)] == data
+
+
+def _rejected(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The blobs whose bytes an endpoint served wrong, as logged (``"DIGEST ENDPOINT"``)."""
+    out = []
+    for rec in caplog.records:
+        words = rec.getMessage().split()
+        if rec.name == ENDPOINT_LOG and "did not verify" in rec.getMessage():
+            out.append(f"{words[2]} {words[4]} {words[5]}")
+    return out
+
+
+def test_damaged_config_and_layers_on_a_mirror_come_from_the_source(
+    tmp_path: Path, source: Registry, damaged: Registry, umoci_small_image: ImageFacts,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """The mirror serves the manifest, a config and two layers whose bytes do not match their digests (same
+    sizes), and the third layer whole: each damaged blob is fetched again from the source, the rest comes
+    from the mirror, and the store keeps only right bytes."""
     push_with_skopeo(umoci_small_image.ref("small:1"), source, "damaged/app:1")
-    push_with_skopeo(umoci_small_image.ref("small:1"), spare, "damaged/app:1")
-    for layer in umoci_small_image.layer_digests:  # same sizes, other bytes
-        data = _blob_file(spare, layer)
-        data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
-    conf = _config(tmp_path / "lamina.toml", _mirror_config(source, (spare.host, "all")))
+    push_with_skopeo(umoci_small_image.ref("small:1"), damaged, "damaged/app:1")
+    config, first, second, third = _blobs(umoci_small_image)
+    _damage(damaged, config)
+    _damage(damaged, first, header_only=True)  # wrong only by its digest, known when its last byte is read
+    _damage(damaged, second)  # no gzip stream at all
+    text = _mirror_config(source, (damaged.host, "all"))
+    conf = _config(tmp_path / "lamina.toml", text)
+    mirror, src = f"mirror {damaged.host}/damaged/app", f"source {source.host}/damaged/app"
+    # through the CLI: the first layer streams into the driver, the others into the content store
+    env = {"LAMINA_CONFIG": str(conf), "LAMINA_DRIVER": "vfs", **_auth_env()}
+    proc = lamina_cli("pull", "--debug", "-q", f"{source.host}/damaged/app:1", root=tmp_path / "one", env=env)
+    assert proc.stdout.decode().strip() == umoci_small_image.config_digest
+    err = proc.stderr.decode()
+    for digest in (config, first, second):
+        assert f"blob {digest} from {mirror} did not verify (" in err and f"fetching it again from {src}" in err
+        assert f"DEBUG: {source.host}/damaged/app:1: blob {digest} from {src}\n" in err
+    assert f"DEBUG: {source.host}/damaged/app:1: blob {third} from {mirror}\n" in err
+    assert f"blob {third} from {src}" not in err
+    with _svc(tmp_path, conf, "one") as svc:
+        assert svc.get_image(f"{source.host}/damaged/app:1").id == umoci_small_image.config_digest
+        assert [la.diff_id for la in svc.layers()] == list(umoci_small_image.diff_ids)
+    _store_is_sound(tmp_path / "one" / "root", umoci_small_image)
+    assert lamina_cli("system", "check", root=tmp_path / "one", env=env, check=False).returncode == 0
+    # one download at a time: every layer streams into the driver, the damaged second one too; the third is
+    # now longer on the mirror than its descriptor says
+    caplog.set_level(logging.DEBUG, logger=ENDPOINT_LOG)
+    with open(_blob_file(damaged, third), "ab") as f:
+        f.write(b"\0" * 1024)
+    serial = _config(tmp_path / "serial.toml", "[images]\nmax_concurrent_downloads = 1\n\n" + text)
+    with _svc(tmp_path, serial, "two") as svc:
+        img = svc.pull_image(f"{source.host}/damaged/app:1")
+        assert img.id == umoci_small_image.config_digest
+        assert [la.diff_id for la in svc.layers()] == list(umoci_small_image.diff_ids)
+    assert sorted(_rejected(caplog)) == sorted(f"{d} {mirror}" for d in (config, first, second))
+    served = {(kind, d): where for kind, d, where in _served(caplog)}
+    assert served == {("manifest", inspect_remote(source, "damaged/app:1")["digest"]): mirror,
+                      ("blob", config): src, ("blob", first): src, ("blob", second): src, ("blob", third): src}
+    assert any(f"blob {third} from {mirror} failed (" in r.getMessage() and "not its size" in r.getMessage()
+               for r in caplog.records)
+    _store_is_sound(tmp_path / "two" / "root", umoci_small_image)
+
+
+def test_a_manifest_by_digest_that_does_not_match_comes_from_the_source(
+    tmp_path: Path, source: Registry, damaged: Registry, umoci_small_image: ImageFacts,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger=ENDPOINT_LOG)
+    push_with_skopeo(umoci_small_image.ref("small:1"), source, "badmanifest/app:1")
+    push_with_skopeo(umoci_small_image.ref("small:1"), damaged, "badmanifest/app:1")
+    digest = inspect_remote(source, "badmanifest/app:1")["digest"]
+    path = _blob_file(damaged, digest)
+    doc = json.loads(path.read_bytes())
+    path.write_bytes(json.dumps(doc, indent=1).encode())  # the same manifest, spelled otherwise
+    conf = _config(tmp_path / "lamina.toml", _mirror_config(source, (damaged.host, "all")))
     with _svc(tmp_path, conf) as svc:
-        with pytest.raises(DigestMismatch):
-            svc.pull_image(f"{source.host}/damaged/app:1")
-        assert svc.images(all=True) == []
+        assert svc.pull_image(f"{source.host}/badmanifest/app@{digest}").id == umoci_small_image.config_digest
+    messages = [r.getMessage() for r in caplog.records if r.name == ENDPOINT_LOG]
+    assert any(f"manifest {digest} from mirror {damaged.host}/badmanifest/app failed (" in m
+               and "does not match its digest" in m for m in messages), messages
+    served = {(kind, d): where for kind, d, where in _served(caplog)}
+    assert set(served.values()) == {f"source {source.host}/badmanifest/app"}  # the rest from where it came from
+    _store_is_sound(tmp_path / "store" / "root", umoci_small_image)
+
+
+def test_damaged_bytes_from_the_source_fail_the_pull_and_leave_nothing(
+    tmp_path: Path, damaged: Registry, umoci_small_image: ImageFacts,
+) -> None:
+    """The last endpoint serves a layer wrong only by its digest (a mirror before it serves it wrong too):
+    a one-line error, no image, no layer, nothing of that blob kept, a consistent store."""
+    push_with_skopeo(umoci_small_image.ref("small:1"), damaged, "badsource/app:1")
+    first = umoci_small_image.layer_digests[0]
+    _damage(damaged, first, header_only=True)
+    with running(Registry(**_registry_fields(tmp_path / "mirror-registry"))) as mirror:
+        push_with_skopeo(umoci_small_image.ref("small:1"), mirror, "badsource/app:1")
+        _damage(mirror, first)
+        plain = _config(tmp_path / "plain.toml", "")
+        both = _config(tmp_path / "both.toml", _mirror_config(damaged, (mirror.host, "all")))
+        for conf in (plain, both):
+            env = {"LAMINA_CONFIG": str(conf), "LAMINA_DRIVER": "vfs", **_auth_env()}
+            root = tmp_path / conf.stem
+            proc = lamina_cli("pull", f"{damaged.host}/badsource/app:1", root=root, env=env, check=False)
+            err = proc.stderr.decode()
+            assert proc.returncode != 0 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+            assert f"{first}) does not match its digest" in err
+            _partials_are_right(root / "root", umoci_small_image, first)
+            assert not (root / "root" / "content" / "blobs" / "sha256" / first.partition(":")[2]).exists()
+            with _svc(tmp_path, conf, conf.stem) as svc:
+                assert svc.images(all=True) == [] and list(svc.layers()) == []
+            check = lamina_cli("system", "check", root=root, env=env, check=False)
+            assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
 # -- location, blocked, push -----------------------------------------------------------------------------------

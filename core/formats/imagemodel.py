@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from lamina.digest import DiffID
+from lamina.errors import LaminaError
 from lamina.tar.compression import Readable
 
 
@@ -37,6 +38,9 @@ class LayerSource:
     # the blob's raw bytes from an offset on, unverified (a registry's Range): such a layer is fetched once
     # however many pulls want it at the same time, and resumed after an interruption (content.Download)
     open_at: Callable[[int], Readable] | None = None
+    # the bytes last fetched did not verify, with this error: True when another source is left to fetch the
+    # blob from, whole (the next open or open_at asks it); a registry pull's mirrors, then its source
+    reject: Callable[[LaminaError], bool] | None = None
 
 
 @dataclass

@@ -159,34 +159,38 @@ def load_source(
                  "size": layer.blob.size if layer.blob else None}
         if keep and layer.blob is not None:
             lease.blob(layer.blob.digest)  # before looking: a collection cannot take it from now on
-        with contextlib.ExitStack() as stack:
-            download = None
-            if layer.open_at is not None and layer.blob is not None and not content.exists(layer.blob.digest) \
-                    and not store.layers.exists(chain):
-                # Another process fetching the same blob finishes (blob stored, layer committed) before
-                # this one looks again; one that was cut short left a partial download to carry on from.
-                download = stack.enter_context(
-                    content.download(layer.blob.digest, layer.blob.size, layer.what, layer.open_at))
-            try:
-                store.layers.lease(chain, lease)
-                present = True
-            except LayerNotFound:
-                present = False
-            try:
-                if present:
-                    if keep and layer.blob is not None and not content.exists(layer.blob.digest):
-                        if download is not None:
-                            download.fetch()
-                        else:
-                            content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
-                    if progress:
-                        progress({**event, "status": "exists"})
-                else:
-                    _apply(store, lease, layer, parent, keep, progress, event, download)
-            except FormatError:
-                if download is not None:
-                    download.drop()  # bytes that do not apply or verify: the next pull starts over
-                raise
+        while True:
+            with contextlib.ExitStack() as stack:
+                download = None
+                if layer.open_at is not None and layer.blob is not None and not content.exists(layer.blob.digest) \
+                        and not store.layers.exists(chain):
+                    # Another process fetching the same blob finishes (blob stored, layer committed) before
+                    # this one looks again; one that was cut short left a partial download to carry on from.
+                    download = stack.enter_context(
+                        content.download(layer.blob.digest, layer.blob.size, layer.what, layer.open_at))
+                try:
+                    store.layers.lease(chain, lease)
+                    present = True
+                except LayerNotFound:
+                    present = False
+                try:
+                    if present:
+                        if keep and layer.blob is not None and not content.exists(layer.blob.digest):
+                            if download is not None:
+                                download.fetch()
+                            else:
+                                content.copy_in(layer.open(), layer.blob.digest, layer.blob.size, layer.what)
+                        if progress:
+                            progress({**event, "status": "exists"})
+                    else:
+                        _apply(store, lease, layer, parent, keep, progress, event, download)
+                except FormatError as e:
+                    if download is not None:
+                        download.drop()  # bytes that do not apply or verify: the next pull starts over
+                    if _fetch_again(layer, download, e):
+                        continue
+                    raise
+            break
         if keep and layer.blob is not None:
             blobs.append(layer.blob.digest)
         parent = chain
@@ -200,6 +204,18 @@ def load_source(
         blobs=blobs,
     ), lease)
     return Loaded(record, moved, tuple(img.names))
+
+
+def _fetch_again(layer: Any, download: Download | None, error: FormatError) -> bool:
+    """Whether a layer whose blob failed (to verify, or to apply from bytes not yet verified) is fetched again
+    whole: from the same place when the failed bytes were partly a resumed download's, else from the next
+    endpoint its source has (a registry mirror that served wrong bytes). Bytes that hashed right failed on
+    their own merit: not again."""
+    if download is not None and download.complete:
+        return False
+    if download is not None and download.resumed_at:
+        return True
+    return layer.reject is not None and bool(layer.reject(error))
 
 
 def _tagged(name: str) -> bool:

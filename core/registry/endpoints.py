@@ -16,7 +16,11 @@ The rules follow containers' ``registries.conf`` (v2):
   by tag. The endpoint that served the image's (top) manifest serves its config and layers; a blob it lacks
   is asked of the endpoints after it. A mirror that fails (cannot be reached, 404, 5xx, refuses access,
   sends something that does not verify) is passed over for the next endpoint; content is verified against
-  its digest whoever serves it. Pushes go to the location only.
+  its digest whoever serves it. A blob whose bytes turn out wrong only once they have all been read (a
+  config, a layer streamed into the driver or the content store) is fetched again, whole, from the
+  endpoints after the one that served it (:meth:`EndpointChain.reject_blob`); the source's own bad bytes
+  fail the pull. A manifest asked for by tag has no digest to check (it is trusted as served, as
+  containers/image does); one asked for by digest must match it. Pushes go to the location only.
 * ``insecure = true`` (on a table for its location, on a mirror for the mirror) allows plain HTTP there, as
   ``[images] insecure_registries`` does. Credentials are looked up for each endpoint's host; credentials given
   for the pull or push (``--creds``) go to the location only.
@@ -170,6 +174,8 @@ class EndpointChain:
         self._connect = connect
         self._clients: dict[int, Any] = {}
         self._start: int | None = None  # the endpoint that served the first manifest
+        self._blob_from: dict[str, int] = {}  # blobs an endpoint served wrong: the first endpoint left to ask
+        self._blob_served: dict[str, int] = {}  # the endpoint that served the first bytes of a blob's last fetch
         self._lock = threading.Lock()
 
     def __enter__(self) -> EndpointChain:
@@ -222,11 +228,35 @@ class EndpointChain:
         log.debug("%s: manifest %s from %s", self.ref, result[2], self.endpoints[index])
         return result
 
+    def _blob_start(self, digest: str) -> int:
+        with self._lock:
+            return max(self._start or 0, self._blob_from.get(digest, 0))
+
+    def _served(self, digest: str, index: int) -> None:
+        with self._lock:
+            self._blob_served[digest] = index
+
     def open_blob(self, repo: str, digest: str, size: int) -> Any:
         self._check(repo)
-        index, reader = self._first(f"blob {digest}", lambda c, ep: c.open_blob(ep.repo, digest, size))
+        index, reader = self._first(f"blob {digest}", lambda c, ep: c.open_blob(ep.repo, digest, size),
+                                    self._blob_start(digest))
+        self._served(digest, index)
         log.debug("%s: blob %s from %s", self.ref, digest, self.endpoints[index])
         return reader
+
+    def reject_blob(self, digest: str, error: LaminaError) -> bool:
+        """The bytes of ``digest`` as last fetched did not verify (``error``: wrong digest or size, or a
+        layer that would not apply from them): the endpoint that began serving them is not asked for this
+        blob again. True when an endpoint after it is left (the caller drops what it has of the blob and
+        fetches it again, whole); False when that was the last (the caller raises ``error``)."""
+        with self._lock:
+            index = self._blob_served.get(digest)
+            if index is None or index >= len(self.endpoints) - 1:
+                return False
+            self._blob_from[digest] = max(self._blob_from.get(digest, 0), index + 1)
+        log.debug("%s: blob %s from %s did not verify (%s); fetching it again from %s", self.ref, digest,
+                  self.endpoints[index], error.message, self.endpoints[index + 1])
+        return True
 
     def open_blob_at(self, repo: str, digest: str, size: int, offset: int) -> Any:
         """A blob's bytes from ``offset`` on, unverified (the caller hashes the whole blob): the bytes before
@@ -257,7 +287,8 @@ class _CarriedOn:
         self._digest = digest
         self._size = size
         self._offset = offset
-        self._index, self._stream = chain._open_at(digest, size, offset)
+        self._index, self._stream = chain._open_at(digest, size, offset, chain._blob_start(digest))
+        chain._served(digest, self._index)
 
     def read(self, n: int = -1, /) -> bytes:
         while True:

@@ -28,7 +28,7 @@ from typing import Any
 
 from lamina.config import Config
 from lamina.digest import DiffID
-from lamina.errors import ImageNotFound, InvalidDocument, LaminaError
+from lamina.errors import DigestError, ImageNotFound, InvalidDocument, LaminaError, LimitExceeded
 from lamina.formats import oci
 from lamina.formats.imagemodel import BlobRef, ImageSource, LayerSource
 from lamina.formats.reference import Reference, parse_normalized
@@ -124,15 +124,17 @@ def read_remote(client: Any, ref: Reference, platform: oci.Platform | None, what
     layers = []
     for i, (d, diff_id) in enumerate(zip(manifest.layers, config.diff_ids, strict=True)):
         at: Callable[[int], Readable] | None = None
+        reject: Callable[[LaminaError], bool] | None = None
         if d.urls:
             opener: Callable[[], Readable] = functools.partial(client.open_blob_urls, d)
         else:
             opener = functools.partial(client.open_blob, repo, d.digest, d.size)
             at = functools.partial(client.open_blob_at, repo, d.digest, d.size)
+            reject = _rejecter(client, d.digest)
         layers.append(
             LayerSource(
                 DiffID(diff_id), opener, BlobRef(d.media_type, d.digest, d.size), what=f"layer {i + 1} ({d.digest})",
-                open_at=at,
+                open_at=at, reject=reject,
             )
         )
     names = []
@@ -159,14 +161,28 @@ def _manifest(client: Any, repo: str, desc: oci.Descriptor) -> tuple[bytes, str,
     return data, media_type, digest
 
 
+def _rejecter(client: Any, digest: str) -> Callable[[LaminaError], bool] | None:
+    """Where the client is an endpoint chain: a blob's bytes that do not verify send it to the next endpoint."""
+    reject = getattr(client, "reject_blob", None)
+    return None if reject is None else functools.partial(reject, digest)
+
+
 def _document(client: Any, repo: str, desc: oci.Descriptor) -> bytes:
-    """A manifest or a config, by its descriptor, verified."""
+    """A manifest or a config, by its descriptor, verified (a config whose bytes do not is fetched again from
+    the next endpoint, if any)."""
     if oci.is_manifest_type(desc.media_type):
         return _manifest(client, repo, desc)[0]
-    return read_verified(
-        client.open_blob(repo, desc.digest, desc.size), desc.digest, desc.size, f"config {desc.digest}",
-        oci.MAX_DOCUMENT_BYTES,
-    )
+    what = f"config {desc.digest}"
+    if desc.size > oci.MAX_DOCUMENT_BYTES:
+        raise LimitExceeded(f"{what} is {desc.size} bytes; documents are limited to {oci.MAX_DOCUMENT_BYTES}")
+    reject = _rejecter(client, desc.digest)
+    while True:
+        try:
+            return read_verified(client.open_blob(repo, desc.digest, desc.size), desc.digest, desc.size, what,
+                                 oci.MAX_DOCUMENT_BYTES)
+        except DigestError as e:
+            if reject is None or not reject(e):
+                raise
 
 
 def _prefetch(
@@ -192,17 +208,22 @@ def _prefetch(
         if store.content.exists(blob.digest):
             return
         if layer.open_at is not None:  # once, whoever else wants it; resumed from what a cut fetch left
-            download = store.content.download(blob.digest, blob.size, layer.what, layer.open_at)
-            if not download.acquire(cancel):
-                return
-            if download.complete:  # another process stored it meanwhile
-                download.close()
-                return
-            with download:
-                while download.read(CHUNK):
-                    if cancel.is_set():
-                        return
-            return
+            while True:
+                download = store.content.download(blob.digest, blob.size, layer.what, layer.open_at)
+                if not download.acquire(cancel):
+                    return
+                if download.complete:  # another process stored it meanwhile
+                    download.close()
+                    return
+                try:
+                    with download:
+                        while download.read(CHUNK):
+                            if cancel.is_set():
+                                return
+                    return
+                except DigestError as e:  # the partial file is gone; a resumed one is fetched again whole
+                    if not (download.resumed_at or (layer.reject is not None and layer.reject(e))):
+                        raise
         with store.content.writer(blob.digest) as w:
             src = layer.open()
             try:

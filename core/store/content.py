@@ -222,8 +222,8 @@ class Download:
     when the holder died or failed, carry on from its partial file. Reading replays that file's bytes
     first (hashing them again: the digest covers the whole blob), then asks ``open_at(offset)`` for the
     rest (a registry's ``Range``), appending it; the blob is renamed into place when its last byte has
-    been read and the whole hashes to the digest. A partial file whose bytes turn out wrong goes, so the
-    next attempt starts over. The kernel drops the lock of a process killed at any point.
+    been read and the whole hashes to the digest. A partial file whose bytes turn out wrong goes (its lock
+    file too), so the next attempt starts over. The kernel drops the lock of a process killed at any point.
 
     Use it as a context manager after :meth:`acquire`; :attr:`complete` says whether the blob was already
     there (reading then serves the stored file).
@@ -247,6 +247,7 @@ class Download:
         self._hash = hashlib.new(self.digest.split(":", 1)[0])
         self.complete = False
         self.resumed_at = 0
+        self._dropped = False  # the partial file went (its bytes were wrong): nothing to carry on from
 
     def acquire(self, cancel: threading.Event | None = None) -> bool:
         """Wait until this process may fetch the blob (False if ``cancel`` was set meanwhile)."""
@@ -353,6 +354,7 @@ class Download:
             self._out.close()
             if self._hash.hexdigest() != self.digest.split(":", 1)[1]:
                 self._part.unlink(missing_ok=True)
+                self._dropped = True
                 raise DigestMismatch(
                     f"{self.what} does not match its digest"
                     + (f" (resumed at byte {self.resumed_at}; the partial download was dropped)"
@@ -370,6 +372,7 @@ class Download:
         if not self.complete:
             with contextlib.suppress(OSError):
                 self._part.unlink()
+            self._dropped = True
 
     def fetch(self) -> None:
         """Read the whole blob into the store (nothing when it is there already)."""
@@ -389,7 +392,8 @@ class Download:
     def close(self) -> None:
         self.close_files()
         if self._lock_fd is not None:
-            if self.complete:  # nobody needs that lock file again; later comers find the blob
+            if self.complete or self._dropped:  # nobody needs that lock file again: later comers find the blob,
+                # or start afresh (one waiting for this lock takes a new one, as acquire() does)
                 with contextlib.suppress(OSError):
                     os.unlink(self._lock)
             os.close(self._lock_fd)
