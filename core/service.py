@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Concatenate, ParamSpec, TypeVar
 from lamina.config import Config, load_config
 from lamina.contract import Capabilities, Change
 from lamina.errors import ContainerNotFound, ImageConflict, ImageError, ImageNotFound, LaminaError, LayerNotFound
-from lamina.plugins.discovery import DriverCatalog, OpStats
+from lamina.plugins import OpStats
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
 from lamina.tar.compression import Readable
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from lamina.images.graph import ContentGraph
     from lamina.images.ops import Image, ImageSummary, ImageUser, PruneReport
     from lamina.images.transfer import Copied, Loaded, ProgressFn
+    from lamina.plugins.discovery import DriverCatalog
     from lamina.store.check import CheckReport
     from lamina.store.containers import Container, ContainerStore
     from lamina.store.events import Event
@@ -62,7 +63,7 @@ def _timed(op: str) -> Callable[[Callable[Concatenate[ImageService, _P], _R]],
                 return out
             finally:
                 dt = time.perf_counter() - t0
-                st = self.store.driver.observer.stats.setdefault(op, OpStats())
+                st = self.store.timings.setdefault(op, OpStats())
                 st.calls += 1
                 st.errors += failed
                 st.total_s += dt

@@ -92,10 +92,12 @@ def test_version_and_help_answer_without_click(tmp_path: Path, flag: str) -> Non
 
 
 # what a listing has no use for: the registry client and its HTTP stack, the OCI runtime, the archive formats
-# and image transfer, tar writing, and the compression libraries
+# and image transfer, tar writing, the compression libraries, and the driver (a store that records its driver
+# starts it on first use: no plugin discovery, no driver module)
 LISTING_NEEDS_NOT = ("lamina.registry", "lamina.runtime", "lamina.formats.ocilayout", "lamina.formats.dockerarchive",
                      "lamina.formats.archives", "lamina.formats.archivefs", "lamina.images.transfer", "requests",
-                     "urllib3", "urllib.request", "http", "ssl", "tarfile", "zstandard", "isal")
+                     "urllib3", "urllib.request", "http", "ssl", "tarfile", "zstandard", "isal",
+                     "lamina.plugins.discovery", "lamina.plugins.active", "lamina.drivers", "pluggy")
 
 
 @pytest.mark.parametrize("verb", [("images",), ("ps", "-a"), ("layers",), ("inspect", "app:1")])

@@ -24,7 +24,7 @@ import pluggy
 
 from lamina.contract import Driver, DriverInfo, DriverRegistry
 from lamina.errors import DriverNotFound, LaminaError, PluginError
-from lamina.plugins import hookspecs
+from lamina.plugins import OpStats, hookspecs
 
 ENTRY_POINT_GROUP = "lamina.drivers"
 BUILTIN_DRIVERS = ("lamina.drivers.vfs", "lamina.drivers.overlay", "lamina.drivers.tarball")
@@ -292,22 +292,6 @@ def lookup(catalog: DriverCatalog, name: str) -> DriverInfo:
 # --------------------------------------------------------------------------------------------------
 # The built-in timing observer: wraps every operation hook.
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class OpStats:
-    calls: int = 0
-    errors: int = 0
-    total_s: float = 0.0
-    max_s: float = 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "calls": self.calls,
-            "errors": self.errors,
-            "total_ms": round(self.total_s * 1000, 3),
-            "max_ms": round(self.max_s * 1000, 3),
-        }
 
 
 class TimingObserver:

@@ -7,12 +7,13 @@ through the ``lamina.drivers`` entry-point group):
 
 * :func:`lamina_register_drivers` -- add driver classes to the registry by name.
 
-**Operations** -- implemented by *driver instances*. When a store opens, lamina instantiates exactly one
+**Operations** -- implemented by *driver instances*. When a store starts its driver (a new store as it
+opens, an existing one when a command first needs the driver), lamina instantiates exactly one
 driver class and registers the instance with the store's plugin manager, so each operation hook has one
 implementation: the active driver's. Every operation hook is ``firstresult``. A plugin module (built-in or
 from the entry-point group) may wrap operation hooks with module-level ``@hookimpl(wrapper=True)``
 functions to observe them, as the built-in timing observer does; lamina registers such modules with every
-store it opens.
+driver it starts.
 
 Vocabulary: ``layer_id`` is the driver-owned *CacheID* of a layer (a random hex name); ``parent`` is the
 parent layer's CacheID or ``None`` for a base layer. Layers are either *committed* (read-only; created by

@@ -1,6 +1,7 @@
 """The store kernel: one object that owns a store's integrity.
 
-:class:`Store` opens the database, selects and starts the driver, and holds the layer, image and container
+:class:`Store` opens the database, selects the driver (started as a new store opens, else when first
+needed: a command that only reads records never starts it), and holds the layer, image and container
 stores, which share its database and its driver. It is the one place that finishes off what killed
 processes left (:meth:`Store.recover`), hands out leases (:meth:`Store.lease`) and collects what nothing
 references any more (:meth:`Store.collect`). Everything above it (``ImageService``, image operations,
@@ -15,13 +16,14 @@ from typing import TYPE_CHECKING
 from lamina.config import Config
 from lamina.contract import DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, write_failure
-from lamina.plugins.active import ActiveDriver
-from lamina.plugins.discovery import DriverCatalog, activate, discover, lookup
 from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_leases
 
 if TYPE_CHECKING:
+    from lamina.plugins import OpStats
+    from lamina.plugins.active import ActiveDriver
+    from lamina.plugins.discovery import DriverCatalog
     from lamina.store.check import CheckReport
     from lamina.store.containers import ContainerStore
     from lamina.store.events import EventLog
@@ -65,10 +67,19 @@ class Store:
                 from lamina.store.migrate import finish_switch
 
                 finish_switch(self.root, self.runroot, self.db, stored)  # a driver switch not yet finished
-            only = self.config.driver or self.stored_driver()
-            self.catalog = catalog if catalog is not None else discover(only=only)
-            self._partial = catalog is None and only is not None  # other built-in drivers not imported
-            self.driver = self._start_driver()
+            wanted = self.config.driver
+            if wanted and stored and wanted != stored:
+                raise DriverConflict(
+                    f"store {self.root} was created with driver {stored!r}, not {wanted!r}; "
+                    f"use --driver {stored} or another --root"
+                )
+            self._catalog = catalog
+            self._partial = False
+            # Hook timings of the driver and operation timings of the service, saved at close.
+            self.timings: dict[str, OpStats] = {}
+            self._driver: ActiveDriver | None = None
+            if stored is None:
+                self._driver = self._start_driver()  # a new store: its driver is chosen, probed and recorded now
             self.layers = LayerStore(self)
             self._images: ImageStore | None = None
             self._containers: ContainerStore | None = None
@@ -106,6 +117,31 @@ class Store:
         return self._containers
 
     # -- the driver -----------------------------------------------------------------------------------
+    @property
+    def driver(self) -> ActiveDriver:
+        """The store's driver, started on first use: commands that only read records (listings,
+        inspection) neither discover plugins nor start the driver of a store that has one recorded."""
+        if self._driver is None:
+            if self._closed:
+                raise StoreError("the store is closed")
+            self._driver = self._start_driver()
+        return self._driver
+
+    @property
+    def driver_started(self) -> bool:
+        return self._driver is not None
+
+    @property
+    def catalog(self) -> DriverCatalog:
+        """The drivers found here (discovered on first use: only the store's own when it names one)."""
+        if self._catalog is None:
+            from lamina.plugins.discovery import discover
+
+            only = self.config.driver or self.stored_driver()
+            self._catalog = discover(only=only)
+            self._partial = only is not None  # the other built-in drivers were not imported
+        return self._catalog
+
     def stored_driver(self) -> str | None:
         return self.db.get_meta("driver")
 
@@ -113,6 +149,9 @@ class Store:
         info.cls.probe(self.root / info.cls.name, self.config.options_for(info.cls.name))
 
     def _start_driver(self) -> ActiveDriver:
+        from lamina.plugins.active import ActiveDriver
+        from lamina.plugins.discovery import activate, discover, lookup
+
         existing = self.stored_driver()
         wanted = self.config.driver
         if wanted and existing and wanted != existing:
@@ -123,14 +162,14 @@ class Store:
         name = wanted or existing
         if name:
             if name not in self.catalog.drivers and self._partial:
-                self.catalog = discover()  # the full list, for the error naming the drivers there are
+                self._catalog = discover()  # the full list, for the error naming the drivers there are
             info = lookup(self.catalog, name)
             try:
                 if not self.read_only:
                     self._probe(info)
             except DriverUnsupported as e:
                 if not existing and self._partial:
-                    self.catalog = discover()  # the hint names another installed driver
+                    self._catalog = discover()  # the hint names another installed driver
                 others = [n for n in self.config.driver_priority if n != name and n in self.catalog.drivers]
                 hint = f"; try --driver {others[0]}" if others and not existing else ""
                 raise DriverUnsupported(f"driver {name!r} is not supported here: {e.message}{hint}") from e
@@ -180,6 +219,7 @@ class Store:
                 elif row[0] != name:
                     raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
         pm, observer = activate(info, instance, self.catalog.observers)
+        observer.stats = self.timings
         return ActiveDriver(info, instance, pm, observer)
 
     # -- leases and collection ------------------------------------------------------------------------
@@ -247,7 +287,8 @@ class Store:
                         self.images.content.clean_ingest(lambda pid: owner_alive(pid, None))
                 except LaminaError as e:  # the next process finishes it off
                     log.warning("could not yet clean up after the interrupted operation: %s", e)
-            self.driver.cleanup()
+            if self._driver is not None:
+                self._driver.cleanup()
             self.layers.save_timings()
         finally:
             self.db.close()

@@ -52,6 +52,7 @@ from lamina.tar.compression import DiffStream, Readable, verify
 from lamina.tar.split import ExactTarStream, assemble
 
 if TYPE_CHECKING:
+    from lamina.plugins.active import ActiveDriver
     from lamina.store.kernel import Store
     from lamina.store.leases import Lease
 
@@ -96,13 +97,17 @@ class LayerStore:
         self.root = store.root
         self.runroot = store.runroot
         self.db = store.db
-        self.driver = store.driver
         self.records = store.root / "tar-split"  # the exact-export records of tree drivers' layers
         if not store.read_only:
             try:
                 self.records.mkdir(exist_ok=True, mode=0o700)
             except OSError as e:
                 raise write_failure(e, f"creating {self.records}") from e
+
+    @property
+    def driver(self) -> ActiveDriver:
+        """The store's driver (started on first use)."""
+        return self.store.driver
 
     @property
     def hook(self) -> Any:
@@ -929,7 +934,7 @@ class LayerStore:
     def save_timings(self) -> None:
         """Add this process's hook timings to the run root's; statistics, so a run root that takes no writes
         (read-only, or full) keeps them out rather than failing the command."""
-        stats = self.driver.observer.stats
+        stats = self.store.timings
         if not stats or self.db.run_refusal is not None:
             return
         try:
