@@ -9,12 +9,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from lamina.errors import DriverError
-from lamina.tar.compression import DiffStream
+
+if TYPE_CHECKING:
+    from lamina.tar.compression import DiffStream
 
 __all__ = ["ByteStream", "Capabilities", "Change", "DiffStream", "Driver", "DriverRegistry"]
+
+
+def __getattr__(name: str) -> Any:
+    """``DiffStream`` is imported when asked for: naming the contract's types costs no tar machinery."""
+    if name == "DiffStream":
+        from lamina.tar.compression import DiffStream
+
+        return DiffStream
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ByteStream(Protocol):

@@ -26,7 +26,6 @@ from lamina.errors import ContainerNotFound, ImageConflict, ImageError, ImageNot
 from lamina.plugins import OpStats
 from lamina.store.kernel import Store
 from lamina.store.layers import Layer, LayerStore
-from lamina.tar.compression import Readable
 
 if TYPE_CHECKING:
     from lamina.formats.oci import Platform
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
     from lamina.store.events import Event
     from lamina.store.images import ImageRecord, ImageStore
     from lamina.store.usage import DiskUsage
+    from lamina.tar.compression import Readable
 
 log = logging.getLogger("lamina.service")
 

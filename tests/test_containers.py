@@ -43,6 +43,12 @@ from lamina.testing import TarBuilder, require_root, tree_snapshot
 
 DRIVERS = ["vfs", "overlay"]
 EMPTY_TAR_DIFF_ID = "sha256:" + hashlib.sha256(bytes(1024)).hexdigest()  # a tar of no entries
+
+
+def test_the_empty_tar_diff_id_lamina_names_is_the_hash_of_an_empty_tar() -> None:
+    from lamina.images.ops import EMPTY_TAR_DIFF_ID as named
+
+    assert named == EMPTY_TAR_DIFF_ID
 PLACEHOLDER_DIRS = ("proc", "sys", "dev/pts", "dev/shm")
 PLACEHOLDER_FILES = ("dev/console", "etc/hosts", "etc/hostname", "etc/resolv.conf")
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from lamina.tar.compression import Readable
 
 FILTERS = ("dangling", "label", "before", "since", "reference")
-EMPTY_TAR_DIFF_ID = DiffID(sha256_digest(bytes(1024)))  # a tar of no entries: what an unchanged container's diff is
+# sha256 of a tar of no entries (1024 zero bytes): what an unchanged container's diff is
+EMPTY_TAR_DIFF_ID = DiffID("sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef")
 log = logging.getLogger("lamina.images.ops")
 
 

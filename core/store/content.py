@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from lamina.digest import Digest, parse_digest
 from lamina.errors import ArchiveError, BlobNotFound, DigestError, DigestMismatch, write_failure
-from lamina.tar.compression import CHUNK, Readable, VerifyingReader, read_verified
+
+if TYPE_CHECKING:
+    from lamina.tar.compression import Readable
 
 
 class ContentStore:
@@ -127,6 +127,8 @@ class ContentStore:
         """Stream a blob into the store, verifying it."""
         if self.exists(digest):
             return
+        from lamina.tar.compression import CHUNK, VerifyingReader
+
         with self.writer(digest) as w:
             reader = VerifyingReader(src, digest, size, what, tee=w.file)
             while reader.read(CHUNK):
@@ -139,9 +141,11 @@ class ContentStore:
 
         ``before_commit(digest)`` runs just before the blob becomes visible (to lease it).
         """
+        import hashlib  # here: opening the store loads no OpenSSL
+
         h = hashlib.sha256()
         size = 0
-        tmp = self.ingest / f"{os.getpid()}-{secrets.token_hex(8)}"
+        tmp = self.ingest / f"{os.getpid()}-{os.urandom(8).hex()}"
         try:
             with open(tmp, "wb") as f:
                 for c in chunks:
@@ -197,6 +201,10 @@ class ContentStore:
     def matches(self, digest: str) -> bool:
         """Whether a stored blob's bytes still hash to its digest (False when it is gone)."""
         algo, hexpart = parse_digest(digest).split(":", 1)
+        import hashlib
+
+        from lamina.tar.compression import CHUNK
+
         h = hashlib.new(algo)
         try:
             with open(self.path(digest), "rb") as f:
@@ -244,6 +252,8 @@ class Download:
         self._out: BinaryIO | None = None
         self._replay = 0  # bytes of the partial file still to replay
         self._left = size
+        import hashlib
+
         self._hash = hashlib.new(self.digest.split(":", 1)[0])
         self.complete = False
         self.resumed_at = 0
@@ -378,6 +388,8 @@ class Download:
         """Read the whole blob into the store (nothing when it is there already)."""
         if self.complete:
             return
+        from lamina.tar.compression import CHUNK
+
         while self.read(CHUNK):
             pass
 
@@ -409,7 +421,7 @@ class BlobWriter:
     def __init__(self, store: ContentStore, digest: Digest) -> None:
         self._store = store
         self.digest = digest
-        self._tmp = store.ingest / f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._tmp = store.ingest / f"{os.getpid()}-{os.urandom(8).hex()}"
         try:
             self.file: BinaryIO = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or __exit__
         except OSError as e:
@@ -440,10 +452,4 @@ class BlobWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-__all__ = [
-    "BlobWriter",
-    "ContentStore",
-    "DigestMismatch",
-    "VerifyingReader",
-    "read_verified",
-]
+__all__ = ["BlobWriter", "ContentStore", "DigestMismatch"]

@@ -48,13 +48,13 @@ from lamina.errors import (
 )
 from lamina.fs.ops import write_atomic
 from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
-from lamina.tar.compression import DiffStream, Readable, verify
-from lamina.tar.split import ExactTarStream, assemble
 
 if TYPE_CHECKING:
     from lamina.plugins.active import ActiveDriver
     from lamina.store.kernel import Store
     from lamina.store.leases import Lease
+    from lamina.tar.compression import Readable
+    from lamina.tar.split import ExactTarStream
 
 log = logging.getLogger("lamina.store.layers")
 MAX_DEPTH = 1000
@@ -240,6 +240,8 @@ class LayerStore:
         With ``lease`` the layer gets no reference but is held by the lease instead: image loads stack
         leased layers and then reference the top one, in the transaction that commits the image.
         """
+        from lamina.tar.compression import DiffStream, verify
+
         parent_row = self.get(parent) if parent else None
         stream = DiffStream(
             src,
@@ -461,6 +463,8 @@ class LayerStore:
             return self.driver.changes(cache_id, parent)
 
     def diff_of(self, cache_id: str, parent: str | None) -> ByteStream:
+        from lamina.tar.split import ExactTarStream
+
         def chunks() -> Iterator[bytes]:
             with self._viewed(cache_id, parent):
                 yield from _pieces(self.driver.diff(cache_id, parent))
@@ -750,6 +754,8 @@ class LayerStore:
         A tree driver's layer is assembled here, from the tar-split record kept while it was applied and
         the files under the driver's diff root; a driver that keeps streams (or a layer applied before
         lamina kept records) hands over its own stream."""
+        from lamina.tar.split import ExactTarStream, assemble
+
         layer = self.get(chain)
         expected = layer.diff_id if verify else None
         record = self._record(layer.cache_id)
@@ -767,6 +773,7 @@ class LayerStore:
         (:class:`ExportError` otherwise, or when it cannot be read), and a tree driver's files must be what
         the stream's entries say (:func:`lamina.fs.audit.compare`). Returns those differences."""
         from lamina.fs.audit import compare, real_root
+        from lamina.tar.compression import DiffStream
         from lamina.tar.format import TarReader
 
         layer = self.get(chain)
