@@ -97,7 +97,8 @@ def test_version_and_help_answer_without_click(tmp_path: Path, flag: str) -> Non
 LISTING_NEEDS_NOT = ("lamina.registry", "lamina.runtime", "lamina.formats.ocilayout", "lamina.formats.dockerarchive",
                      "lamina.formats.archives", "lamina.formats.archivefs", "lamina.images.transfer", "requests",
                      "urllib3", "urllib.request", "http", "ssl", "tarfile", "zstandard", "isal",
-                     "lamina.plugins.discovery", "lamina.plugins.active", "lamina.drivers", "pluggy")
+                     "lamina.plugins.discovery", "lamina.plugins.active", "lamina.drivers", "pluggy", "lamina.tar",
+                     "_hashlib")
 
 
 @pytest.mark.parametrize("verb", [("images",), ("ps", "-a"), ("layers",), ("inspect", "app:1")])

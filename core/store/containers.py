@@ -20,8 +20,8 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -214,7 +214,7 @@ class ContainerStore:
             check_name(name)
         if top is None:
             raise ImageError(f"image {image_id} has no layers; a container needs at least one")
-        cid = secrets.token_hex(32)
+        cid = os.urandom(32).hex()
         me = self.db.me
         now = time.time()
         with self.db.tx() as db:
