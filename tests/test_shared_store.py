@@ -8,6 +8,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,40 @@ def test_overlay_runs_containers_on_the_shared_layers_in_place(tmp_path: Path, s
     subprocess.run(["umount", str(shared_overlay)], check=True)
     checked = lamina_cli("--driver", "overlay", "system", "check", root=tmp_path / "cli", check=False)
     assert checked.returncode == 1 and b"which is gone" in checked.stdout, checked.stdout
+
+
+def test_create_on_shared_layers_killed_at_random_instants_leaves_a_sound_store(tmp_path: Path,
+                                                                                shared_overlay: Path) -> None:
+    """``create`` of an additional store's image (which adopts its layers) SIGKILLed anywhere: the next
+    command finishes it off, the store checks sound, and the shared store is untouched."""
+    import random
+    import signal
+    import time
+
+    from store_invariants import check_store
+
+    before = _tree_digest(shared_overlay)
+    cfg = _config(tmp_path, shared_overlay, "overlay")
+    home = tmp_path / "overlay"
+    argv = [sys.executable, "-m", "lamina", "--config", str(cfg), "--root", str(home / "root"),
+            "--runroot", str(home / "run"), "--driver", "overlay"]
+    t0 = time.perf_counter()
+    subprocess.run([*argv, "create", "--name", "timed", "shared/child:1"], check=True, capture_output=True)
+    duration = time.perf_counter() - t0
+    subprocess.run([*argv, "rm", "timed"], check=True, capture_output=True)
+    subprocess.run([*argv, "rmi", "shared/child:1"], check=True, capture_output=True)
+    rng = random.Random(15)
+    for k in range(8):
+        proc = subprocess.Popen([*argv, "create", "--name", f"c{k}", "shared/child:1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(0.05, duration))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        listed = subprocess.run([*argv, "ps", "-a", "--format", "json"], capture_output=True)
+        assert listed.returncode == 0, listed.stderr
+        assert check_store(home / "root", home / "run", "overlay") == [], k
+        checked = subprocess.run([*argv, "system", "check"], capture_output=True)
+        assert checked.returncode == 0, checked.stdout
+    ran = subprocess.run([*argv, "run", "--rm", "shared/child:1", "/bin/cat", "/etc/child"], capture_output=True)
+    assert ran.stdout == b"from the child layer\n", ran.stderr
+    assert _tree_digest(shared_overlay) == before
