@@ -97,17 +97,20 @@ class ContentStore:
                 continue
             lock = self.partial / f"{entry.name}.lock"
             try:
-                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = _lock_current(lock, None)
             except OSError:
                 continue
+            if fd is None:
+                continue  # being fetched
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 size = entry.stat().st_size
                 os.unlink(entry.path)
                 os.unlink(lock)
                 out[entry.name.replace("-", ":", 1)] = size
-            except OSError:
-                continue  # being fetched
+            except OSError:  # finished meanwhile: the lock file held here is nobody's
+                with contextlib.suppress(OSError):
+                    os.unlink(lock)
+                continue
             finally:
                 os.close(fd)
         return out
@@ -263,29 +266,12 @@ class Download:
         """Wait until this process may fetch the blob (False if ``cancel`` was set meanwhile)."""
         try:
             self.store.partial.mkdir(exist_ok=True, mode=0o700)
-            while True:
-                fd = os.open(self._lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                while True:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if cancel is not None and cancel.is_set():
-                            os.close(fd)
-                            return False
-                        time.sleep(0.05)
-                if self.store.exists(self.digest):
-                    self._lock_fd = fd
-                    self.complete = True
-                    return True
-                try:
-                    same = os.stat(self._lock).st_ino == os.fstat(fd).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    self._lock_fd = fd
-                    return True
-                os.close(fd)  # a finished fetch removed that lock file: take the current one
+            fd = _lock_current(self._lock, cancel if cancel is not None else threading.Event())
+            if fd is None:
+                return False
+            self.complete = self.store.exists(self.digest)
+            self._lock_fd = fd
+            return True
         except OSError as e:
             raise write_failure(e, f"fetching {self.what}") from e
 
@@ -450,6 +436,30 @@ class BlobWriter:
             with contextlib.suppress(OSError):  # a full disk fails the close's flush too: the file goes anyway
                 self.file.close()
             self._tmp.unlink(missing_ok=True)
+
+
+def _lock_current(path: Path, wait: threading.Event | None) -> int | None:
+    """An fd holding the exclusive flock of the lock file at ``path`` as it is when the lock is taken (a
+    lock file that a finished fetch removed meanwhile is let go and the current one taken). Without
+    ``wait``, None if another process holds it; with it, wait until it is free, or None once ``wait`` is set."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if wait is None or wait.is_set():
+                    os.close(fd)
+                    return None
+                time.sleep(0.05)
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
 
 
 __all__ = ["BlobWriter", "ContentStore", "DigestMismatch"]
