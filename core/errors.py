@@ -193,6 +193,11 @@ class ExportUnreadable(ExportError):
     permission, no file descriptors left, an I/O error): not evidence that the layer is damaged."""
 
 
+class SharedLayerUnavailable(DriverError, ExportUnreadable):
+    """A layer used in place from another store (an additional image store) whose directory there cannot
+    be reached now (the shared filesystem is not mounted, or not readable): nothing here is damaged."""
+
+
 class InvalidDocument(FormatError):
     """A manifest, index or config that is malformed, of the wrong media type, or too large."""
 

@@ -260,7 +260,7 @@ class ImageService:
         return self._layers.recorded_timings()
 
     def timings(self) -> dict[str, dict[str, Any]]:
-        return {k: v.as_dict() for k, v in sorted(self.store.driver.observer.stats.items())}
+        return {k: v.as_dict() for k, v in sorted(self.store.timings.items())}
 
     # -- events ---------------------------------------------------------------------------------------
     def events(
@@ -598,12 +598,17 @@ class ImageService:
             self._event("image", "save", image_id, self._name_of(None, ref), format=format)
 
     def copy_images(
-        self, dest: ImageService, refs: list[str] | None = None, *, progress: ProgressFn | None = None
+        self, dest: ImageService, refs: list[str] | None = None, *, progress: ProgressFn | None = None,
+        in_place: bool = False,
     ) -> list[Copied]:
         """Copy images (every one when ``refs`` is None or empty) from this store into ``dest``, another
         store, with no archive between: the same IDs, names, parents, manifests and blobs (byte-exact);
         layers ``dest`` has are not applied again, the others come from this store's exact tar streams.
-        Each store keeps its own driver. This store is only read (and leases what is being copied)."""
+        Each store keeps its own driver. This store is only read (and leases what is being copied).
+
+        With ``in_place``, layers are used where they are when ``dest``'s driver can stack on them (overlay
+        on overlay): nothing of their files is copied, and ``dest`` needs this store to keep them. Creating
+        a container on an additional image store's image does this; ``lamina copy`` never does."""
         from lamina.images import transfer
 
         if os.path.realpath(dest.store.root) == os.path.realpath(self.store.root):
@@ -614,7 +619,7 @@ class ImageService:
         with self.store.lease(reading=True) as lease:  # an rmi meanwhile cannot take away what is being read
             for image_id in dict.fromkeys(wanted):
                 held = store.lease_image(lease, image_id)
-                copied = transfer.copy_image(store, dest.image_store, held, progress=progress)
+                copied = transfer.copy_image(store, dest.image_store, held, progress=progress, in_place=in_place)
                 dest._event("image", "copy", copied.image.id, self._name_of(copied.image), source=str(self.store.root))
                 out.append(copied)
         return out
@@ -660,7 +665,7 @@ class ImageService:
             img = self.get_image(image_ref)
         except ImageNotFound:
             other, shared = self._owner(image_ref)
-            other.copy_images(self, [shared.id])
+            other.copy_images(self, [shared.id], in_place=True)
             img = self.get_image(shared.id)
         top = img.chain[-1] if img.chain else None
         if top is None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from lamina.driver import ByteStream, Capabilities, Change, Driver, DriverRegistry, existing_ancestor
-from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound, shown
+from lamina.errors import DriverError, DriverUnsupported, ExportError, LayerNotFound, SharedLayerUnavailable, shown
 from lamina.fs.apply import apply_tar
 from lamina.fs.changes import added_below, diff_size, diff_tar, entry_differs, tree_changes
 from lamina.fs.ops import DirStack, Root, clear_dir, lstat_at, remove_at, rmtree, write_atomic
@@ -325,10 +325,14 @@ class OverlayDriver(Driver):
                 source = f.read().strip()
         except FileNotFoundError:
             return str(d / "diff")
-        if check and not os.path.isdir(source):
+        if check:
             theirs = Path(source).parent
-            raise DriverError(f"layer {layer_id[:12]} uses layer {theirs.name[:12]} of the store at "
-                              f"{shown(str(theirs.parent.parent))}, which is gone")
+            store = shown(str(theirs.parent.parent))
+            named = f"layer {layer_id[:12]} uses layer {theirs.name[:12]} of the store at {store}"
+            if not os.path.isdir(source):
+                raise SharedLayerUnavailable(f"{named}, which cannot be reached")
+            if os.path.realpath(source) != source:  # recorded resolved: a path that now resolves elsewhere
+                raise DriverError(f"{named}, whose path now leads through a symbolic link")
         return source
 
     def _lower_ids(self, layer_id: str) -> list[str]:
@@ -387,8 +391,10 @@ class OverlayDriver(Driver):
                 pairs += [("upperdir", plan.upper), ("workdir", str(plan.work))]
             mounts.new_mount_api("overlay", plan.target, pairs + strings, flags, readonly=readonly)
             return
-        # Classic mount(2): relative paths from the driver's home keep the data within a page.
-        rel = [os.path.relpath(d, self.home) for d in plan.lowers]
+        # Classic mount(2): relative paths from the driver's home keep the data within a page (a layer of
+        # another store, used in place, keeps its absolute path: ".." from here may not lead there).
+        rel = [os.path.relpath(d, self.home) if os.path.dirname(os.path.dirname(d)) == str(self.home) else d
+               for d in plan.lowers]
         data = [f"lowerdir={':'.join(rel)}"]
         if plan.upper:
             data += [f"upperdir={os.path.relpath(plan.upper, self.home)}",
@@ -467,8 +473,13 @@ class OverlayDriver(Driver):
         directory, a lower directory of every mount above it. Only from a store that marks opaque
         directories in the same xattr namespace (the same mount mode); the directory is never written."""
         src = Path(source)
-        if source_driver != self.name or src.name != "diff" or not src.is_absolute() or src.is_symlink() \
-                or not src.is_dir():
+        if source_driver != self.name or src.name != "diff" or not src.is_absolute() or not src.is_dir():
+            return False
+        # Only the layer directory itself, reached without symbolic links below the store's home, and a
+        # path that mount data can carry.
+        real = os.path.realpath(source)
+        if real != os.path.join(os.path.realpath(src.parent.parent), src.parent.name, "diff") \
+                or any(c in real for c in ",:\n"):
             return False
         try:
             mode = (src.parent.parent / "mode").read_text().strip()
@@ -477,7 +488,7 @@ class OverlayDriver(Driver):
         if ("userxattr" if mode == "userxattr" else "trusted") != \
                 ("userxattr" if self.mode == "userxattr" else "trusted"):
             return False
-        self._create(layer_id, parent, False, str(src))
+        self._create(layer_id, parent, False, real)
         return True
 
     def _create(self, layer_id: str, parent: str | None, rw: bool, source: str | None) -> None:

@@ -211,10 +211,32 @@ def test_overlay_runs_containers_on_the_shared_layers_in_place(tmp_path: Path, s
                      "run", "--rm", "shared/child:1", "/bin/cat", "/etc/child", root=tmp_path / "cli")
     assert cli.stdout == b"from the child layer\n"
     assert _tree_digest(shared_overlay) == before
-    # the store that used the layers in place names them when the shared store goes away
+    # the store that uses the layers in place names them while the shared store is away, and its repair
+    # removes nothing for it: the image is back in use once the shared store is
     subprocess.run(["umount", str(shared_overlay)], check=True)
     checked = lamina_cli("--driver", "overlay", "system", "check", root=tmp_path / "cli", check=False)
-    assert checked.returncode == 1 and b"which is gone" in checked.stdout, checked.stdout
+    assert checked.returncode == 1 and b"cannot be reached" in checked.stdout, checked.stdout
+    lamina_cli("--driver", "overlay", "system", "check", "--repair", root=tmp_path / "cli", check=False)
+    images = lamina_cli("--driver", "overlay", "images", "--format", "json", root=tmp_path / "cli")
+    assert [i["RepoTags"] for i in json.loads(images.stdout)] == [["shared/child:1"]]
+    subprocess.run(["mount", "--bind", "-o", "ro", str(tmp_path / "src-overlay" / "root"), str(shared_overlay)],
+                   check=True)
+    lamina_cli("--driver", "overlay", "system", "check", root=tmp_path / "cli")
+    again = lamina_cli("--driver", "overlay", "run", "--rm", "shared/child:1", "/bin/cat", "/etc/child",
+                       root=tmp_path / "cli")
+    assert again.stdout == b"from the child layer\n"
+
+
+def test_copy_between_stores_never_uses_layers_in_place(tmp_path: Path, shared_overlay: Path) -> None:
+    """``lamina copy`` makes a store of its own: its layers are copies even where adopting them could work."""
+    lamina_cli("--driver", "overlay", "copy", str(shared_overlay), str(tmp_path / "dest" / "root"), "shared/child:1",
+               root=tmp_path / "scratch")
+    with ImageService.open(Config(root=tmp_path / "dest" / "root", runroot=tmp_path / "dest" / "run",
+                                  driver="overlay")) as svc:
+        img = svc.get_image("shared/child:1")
+        for chain in img.chain:
+            diff = svc.store.driver.metadata(svc.get_layer(chain).cache_id)["diff"]
+            assert diff.startswith(str(tmp_path / "dest" / "root")), diff
 
 
 def test_create_on_shared_layers_killed_at_random_instants_leaves_a_sound_store(tmp_path: Path,

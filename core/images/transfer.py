@@ -281,11 +281,13 @@ class Copied:
 
 def copy_image(
     src: ImageStore, dest: ImageStore, record: ImageRecord, *, progress: ProgressFn | None = None,
+    in_place: bool = False,
 ) -> Copied:
     """Copy one image, which a lease of the caller holds in ``src``, into another store: the same ID, names,
     parent, manifests and blobs (byte-exact, each verified as it streams), and the layers ``dest`` lacks,
-    applied from the source's exact tar streams and checked against their DiffIDs (from an additional
-    image store, used in place instead where ``dest``'s driver can: :meth:`LayerStore.adopt`). Nothing of it is
+    applied from the source's exact tar streams and checked against their DiffIDs. With ``in_place`` (a
+    container's image from an additional image store) they are used in place instead where ``dest``'s driver
+    can (:meth:`LayerStore.adopt`): ``dest`` then depends on ``src`` keeping them. Nothing of it is
     written to ``src``; in ``dest`` it all happens inside one lease, which the image's commit ends."""
     config = oci.parse_config(src.config_bytes(record.id))
     diff_ids = [DiffID(d) for d in config.diff_ids]
@@ -309,8 +311,7 @@ def copy_image(
                 dest.layers.lease(chain, lease)
                 status = "exists"
             except LayerNotFound:
-                # An additional image store's layer is used in place where the driver can stack on it.
-                if src.store.shared and dest.layers.adopt(src.layers, chain, parent, lease) is not None:
+                if in_place and dest.layers.adopt(src.layers, chain, parent, lease) is not None:
                     status = "adopted"
                 else:
                     stream = src.layers.export_exact(chain)

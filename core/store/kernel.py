@@ -11,6 +11,7 @@ registries) goes through these objects and never through SQL.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from lamina.config import Config
@@ -61,6 +62,8 @@ class Store:
         # opens for reading: no probe, no recovery, no timings; every write fails with the reason.
         self.read_only = self.db.refusal is not None
         self._closed = False
+        self._closing = False
+        self._starting = threading.Lock()
         try:
             stored = self.stored_driver()
             if stored and not self.read_only and (self.root / "migrate").is_dir():
@@ -122,9 +125,11 @@ class Store:
         """The store's driver, started on first use: commands that only read records (listings,
         inspection) neither discover plugins nor start the driver of a store that has one recorded."""
         if self._driver is None:
-            if self._closed:
-                raise StoreError("the store is closed")
-            self._driver = self._start_driver()
+            with self._starting:  # threads of one process share one driver
+                if self._closed:
+                    raise StoreError("the store is closed")
+                if self._driver is None:
+                    self._driver = self._start_driver()
         return self._driver
 
     @property
@@ -275,9 +280,9 @@ class Store:
         work on the store wherever it was), first finish off what that work left, as the next process would
         for a dead one: a transaction cut short, leases, incomplete layers and containers, partial blobs.
         Closing a closed store does nothing."""
-        if self._closed:
+        if self._closed or self._closing:
             return
-        self._closed = True
+        self._closing = True  # the driver may still start for the recovery below
         try:
             if abandon and not self.read_only:
                 self.db.rollback()
@@ -291,6 +296,7 @@ class Store:
                 self._driver.cleanup()
             self.layers.save_timings()
         finally:
+            self._closed = True
             self.db.close()
 
 

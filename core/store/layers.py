@@ -40,6 +40,7 @@ from lamina.errors import (
     LayerInUse,
     LayerLimitExceeded,
     LayerNotFound,
+    SharedLayerUnavailable,
     StoreError,
     StoreFull,
     StoreLocked,
@@ -160,6 +161,7 @@ class LayerStore:
         ]
         if not dead and not gone:
             return 0
+        self.driver  # noqa: B018  (started before references are dropped: a driver that cannot start leaves them)
         with self.mount_lock():
             affected = set()
             with self.db.tx(runroot=True) as mdb:
@@ -291,8 +293,9 @@ class LayerStore:
         lid = os.urandom(32).hex()
         pcache = parent_row.cache_id if parent_row else None
         me = self.db.me
+        driver = self.driver.name  # started (if it was not) before the write transaction, not inside it
         with self.db.tx() as db:
-            _same_driver(db, self.driver.name)
+            _same_driver(db, driver)
             if pcache is not None and db.execute(
                 "SELECT 1 FROM layers WHERE id=? AND state='committed'", (pcache,)
             ).fetchone() is None:
@@ -356,16 +359,21 @@ class LayerStore:
         lid = self._begin(parent_row)
         pcache = parent_row.cache_id if parent_row else None
         try:
-            try:
-                write_atomic(self._record(lid), record.read_bytes(), mode=0o600)
-                sup = src.records / f"{theirs.cache_id}.tsr.sup"
-                if sup.exists():
-                    write_atomic(self.records / f"{lid}.tsr.sup", sup.read_bytes(), mode=0o600)
-            except OSError as e:
-                raise write_failure(e, f"copying the record of layer {_short(chain)}") from e
             if not self.driver.adopt(lid, pcache, source, src.driver.name):
                 self._discard(lid)
                 return None
+            sup = src.records / f"{theirs.cache_id}.tsr.sup"
+            try:
+                kept = record.read_bytes(), sup.read_bytes() if sup.exists() else None
+            except OSError as e:
+                raise SharedLayerUnavailable(
+                    f"cannot read the record of layer {_short(chain)} in {src.root}: {e.strerror or e}") from e
+            try:
+                write_atomic(self._record(lid), kept[0], mode=0o600)
+                if kept[1] is not None:
+                    write_atomic(self.records / f"{lid}.tsr.sup", kept[1], mode=0o600)
+            except OSError as e:
+                raise write_failure(e, f"copying the record of layer {_short(chain)}") from e
             existing = self._commit(lid, ChainID(chain), theirs.diff_id, theirs.size, theirs.tar_size,
                                     theirs.compression, theirs.compressed_digest, lease)
         except BaseException:
@@ -402,8 +410,9 @@ class LayerStore:
         """
         lid = os.urandom(32).hex()
         me = self.db.me
+        driver = self.driver.name  # started before the write transaction
         with self.db.tx() as db:
-            _same_driver(db, self.driver.name)
+            _same_driver(db, driver)
             prow = db.execute("SELECT depth FROM layers WHERE id=? AND state='committed'", (parent,)).fetchone()
             if prow is None:
                 raise LayerNotFound(f"layer {parent[:12]} was removed")
@@ -847,6 +856,7 @@ class LayerStore:
         after: a process killed in between leaves a reference of its own, which the next process reclaims
         (unmounting), never a mount that nothing counts."""
         mine = self._holder(True)
+        driver = self.driver  # started before the mount lock is taken
         with self.mount_lock():
             row = self.db.one("SELECT rw FROM layers WHERE id=? AND state='committed'", (cache_id,))
             if row is None:
@@ -858,7 +868,7 @@ class LayerStore:
                 _add_ref(mdb, cache_id, mine, "")
             try:
                 # Drivers mount idempotently, so a mount that vanished behind lamina's back comes back here.
-                path = self.driver.mount(cache_id, list(options or []))
+                path = driver.mount(cache_id, list(options or []))
             except BaseException:
                 with self.db.tx(runroot=True) as mdb:
                     _drop_ref(mdb, cache_id, mine)
@@ -872,6 +882,7 @@ class LayerStore:
     def unmount(self, cache_id: str, force: bool = False, *, scoped: bool = False) -> int:
         """Drop one mount reference (every holder's with ``force``); return the count left."""
         holder = self._holder(scoped)
+        self.driver  # noqa: B018  (started before the mount lock: an unmount may follow)
         with self.mount_lock():
             with self.db.tx(runroot=True) as mdb:
                 if force:
