@@ -9,7 +9,8 @@ Exact export is lamina's, not the driver's: while a tree driver applies a layer 
 lamina records the stream's headers and padding (the tar-split record, which lamina stores and removes
 itself), and it assembles the layer's exact tar from that record and the files under the driver's
 ``lamina_diff_root``. A driver that keeps the stream itself says so (``Capabilities.keeps_stream``) and
-implements ``lamina_tar_stream``.
+implements ``lamina_tar_stream``; an :class:`ExactTarStream` it returns may hold :class:`Span` s (ranges of
+open files) besides bytes, which a save into a file copies in the kernel.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from lamina.contract import (
 from lamina.errors import ExportError, LayerNotFound
 from lamina.fs.apply import ApplyResult, DeleteWhiteouts, WhiteoutStrategy, apply_tar
 from lamina.fs.changes import diff_size, diff_tar, tree_changes
+from lamina.fs.kcopy import Span
 from lamina.fs.ops import DirStack, Root, rmtree
 from lamina.fs.treecopy import copy_tree
 from lamina.plugins.hookspecs import hookimpl
-from lamina.tar.split import ExactTarStream, assemble
+from lamina.tar.split import ExactTarStream, assemble_segments
 
 __all__ = [
     "ApplyResult",
@@ -49,6 +51,7 @@ __all__ = [
     "DriverRegistry",
     "ExactTarStream",
     "Root",
+    "Span",
     "TreeDriver",
     "WhiteoutStrategy",
     "apply_tar",
@@ -121,7 +124,7 @@ class TreeDriver(Driver):
                 f"{self.name} layer {layer_id[:12]} has no tar-split record, so it cannot be exported exactly; "
                 "load or pull its image again"
             )
-        return ExactTarStream(assemble(record, self.layer_path(layer_id)), None)
+        return ExactTarStream(assemble_segments(record, self.layer_path(layer_id)), None)
 
     def forget_legacy_record(self, layer_id: str) -> None:
         """Call from ``lamina_remove``: the legacy record (and its kept payloads) go with the layer."""

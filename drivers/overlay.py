@@ -50,7 +50,7 @@ from lamina.fs.changes import added_below, diff_size, diff_tar, entry_differs, t
 from lamina.fs.ops import DirStack, Root, clear_dir, lstat_at, remove_at, rmtree, write_atomic
 from lamina.plugins.hookspecs import hookimpl
 from lamina.tar.compression import DiffStream
-from lamina.tar.split import ExactTarStream, assemble
+from lamina.tar.split import ExactTarStream, assemble_segments
 
 log = logging.getLogger("lamina.drivers.overlay")
 
@@ -629,7 +629,7 @@ class OverlayDriver(Driver):
                 f"overlay layer {layer_id[:12]} has no tar-split record, so it cannot be exported exactly; "
                 "load or pull its image again"
             )
-        return ExactTarStream(assemble(record, d / "diff"), None)
+        return ExactTarStream(assemble_segments(record, d / "diff"), None)
 
     # -- hooks: lifecycle ---------------------------------------------------------------------------
     @hookimpl

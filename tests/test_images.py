@@ -6,10 +6,13 @@ and what lamina saves must inspect (skopeo) and unpack (umoci) to the same diges
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import json
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from lamina.config import Config
 from lamina.errors import (
     AmbiguousImage,
     ArchiveError,
+    ExportError,
     ImageConflict,
     ImageError,
     ImageNotFound,
@@ -139,6 +143,61 @@ def test_save_docker_archive(tmp_path: Path, driver: str, skopeo_images: SkopeoI
     with _open(tmp_path / "again", "vfs") as svc:
         [loaded] = svc.load_image(tmp_path / "out.tar")
         assert loaded.image.id == src.config_digest
+
+
+def _sparse_layer() -> bytes:
+    """A layer whose exact export needs every kind of payload: a sparse file's data segments, a payload the
+    layer replaced later (kept beside the record), a file larger than one copy, an empty file."""
+    from test_tarformat import END, info, plain, sparse_entry
+
+    return (plain(info("d", tarfile.DIRTYPE))
+            + sparse_entry("1.0", "d/sparse", [(7, 5), (1 << 30, 6)], 1 << 31, b"first" + b"second")
+            + plain(info("d/f"), b"replaced later")
+            + plain(info("d/f"), b"the file now")
+            + plain(info("d/empty"))
+            + plain(info("big"), os.urandom(3 << 20) + b"odd")
+            + END)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_save_copies_every_kind_of_payload_exactly(tmp_path: Path, driver: str) -> None:
+    """A save into a file copies the file bodies in the kernel: the archive's layer is the layer's exact
+    stream (docker-archive: as is; OCI layout: the blob lamina compressed from it)."""
+    data = _sparse_layer()
+    diff_id = hashlib.sha256(data).hexdigest()
+    with _open(tmp_path, driver) as svc:
+        svc.import_image(io.BytesIO(data), "example.com/payloads:1")
+        svc.export_image(["example.com/payloads:1"], tmp_path / "out.tar", "docker-archive")
+        svc.export_image(["example.com/payloads:1"], tmp_path / "out", "oci-dir")
+    with tarfile.open(tmp_path / "out.tar") as t:
+        member = t.extractfile(f"{diff_id}.tar")
+        assert member is not None and member.read() == data
+    [layer] = _manifest_of(tmp_path / "out")["layers"]
+    blob = (tmp_path / "out" / "blobs" / "sha256" / layer["digest"].split(":")[1]).read_bytes()
+    assert gzip.decompress(blob) == data
+
+
+def _manifest_of(layout: Path) -> dict[str, Any]:
+    index = json.loads((layout / "index.json").read_bytes())
+    digest = index["manifests"][0]["digest"].split(":")[1]
+    return dict(json.loads((layout / "blobs" / "sha256" / digest).read_bytes()))
+
+
+@pytest.mark.parametrize("damage", ["changed", "shorter"])
+def test_save_of_a_damaged_layer_fails_and_leaves_nothing(tmp_path: Path, damage: str) -> None:
+    """The kernel's copy is verified: the archive's bytes are hashed and checked against the DiffID."""
+    data = _sparse_layer()
+    with _open(tmp_path, "vfs") as svc:
+        svc.import_image(io.BytesIO(data), "example.com/payloads:1")
+        [layer_dir] = (tmp_path / "root" / "vfs" / "dir").iterdir()
+        big = layer_dir / "big"
+        body = big.read_bytes()
+        big.write_bytes(body[:-1] + b"!" if damage == "changed" else body[:-1])
+        expected = "no longer matches its DiffID" if damage == "changed" else "'big' of the layer is shorter"
+        for fmt, out in (("docker-archive", "out.tar"), ("oci-dir", "out")):
+            with pytest.raises(ExportError, match=expected):
+                svc.export_image(["example.com/payloads:1"], tmp_path / out, fmt)
+    assert sorted(os.listdir(tmp_path)) == ["root", "run"]
 
 
 def test_docker_archive_origin_saved_as_oci_is_deterministic(tmp_path: Path, skopeo_images: SkopeoImages) -> None:

@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from lamina.store.layers import Layer
 from lamina.testing import TarBuilder, require_root
 
 DRIVERS = ["vfs", "overlay", "tarball"]
+# another filesystem than the stores' (tmpfs: copy_file_range refuses to copy between it and the disk)
+ELSEWHERE = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
 BLOCK = 512
 
 
@@ -51,11 +54,20 @@ def _sha(data: bytes) -> str:
 
 
 def register_exact(svc: ImageService, data: bytes, parent: str | None = None) -> Layer:
-    """Register ``data``; its export must be ``data`` again, and ``system check`` must find the layer sound."""
+    """Register ``data``; its export must be ``data`` again, read as bytes and copied into a file (a save's
+    path: file bodies copied by the kernel, from the store's filesystem and from another), and ``system
+    check`` must find the layer sound."""
     layer = svc.register_layer(io.BytesIO(data), parent)
     assert layer.diff_id == "sha256:" + _sha(data)
     with svc.export_layer(layer.chain_id) as s:
         assert _sha(s.read()) == _sha(data)
+    for where in (svc.config.root.parent, ELSEWHERE):
+        with svc.layer_store.export_exact(layer.chain_id) as s, tempfile.TemporaryFile(dir=where) as f:
+            f.write(b"before")
+            f.flush()
+            assert s.copy_to(f.fileno()) == len(data)
+            f.seek(0)
+            assert f.read(6) == b"before" and _sha(f.read()) == _sha(data)
     assert svc.layer_store.audit(layer.chain_id) == []
     return layer
 

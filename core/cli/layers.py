@@ -82,9 +82,14 @@ def layer_export(g: Globals, ref: str, output: str) -> None:
             return
         tmp = f"{output}.lamina-tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as f:
-                while chunk := stream.read(1 << 20):
-                    f.write(chunk)
+            copy = getattr(stream, "copy_to", None)  # an exact stream: file bodies copied by the kernel
+            if copy is not None:
+                with open(tmp, "w+b", buffering=0) as raw:
+                    copy(raw.fileno())
+            else:
+                with open(tmp, "wb") as f:
+                    while chunk := stream.read(1 << 20):
+                        f.write(chunk)
             os.replace(tmp, output)
         except OSError as e:
             raise ExportError(f"cannot write {output}: {e.strerror}") from e

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from lamina.errors import ArchiveError, ExportError, InvalidDocument, UnsafePathError
+from lamina.formats.imagemodel import BlobSource
 from lamina.tar.compression import Readable
 from lamina.tar.format import BLOCK, Header, parse_pax
 
@@ -310,13 +311,19 @@ def open_source(path: str | os.PathLike[str]) -> Source:
 class Sink(Protocol):
     def add_bytes(self, name: str, data: bytes) -> None: ...
 
-    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None: ...
+    def add_blob(self, name: str, blob: BlobSource) -> None:
+        """``blob.size`` bytes: copied into the archive's file by ``blob.copy_to`` when it has one."""
 
     def has(self, name: str) -> bool: ...
 
     def commit(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def _check_size(name: str, written: int, size: int) -> None:
+    if written != size:
+        raise ExportError(f"{name}: wrote {written} bytes, expected {size}")
 
 
 def _temp_beside(dest: Path) -> Path:
@@ -355,8 +362,15 @@ class DirSink:
             for c in chunks:
                 f.write(c)
                 written += len(c)
-        if written != size:
-            raise ExportError(f"{name}: wrote {written} bytes, expected {size}")
+        _check_size(name, written, size)
+
+    def add_blob(self, name: str, blob: BlobSource) -> None:
+        if blob.copy_to is None:
+            self.add_stream(name, blob.size, blob.chunks())
+            return
+        with open(self._path(name), "w+b", buffering=0) as f:
+            written = blob.copy_to(f.fileno())
+        _check_size(name, written, blob.size)
 
     def commit(self) -> None:
         if self.dest.exists():
@@ -375,8 +389,8 @@ class TarSink:
         if dest.is_dir():
             raise ExportError(f"{dest} is a directory; give a file name for the archive")
         self._tmp = _temp_beside(dest)
-        try:
-            self._f = open(self._tmp, "wb")  # noqa: SIM115 - closed by commit() or abort()
+        try:  # unbuffered: blobs are copied into it by the kernel, between the headers written here
+            self._f = open(self._tmp, "w+b", buffering=0)  # noqa: SIM115 - closed by commit() or abort()
         except OSError as e:
             raise ExportError(f"cannot write {dest}: {e.strerror}") from e
         except BaseException:  # interrupted as the file was made: it goes
@@ -392,7 +406,7 @@ class TarSink:
         ti.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
         ti.mtime = 0
         ti.uname = ti.gname = ""
-        self._f.write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._write(ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
 
     def _parents(self, name: str) -> None:
         parts = name.split("/")[:-1]
@@ -408,23 +422,48 @@ class TarSink:
     def add_bytes(self, name: str, data: bytes) -> None:
         self.add_stream(name, len(data), iter([data]))
 
-    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+    def _member(self, name: str, size: int) -> str:
         name = check_member_name(name)
         self._parents(name)
         self._names.add(name)
         self._header(name, size)
+        return name
+
+    def add_stream(self, name: str, size: int, chunks: Iterator[bytes]) -> None:
+        name = self._member(name, size)
+        pending = bytearray()  # small pieces (an exact tar's headers) gathered into fewer writes
         written = 0
         for c in chunks:
             written += len(c)
             if written > size:
                 raise ExportError(f"{name}: more data than the {size} bytes announced")
-            self._f.write(c)
-        if written != size:
-            raise ExportError(f"{name}: wrote {written} bytes, expected {size}")
-        self._f.write(b"\0" * _pad(size))
+            if len(c) >= CHUNK:
+                self._write(pending)
+                self._write(c)
+                pending = bytearray()
+                continue
+            pending += c
+            if len(pending) >= CHUNK:
+                self._write(pending)
+                pending = bytearray()
+        _check_size(name, written, size)
+        self._write(pending + b"\0" * _pad(size))
+
+    def add_blob(self, name: str, blob: BlobSource) -> None:
+        if blob.copy_to is None:
+            self.add_stream(name, blob.size, blob.chunks())
+            return
+        name = self._member(name, blob.size)
+        _check_size(name, blob.copy_to(self._f.fileno()), blob.size)
+        self._write(b"\0" * _pad(blob.size))
+
+    def _write(self, data: bytes | bytearray) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._f.write(view) or 0:]
 
     def commit(self) -> None:
-        self._f.write(b"\0" * (2 * BLOCK))
+        self._write(b"\0" * (2 * BLOCK))
         self._f.close()
         os.rename(self._tmp, self.dest)
 

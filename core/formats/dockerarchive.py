@@ -100,7 +100,7 @@ def write_archive(sink: Sink, images: list[ImageExport]) -> None:
         for layer in img.layers:
             path = f"{layer.digest.split(':', 1)[1]}.tar"
             if not sink.has(path):
-                sink.add_stream(path, layer.size, layer.chunks())
+                sink.add_blob(path, layer)
             paths.append(path)
         tags = [parse_normalized(n).familiar() for n in img.names if "@" not in n]
         manifest.append({"Config": config_name, "RepoTags": tags or None, "Layers": paths})

@@ -7,7 +7,8 @@ describes the blob, by its *descriptor* (the digest and size of the blob as stor
 Layer data is reached through a re-callable ``open``, so nothing is read before it is needed.
 
 Writers take :class:`ImageExport` objects, whose blobs come from the content store or from the driver's
-exact tar stream, as :class:`BlobSource` values.
+exact tar stream, as :class:`BlobSource` values: bytes for a stream, or a copy the kernel makes into a
+file.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ class BlobSource:
     digest: str
     size: int
     chunks: Callable[[], Iterator[bytes]]
+    # writes the blob at the position of a file descriptor (a regular file open for reading and writing),
+    # its file bodies copied by the kernel, checked as ``chunks`` would be; returns the bytes written
+    copy_to: Callable[[int], int] | None = None
 
 
 @dataclass

@@ -140,7 +140,7 @@ def write_layout(sink: Sink, images: list[ImageExport]) -> None:
         for layer in img.layers:
             path = blob_path(layer.digest)
             if not sink.has(path):
-                sink.add_stream(path, layer.size, layer.chunks())
+                sink.add_blob(path, layer)
         cpath = blob_path(img.image_id)
         if not sink.has(cpath):
             sink.add_bytes(cpath, img.config)

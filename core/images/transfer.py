@@ -353,6 +353,32 @@ def _stream_chunks(open_: Callable[[], Readable]) -> Callable[[], Iterator[bytes
     return chunks
 
 
+def _stream_copy(open_: Callable[[], Readable]) -> Callable[[int], int]:
+    """A blob's ``copy_to``: an exact tar stream copies itself (verified against its DiffID), a blob of the
+    content store is copied whole as it is stored; anything else is read and written."""
+    from lamina.fs.kcopy import FileWriter, copy_file
+
+    def copy_to(fd: int) -> int:
+        f = open_()
+        try:
+            direct = getattr(f, "copy_to", None)
+            if direct is not None:
+                return int(direct(fd))
+            fileno = getattr(f, "fileno", None)
+            if fileno is not None:
+                return copy_file(fileno(), fd, getattr(f, "name", "blob"))
+            out = FileWriter(fd)
+            while c := f.read(CHUNK):
+                out.write(c)
+            return out.written
+        finally:
+            close = getattr(f, "close", None)
+            if close is not None:
+                close()
+
+    return copy_to
+
+
 def _kept_manifest(store: ImageStore, record: ImageRecord) -> tuple[bytes, ManifestRecord] | None:
     """The first recorded manifest whose every blob is still in the content store."""
     for m in record.manifests:
@@ -391,7 +417,7 @@ def export_for(
                 opener: Callable[[], Readable] = functools.partial(store.content.open, diff_id)
             else:
                 opener = functools.partial(export_layer, chain)
-            layers.append(BlobSource(diff_id, size, _stream_chunks(opener)))
+            layers.append(BlobSource(diff_id, size, _stream_chunks(opener), _stream_copy(opener)))
         return ImageExport(record.id, config_raw, names, layers)
     kept = _kept_manifest(store, record)
     made: dict[str, Callable[[], Iterator[bytes]]] = {}  # layer blobs made anew and not stored
@@ -399,11 +425,13 @@ def export_for(
         kept = _remake_manifest(store, record, config_raw, chains, export_layer, keep_layer_blobs, lease, made)
     raw, mrec = kept
     manifest = oci.parse_manifest(raw, mrec.media_type)
-    opened = store.content.open
-    layers = [
-        BlobSource(d.digest, d.size, made.get(d.digest) or _stream_chunks(functools.partial(opened, d.digest)))
-        for d in manifest.layers
-    ]
+    layers = []
+    for d in manifest.layers:
+        if d.digest in made:
+            layers.append(BlobSource(d.digest, d.size, made[d.digest]))
+        else:
+            opener = functools.partial(store.content.open, d.digest)
+            layers.append(BlobSource(d.digest, d.size, _stream_chunks(opener), _stream_copy(opener)))
     return ImageExport(record.id, config_raw, names, layers, raw, BlobRef(mrec.media_type, mrec.digest, len(raw)))
 
 

@@ -51,6 +51,7 @@ from lamina.fs.ops import write_atomic
 from lamina.store.db import BUSY_TIMEOUT_S, owner_alive
 
 if TYPE_CHECKING:
+    from lamina.fs.kcopy import Segment
     from lamina.plugins.active import ActiveDriver
     from lamina.store.kernel import Store
     from lamina.store.leases import Lease
@@ -474,7 +475,7 @@ class LayerStore:
     def diff_of(self, cache_id: str, parent: str | None) -> ByteStream:
         from lamina.tar.split import ExactTarStream
 
-        def chunks() -> Iterator[bytes]:
+        def chunks() -> Iterator[Segment]:
             with self._viewed(cache_id, parent):
                 yield from _pieces(self.driver.diff(cache_id, parent))
 
@@ -763,14 +764,14 @@ class LayerStore:
         A tree driver's layer is assembled here, from the tar-split record kept while it was applied and
         the files under the driver's diff root; a driver that keeps streams (or a layer applied before
         lamina kept records) hands over its own stream."""
-        from lamina.tar.split import ExactTarStream, assemble
+        from lamina.tar.split import ExactTarStream, assemble_segments
 
         layer = self.get(chain)
         expected = layer.diff_id if verify else None
         record = self._record(layer.cache_id)
         root = self.driver.diff_root(layer.cache_id) if record.exists() else None
         if root is not None:
-            return ExactTarStream(assemble(record, root), expected)
+            return ExactTarStream(assemble_segments(record, root), expected)
         return ExactTarStream(_pieces(self.driver.tar_stream(layer.cache_id)), expected)
 
     def has_record(self, cache_id: str) -> bool:
@@ -970,9 +971,14 @@ class LayerStore:
         stats.clear()
 
 
-def _pieces(stream: ByteStream) -> Iterator[bytes]:
-    """A driver's stream in pieces (an exact stream's as it makes them), closed at the end."""
+def _pieces(stream: ByteStream) -> Iterator[Segment]:
+    """A driver's stream in pieces (an exact stream's as it makes them, file bodies as spans), closed at
+    the end."""
     try:
+        spans = getattr(stream, "segments", None)
+        if spans is not None:
+            yield from spans()
+            return
         direct = getattr(stream, "chunks", None)
         if direct is not None:
             yield from direct()

@@ -2,9 +2,11 @@
 
 While a layer is applied, a :class:`RecordWriter` keeps every byte of the tar stream that is *not* a file
 payload stored in the layer (headers, PAX records, padding, the end-of-archive blocks and anything after
-them), plus, for each stored payload, the file's layer-relative path and size. :func:`assemble` replays the
-record, reading payloads back from the layer directory through :class:`lamina.fs.ops.Root`, and so
-reproduces the original stream exactly; :class:`ExactTarStream` checks the result against the DiffID.
+them), plus, for each stored payload, the file's layer-relative path and size. :func:`assemble_segments`
+replays the record, with each payload a reference to a range of the layer's file (opened through
+:class:`lamina.fs.ops.Root`), and so reproduces the original stream exactly; :class:`ExactTarStream` hands
+it out as bytes, or copies it into a file with the payloads copied by the kernel, and checks the result
+against the DiffID.
 
 Record format (gzip-compressed): a magic line, then operations ``R <len> <bytes>`` (raw bytes),
 ``F <pathlen> <path> <size>`` (payload from a file) and ``S <pathlen> <path> <count> (<offset> <length>)*``
@@ -22,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from lamina.errors import ExportError, ExportUnreadable, shown
+from lamina.fs.kcopy import FileWriter, MappedHash, Segment, ShortSource, Span, read_span
 from lamina.fs.ops import Root
 from lamina.tar.compression import BackgroundHash
 
@@ -157,18 +160,20 @@ class RecordWriter:
                     os.unlink(p)
 
 
-def _read_superseded(path: str) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    if not os.path.exists(path + ".sup"):
-        return out
-    with open(path + ".sup", "rb") as f:
-        while True:
-            head = f.read(12)
-            if not head:
-                break
-            idx = _U32.unpack(head[:4])[0]
-            n = _U64.unpack(head[4:])[0]
-            out[idx] = f.read(n)
+def _index_superseded(f: BinaryIO) -> dict[int, tuple[int, int]]:
+    """Where each kept payload is in a record's side file: operation index -> (offset, length)."""
+    out: dict[int, tuple[int, int]] = {}
+    end = os.fstat(f.fileno()).st_size
+    pos = 0
+    while pos < end:
+        head = f.read(12)
+        if len(head) != 12:
+            raise ExportError("kept payloads of the layer record are truncated")
+        idx = _U32.unpack(head[:4])[0]
+        n = _U64.unpack(head[4:])[0]
+        pos += 12
+        out[idx] = (pos, n)
+        pos = f.seek(pos + n)
     return out
 
 
@@ -179,8 +184,11 @@ def _exact(f: BinaryIO, n: int) -> bytes:
     return data
 
 
-def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] | int) -> Iterator[bytes]:
-    """Yield the original tar stream of a layer from its record and its directory."""
+def assemble_segments(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] | int) -> Iterator[Segment]:
+    """The original tar stream of a layer from its record and its directory, as segments: the record's
+    bytes, and each payload as :class:`~lamina.fs.kcopy.Span` s of the layer's file (or of the record's
+    side file, for a payload the layer later replaced). A span's file is closed when the next segment is
+    asked for."""
     from isal import igzip
 
     rpath = os.fspath(record)
@@ -188,14 +196,20 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
         f = igzip.open(rpath, "rb")  # type: ignore[no-untyped-call]
     except OSError as e:
         raise ExportError(f"layer record {rpath} unreadable: {e}") from e
-    sup = _read_superseded(rpath)
-    try:
-        root = Root(layer_dir)
-    except OSError as e:
-        f.close()
-        raise ExportError(f"the layer's files are gone: {e.strerror}") from e
-    with f, root:
+    with contextlib.ExitStack() as held:
+        held.enter_context(f)
         try:
+            sup_file: BinaryIO | None = held.enter_context(open(rpath + ".sup", "rb"))
+        except FileNotFoundError:
+            sup_file = None
+        except OSError as e:
+            raise ExportError(f"layer record {rpath} unreadable: {e.strerror}") from e
+        try:
+            root = held.enter_context(Root(layer_dir))
+        except OSError as e:
+            raise ExportError(f"the layer's files are gone: {e.strerror}") from e
+        try:
+            sup = _index_superseded(sup_file) if sup_file is not None else {}
             if f.read(len(MAGIC)) != MAGIC:
                 raise ExportError(f"{rpath} is not a lamina layer record")
             index = 0
@@ -216,11 +230,12 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
                         count = _U32.unpack(_exact(f, 4))[0]
                         segments = [(_U64.unpack(_exact(f, 8))[0], _U64.unpack(_exact(f, 8))[0]) for _ in range(count)]
                         size = sum(length for _, length in segments)
-                    if index in sup:
-                        data = sup[index]
-                        if len(data) != size:
+                    kept = sup.get(index)
+                    if kept is not None:
+                        assert sup_file is not None
+                        if kept[1] != size:
                             raise ExportError(f"kept payload of {shown(path)} has the wrong size")
-                        yield data
+                        yield Span(sup_file.fileno(), kept[0], size, path)
                     else:
                         yield from _payload(root, path, segments)
                     index += 1
@@ -232,6 +247,25 @@ def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] |
             raise ExportError(f"layer record {rpath} is corrupt: {e}") from e
 
 
+def assemble(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] | int) -> Iterator[bytes]:
+    """Yield the original tar stream of a layer from its record and its directory, as bytes."""
+    return as_bytes(assemble_segments(record, layer_dir))
+
+
+def as_bytes(segments: Iterator[Segment]) -> Iterator[bytes]:
+    """Segments as bytes: each span read from its file (for a consumer that is not a file)."""
+    try:
+        for seg in segments:
+            if isinstance(seg, Span):
+                yield from _span_bytes(seg)
+            else:
+                yield seg if isinstance(seg, bytes) else bytes(seg)
+    finally:
+        close = getattr(segments, "close", None)
+        if close is not None:
+            close()
+
+
 # What a layer's files being gone or changed looks like; any other failure to read them is not the layer's.
 _DAMAGE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EINVAL})
 
@@ -240,54 +274,115 @@ def _read_error(e: OSError, message: str) -> ExportError:
     return ExportError(message) if e.errno in _DAMAGE_ERRNOS else ExportUnreadable(message)
 
 
-def _payload(root: Root, path: str, segments: Sequence[tuple[int, int]]) -> Iterator[bytes]:
-    """The bytes of ``path`` in ``segments`` (offset, length): the whole file, or a sparse file's data."""
+def _short(span: Span) -> ExportError:
+    return ExportError(f"file {shown(span.path)} of the layer is shorter than when it was applied")
+
+
+def _span_bytes(span: Span) -> Iterator[bytes]:
+    try:
+        yield from read_span(span)
+    except ShortSource:
+        raise _short(span) from None
+    except OSError as e:
+        raise _read_error(e, f"cannot read {shown(span.path)} back from the layer: {e.strerror}") from e
+
+
+def _payload(root: Root, path: str, segments: Sequence[tuple[int, int]]) -> Iterator[Span]:
+    """``path``'s bytes in ``segments`` (offset, length), as spans: the whole file, or a sparse file's data."""
     try:
         fd = root.open_file(path)
     except OSError as e:
         raise _read_error(e, f"file {shown(path)} of the layer is missing or changed: {e.strerror}") from e
     try:
         for offset, length in segments:
-            left = length
-            while left:
-                chunk = os.pread(fd, min(left, _READ), offset + length - left)
-                if not chunk:
-                    raise ExportError(f"file {shown(path)} of the layer is shorter than when it was applied")
-                left -= len(chunk)
-                yield chunk
+            if length:
+                yield Span(fd, offset, length, path)
     finally:
         os.close(fd)
 
 
 class ExactTarStream:
-    """A readable file object over an iterator of tar chunks, verified against a DiffID at the end
-    (when one is given: without, nothing is hashed)."""
+    """A readable file object over an iterator of tar pieces, verified against a DiffID at the end
+    (when one is given: without, nothing is hashed).
 
-    def __init__(self, chunks: Iterator[bytes], diff_id: str | None) -> None:
-        self._it = chunks
+    The pieces are bytes or :class:`~lamina.fs.kcopy.Span` s of file bodies (:func:`assemble_segments`).
+    :meth:`read` and :meth:`chunks` hand out bytes; :meth:`copy_to` writes the whole stream into a file
+    with the spans copied by the kernel, and verifies what it wrote; :meth:`segments` passes the pieces on
+    unverified."""
+
+    def __init__(self, chunks: Iterator[Segment], diff_id: str | None) -> None:
+        self._src = chunks
+        self._it: Iterator[bytes] | None = None  # the pieces as bytes, once reading started
         self._buf = bytearray()
-        self._hash = BackgroundHash() if diff_id is not None else None  # overlaps reading the layer back
         self._expected = diff_id
+        self._hash: BackgroundHash | None = None
         self._done = False
+        self._taken = False  # handed to copy_to or segments
 
     def readable(self) -> bool:
         return True
 
+    def _check(self, actual: str) -> None:
+        if actual != self._expected:
+            raise ExportError(f"layer content no longer matches its DiffID {self._expected} (got {actual})") from None
+
     def _next(self) -> bytes | None:
+        if self._it is None:
+            if self._taken:
+                raise ValueError("the stream was handed on already")
+            self._it = as_bytes(self._src)
+            if self._expected is not None:
+                self._hash = BackgroundHash()  # overlaps reading the layer back
         try:
             chunk = next(self._it)
         except StopIteration:
             self._done = True
             if self._hash is not None:
-                actual = "sha256:" + self._hash.hexdigest()
-                if actual != self._expected:
-                    raise ExportError(
-                        f"layer content no longer matches its DiffID {self._expected} (got {actual})"
-                    ) from None
+                self._check("sha256:" + self._hash.hexdigest())
             return None
         if self._hash is not None:
             self._hash.update(chunk)
         return chunk
+
+    def _take(self) -> None:
+        if self._taken or self._it is not None:
+            raise ValueError("the stream was read or handed on already")
+        self._taken = self._done = True
+
+    def copy_to(self, fd: int) -> int:
+        """Write the whole stream at the position of ``fd`` (a regular file open for reading and writing:
+        what was written is hashed from a mapping of it), file bodies copied by the kernel; returns the
+        bytes written. With a DiffID, an :class:`ExportError` at the end if they do not hash to it. Only
+        on a stream nothing was read from."""
+        self._take()
+        out = FileWriter(fd)
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+        hasher = MappedHash(fd, start) if self._expected is not None else None
+        try:
+            for seg in self._src:
+                if isinstance(seg, Span):
+                    try:
+                        out.copy(seg)
+                    except ShortSource:
+                        raise _short(seg) from None
+                else:
+                    out.write(seg)
+                if hasher is not None:
+                    hasher.advance(start + out.written)
+            if hasher is not None:
+                self._check("sha256:" + hasher.hexdigest(start + out.written))
+        finally:
+            if hasher is not None:
+                hasher.close()
+        return out.written
+
+    def segments(self) -> Iterator[Segment]:
+        """The pieces as made (each span valid until the next piece is asked for), for a consumer that
+        copies them; only on a stream without a DiffID (nothing here verifies them), nothing read from."""
+        if self._expected is not None:
+            raise ValueError("a verified stream is read or copied, not handed on")
+        self._take()
+        return self._src
 
     def chunks(self) -> Iterator[bytes]:
         """The rest of the stream as it is produced (no re-buffering); verified at its end."""
@@ -312,9 +407,10 @@ class ExactTarStream:
         return out
 
     def close(self) -> None:
-        close = getattr(self._it, "close", None)
-        if close is not None:
-            close()
+        for it in (self._it, self._src):
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
     def __enter__(self) -> ExactTarStream:
         return self

@@ -1,0 +1,127 @@
+"""Kernel copies of file ranges (lamina.fs.kcopy): every fallback the kernel forces gives the same bytes, and
+the hash of a written file taken from its mapping is its sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from lamina.fs.kcopy import FileWriter, MappedHash, ShortSource, Span, copy_file
+
+DATA = os.urandom(3 << 20) + b"tail"
+
+
+def _source(where: Path) -> int:
+    p = where / "src"
+    p.write_bytes(DATA)
+    return os.open(p, os.O_RDONLY)
+
+
+def _write(w: FileWriter, src: int) -> None:
+    w.write(b"head:")
+    w.put(Span(src, 5, 100, "src"))
+    w.put(b"|")
+    w.put(Span(src, 1 << 20, len(DATA) - (1 << 20), "src"))  # to the end
+    w.put(Span(src, 0, 0, "src"))
+
+
+EXPECTED = b"head:" + DATA[5:105] + b"|" + DATA[1 << 20:]
+
+
+@pytest.mark.parametrize(("dest", "method"), [
+    ("same", "copy_file_range"),  # a file on the source's filesystem
+    ("append", "read/write"),  # O_APPEND: copy_file_range says EBADF, sendfile EINVAL
+])
+def test_spans_are_copied_exactly(tmp_path: Path, dest: str, method: str) -> None:
+    src = _source(tmp_path)
+    flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if dest == "append" else 0)
+    out = os.open(tmp_path / "out", flags, 0o600)
+    try:
+        w = FileWriter(out)
+        _write(w, src)
+        assert w.method == method
+        assert w.written == len(EXPECTED)
+    finally:
+        os.close(out)
+        os.close(src)
+    assert (tmp_path / "out").read_bytes() == EXPECTED
+
+
+def test_another_filesystem_falls_back_to_sendfile(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")  # tmpfs, where the tests' temporary directories are on disk
+    src = _source(tmp_path)
+    out = shm / f"lamina-kcopy-{os.getpid()}"
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        w = FileWriter(fd)
+        _write(w, src)
+        assert w.method in ("sendfile", "copy_file_range")  # copy_file_range where the kernel allows it
+        assert out.read_bytes() == EXPECTED
+    finally:
+        os.close(fd)
+        os.close(src)
+        out.unlink()
+
+
+def test_a_pipe_gets_the_bytes_by_sendfile(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    r, wfd = os.pipe()
+    try:
+        w = FileWriter(wfd)
+        w.put(Span(src, 7, 1000, "src"))
+        assert w.method == "sendfile"
+        assert os.read(r, 2000) == DATA[7:1007]
+    finally:
+        for fd in (r, wfd, src):
+            os.close(fd)
+
+
+def test_a_short_source_is_reported(tmp_path: Path) -> None:
+    src = _source(tmp_path)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        w = FileWriter(out)
+        with pytest.raises(ShortSource) as e:
+            w.copy(Span(src, len(DATA) - 10, 20, "src"))
+        assert e.value.copied == 10 and w.written == 10
+        assert copy_file(src, out, "src") == len(DATA)
+    finally:
+        os.close(out)
+        os.close(src)
+    assert (tmp_path / "out").read_bytes() == DATA[-10:] + DATA
+
+
+@pytest.mark.parametrize("start", [0, 5, 4096 + 7])
+def test_mapped_hash_is_the_sha256_of_what_was_written(tmp_path: Path, start: int) -> None:
+    fd = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"x" * start)
+        h = MappedHash(fd, start)
+        h.WINDOW = 64 << 10  # many windows, none of them aligned
+        w = FileWriter(fd)
+        for i in range(0, len(DATA), 100_003):
+            w.write(DATA[i:i + 100_003])
+            h.advance(start + w.written)
+        assert h.hexdigest(start + w.written) == hashlib.sha256(DATA).hexdigest()
+        h.close()
+        empty = MappedHash(fd, start + w.written)
+        assert empty.hexdigest(start + w.written) == hashlib.sha256().hexdigest()
+        stopped = MappedHash(fd, 0)  # a failed copy: the thread stops without finishing
+        stopped.advance(len(DATA))
+        stopped.close()
+    finally:
+        os.close(fd)
+
+
+def test_mapped_hash_needs_a_readable_file(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"data")
+        h = MappedHash(fd, 0)
+        with pytest.raises(PermissionError):
+            h.hexdigest(4)
+    finally:
+        os.close(fd)
