@@ -142,6 +142,10 @@ def test_exports_are_assembled_by_the_store_and_old_layers_still_export(tmp_path
         os.replace(str(record) + ".sup", str(legacy / record.name) + ".sup")
         with svc.export_layer(layer.chain_id) as f:
             assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == layer.diff_id
+        # copied into a file: the driver's stream hands its spans on to the store's, which verifies them
+        with svc.layer_store.export_exact(layer.chain_id) as s, open(tmp_path / "copy.tar", "w+b") as out:
+            assert s.copy_to(out.fileno()) == len(tar)
+        assert (tmp_path / "copy.tar").read_bytes() == tar
         svc.release_layer(layer.chain_id)
         assert not list(legacy.iterdir()) and not list((tmp_path / "root" / "tar-split").iterdir())
 
@@ -155,6 +159,25 @@ def test_a_layer_without_any_record_says_so_on_export(tmp_path: Path) -> None:
         with pytest.raises(ExportError, match=r"vfs layer [0-9a-f]{12} has no tar-split record"), \
                 svc.export_layer(layer.chain_id) as f:
             f.read()
+
+
+@pytest.mark.parametrize("cut", [3, 30, 60])
+def test_a_truncated_record_fails_the_export_read_or_copied(tmp_path: Path, cut: int) -> None:
+    import gzip
+
+    from lamina.errors import ExportError
+
+    with _svc(tmp_path) as svc:
+        layer = svc.register_layer(io.BytesIO(TarBuilder().dir("d").file("d/a", b"1" * 700).build()))
+        record = tmp_path / "root" / "tar-split" / f"{layer.cache_id}.tsr"
+        ops = gzip.decompress(record.read_bytes())
+        record.write_bytes(gzip.compress(ops[:len(ops) * cut // 100]))
+        with pytest.raises(ExportError, match=r"truncated|corrupt|not a lamina layer record"), \
+                svc.export_layer(layer.chain_id) as f:
+            f.read()
+        with pytest.raises(ExportError, match=r"truncated|corrupt|not a lamina layer record"), \
+                svc.layer_store.export_exact(layer.chain_id) as s, open(tmp_path / "out", "w+b") as out:
+            s.copy_to(out.fileno())
 
 
 def test_a_tree_driver_hook_overridden_without_the_marker_is_refused() -> None:

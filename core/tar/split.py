@@ -177,11 +177,49 @@ def _index_superseded(f: BinaryIO) -> dict[int, tuple[int, int]]:
     return out
 
 
-def _exact(f: BinaryIO, n: int) -> bytes:
-    data = f.read(n)
-    if len(data) != n:
-        raise ExportError("layer record is truncated")
-    return data
+class _RecordReader:
+    """The decompressed record read a piece at a time and parsed from memory: a record holds several small
+    fields per file of the layer, which read one by one from the gzip file cost more than the parsing."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._buf = b""
+        self._pos = 0
+
+    def _fill(self, n: int) -> None:
+        """At least ``n`` bytes from the current position in the buffer, or :class:`ExportError`."""
+        rest = self._buf[self._pos:]
+        more = self._f.read(max(n - len(rest), _READ))
+        self._buf, self._pos = rest + more, 0
+        if len(self._buf) < n:
+            raise ExportError("layer record is truncated")
+
+    def at_end(self) -> bool:
+        if self._pos < len(self._buf):
+            return False
+        self._buf, self._pos = self._f.read(_READ), 0
+        return not self._buf
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._buf):
+            self._fill(n)
+        out = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return out
+
+    def u32(self) -> int:
+        if self._pos + 4 > len(self._buf):
+            self._fill(4)
+        value: int = _U32.unpack_from(self._buf, self._pos)[0]
+        self._pos += 4
+        return value
+
+    def u64(self) -> int:
+        if self._pos + 8 > len(self._buf):
+            self._fill(8)
+        value: int = _U64.unpack_from(self._buf, self._pos)[0]
+        self._pos += 8
+        return value
 
 
 def assemble_segments(record: str | os.PathLike[str], layer_dir: str | os.PathLike[str] | int) -> Iterator[Segment]:
@@ -212,23 +250,20 @@ def assemble_segments(record: str | os.PathLike[str], layer_dir: str | os.PathLi
             sup = _index_superseded(sup_file) if sup_file is not None else {}
             if f.read(len(MAGIC)) != MAGIC:
                 raise ExportError(f"{rpath} is not a lamina layer record")
+            r = _RecordReader(f)
             index = 0
-            while True:
-                op = f.read(1)
-                if not op:
-                    return
+            while not r.at_end():
+                op = r.take(1)
                 if op == b"R":
-                    n = _U32.unpack(_exact(f, 4))[0]
-                    yield _exact(f, n)
+                    yield r.take(r.u32())
                 elif op in (b"F", b"S"):
-                    n = _U32.unpack(_exact(f, 4))[0]
-                    path = _exact(f, n).decode("utf-8", "surrogateescape")
+                    path = r.take(r.u32()).decode("utf-8", "surrogateescape")
                     if op == b"F":
-                        size = _U64.unpack(_exact(f, 8))[0]
+                        size = r.u64()
                         segments = [(0, size)]
                     else:
-                        count = _U32.unpack(_exact(f, 4))[0]
-                        segments = [(_U64.unpack(_exact(f, 8))[0], _U64.unpack(_exact(f, 8))[0]) for _ in range(count)]
+                        count = r.u32()
+                        segments = [(r.u64(), r.u64()) for _ in range(count)]
                         size = sum(length for _, length in segments)
                     kept = sup.get(index)
                     if kept is not None:
@@ -359,14 +394,16 @@ class ExactTarStream:
         start = os.lseek(fd, 0, os.SEEK_CUR)
         hasher = MappedHash(fd, start) if self._expected is not None else None
         try:
+            step = MappedHash.WINDOW
             for seg in self._src:
-                if isinstance(seg, Span):
-                    try:
-                        out.copy(seg)
-                    except ShortSource:
-                        raise _short(seg) from None
-                else:
+                if not isinstance(seg, Span):
                     out.write(seg)
+                elif hasher is None or seg.length <= step:
+                    self._copy(out, seg)
+                else:  # a large file in windows, each hashed while the next is copied
+                    for at in range(0, seg.length, step):
+                        self._copy(out, seg._replace(offset=seg.offset + at, length=min(step, seg.length - at)))
+                        hasher.advance(start + out.written)
                 if hasher is not None:
                     hasher.advance(start + out.written)
             if hasher is not None:
@@ -375,6 +412,13 @@ class ExactTarStream:
             if hasher is not None:
                 hasher.close()
         return out.written
+
+    @staticmethod
+    def _copy(out: FileWriter, span: Span) -> None:
+        try:
+            out.copy(span)
+        except ShortSource:
+            raise _short(span) from None
 
     def segments(self) -> Iterator[Segment]:
         """The pieces as made (each span valid until the next piece is asked for), for a consumer that
