@@ -125,3 +125,10 @@ def test_mapped_hash_needs_a_readable_file(tmp_path: Path) -> None:
             h.hexdigest(4)
     finally:
         os.close(fd)
+
+
+def test_mapped_hash_reads_back_where_files_cannot_be_mapped() -> None:
+    with open("/proc/version", "rb") as f:  # procfs: no mapping (its files' sizes are 0)
+        data = f.read()
+        h = MappedHash(f.fileno(), 0)
+        assert h.hexdigest(len(data)) == hashlib.sha256(data).hexdigest()

@@ -202,13 +202,29 @@ class MappedHash:
             stop = min(end, start + self.WINDOW)
             base = start - start % mmap.ALLOCATIONGRANULARITY
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            m = mmap.mmap(self._fd, stop - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+            try:
+                m = mmap.mmap(self._fd, stop - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+            except (OSError, ValueError) as e:  # ValueError: its size is not what was written (procfs says 0)
+                if isinstance(e, OSError) and e.errno not in (errno.ENODEV, errno.EINVAL):
+                    raise
+                self._read_hash(start, end)  # a file that cannot be mapped: read back
+                return
             try:
                 with memoryview(m) as whole, whole[start - base:] as part:
                     self._h.update(part)
             finally:
                 m.close()
             start = stop
+
+    def _read_hash(self, start: int, end: int) -> None:
+        buf = bytearray(min(self.WINDOW, _READ))
+        with memoryview(buf) as view:
+            while start < end:
+                n = os.preadv(self._fd, [view[:min(len(buf), end - start)]], start)
+                if n == 0:
+                    raise OSError(errno.EIO, "the file being hashed is shorter than what was written to it")
+                self._h.update(view[:n])
+                start += n
 
 
 def copy_file(src: int, dst: int, path: str) -> int:
