@@ -22,14 +22,16 @@ Workloads and targets (ratios of medians, measured in the same run):
     BUNDLE`` and <= 1.2x ``tar -xzf`` of the layer blob into an empty directory.
 ``save``
     ``lamina save -o out.tar --format docker-archive example.com/debian:bookworm`` <= 1.2x
-    ``tar -cf out.tar -C TREE .`` where TREE is the image's layer extracted by tar.
+    ``tar -cf out.tar -C TREE .`` where TREE is the image's layer extracted by tar; and ``lamina save --format
+    oci-archive debian:bookworm`` (the same image, also loaded from the OCI layout: its kept blobs) <= 1.2x.
 
 lamina runs as the CLI in a subprocess (start-up included) against a throwaway store
 (``--root``/``--runroot``, ``--driver``, default vfs). Timing, noise control (settle wait after deletions,
 prefaulted memory, idle wait, ``sync`` before each command, warm inputs, bytecode cache), the lock on the
 work directory and clean-up are bench/run.py's, imported from it. Outside the timing, once: every archive
 lamina saves is read back (skopeo inspects it; Python hashes its layers against the DiffIDs and its config
-against the config digest), podman's image ID is checked against the config digest, and with vfs the trees
+against the config digest; the oci-archive must keep the layout's manifest, config and layer digests),
+podman's image ID is checked against the config digest, and with vfs the trees
 lamina loaded are compared with tar's extraction of the layer.
 """
 
@@ -80,6 +82,7 @@ TARGETS = (
     Target("load-oci", "lamina-load", "umoci-unpack", 0.4),
     Target("load-oci", "lamina-load", "tar-xzf", 1.2),
     Target("save", "lamina-save", "tar-cf", 1.2),
+    Target("save", "lamina-save-oci", "tar-cf", 1.2),
 )
 
 
@@ -224,6 +227,11 @@ class ImageBench:
                                   False, lambda out: self.lamina(self.save_store, "save", "-o",
                                                                  runs / f"{out.name}.tar", "--format",
                                                                  "docker-archive", fx.DEBIAN_DOCKER_NAME)))
+                # the same image under the name it was loaded with from the OCI layout: its kept blobs
+                vs.append(Variant("lamina-save-oci", f"lamina save ({self.driver}, oci-archive)", self.tree,
+                                  "tar-cf", False, lambda out: self.lamina(self.save_store, "save", "-o",
+                                                                           runs / f"{out.name}.tar", "--format",
+                                                                           "oci-archive", fx.DEBIAN_NAME)))
         return vs
 
     # warm-up and preparation (untimed)
@@ -246,6 +254,7 @@ class ImageBench:
         warm_tree(self.tree)
         if self.with_lamina:
             self.run_quiet(self.lamina(self.save_store, "load", "-i", self.inputs.docker.path))
+            self.run_quiet(self.lamina(self.save_store, "load", "-i", self.inputs.oci.path))  # the same image ID
             # reads the store once before timing, and checks what it gives
             self.checks["save-input"] = self.save_and_check(self.save_store, fx.DEBIAN_DOCKER_NAME,
                                                             self.b.runs / "save-input" / "warm.tar", self.inputs.docker)
@@ -304,6 +313,7 @@ class ImageBench:
             problems += self.compare_tree(workload, out0 / "tar-xzf-0")
         elif workload == "save" and self.with_lamina:
             problems += check_archive(out0 / "lamina-save-0.tar", docker, fx.DEBIAN_DOCKER_NAME)
+            problems += check_layout_archive(out0 / "lamina-save-oci-0.tar", oci)
         status = "OK" if not problems else f"{len(problems)} problem(s)"
         log(f"{workload}: correctness check {status}")
         for p in problems[:20]:
@@ -366,6 +376,20 @@ def check_archive(path: Path, expected: fx.ImageFacts, tag: str | None) -> list[
             if "sha256:" + h.hexdigest() != want:
                 problems.append(f"{path.name}: {name} hashes to sha256:{h.hexdigest()}, expected {want}")
     return problems
+
+
+def check_layout_archive(path: Path, expected: fx.ImageFacts) -> list[str]:
+    """An oci-archive lamina saved from the blobs it kept: skopeo reads the manifest, config and layer digests
+    the layout was loaded with (the kept blobs, copied as stored)."""
+    try:
+        got = fx.inspect_image("oci-archive", path, fx.DEBIAN_NAME.partition(":")[2])
+    except RuntimeError as e:
+        return [f"skopeo cannot read {path.name}: {e}"]
+    return [f"{path.name}: {what} {a} != {b}" for what, a, b in (
+        ("manifest", got.manifest_digest, expected.manifest_digest),
+        ("config", got.config_digest, expected.config_digest),
+        ("layers", got.layer_digests, expected.layer_digests),
+    ) if a != b]
 
 
 def timing(workload: str, v: Variant) -> Timing:
