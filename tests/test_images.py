@@ -200,6 +200,26 @@ def test_save_of_a_damaged_layer_fails_and_leaves_nothing(tmp_path: Path, damage
     assert sorted(os.listdir(tmp_path)) == ["root", "run"]
 
 
+def test_save_onto_a_full_disk_fails_cleanly_then_succeeds(tmp_path: Path) -> None:
+    """The kernel's copy into another filesystem (ext4 has no copy_file_range of its own between two of
+    them: sendfile does it) that fills up: an error and no partial archive; with the space back, the
+    archive is exact."""
+    from fault_fixtures import fill, loop_ext4
+
+    data = _sparse_layer()
+    with _open(tmp_path, "vfs") as svc, loop_ext4(tmp_path, 16) as disk:
+        svc.import_image(io.BytesIO(data), "example.com/payloads:1")
+        filler = fill(disk, 1 << 20)
+        with pytest.raises(ExportError, match="cannot write"):
+            svc.export_image(["example.com/payloads:1"], disk / "out.tar", "docker-archive")
+        assert sorted(p.name for p in disk.iterdir() if p.name != "lost+found") == ["filler"]
+        filler.unlink()
+        svc.export_image(["example.com/payloads:1"], disk / "out.tar", "docker-archive")
+        with tarfile.open(disk / "out.tar") as t:
+            member = t.extractfile(f"{hashlib.sha256(data).hexdigest()}.tar")
+            assert member is not None and member.read() == data
+
+
 def test_docker_archive_origin_saved_as_oci_is_deterministic(tmp_path: Path, skopeo_images: SkopeoImages) -> None:
     src = skopeo_images.docker_archive
     with _open(tmp_path, "vfs") as svc:
