@@ -86,8 +86,8 @@ def print_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
     widths = [len(h) for h in headers]
     for r in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
-    for r in [headers, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         for r in [headers, *rows]))  # one write: a listing of thousands of rows
 
 
 def print_lines(lines: Iterable[str]) -> None:

@@ -94,6 +94,78 @@ class DiskUsage:
         }
 
 
+# The summary rows in SQL: the layers under images (under images some container uses, under containers' init
+# layers) by a recursive walk down the parents from each top layer, stopping at a layer that is not committed
+# (as the per-image accounting below does); UNION keeps each layer once, so the walk is linear in the layers.
+_LIVE = "state='committed' AND rw=0"
+_SUMMARY = f"""
+WITH RECURSIVE
+  used(image_id) AS (SELECT DISTINCT image_id FROM containers WHERE state='created'),
+  img(id) AS (
+    SELECT l.id FROM images i JOIN layers l ON l.chain_id = i.top_layer AND l.state='committed' AND l.rw=0
+    UNION SELECT p.id FROM img c JOIN layers l ON l.id = c.id
+      JOIN layers p ON p.id = l.parent AND p.state='committed' AND p.rw=0),
+  busy(id) AS (
+    SELECT l.id FROM images i JOIN layers l ON l.chain_id = i.top_layer AND l.state='committed' AND l.rw=0
+      WHERE i.id IN used
+    UNION SELECT p.id FROM busy c JOIN layers l ON l.id = c.id
+      JOIN layers p ON p.id = l.parent AND p.state='committed' AND p.rw=0),
+  ctr(id) AS (
+    SELECT l.id FROM containers k JOIN layers l ON l.id = k.init_layer AND l.state='committed' AND l.rw=0
+      WHERE k.state='created'
+    UNION SELECT p.id FROM ctr c JOIN layers l ON l.id = c.id
+      JOIN layers p ON p.id = l.parent AND p.state='committed' AND p.rw=0),
+  held(id) AS (SELECT id FROM img UNION SELECT id FROM ctr)
+SELECT
+  (SELECT COUNT(*) FROM images),
+  (SELECT COUNT(*) FROM images WHERE id IN used),
+  (SELECT COALESCE(SUM(l.size), 0) FROM img JOIN layers l ON l.id = img.id),
+  (SELECT COALESCE(SUM(l.size), 0) FROM img JOIN layers l ON l.id = img.id WHERE img.id NOT IN busy),
+  (SELECT COUNT(*) FROM layers WHERE {_LIVE}),
+  (SELECT COUNT(*) FROM held),
+  (SELECT COALESCE(SUM(size), 0) FROM layers WHERE {_LIVE}),
+  (SELECT COALESCE(SUM(size), 0) FROM layers WHERE {_LIVE} AND id NOT IN held)
+"""
+# Each blob once: its recorded size (NULL when none is: a version 3 store's, read from the file) and whether
+# an image some container uses needs it.
+_BLOBS = """
+SELECT COUNT(*), COALESCE(SUM(active), 0), COALESCE(SUM(size), 0),
+  COALESCE(SUM(CASE WHEN active THEN 0 ELSE size END), 0)
+FROM (SELECT MAX(size) AS size, MAX(image_id IN (SELECT image_id FROM containers WHERE state='created')) AS active
+      FROM image_blobs GROUP BY digest)
+"""
+_UNSIZED_BLOBS = """
+SELECT digest, MAX(image_id IN (SELECT image_id FROM containers WHERE state='created'))
+FROM image_blobs GROUP BY digest HAVING MAX(size) IS NULL
+"""
+
+
+def usage_summary(store: Store) -> DiskUsage:
+    """:func:`disk_usage` without the per-image and per-container lists and without measuring read-write
+    layers: the same rows and totals, from aggregate queries (``system df``'s table, ``info``'s total), so
+    that no Python work grows with the number of images or layers."""
+    with store.db.read() as conn:
+        (n_images, active_images, images_size, images_reclaimable, n_layers, active_layers, layers_size,
+         layers_reclaimable) = conn.execute(_SUMMARY).fetchone()
+        n_blobs, active_blobs, content_size, content_reclaimable = conn.execute(_BLOBS).fetchone()
+        unsized = conn.execute(_UNSIZED_BLOBS).fetchall()
+        container_rows = conn.execute(
+            "SELECT status, run_pid, run_start FROM containers WHERE state='created'"
+        ).fetchall()
+    for digest, active in unsized:
+        size = store.images.content.stored_size(digest) or 0
+        content_size += size
+        content_reclaimable += 0 if active else size
+    running = sum(1 for status, pid, start in container_rows if status == "running" and owner_alive(pid, start))
+    rows = [
+        UsageRow("Images", n_images, active_images, images_size, images_reclaimable),
+        UsageRow("Containers", len(container_rows), running, None, None),
+        UsageRow("Layers", n_layers, active_layers, layers_size, layers_reclaimable),
+        UsageRow("Content", n_blobs, active_blobs, content_size, content_reclaimable),
+    ]
+    return DiskUsage(rows, layers_size=layers_size, content_size=content_size)
+
+
 def disk_usage(store: Store, *, measure_rw: Callable[[str, str], int | None] | None = None) -> DiskUsage:
     """The store's usage from its records; ``measure_rw(rw_layer, init_layer)`` sizes containers' read-write layers
     (none are measured without it). Read in one transaction, so the figures agree with each other."""
