@@ -305,7 +305,9 @@ class ScaleBench:
             if small is None or big is None:
                 continue
             row: dict[str, Any] = {"op": op, "small": round(small.median, 4), "big": round(big.median, 4),
-                                   "ratio": round(big.median / small.median, 2)}
+                                   "ratio": round(big.median / small.median, 2),
+                                   "small_cpu": round(statistics.median(small.cpu_samples), 4),
+                                   "big_cpu": round(statistics.median(big.cpu_samples), 4)}
             if op in LISTINGS:
                 drows = self.rows(op, "big") - self.rows(op, "small")
                 per_row = (big.median - small.median) / drows * 1e6
@@ -361,15 +363,17 @@ def print_table(comps: list[dict[str, Any]], stores: dict[str, dict[str, Any]], 
     print(f"Stores (overlay): small {stores['small']['images']} images / {stores['small']['layers']} layers, "
           f"big {stores['big']['images']:,d} images / {stores['big']['layers']:,d} layers; {repeat} repetitions")
     print()
-    headers = ["COMMAND", "SMALL s", "BIG s", "RATIO", "PER ROW", "TARGET", "RESULT"]
+    headers = ["COMMAND", "SMALL s", "BIG s", "RATIO", "PER ROW", "TARGET", "RESULT", "CPU SMALL s", "CPU BIG s"]
     rows = [[c["op"], f"{c['small']:.3f}", f"{c['big']:.3f}", f"{c['ratio']:.2f}x",
-             f"{c['per_row_us']:.1f} us" if "per_row_us" in c else "", c["target"], c["verdict"]] for c in comps]
+             f"{c['per_row_us']:.1f} us" if "per_row_us" in c else "", c["target"], c["verdict"],
+             f"{c['small_cpu']:.3f}", f"{c['big_cpu']:.3f}"] for c in comps]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     for row in [headers, *rows]:
         print("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
     print()
     print("Medians of wall seconds per command (create-rm: the pair); RATIO = big / small; PER ROW (listings) =")
-    print("(big - small) / (rows of big - rows of small). Every command is a `python -m lamina` subprocess.")
+    print("(big - small) / (rows of big - rows of small). Every command is a `python -m lamina` subprocess;")
+    print("CPU = median user + system seconds of the command (wait4), less disturbed by other processes.")
     noisy = [f"{t.op}/{t.store} ({f:.2f}s of {w:.2f}s)" for t in sb.timings.values()
              for w, f in zip(t.samples, t.foreign_cpu_samples, strict=True) if f > max(0.1 * w, 0.05)]
     if noisy:

@@ -97,11 +97,74 @@ def print_lines(lines: Iterable[str]) -> None:
 
 def emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
     if g.format == "json":
-        import json
-
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        click.echo(json_text(data))
     else:
         table()
+
+
+class _NotPlain(Exception):
+    """A value :func:`json_text` leaves to :func:`json.dumps`."""
+
+
+def json_text(data: Any) -> str:
+    """``json.dumps(data, indent=2, sort_keys=True)``, the same text, at about twice its speed: with an
+    indent the standard library encodes in Python, one generator per container; here one function appends
+    to a list and strings are escaped by the C escaper. A listing of ten thousand images is the case. A value
+    other than dict (str keys), list, tuple, str, int, float, bool or None goes to :func:`json.dumps`."""
+    import json
+    from json.encoder import encode_basestring_ascii as escape
+
+    out: list[str] = []
+    put = out.append
+
+    def encode(o: Any, indent: str) -> None:
+        t = type(o)
+        if t is str:
+            put(escape(o))
+        elif t is dict:
+            if not o:
+                put("{}")
+                return
+            inner = indent + "  "
+            sep = "{\n" + inner
+            for k in sorted(o):
+                if type(k) is not str:
+                    raise _NotPlain
+                put(sep)
+                sep = ",\n" + inner
+                put(escape(k))
+                put(": ")
+                encode(o[k], inner)
+            put("\n" + indent + "}")
+        elif t is list or t is tuple:
+            if not o:
+                put("[]")
+                return
+            inner = indent + "  "
+            sep = "[\n" + inner
+            for v in o:
+                put(sep)
+                sep = ",\n" + inner
+                encode(v, inner)
+            put("\n" + indent + "]")
+        elif o is None:
+            put("null")
+        elif o is True:
+            put("true")
+        elif o is False:
+            put("false")
+        elif t is int:
+            put(int.__repr__(o))
+        elif t is float and o == o and o not in (float("inf"), float("-inf")):
+            put(float.__repr__(o))
+        else:
+            raise _NotPlain
+
+    try:
+        encode(data, "")
+    except _NotPlain:
+        return json.dumps(data, indent=2, sort_keys=True)
+    return "".join(out)
 
 
 def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "json")) -> Callable[..., Any]:

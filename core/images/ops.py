@@ -211,10 +211,10 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
     containers = store.container_counts()
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
-    records = store.all()
+    records = store.listing()
     parents = {rec.parent for rec in records if rec.parent is not None}
     for rec in records:
-        created = created_time(rec)
+        created = rec.created
         if before is not None and created >= before:
             continue
         if since is not None and created <= since:
@@ -226,7 +226,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
         labels = rec.labels
         if chain is None or labels is None:
             try:
-                img = load(store, rec)
+                img = load(store, store.get(rec.id))
             except LaminaError as e:  # one damaged image must not hide the others
                 log.warning("skipping image %s: %s", rec.id, e.message)
                 continue
