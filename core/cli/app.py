@@ -112,29 +112,44 @@ def json_text(data: Any) -> str:
     to a list and strings are escaped by the C escaper. A listing of ten thousand images is the case. A value
     other than dict (str keys), list, tuple, str, int, float, bool or None goes to :func:`json.dumps`."""
     import json
+    from json.encoder import c_make_encoder as c_encoder  # type: ignore[attr-defined]
     from json.encoder import encode_basestring_ascii as escape
 
     out: list[str] = []
     put = out.append
+    flat_encoders: dict[str, Callable[[Any, int], list[str]]] = {}
+    flat = (str, int, float, type(None), bool)  # (floats: the C encoder writes them as json.dumps does)
 
     def encode(o: Any, indent: str) -> None:
         t = type(o)
-        if t is str:
-            put(escape(o))
-        elif t is dict:
+        if t is dict:
             if not o:
                 put("{}")
                 return
             inner = indent + "  "
+            if c_encoder is not None and all(type(v) in flat for v in o.values()) and \
+                    all(type(k) is str for k in o):
+                # every member on a line of its own: the C encoder's item separator does the indenting
+                enc = flat_encoders.get(inner)
+                if enc is None:
+                    enc = flat_encoders[inner] = c_encoder(None, None, escape, None, ": ", ",\n" + inner,
+                                                           True, False, True)
+                put("{\n" + inner + "".join(enc(o, 0))[1:-1] + "\n" + indent + "}")
+                return
             sep = "{\n" + inner
             for k in sorted(o):
                 if type(k) is not str:
                     raise _NotPlain
-                put(sep)
+                v = o[k]
+                tv = type(v)
+                if tv is str:  # (strings and ints inline: most of a listing)
+                    put(sep + escape(k) + ": " + escape(v))
+                elif tv is int:
+                    put(sep + escape(k) + ": " + int.__repr__(v))
+                else:
+                    put(sep + escape(k) + ": ")
+                    encode(v, inner)
                 sep = ",\n" + inner
-                put(escape(k))
-                put(": ")
-                encode(o[k], inner)
             put("\n" + indent + "}")
         elif t is list or t is tuple:
             if not o:
@@ -143,18 +158,23 @@ def json_text(data: Any) -> str:
             inner = indent + "  "
             sep = "[\n" + inner
             for v in o:
-                put(sep)
+                if type(v) is str:
+                    put(sep + escape(v))
+                else:
+                    put(sep)
+                    encode(v, inner)
                 sep = ",\n" + inner
-                encode(v, inner)
             put("\n" + indent + "]")
+        elif t is str:
+            put(escape(o))
+        elif t is int:
+            put(int.__repr__(o))
         elif o is None:
             put("null")
         elif o is True:
             put("true")
         elif o is False:
             put("false")
-        elif t is int:
-            put(int.__repr__(o))
         elif t is float and o == o and o not in (float("inf"), float("-inf")):
             put(float.__repr__(o))
         else:
