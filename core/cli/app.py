@@ -83,9 +83,7 @@ def human(n: int) -> str:
 
 
 def print_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
-    widths = [len(h) for h in headers]
-    for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
+    widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
     click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                          for r in [headers, *rows]))  # one write: a listing of thousands of rows
 
@@ -199,12 +197,13 @@ def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "jso
                         expose_value=False, callback=set_format, help="Output format.")(f)
 
 
-def ago(ts: float | None) -> str:
+def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago ``ts`` was, in docker's words; ``now``: the time to count from (default: the clock's)."""
     import time
 
     if ts is None:
         return "unknown"
-    d = max(0.0, time.time() - ts)
+    d = max(0.0, (time.time() if now is None else now) - ts)
     for unit, secs in (("years", 31536000), ("months", 2592000), ("weeks", 604800), ("days", 86400),
                        ("hours", 3600), ("minutes", 60)):
         if d >= 2 * secs:

@@ -174,8 +174,11 @@ def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quie
         print_lines(dict.fromkeys(ident(s.id) for s in items))
         return
     def table() -> None:
+        import time
+
         rows = []
         shared = any(s.store for s in items)  # a column only when additional image stores contribute
+        now = time.time()
         for s in items:
             tags = s.repo_tags or ["<none>:<none>"]
             dig = {d.split("@", 1)[0]: d.split("@", 1)[1] for d in s.repo_digests}
@@ -184,7 +187,7 @@ def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quie
                 row = [repo, tag]
                 if digests:
                     row.append(dig.get(repo, "<none>"))
-                row += [ident(s.id), ago(s.created), human(s.size)] + ([s.store or "-"] if shared else [])
+                row += [ident(s.id), ago(s.created, now), human(s.size)] + ([s.store or "-"] if shared else [])
                 rows.append(row)
         headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"] \
             + (["STORE"] if shared else [])

@@ -177,23 +177,25 @@ def created_time(rec: ImageRecord) -> float:
 
 
 def _recorded_chain(top: ChainID | None,
-                    layers: dict[ChainID, tuple[ChainID | None, int, int]]) -> list[ChainID] | None:
-    """An image's ChainIDs, base first, from its top layer down through the layers' parents; None when a layer
-    of it is not here (the config's DiffIDs then give them)."""
+                    layers: dict[ChainID, tuple[ChainID | None, int, int]]) -> tuple[list[ChainID], int] | None:
+    """An image's ChainIDs, base first, from its top layer down through the layers' parents, and the sum of
+    their sizes; None when a layer of it is not here (the config's DiffIDs then give them)."""
     if top is None:
-        return []
+        return [], 0
     chain: list[ChainID] = []
+    size = 0
     cur: ChainID | None = top
     while cur is not None:
         entry = layers.get(cur)
         if entry is None:
             return None
         chain.append(cur)
+        size += entry[1]
         cur = entry[0]
     if len(chain) != layers[top][2]:  # a parent that is not committed: the walk stopped short
         return None
     chain.reverse()
-    return chain
+    return chain, size
 
 
 def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool,
@@ -212,6 +214,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
     records = store.listing()
+    by_label = "label" in filters
     parents = {rec.parent for rec in records if rec.parent is not None}
     for rec in records:
         created = rec.created
@@ -222,16 +225,19 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
         # From the records alone (no config is read): the labels as recorded and the chain from the top
         # layer down; the config only for an image whose labels were not recorded or whose layers are not all
         # here, which then lists as before.
-        chain = _recorded_chain(rec.top_layer, layers)
+        recorded = _recorded_chain(rec.top_layer, layers)
         labels = rec.labels
-        if chain is None or labels is None:
+        if recorded is None or labels is None:
             try:
                 img = load(store, store.get(rec.id))
             except LaminaError as e:  # one damaged image must not hide the others
                 log.warning("skipping image %s: %s", rec.id, e.message)
                 continue
             chain, labels = img.chain, img.config.labels
-        if "label" in filters and not _labels_match(labels, filters["label"]):
+            size = sum(layers[c][1] for c in chain if c in layers)
+        else:
+            chain, size = recorded
+        if by_label and not _labels_match(labels, filters["label"]):
             continue
         tags: list[str] = []
         digests: list[str] = []
@@ -252,13 +258,14 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
             continue
         for c in chain:
             refcount[c] = refcount.get(c, 0) + 1
-        size = sum(layers[c][1] for c in chain if c in layers)
         out.append(ImageSummary(
             rec.id, tags, digests, created, size, 0, labels, rec.parent, len(chain),
             containers=containers.get(rec.id, 0), chain=chain,
         ))
-    for s in out:
-        s.shared_size = sum(layers[c][1] for c in s.chain if refcount.get(c, 0) > 1 and c in layers)
+    shared = {c for c, n in refcount.items() if n > 1 and c in layers}
+    if shared:
+        for s in out:
+            s.shared_size = sum(layers[c][1] for c in s.chain if c in shared)
     out.sort(key=lambda s: s.created, reverse=True)
     return out
 
