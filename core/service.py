@@ -238,7 +238,9 @@ class ImageService:
 
     def layer_disk_usage(self) -> int:
         """The store's bytes as recorded: committed layers and the content store (``system df``'s total)."""
-        return self.usage_summary().total
+        from lamina.store.usage import usage_total
+
+        return usage_total(self.store)
 
     def usage_summary(self) -> DiskUsage:
         """:meth:`disk_usage`'s rows and total alone (no per-image or per-container list), from aggregate

@@ -110,6 +110,15 @@ FROM image_blobs GROUP BY digest HAVING MAX(size) IS NULL
 """
 
 
+def usage_total(store: Store) -> int:
+    """:attr:`DiskUsage.total` alone (``info``): two aggregate queries."""
+    with store.db.read() as conn:
+        (layers_size,) = conn.execute(f"SELECT COALESCE(SUM(size), 0) FROM layers WHERE {_LIVE}").fetchone()
+        _n, _active, content_size, _reclaimable, n_unsized = conn.execute(_BLOBS).fetchone()
+        unsized = conn.execute(_UNSIZED_BLOBS).fetchall() if n_unsized else []
+    return int(layers_size) + int(content_size) + sum(store.images.content.stored_size(d) or 0 for d, _ in unsized)
+
+
 def usage_summary(store: Store) -> DiskUsage:
     """:func:`disk_usage` without the per-image and per-container lists and without measuring read-write
     layers: the same rows and totals (``system df``'s table, ``info``'s total) from aggregate queries and one
@@ -148,11 +157,12 @@ def usage_summary(store: Store) -> DiskUsage:
     layers_size = sum(size.values())
     running = sum(1 for _init, status, pid, start in container_rows
                   if status == "running" and owner_alive(pid, start))
+    sized = size.__getitem__
     rows = [
-        UsageRow("Images", n_images, active_images, sum(size[x] for x in under_images),
-                 sum(size[x] for x in under_images - busy_layers)),
+        UsageRow("Images", n_images, active_images, sum(map(sized, under_images)),
+                 sum(map(sized, under_images - busy_layers))),
         UsageRow("Containers", len(container_rows), running, None, None),
-        UsageRow("Layers", len(size), len(held), layers_size, layers_size - sum(size[x] for x in held)),
+        UsageRow("Layers", len(size), len(held), layers_size, layers_size - sum(map(sized, held))),
         UsageRow("Content", n_blobs, active_blobs, content_size, content_reclaimable),
     ]
     return DiskUsage(rows, layers_size=layers_size, content_size=content_size)
