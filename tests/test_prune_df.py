@@ -266,6 +266,7 @@ def test_a_version_3_store_gains_the_new_columns(tmp_path: Path) -> None:
         total = svc.disk_usage().total
     db = sqlite3.connect(tmp_path / "root" / "lamina.db")
     with db:
+        db.execute("DROP INDEX image_blobs_sizes")  # (version 5's)
         db.execute("ALTER TABLE images DROP COLUMN last_used")
         db.execute("ALTER TABLE layers DROP COLUMN last_used")
         db.execute("ALTER TABLE image_blobs DROP COLUMN size")
@@ -275,6 +276,7 @@ def test_a_version_3_store_gains_the_new_columns(tmp_path: Path) -> None:
         assert svc.store.db.get_meta("schema") == str(SCHEMA_VERSION)
         assert svc.disk_usage().total == total  # blob sizes not recorded yet are read from the files
         assert svc.usage_summary().rows == svc.disk_usage().rows
+        assert svc.layer_disk_usage() == total
         assert svc.inspect_image(img)["LastUsed"] == svc.image_store.get(img).loaded
 
 

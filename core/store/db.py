@@ -47,7 +47,8 @@ _ROOM_TO_OPEN = 1 << 20
 # records of tree drivers' layers under <root>/tar-split, which an older lamina would not know to keep;
 # version 4 adds when each image and layer was last used (``last_used``, for prune policies) and the size
 # of each blob an image needs (``image_blobs.size``, for the disk-usage accounting); version 5 records each
-# image's config labels (``images.labels``, JSON), so that listing images reads no config file.
+# image's config labels (``images.labels``, JSON), so that listing images reads no config file, and an index
+# that covers the content store's totals (``image_blobs_sizes``).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -450,6 +451,8 @@ class Database:
                                   ("images", "labels TEXT")):  # version 5
                 if column.split()[0] not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            # (after the columns: a version 3 store gains image_blobs.size just above)
+            db.execute("CREATE INDEX IF NOT EXISTS image_blobs_sizes ON image_blobs(digest, size, image_id)")
             if version is not None and int(version) < 5:
                 self._record_labels(db)
             db.execute(
