@@ -58,7 +58,7 @@ if str(BENCH_DIR) not in sys.path:
 import run as harness  # noqa: E402  (bench/run.py)
 from run import log  # noqa: E402
 
-BUILD_VERSION = 2  # bump when the builder changes: cached stores of another version are built again
+BUILD_VERSION = 3  # bump when the builder changes: cached stores of another version are built again
 PER_ARCHIVE = 250
 SMALL = 10
 LOOKUPS = ("inspect", "create-rm", "tag", "rmi", "df", "info")

@@ -127,8 +127,9 @@ def test_listings_and_totals_read_no_file_per_image(tmp_path: Path) -> None:
     assert not [p for p in opened[200] if "/content/" in p or "/vfs/" in p]
 
 
-_TABLES = {"images", "layers", "image_names", "image_manifests", "image_blobs", "containers", "leases",
-           "lease_layers", "lease_blobs", "meta", "mount_refs", "events", "timings"}
+# The tables that grow with the store (leases and mount references hold what operations running now use, and
+# are read whole, as they may be)
+_TABLES = {"images", "layers", "image_names", "image_manifests", "image_blobs", "containers", "events"}
 
 
 def _full_scans(conns: list[sqlite3.Connection], sql: str) -> list[str]:
@@ -140,9 +141,16 @@ def _full_scans(conns: list[sqlite3.Connection], sql: str) -> list[str]:
             plan = conn.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
         except sqlite3.Error:  # a statement of the other database
             continue
-        scans = [re.match(r"SCAN (\w+)", row[3]) for row in plan]
-        return [m[1] for m in scans if m and aliases.get(m[1], m[1]) in _TABLES]
+        partial = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='index' AND sql LIKE '% WHERE %'")}
+        scans = [re.match(r"SCAN (\w+)(?: USING (?:COVERING )?INDEX (\w+))?", row[3]) for row in plan]
+        return [m[1] for m in scans if m and aliases.get(m[1], m[1]) in _TABLES and m[2] not in partial]
     return []
+
+
+# The one full read left in every command: recovery's search for layers nothing holds (a process killed between
+# dropping a layer's last reference and removing it leaves one); about 13 ms per 20,000 layers (issue 16).
+_KNOWN_SCANS = ("SELECT id FROM layers l WHERE state='committed' AND rw=0 AND refs=0",)
 
 
 def test_every_lookup_of_the_image_and_container_verbs_uses_an_index(tmp_path: Path) -> None:
@@ -159,6 +167,7 @@ def test_every_lookup_of_the_image_and_container_verbs_uses_an_index(tmp_path: P
         for conn in (db.db, db.mdb):
             conn.set_trace_callback(trace)
         for doing[0], act in (
+            ("open", svc.store.recover),  # what opening the store reads when nothing is unfinished
             ("inspect", lambda: svc.inspect_image("example.com/app5:1")),
             ("tag", lambda: svc.tag_image("example.com/app5:1", "example.com/other:2")),
             ("untag", lambda: svc.untag_image("example.com/app5:1", "example.com/other:2")),
@@ -172,7 +181,7 @@ def test_every_lookup_of_the_image_and_container_verbs_uses_an_index(tmp_path: P
             conn.set_trace_callback(None)
         scans = {sql: (verb, found) for sql, verb in statements.items()
                  if sql.lstrip().upper().startswith(("SELECT", "WITH", "UPDATE", "DELETE", "INSERT"))
-                 and (found := _full_scans([db.db, db.mdb], sql))}
+                 and not sql.lstrip().startswith(_KNOWN_SCANS) and (found := _full_scans([db.db, db.mdb], sql))}
     assert len(statements) > 20
     assert not scans, "\n".join(f"{verb}: {sql[:200]} -> {found}" for sql, (verb, found) in scans.items())
 

@@ -48,7 +48,8 @@ _ROOM_TO_OPEN = 1 << 20
 # version 4 adds when each image and layer was last used (``last_used``, for prune policies) and the size
 # of each blob an image needs (``image_blobs.size``, for the disk-usage accounting); version 5 records each
 # image's config labels (``images.labels``, JSON), so that listing images reads no config file, and an index
-# that covers the content store's totals (``image_blobs_sizes``).
+# that covers the content store's totals (``image_blobs_sizes``), with partial indexes that find unfinished
+# layers and containers (every command's recovery check) without reading every row.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -70,6 +71,7 @@ CREATE TABLE IF NOT EXISTS layers (
     last_used REAL
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE INDEX IF NOT EXISTS layers_unfinished ON layers(state) WHERE state != 'committed';
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY,
     owner_pid INTEGER NOT NULL,
@@ -139,6 +141,7 @@ CREATE TABLE IF NOT EXISTS containers (
 );
 CREATE INDEX IF NOT EXISTS containers_image ON containers(image_id);
 CREATE INDEX IF NOT EXISTS containers_init ON containers(init_layer);
+CREATE INDEX IF NOT EXISTS containers_unfinished ON containers(state) WHERE state != 'created';
 """
 
 _RUN_SCHEMA = """
