@@ -57,6 +57,8 @@ def test_df_counts_images_shared_and_unique_from_the_records(tmp_path: Path) -> 
         svc.create_container("used:1", name="c")
         sizes = {s.id: s.size for s in svc.images()}
         assert sizes == {one: 1000, two: 2000, used: 3000}
+        # the summary alone (df's table, info) comes from aggregate queries: the same figures
+        assert svc.usage_summary().rows == svc.disk_usage().rows
     df = _df(tmp_path)
     rows = df["rows"]
     assert rows["Images"] == {"Type": "Images", "TotalCount": 3, "Active": 1, "Size": 6000, "Reclaimable": 3000}
@@ -95,6 +97,9 @@ def test_df_shared_layers_and_read_write_layers_with_verbose(tmp_path: Path) -> 
         with svc.perform_with_base_fs("w2") as root:
             Path(root, "more").write_bytes(b"m" * 300)
         usage = svc.disk_usage(verbose=True)
+        assert svc.usage_summary().rows == svc.disk_usage().rows  # a shared layer, a container on the child
+        svc.create_container("parent:1", name="w3")
+        assert svc.usage_summary().rows == svc.disk_usage().rows
     by_id = {i.id: i for i in usage.images}
     assert by_id[parent].size == 4000 and by_id[parent].shared_size == 4000 and by_id[parent].unique_size == 0
     assert by_id[child].size == 4700 and by_id[child].shared_size == 4000 and by_id[child].unique_size == 700
@@ -261,6 +266,7 @@ def test_a_version_3_store_gains_the_new_columns(tmp_path: Path) -> None:
         total = svc.disk_usage().total
     db = sqlite3.connect(tmp_path / "root" / "lamina.db")
     with db:
+        db.execute("DROP INDEX image_blobs_sizes")  # (version 5's)
         db.execute("ALTER TABLE images DROP COLUMN last_used")
         db.execute("ALTER TABLE layers DROP COLUMN last_used")
         db.execute("ALTER TABLE image_blobs DROP COLUMN size")
@@ -269,6 +275,8 @@ def test_a_version_3_store_gains_the_new_columns(tmp_path: Path) -> None:
     with _open(tmp_path) as svc:
         assert svc.store.db.get_meta("schema") == str(SCHEMA_VERSION)
         assert svc.disk_usage().total == total  # blob sizes not recorded yet are read from the files
+        assert svc.usage_summary().rows == svc.disk_usage().rows
+        assert svc.layer_disk_usage() == total
         assert svc.inspect_image(img)["LastUsed"] == svc.image_store.get(img).loaded
 
 

@@ -83,11 +83,9 @@ def human(n: int) -> str:
 
 
 def print_table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> None:
-    widths = [len(h) for h in headers]
-    for r in rows:
-        widths = [max(w, len(c)) for w, c in zip(widths, r, strict=True)]
-    for r in [headers, *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    widths = [max(map(len, column)) for column in zip(headers, *rows, strict=True)]
+    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                         for r in [headers, *rows]))  # one write: a listing of thousands of rows
 
 
 def print_lines(lines: Iterable[str]) -> None:
@@ -97,11 +95,94 @@ def print_lines(lines: Iterable[str]) -> None:
 
 def emit(g: Globals, data: Any, table: Callable[[], None]) -> None:
     if g.format == "json":
-        import json
-
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        click.echo(json_text(data))
     else:
         table()
+
+
+class _NotPlain(Exception):
+    """A value :func:`json_text` leaves to :func:`json.dumps`."""
+
+
+def json_text(data: Any) -> str:
+    """``json.dumps(data, indent=2, sort_keys=True)``, the same text, at about twice its speed: with an
+    indent the standard library encodes in Python, one generator per container; here one function appends
+    to a list and strings are escaped by the C escaper. A listing of ten thousand images is the case. A value
+    other than dict (str keys), list, tuple, str, int, float, bool or None goes to :func:`json.dumps`."""
+    import json
+    from json.encoder import c_make_encoder as c_encoder  # type: ignore[attr-defined]
+    from json.encoder import encode_basestring_ascii as escape
+
+    out: list[str] = []
+    put = out.append
+    flat_encoders: dict[str, Callable[[Any, int], list[str]]] = {}
+    flat = (str, int, float, type(None), bool)  # (floats: the C encoder writes them as json.dumps does)
+
+    def encode(o: Any, indent: str) -> None:
+        t = type(o)
+        if t is dict:
+            if not o:
+                put("{}")
+                return
+            inner = indent + "  "
+            if c_encoder is not None and all(type(v) in flat for v in o.values()) and \
+                    all(type(k) is str for k in o):
+                # every member on a line of its own: the C encoder's item separator does the indenting
+                enc = flat_encoders.get(inner)
+                if enc is None:
+                    enc = flat_encoders[inner] = c_encoder(None, None, escape, None, ": ", ",\n" + inner,
+                                                           True, False, True)
+                put("{\n" + inner + "".join(enc(o, 0))[1:-1] + "\n" + indent + "}")
+                return
+            sep = "{\n" + inner
+            for k in sorted(o):
+                if type(k) is not str:
+                    raise _NotPlain
+                v = o[k]
+                tv = type(v)
+                if tv is str:  # (strings and ints inline: most of a listing)
+                    put(sep + escape(k) + ": " + escape(v))
+                elif tv is int:
+                    put(sep + escape(k) + ": " + int.__repr__(v))
+                else:
+                    put(sep + escape(k) + ": ")
+                    encode(v, inner)
+                sep = ",\n" + inner
+            put("\n" + indent + "}")
+        elif t is list or t is tuple:
+            if not o:
+                put("[]")
+                return
+            inner = indent + "  "
+            sep = "[\n" + inner
+            for v in o:
+                if type(v) is str:
+                    put(sep + escape(v))
+                else:
+                    put(sep)
+                    encode(v, inner)
+                sep = ",\n" + inner
+            put("\n" + indent + "]")
+        elif t is str:
+            put(escape(o))
+        elif t is int:
+            put(int.__repr__(o))
+        elif o is None:
+            put("null")
+        elif o is True:
+            put("true")
+        elif o is False:
+            put("false")
+        elif t is float and o == o and o not in (float("inf"), float("-inf")):
+            put(float.__repr__(o))
+        else:
+            raise _NotPlain
+
+    try:
+        encode(data, "")
+    except _NotPlain:
+        return json.dumps(data, indent=2, sort_keys=True)
+    return "".join(out)
 
 
 def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "json")) -> Callable[..., Any]:
@@ -116,12 +197,13 @@ def format_option(f: Callable[..., Any], choices: Sequence[str] = ("table", "jso
                         expose_value=False, callback=set_format, help="Output format.")(f)
 
 
-def ago(ts: float | None) -> str:
+def ago(ts: float | None, now: float | None = None) -> str:
+    """How long ago ``ts`` was, in docker's words; ``now``: the time to count from (default: the clock's)."""
     import time
 
     if ts is None:
         return "unknown"
-    d = max(0.0, time.time() - ts)
+    d = max(0.0, (time.time() if now is None else now) - ts)
     for unit, secs in (("years", 31536000), ("months", 2592000), ("weeks", 604800), ("days", 86400),
                        ("hours", 3600), ("minutes", 60)):
         if d >= 2 * secs:

@@ -173,21 +173,27 @@ def images(g: Globals, all_: bool, filters: tuple[str, ...], digests: bool, quie
     if quiet and g.format == "table":
         print_lines(dict.fromkeys(ident(s.id) for s in items))
         return
-    rows = []
-    shared = any(s.store for s in items)  # a column only when additional image stores contribute
-    for s in items:
-        tags = s.repo_tags or ["<none>:<none>"]
-        dig = {d.split("@", 1)[0]: d.split("@", 1)[1] for d in s.repo_digests}
-        for t in tags:
-            repo, _, tag = t.rpartition(":")
-            row = [repo, tag]
-            if digests:
-                row.append(dig.get(repo, "<none>"))
-            row += [ident(s.id), ago(s.created), human(s.size)] + ([s.store or "-"] if shared else [])
-            rows.append(row)
-    headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"] \
-        + (["STORE"] if shared else [])
-    emit(g, [s.as_dict() for s in items], lambda: print_table(rows, headers))
+    def table() -> None:
+        import time
+
+        rows = []
+        shared = any(s.store for s in items)  # a column only when additional image stores contribute
+        now = time.time()
+        for s in items:
+            tags = s.repo_tags or ["<none>:<none>"]
+            dig = {d.split("@", 1)[0]: d.split("@", 1)[1] for d in s.repo_digests}
+            for t in tags:
+                repo, _, tag = t.rpartition(":")
+                row = [repo, tag]
+                if digests:
+                    row.append(dig.get(repo, "<none>"))
+                row += [ident(s.id), ago(s.created, now), human(s.size)] + ([s.store or "-"] if shared else [])
+                rows.append(row)
+        headers = ["REPOSITORY", "TAG"] + (["DIGEST"] if digests else []) + ["IMAGE ID", "CREATED", "SIZE"] \
+            + (["STORE"] if shared else [])
+        print_table(rows, headers)
+
+    emit(g, [s.as_dict() for s in items] if g.format == "json" else None, table)
 
 
 @cli.command()

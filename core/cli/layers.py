@@ -24,7 +24,7 @@ def layers(g: Globals, quiet: bool) -> None:
         for layer in items:
             click.echo(layer.chain_id)
         return
-    emit(g, [x.as_dict() for x in items], lambda: print_table(
+    emit(g, [x.as_dict() for x in items] if g.format == "json" else None, lambda: print_table(
         [[short(x.chain_id), short(x.diff_id), short(x.parent) if x.parent else "-", human(x.size),
           str(x.refs)] for x in items],
         ["CHAIN ID", "DIFF ID", "PARENT", "SIZE", "REFS"]))

@@ -34,7 +34,7 @@ def info(g: Globals) -> None:
             "version": __version__,
         }
         if g.format == "prometheus":
-            counts = {"images": svc.count_images(), "layers": len(svc.layers()),
+            counts = {"images": svc.count_images(), "layers": svc.layer_store.count(),
                       "containers": len(svc.containers())}
     if g.format == "prometheus":
         click.echo(_prometheus(data, counts), nl=False)
@@ -188,8 +188,8 @@ def df(g: Globals, verbose: bool) -> None:
     reclaimable), from the sizes recorded when layers were committed: no layer is read."""
     from lamina.cli.app import ago
 
-    with g.open() as svc:
-        usage = svc.disk_usage(verbose=verbose)
+    with g.open() as svc:  # (the table without -v shows the summary rows alone)
+        usage = svc.disk_usage(verbose=verbose) if verbose or g.format == "json" else svc.usage_summary()
 
     def size(n: int | None) -> str:
         return "-" if n is None else human(n)

@@ -106,6 +106,35 @@ def _name_problem(domain: str, path: str) -> str | None:
     return None
 
 
+def _familiar_name(domain: str, path: str) -> str:
+    """:meth:`Reference.familiar_name` of the normalized name ``domain/path``."""
+    if domain != DEFAULT_DOMAIN:
+        return f"{domain}/{path}"
+    if _is_domain(path.split("/", 1)[0]):
+        return f"{domain}/{path}"
+    if path.startswith(OFFICIAL_REPO_PREFIX):
+        short = path[len(OFFICIAL_REPO_PREFIX) :]
+        if "/" not in short and _IDENTIFIER_RE.fullmatch(short) is None:
+            return short
+    return path
+
+
+def familiar_stored(name: str) -> str:
+    """``parse_normalized(name).familiar()`` for a name as the image store records it (``str()`` of a
+    :class:`Reference`, already valid and normalized), without validating it again: listings call this once
+    per name. A name that does not start with a domain is parsed in full."""
+    rest, at, digest = name.partition("@")
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):
+        rest, suffix = rest[:colon], rest[colon:]
+    else:
+        suffix = ""
+    domain, slash, path = rest.partition("/")
+    if not slash or not path or not _is_domain(domain) or domain == LEGACY_DEFAULT_DOMAIN:
+        return parse_normalized(name).familiar()
+    return _familiar_name(domain, path) + suffix + (at + digest if at else "")
+
+
 def _normalize_name(domain: str, path: str) -> tuple[str, str]:
     if domain == LEGACY_DEFAULT_DOMAIN:
         domain = DEFAULT_DOMAIN
@@ -165,16 +194,7 @@ class Reference:
         """The name as users write it: ``busybox`` for ``docker.io/library/busybox``, ``user/app`` for
         ``docker.io/user/app``. The ``docker.io/`` or ``library/`` prefix stays whenever dropping it would make
         the short form parse differently (a first path component that looks like a domain, or a 64-hex name)."""
-        if self.domain != DEFAULT_DOMAIN:
-            return self.name
-        first = self.path.split("/", 1)[0]
-        if _is_domain(first):
-            return self.name
-        if self.path.startswith(OFFICIAL_REPO_PREFIX):
-            short = self.path[len(OFFICIAL_REPO_PREFIX) :]
-            if "/" not in short and _IDENTIFIER_RE.fullmatch(short) is None:
-                return short
-        return self.path
+        return _familiar_name(self.domain, self.path)
 
     def familiar(self) -> str:
         """The familiar name with the tag and digest, e.g. ``busybox:latest``."""

@@ -22,7 +22,13 @@ from lamina.errors import (
     LaminaError,
 )
 from lamina.formats import oci
-from lamina.formats.reference import Reference, familiar_match, looks_like_id_prefix, parse_normalized
+from lamina.formats.reference import (
+    Reference,
+    familiar_match,
+    familiar_stored,
+    looks_like_id_prefix,
+    parse_normalized,
+)
 from lamina.store.images import ImageRecord, ImageStore, NewImage
 
 if TYPE_CHECKING:
@@ -171,6 +177,28 @@ def created_time(rec: ImageRecord) -> float:
     return rec.created if rec.created is not None else rec.loaded
 
 
+def _recorded_chain(top: ChainID | None,
+                    layers: dict[ChainID, tuple[ChainID | None, int, int]]) -> tuple[list[ChainID], int] | None:
+    """An image's ChainIDs, base first, from its top layer down through the layers' parents, and the sum of
+    their sizes; None when a layer of it is not here (the config's DiffIDs then give them)."""
+    if top is None:
+        return [], 0
+    chain: list[ChainID] = []
+    size = 0
+    cur: ChainID | None = top
+    while cur is not None:
+        entry = layers.get(cur)
+        if entry is None:
+            return None
+        chain.append(cur)
+        size += entry[1]
+        cur = entry[0]
+    if len(chain) != layers[top][2]:  # a parent that is not committed: the walk stopped short
+        return None
+    chain.reverse()
+    return chain, size
+
+
 def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bool,
                 created_of: Callable[[str], float] | None = None) -> list[ImageSummary]:
     """``created_of(ref)``: when the image ``before=``/``since=`` name was created (default: looked up here)."""
@@ -182,48 +210,63 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
     before = when(filters["before"][-1]) if "before" in filters else None
     since = when(filters["since"][-1]) if "since" in filters else None
     patterns = filters.get("reference", [])
-    layers = {layer.chain_id: layer for layer in store.layers.all()}
+    layers = store.layers.chain_index()  # chain -> (parent chain, size, depth)
     containers = store.container_counts()
     out: list[ImageSummary] = []
     refcount: dict[ChainID, int] = {}
-    for rec in store.all():
-        try:
-            img = load(store, rec)
-        except LaminaError as e:  # one damaged image must not hide the others
-            log.warning("skipping image %s: %s", rec.id, e.message)
-            continue
-        created = created_time(rec)
+    records = store.listing()
+    by_label = "label" in filters
+    parents = {rec.parent for rec in records if rec.parent is not None}
+    for rec in records:
+        created = rec.created
         if before is not None and created >= before:
             continue
         if since is not None and created <= since:
             continue
-        labels = img.config.labels
-        if "label" in filters and not _labels_match(labels, filters["label"]):
+        # From the records alone (no config is read): the labels as recorded and the chain from the top
+        # layer down; the config only for an image whose labels were not recorded or whose layers are not all
+        # here, which then lists as before.
+        recorded = _recorded_chain(rec.top_layer, layers)
+        labels = rec.labels
+        if recorded is None or labels is None:
+            try:
+                img = load(store, store.get(rec.id))
+            except LaminaError as e:  # one damaged image must not hide the others
+                log.warning("skipping image %s: %s", rec.id, e.message)
+                continue
+            chain, labels = img.chain, img.config.labels
+            size = sum(layers[c][1] for c in chain if c in layers)
+        else:
+            chain, size = recorded
+        if by_label and not _labels_match(labels, filters["label"]):
             continue
         tags: list[str] = []
         digests: list[str] = []
         for n in rec.names:
-            r = parse_normalized(n)
-            if patterns and not any(familiar_match(p, r) for p in patterns):
-                continue
-            (digests if r.digest else tags).append(r.familiar())
+            if patterns:
+                r = parse_normalized(n)
+                if not any(familiar_match(p, r) for p in patterns):
+                    continue
+                (digests if r.digest else tags).append(r.familiar())
+            else:
+                (digests if "@" in n else tags).append(familiar_stored(n))
         if not tags and not digests:
             if patterns or dangling is False:
                 continue
-            if not all_images and store.children(rec.id):
+            if not all_images and rec.id in parents:
                 continue  # an intermediate image
         elif dangling is True and tags:
             continue
-        chain = img.chain
         for c in chain:
             refcount[c] = refcount.get(c, 0) + 1
-        size = sum(layers[c].size for c in chain if c in layers)
         out.append(ImageSummary(
             rec.id, tags, digests, created, size, 0, labels, rec.parent, len(chain),
             containers=containers.get(rec.id, 0), chain=chain,
         ))
-    for s in out:
-        s.shared_size = sum(layers[c].size for c in s.chain if refcount.get(c, 0) > 1 and c in layers)
+    shared = {c for c, n in refcount.items() if n > 1 and c in layers}
+    if shared:
+        for s in out:
+            s.shared_size = sum(layers[c][1] for c in s.chain if c in shared)
     out.sort(key=lambda s: s.created, reverse=True)
     return out
 
@@ -231,8 +274,7 @@ def list_images(store: ImageStore, filters: dict[str, list[str]], all_images: bo
 def inspect(store: ImageStore, img: Image) -> dict[str, Any]:
     rec = img.record
     cfg = img.config
-    layers = {layer.chain_id: layer for layer in store.layers.all()}
-    size = sum(layers[c].size for c in img.chain if c in layers)
+    size = sum(store.layers.sizes(img.chain).values())
     manifest_layers: list[str] = []
     if rec.manifests and store.content.exists(rec.manifests[0].digest):
         m = oci.parse_manifest(store.content.read(rec.manifests[0].digest), rec.manifests[0].media_type)

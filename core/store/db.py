@@ -35,7 +35,7 @@ from typing import Any
 
 from lamina.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
 
-SCHEMA_VERSION = 4  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
+SCHEMA_VERSION = 5  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
 BUSY_TIMEOUT_S = 60.0
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode, extended codes masked)
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
@@ -46,7 +46,10 @@ _ROOM_TO_OPEN = 1 << 20
 # version 2 has lease objects that own layers and blobs; version 3 has the same tables, and the exact-export
 # records of tree drivers' layers under <root>/tar-split, which an older lamina would not know to keep;
 # version 4 adds when each image and layer was last used (``last_used``, for prune policies) and the size
-# of each blob an image needs (``image_blobs.size``, for the disk-usage accounting).
+# of each blob an image needs (``image_blobs.size``, for the disk-usage accounting); version 5 records each
+# image's config labels (``images.labels``, JSON), so that listing images reads no config file, and an index
+# that covers the content store's totals (``image_blobs_sizes``), with partial indexes that find unfinished
+# layers and containers (every command's recovery check) without reading every row.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -68,6 +71,7 @@ CREATE TABLE IF NOT EXISTS layers (
     last_used REAL
 );
 CREATE INDEX IF NOT EXISTS layers_parent ON layers(parent);
+CREATE INDEX IF NOT EXISTS layers_unfinished ON layers(state) WHERE state != 'committed';
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY,
     owner_pid INTEGER NOT NULL,
@@ -94,7 +98,8 @@ CREATE TABLE IF NOT EXISTS images (
     loaded REAL NOT NULL,
     last_updated REAL NOT NULL,
     origin TEXT NOT NULL DEFAULT '',
-    last_used REAL
+    last_used REAL,
+    labels TEXT
 );
 CREATE INDEX IF NOT EXISTS images_parent ON images(parent);
 CREATE INDEX IF NOT EXISTS images_top_layer ON images(top_layer);
@@ -136,6 +141,7 @@ CREATE TABLE IF NOT EXISTS containers (
 );
 CREATE INDEX IF NOT EXISTS containers_image ON containers(image_id);
 CREATE INDEX IF NOT EXISTS containers_init ON containers(init_layer);
+CREATE INDEX IF NOT EXISTS containers_unfinished ON containers(state) WHERE state != 'created';
 """
 
 _RUN_SCHEMA = """
@@ -444,13 +450,30 @@ class Database:
             if version is not None and int(version) < 2:
                 _migrate_v1_leases(db)
             for table, column in (("layers", "last_used REAL"), ("images", "last_used REAL"),
-                                  ("image_blobs", "size INTEGER")):  # version 4
+                                  ("image_blobs", "size INTEGER"),  # version 4
+                                  ("images", "labels TEXT")):  # version 5
                 if column.split()[0] not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            # (after the columns: a version 3 store gains image_blobs.size just above)
+            db.execute("CREATE INDEX IF NOT EXISTS image_blobs_sizes ON image_blobs(digest, size, image_id)")
+            if version is not None and int(version) < 5:
+                self._record_labels(db)
             db.execute(
                 "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
+
+    def _record_labels(self, db: sqlite3.Connection) -> None:
+        """Version 5: record the labels of the images an older lamina stored, from their configs (an image
+        whose config cannot be read keeps none recorded; listings read its config, as before)."""
+        from lamina.store.content import ContentStore
+        from lamina.store.images import config_labels
+
+        content = ContentStore(self.root, read_only=True)
+        for (image_id,) in db.execute("SELECT id FROM images WHERE labels IS NULL").fetchall():
+            labels = config_labels(content, image_id)
+            if labels is not None:
+                db.execute("UPDATE images SET labels=? WHERE id=?", (labels, image_id))
 
     def _version(self) -> str | None:
         try:

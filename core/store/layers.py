@@ -216,6 +216,28 @@ class LayerStore:
         rows = self.db.query(f"{self._SELECT} WHERE l.state='committed' AND l.rw=0 ORDER BY l.depth, l.created")
         return [self._layer(r) for r in rows]
 
+    def chain_index(self) -> dict[ChainID, tuple[ChainID | None, int, int]]:
+        """Every layer :meth:`all` lists, by ChainID: its parent's ChainID, its size and its depth (for listings,
+        which need no more of a layer than this)."""
+        return {r[0]: (r[1], r[2], r[3]) for r in self.db.query(
+            "SELECT l.chain_id, p.chain_id, l.size, l.depth FROM layers l LEFT JOIN layers p ON p.id = l.parent"
+            " WHERE l.state='committed' AND l.rw=0"
+        )}
+
+    def sizes(self, chains: list[ChainID]) -> dict[ChainID, int]:
+        """The sizes of those of ``chains`` that :meth:`all` lists, by ChainID (one indexed lookup each)."""
+        out: dict[ChainID, int] = {}
+        for start in range(0, len(chains), 500):  # (SQLite's limit on a statement's parameters)
+            part = chains[start:start + 500]
+            out.update((ChainID(r[0]), int(r[1])) for r in self.db.query(
+                f"SELECT chain_id, size FROM layers WHERE chain_id IN ({','.join('?' * len(part))})"
+                " AND state='committed' AND rw=0", tuple(part)))
+        return out
+
+    def count(self) -> int:
+        """How many layers :meth:`all` lists."""
+        return int(self.db.one("SELECT COUNT(*) FROM layers WHERE state='committed' AND rw=0")[0])
+
     def children(self, cache_id: str) -> list[str]:
         return [r[0] for r in self.db.query("SELECT id FROM layers WHERE parent=?", (cache_id,))]
 

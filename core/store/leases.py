@@ -98,12 +98,13 @@ def end_leases(store: Store, lease_ids: list[str]) -> list[str]:
     leaves them to the next one, which collects again. Then the leases, then the layers they held (a layer
     left without any user by a kill just before is one that recovery's orphan collection finds)."""
     marks = ",".join("?" * len(lease_ids))
-    if store.db.one(
-        f"SELECT 1 FROM lease_blobs b WHERE lease IN ({marks}) AND NOT EXISTS"
-        " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest) LIMIT 1",
+    candidates = [r[0] for r in store.db.query(
+        f"SELECT DISTINCT digest FROM lease_blobs b WHERE lease IN ({marks}) AND NOT EXISTS"
+        " (SELECT 1 FROM image_blobs i WHERE i.digest = b.digest)",
         tuple(lease_ids),
-    ):
-        store.images.gc(ignoring=lease_ids)
+    )]
+    if candidates:  # only these can have lost their last holder: no walk of the whole content store
+        store.images.gc(ignoring=lease_ids, candidates=candidates)
     layers: list[str] = []
     with store.db.tx() as db:
         for lease_id in lease_ids:
