@@ -733,7 +733,7 @@ class LayerStore:
             held = len(users["images"]) + len(users["containers"])
             if refs <= held:
                 if not held:
-                    raise LayerInUse(f"layer {_short(chain)} holds no reference to drop (an operation is using it)")
+                    raise LayerInUse(f"layer {_short(chain)} is in use by an operation and holds no reference to drop")
                 raise LayerInUse(f"layer {_short(chain)} is used by {_describe(users)}; remove those first")
             if refs == 1 and users["layers"]:
                 raise LayerInUse(
