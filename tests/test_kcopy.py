@@ -132,3 +132,23 @@ def test_mapped_hash_reads_back_where_files_cannot_be_mapped() -> None:
         data = f.read()
         h = MappedHash(f.fileno(), 0)
         assert h.hexdigest(len(data)) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_source_that_cannot_be_read_is_told_from_the_output(tmp_path: Path) -> None:
+    """A span whose file cannot be read (here: a directory) fails as the source's error, not the output's;
+    an exact stream then says which layer file it could not read."""
+    from lamina.errors import ExportError
+    from lamina.fs.kcopy import SourceError
+    from lamina.tar.split import ExactTarStream
+
+    src = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(SourceError):
+            FileWriter(out).copy(Span(src, 0, 10, "a-dir"))
+        stream = ExactTarStream(iter([b"head", Span(src, 0, 10, "etc/a-dir")]), None)
+        with pytest.raises(ExportError, match="cannot read 'etc/a-dir' back from the layer"):
+            stream.copy_to(out)
+    finally:
+        os.close(out)
+        os.close(src)

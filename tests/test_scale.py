@@ -233,3 +233,17 @@ def test_a_version_4_store_gets_its_labels_recorded(tmp_path: Path) -> None:
         with _opens_under(tmp_path) as got:
             assert sorted(s.labels["n"] for s in svc.images()) == ["0", "1", "2"]
     assert got == []
+
+
+def test_unreadable_recorded_labels_fall_back_to_the_config_and_are_recorded_again(tmp_path: Path) -> None:
+    config = _store(tmp_path, "s", 2)
+    db = sqlite3.connect(config.root / "lamina.db")
+    with db:
+        db.execute("UPDATE images SET labels='{not json'")
+    db.close()
+    with ImageService.open(config) as svc:
+        assert sorted(s.labels["n"] for s in svc.images()) == ["0", "1"]
+        with svc.store.db.tx() as tx:
+            tx.execute("UPDATE images SET labels=NULL")
+        svc.load_image(tmp_path / "s.tar")  # the same images again: their labels are recorded now
+        assert {r[0] for r in svc.store.db.query("SELECT labels FROM images")} == {'{"n": "0"}', '{"n": "1"}'}

@@ -50,6 +50,14 @@ class ShortSource(Exception):
         self.copied = copied
 
 
+class SourceError(Exception):
+    """Reading a span's file failed (not writing the output): :attr:`error` says why."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def read_span(span: Span, piece: int = _READ) -> Iterable[bytes]:
     """The bytes of a span, for a consumer that needs them (a pipe, an HTTP body); :class:`ShortSource`
     when its file is shorter."""
@@ -92,10 +100,18 @@ class FileWriter:
         return self.written - before
 
     def copy(self, span: Span) -> None:
-        """Copy a span; :class:`ShortSource` if its file ends first."""
+        """Copy a span; :class:`ShortSource` if its file ends first, :class:`SourceError` if it cannot be
+        read (an error writing the output stays an ``OSError``)."""
         done = 0
         while done < span.length:
-            n = self._copy_some(span.fd, span.offset + done, min(span.length - done, _MAX))
+            try:
+                n = self._copy_some(span.fd, span.offset + done, min(span.length - done, _MAX))
+            except OSError as e:
+                try:  # whose fault: a source that cannot be read here is the span's file's
+                    os.pread(span.fd, 1, span.offset + done)
+                except OSError as source:
+                    raise SourceError(source) from e
+                raise
             if n == 0:
                 raise ShortSource(span, done)
             done += n
@@ -153,7 +169,10 @@ class MappedHash:
         self._t.start()
 
     def advance(self, position: int) -> None:
-        """The bytes before ``position`` are written; hashed once a window's worth waits."""
+        """The bytes before ``position`` are written; hashed once a window's worth waits. A hash that
+        already failed stops the copy here rather than at its end."""
+        if self._error is not None:
+            raise self._error
         if position - self._told >= self.WINDOW:
             with self._cv:
                 self._told = position

@@ -160,7 +160,7 @@ class ImageStore:
         return ImageRecord(
             row[0], ChainID(row[1]) if row[1] else None, row[2], row[3], row[4], row[5], row[6], names, manifests,
             last_used=row[7] if row[7] is not None else row[4],  # a store from before version 4: when loaded
-            labels=_load_labels(row[8]) if row[8] is not None else None,  # (before version 5: not recorded)
+            labels=_load_labels(row[8]),  # None before version 5 (not recorded): read from the config
         )
 
     def get(self, image_id: str) -> ImageRecord:
@@ -200,7 +200,7 @@ class ImageStore:
             for iid, name in db.execute("SELECT image_id, name FROM image_names ORDER BY added, name"):
                 names.setdefault(iid, []).append(name)
         return [ListedImage(iid, top, parent, created, names.get(iid, []),
-                            _load_labels(labels) if labels is not None else None)
+                            _load_labels(labels))
                 for iid, top, parent, created, labels in rows]
 
     def by_name(self, name: str) -> ImageRecord | None:
@@ -288,6 +288,9 @@ class ImageStore:
                 self._add_blob(db, new.id, new.id)
             else:
                 db.execute("UPDATE images SET last_updated=?, last_used=? WHERE id=?", (now, now, new.id))
+                if db.execute("SELECT labels IS NULL FROM images WHERE id=?", (new.id,)).fetchone()[0]:
+                    # not recorded when the image came (its config unreadable then): recorded now
+                    db.execute("UPDATE images SET labels=? WHERE id=?", (self._labels(new.id), new.id))
             for m in new.manifests:
                 db.execute(
                     "INSERT OR IGNORE INTO image_manifests VALUES (?, ?, ?, ?)", (new.id, m.digest, m.media_type, now)
@@ -501,14 +504,20 @@ class ImageStore:
 _SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]  # the C scanner itself: one call per value
 
 
-def _load_labels(text: str) -> dict[str, str]:
+def _load_labels(text: str | None) -> dict[str, str] | None:
     """The ``labels`` column as written by :func:`config_labels` (``json.dumps``: no surrounding blanks),
-    decoded by the C scanner directly (``json.loads`` costs three times as much, once per image listed)."""
+    decoded by the C scanner directly (``json.loads`` costs three times as much, once per image listed).
+    None when not recorded, or not readable: the image's config says then."""
+    if text is None:
+        return None
     if text == "{}":
         return {}
-    value, end = _SCAN(text, 0)
+    try:
+        value, end = _SCAN(text, 0)
+    except ValueError:
+        return None
     if end != len(text) or not isinstance(value, dict):
-        raise ValueError(f"not a labels object: {text[:40]!r}")
+        return None
     return value
 
 

@@ -998,7 +998,7 @@ def _pieces(stream: ByteStream) -> Iterator[Segment]:
     the end."""
     try:
         spans = getattr(stream, "segments", None)
-        if spans is not None:
+        if spans is not None and not getattr(stream, "verified", False):
             yield from spans()
             return
         direct = getattr(stream, "chunks", None)

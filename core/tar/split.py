@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 from lamina.errors import ExportError, ExportUnreadable, shown
-from lamina.fs.kcopy import FileWriter, MappedHash, Segment, ShortSource, Span, read_span
+from lamina.fs.kcopy import FileWriter, MappedHash, Segment, ShortSource, SourceError, Span, read_span
 from lamina.fs.ops import Root
 from lamina.tar.compression import BackgroundHash
 
@@ -419,6 +419,14 @@ class ExactTarStream:
             out.copy(span)
         except ShortSource:
             raise _short(span) from None
+        except SourceError as e:  # the layer's file, not the archive, failed
+            raise _read_error(e.error, f"cannot read {shown(span.path)} back from the layer: "
+                                       f"{e.error.strerror or e.error}") from e.error
+
+    @property
+    def verified(self) -> bool:
+        """Whether the stream checks itself against a DiffID (then it is read or copied, not handed on)."""
+        return self._expected is not None
 
     def segments(self) -> Iterator[Segment]:
         """The pieces as made (each span valid until the next piece is asked for), for a consumer that
