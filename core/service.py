@@ -79,6 +79,10 @@ class ImageService:
         self.store = store
         self._layers = store.layers
         self._shared: list[ImageService] | None = None
+        if store.db.labels_pending and not store.read_only:  # a store that schema 5 migrated: once
+            from lamina.formats.oci import parse_config
+
+            store.images.record_labels(lambda raw: parse_config(raw).labels)
 
     # -- additional image stores ----------------------------------------------------------------------
     @property

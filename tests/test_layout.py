@@ -133,7 +133,8 @@ def test_no_import_cycles_inside_lamina() -> None:
 
 
 # Each package and the packages it may import, besides the leaf modules (errors, digest, config, contract,
-# timespec, and the directory-fd primitives of lamina.fs.ops, which the tar-split record reads payloads back with).
+# timespec, and two primitives the tar-split record uses to read payloads back: the directory-fd operations of
+# lamina.fs.ops and the kernel copy of lamina.fs.kcopy).
 ALLOWED = {
     "lamina.tar": set(),
     "lamina.fs": {"lamina.tar"},
@@ -144,7 +145,15 @@ ALLOWED = {
     "lamina.registry": {"lamina.tar", "lamina.formats", "lamina.store", "lamina.images"},
 }
 LEAVES = {"lamina", "lamina.errors", "lamina.digest", "lamina.config", "lamina.contract", "lamina.timespec",
-          "lamina.fs.ops"}
+          "lamina.fs.ops", "lamina.fs.kcopy"}
+
+
+def test_leaf_modules_import_only_leaves_and_the_bottom_package() -> None:
+    graph = _graph()
+    assert all(leaf in graph for leaf in LEAVES - {"lamina"}), "a leaf module is missing from the graph"
+    wrong = sorted(f"{leaf} imports {dep}" for leaf in LEAVES for dep in graph.get(leaf, ())
+                   if dep not in LEAVES and _package(dep) != "lamina.tar")
+    assert wrong == []
 
 
 def _package(mod: str) -> str:

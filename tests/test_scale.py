@@ -226,8 +226,16 @@ def test_a_version_4_store_gets_its_labels_recorded(tmp_path: Path) -> None:
         db.execute("ALTER TABLE images DROP COLUMN labels")
         db.execute("UPDATE meta SET value='4' WHERE key='schema'")
     db.close()
-    with ImageService.open(config) as svc:
-        assert svc.store.db.get_meta("schema") == "5"
+    from lamina.store.kernel import Store
+
+    store = Store(config)  # migrated by the store alone (killed before the image layer's turn, say)
+    try:
+        assert store.db.get_meta("schema") == "5" and store.db.get_meta("labels_pending") == "1"
+        assert {r[0] for r in store.db.query("SELECT labels FROM images")} == {None}
+    finally:
+        store.close()
+    with ImageService.open(config) as svc:  # the labels are recorded now, once
+        assert svc.store.db.get_meta("labels_pending") is None and not svc.store.db.labels_pending
         assert {r[0] for r in svc.store.db.query("SELECT labels FROM images")} == {
             '{"n": "0"}', '{"n": "1"}', '{"n": "2"}'}
         with _opens_under(tmp_path) as got:

@@ -663,9 +663,10 @@ def import_rootfs(
         image_id = sha256_digest(config)
         lease.blob(image_id)
         store.content.put(config, image_id)
+        parsed = oci.parse_config(config)
         rec, _ = store.create(NewImage(
-            id=image_id, diff_ids=[layer.diff_id], created=transfer.parse_time(oci.parse_config(config).created),
-            origin="import", names=[name] if name else [], blobs=[image_id],
+            id=image_id, diff_ids=[layer.diff_id], created=transfer.parse_time(parsed.created),
+            origin="import", names=[name] if name else [], blobs=[image_id], labels=parsed.labels,
         ), lease)
     return load(store, rec)
 
@@ -696,7 +697,7 @@ def _store_image(
     store.content.put(raw, image_id)
     rec, _ = store.create(NewImage(
         id=image_id, diff_ids=[DiffID(d) for d in cfg.diff_ids], created=transfer.parse_time(cfg.created),
-        origin=origin, names=[name] if name else [], blobs=[image_id], parent=parent,
+        origin=origin, names=[name] if name else [], blobs=[image_id], parent=parent, labels=cfg.labels,
     ), lease)
     return load(store, rec)
 

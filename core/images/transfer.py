@@ -202,6 +202,7 @@ def load_source(
         names=_unique(names),
         manifests=manifests,
         blobs=blobs,
+        labels=config.labels,
     ), lease)
     return Loaded(record, moved, tuple(img.names))
 
@@ -327,6 +328,7 @@ def copy_image(
         image, moved = dest.create(NewImage(
             id=record.id, diff_ids=diff_ids, created=record.created, origin=record.origin, names=list(record.names),
             manifests=list(record.manifests), blobs=kept, parent=record.parent,
+            labels=config.labels,
         ), lease)
     return Copied(image, moved, applied)
 

@@ -298,6 +298,8 @@ class Database:
         self.runroot = runroot
         self.me: tuple[int, float | None] = (os.getpid(), proc_start(os.getpid()))
         self._lock = threading.RLock()  # one connection per file, shared by this process's threads
+        # images stored before schema 5 whose labels are not recorded yet (ImageStore.record_labels)
+        self.labels_pending = False
         # Why lamina.db (refusal) or mounts.db (run_refusal) takes no writes now: None, or the error to raise
         if shared:
             self.db = _connect_read_only(root / "lamina.db", run=False)
@@ -457,30 +459,23 @@ class Database:
             # (after the columns: a version 3 store gains image_blobs.size just above)
             db.execute("CREATE INDEX IF NOT EXISTS image_blobs_sizes ON image_blobs(digest, size, image_id)")
             if version is not None and int(version) < 5:
-                self._record_labels(db)
+                # version 5: the labels of the images already stored are read from their configs by the
+                # image layer (ImageStore.record_labels), which ends this mark; listings read configs meanwhile
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('labels_pending', '1')")
+                self.labels_pending = True
             db.execute(
                 "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                 (str(SCHEMA_VERSION),),
             )
 
-    def _record_labels(self, db: sqlite3.Connection) -> None:
-        """Version 5: record the labels of the images an older lamina stored, from their configs (an image
-        whose config cannot be read keeps none recorded; listings read its config, as before)."""
-        from lamina.store.content import ContentStore
-        from lamina.store.images import config_labels
-
-        content = ContentStore(self.root, read_only=True)
-        for (image_id,) in db.execute("SELECT id FROM images WHERE labels IS NULL").fetchall():
-            labels = config_labels(content, image_id)
-            if labels is not None:
-                db.execute("UPDATE images SET labels=? WHERE id=?", (labels, image_id))
-
     def _version(self) -> str | None:
+        """The schema version (None for a new database); also notes whether labels are still to be recorded."""
         try:
-            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            rows = dict(self.db.execute("SELECT key, value FROM meta WHERE key IN ('schema', 'labels_pending')"))
         except sqlite3.OperationalError:
             return None  # a new database: no meta table yet
-        return str(row[0]) if row else None
+        self.labels_pending = "labels_pending" in rows
+        return str(rows["schema"]) if "schema" in rows else None
 
     def _run_missing(self) -> set[str]:
         try:

@@ -18,7 +18,7 @@ import json
 import json.scanner
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -84,6 +84,7 @@ class NewImage:
     manifests: Sequence[ManifestRecord] = ()
     blobs: Iterable[str] = ()
     parent: str | None = None
+    labels: Mapping[str, str] | None = None  # its config's labels, recorded for listings (None: not known)
 
 
 class ImageStore:
@@ -283,14 +284,14 @@ class ImageStore:
                 db.execute(
                     "INSERT INTO images (id, top_layer, parent, created, loaded, last_updated, origin, last_used,"
                     " labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (new.id, top, parent, new.created, now, now, new.origin, now, self._labels(new.id)),
+                    (new.id, top, parent, new.created, now, now, new.origin, now, _dump_labels(new.labels)),
                 )
                 self._add_blob(db, new.id, new.id)
             else:
                 db.execute("UPDATE images SET last_updated=?, last_used=? WHERE id=?", (now, now, new.id))
-                if db.execute("SELECT labels IS NULL FROM images WHERE id=?", (new.id,)).fetchone()[0]:
-                    # not recorded when the image came (its config unreadable then): recorded now
-                    db.execute("UPDATE images SET labels=? WHERE id=?", (self._labels(new.id), new.id))
+                if new.labels is not None:  # not recorded when the image came (an older lamina's): recorded now
+                    db.execute("UPDATE images SET labels=? WHERE id=? AND labels IS NULL",
+                               (_dump_labels(new.labels), new.id))
             for m in new.manifests:
                 db.execute(
                     "INSERT OR IGNORE INTO image_manifests VALUES (?, ?, ?, ?)", (new.id, m.digest, m.media_type, now)
@@ -308,10 +309,24 @@ class ImageStore:
             self.layers.collect(leased)
         return self.get(new.id), moved
 
-    def _labels(self, image_id: str) -> str | None:
-        """The labels of an image's config (stored already), as JSON for the ``labels`` column, so that listings
-        read no config; None if the config cannot be read (a listing then tries it itself)."""
-        return config_labels(self.content, image_id)
+    def record_labels(self, labels_of: Callable[[bytes], Mapping[str, str]]) -> int:
+        """Record the labels of the images stored without them (by a lamina before schema 5), which
+        ``labels_of`` reads from an image's config, so that listings read no config; ends the migration's
+        pending mark. An image whose config cannot be read keeps none recorded (a listing then tries it
+        itself). Returns how many were recorded."""
+        from lamina.errors import LaminaError
+
+        found: list[tuple[str, str]] = []
+        for (image_id,) in self.db.query("SELECT id FROM images WHERE labels IS NULL"):
+            try:
+                found.append((_dump_labels(labels_of(self.content.read(image_id))) or "{}", image_id))
+            except (OSError, LaminaError):
+                continue
+        with self.db.tx() as db:
+            db.executemany("UPDATE images SET labels=? WHERE id=? AND labels IS NULL", found)
+            db.execute("DELETE FROM meta WHERE key='labels_pending'")
+        self.db.labels_pending = False
+        return len(found)
 
     def _add_blob(self, db: sqlite3.Connection, image_id: str, digest: str) -> None:
         """Record that an image needs a blob, with the blob's size for the disk-usage accounting."""
@@ -505,7 +520,7 @@ _SCAN = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type] 
 
 
 def _load_labels(text: str | None) -> dict[str, str] | None:
-    """The ``labels`` column as written by :func:`config_labels` (``json.dumps``: no surrounding blanks),
+    """The ``labels`` column as written by :func:`_dump_labels` (``json.dumps``: no surrounding blanks),
     decoded by the C scanner directly (``json.loads`` costs three times as much, once per image listed).
     None when not recorded, or not readable: the image's config says then."""
     if text is None:
@@ -521,13 +536,7 @@ def _load_labels(text: str | None) -> dict[str, str] | None:
     return value
 
 
-def config_labels(content: ContentStore, image_id: str) -> str | None:
+def _dump_labels(labels: Mapping[str, str] | None) -> str | None:
     """The ``labels`` column of an image: its config's labels as a JSON object (``{}`` without any), or None
-    when the config cannot be read or parsed."""
-    from lamina.errors import LaminaError
-    from lamina.formats.oci import parse_config
-
-    try:
-        return json.dumps(parse_config(content.read(image_id)).labels)
-    except (OSError, LaminaError):
-        return None
+    when not known."""
+    return None if labels is None else json.dumps(dict(labels))
