@@ -3,6 +3,7 @@ lists, inspects, saves, pushes and runs containers from, and never writes to."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -117,6 +118,39 @@ def test_images_of_the_store_itself_come_first_and_filters_span_both(tmp_path: P
         svc.export_image(["shared/app:1", "shared/other:1"], tmp_path / "both.tar")
         with pytest.raises(ImageError, match="different stores"):
             svc.export_image(["mine:1", "shared/app:1"], tmp_path / "mixed.tar")
+
+
+def test_a_schema_4_store_is_read_as_it_is(tmp_path: Path, shared: Path) -> None:
+    """An additional store an older lamina wrote (schema 4: no recorded labels) is listed from its configs,
+    and its containers run, without a write to it; an older schema still is refused in one line."""
+    import sqlite3
+
+    db = sqlite3.connect(tmp_path / "src" / "root" / "lamina.db")
+    with db:
+        db.execute("ALTER TABLE images DROP COLUMN labels")
+        db.execute("UPDATE meta SET value='4' WHERE key='schema'")
+    db.close()
+    before = _tree_digest(shared)
+    cfg = Config(root=tmp_path / "own", runroot=tmp_path / "own-run", driver="vfs",
+                 additional_image_stores=(shared,))
+    with ImageService.open(cfg) as svc:
+        listed = svc.images()
+        assert sorted(s.repo_tags[0] for s in listed) == ["shared/app:1", "shared/other:1"]
+        assert {s.store for s in listed} == {str(shared)} and all(s.labels == {} for s in listed)
+        assert svc.inspect_image("shared/other:1")["Id"] in {s.id for s in listed}
+        svc.create_container("shared/other:1", name="c")
+        assert svc.images()[0].store == ""  # the container's image was copied here
+    assert _tree_digest(shared) == before
+    db = sqlite3.connect(tmp_path / "src" / "root" / "lamina.db")
+    with db:
+        db.execute("UPDATE meta SET value='3' WHERE key='schema'")
+    db.close()
+    from lamina.store.kernel import Store
+
+    with pytest.raises(StoreError, match="schema 3"):
+        Store(dataclasses.replace(cfg, root=shared, runroot=tmp_path / "r3"), shared=True)
+    with ImageService.open(cfg) as svc:
+        assert [s.store for s in svc.images()] == [""]  # left out, with a warning
 
 
 def test_a_missing_additional_store_is_left_out(tmp_path: Path) -> None:

@@ -300,6 +300,7 @@ class Database:
         self._lock = threading.RLock()  # one connection per file, shared by this process's threads
         # images stored before schema 5 whose labels are not recorded yet (ImageStore.record_labels)
         self.labels_pending = False
+        self.labels_recorded = True  # False: an additional image store of schema 4, without images.labels
         # Why lamina.db (refusal) or mounts.db (run_refusal) takes no writes now: None, or the error to raise
         if shared:
             self.db = _connect_read_only(root / "lamina.db", run=False)
@@ -432,7 +433,12 @@ class Database:
                         mdb.execute(statement)
 
     def _check_shared_schema(self) -> None:
+        """An additional image store is read as it is: the present schema, or version 4 (whose images have no
+        recorded labels: its listings read the configs), which this lamina may not migrate there."""
         version = self._version()
+        if version is not None and int(version) == 4:
+            self.labels_recorded = False
+            return
         if version is None or int(version) != SCHEMA_VERSION:
             newer = version is not None and int(version) > SCHEMA_VERSION
             raise StoreError(

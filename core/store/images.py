@@ -93,6 +93,9 @@ class ImageStore:
         self.db = store.db
         self.layers = store.layers
         self.content = ContentStore(store.root, read_only=store.read_only)
+        if not store.db.labels_recorded:  # an additional image store of schema 4: its configs say
+            self._COLS = self._COLS.replace("labels", "NULL AS labels")
+            self._labels = "NULL"
         if store.recovers:  # (system check opens without recovery: it reports partial writes instead)
             self.content.clean_ingest(lambda pid: owner_alive(pid, None))
 
@@ -145,6 +148,7 @@ class ImageStore:
 
     # -- queries ----------------------------------------------------------------------------------------
     _COLS = "id, top_layer, parent, created, loaded, last_updated, origin, last_used, labels"
+    _labels = "labels"
 
     def _record(self, row: tuple[Any, ...]) -> ImageRecord:
         iid = row[0]
@@ -196,7 +200,7 @@ class ImageStore:
         names: dict[str, list[str]] = {}
         with self.db.read() as db:
             rows = db.execute(
-                "SELECT id, top_layer, parent, COALESCE(created, loaded), labels FROM images ORDER BY loaded"
+                f"SELECT id, top_layer, parent, COALESCE(created, loaded), {self._labels} FROM images ORDER BY loaded"
             ).fetchall()
             for iid, name in db.execute("SELECT image_id, name FROM image_names ORDER BY added, name"):
                 names.setdefault(iid, []).append(name)
