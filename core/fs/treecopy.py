@@ -13,6 +13,7 @@ import os
 import stat
 from collections.abc import Iterator
 
+from lamina.fs.kcopy import FileWriter, ShortSource, SourceError, Span
 from lamina.fs.ops import DirStack, Root
 
 FICLONE = 0x40049409
@@ -27,7 +28,7 @@ class CopyStats:
 
 def copy_data(src: int, dst: int, st: os.stat_result, stats: CopyStats | None = None) -> None:
     """Copy the bytes of the file ``src`` (whose stat is ``st``) into the empty file ``dst``: a reflink
-    where the filesystem shares blocks, holes kept as holes, copy_file_range, or reads and writes."""
+    where the filesystem shares blocks, holes kept as holes, or a kernel copy (:class:`FileWriter`)."""
     if stats is None:
         stats = CopyStats()
     size = st.st_size
@@ -41,27 +42,15 @@ def copy_data(src: int, dst: int, st: os.stat_result, stats: CopyStats | None = 
             stats.method = "copy_file_range"
     if st.st_blocks * 512 < size and _copy_sparse(src, dst, size):
         return
-    if stats.method == "copy_file_range":
-        try:
-            left = size
-            while left > 0:
-                n = os.copy_file_range(src, dst, min(left, 1 << 30))
-                if n == 0:
-                    break
-                left -= n
-            return
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-            stats.method = "read/write"
-            os.lseek(src, 0, os.SEEK_SET)
-            os.lseek(dst, 0, os.SEEK_SET)
-            os.ftruncate(dst, 0)
-    while True:
-        buf = os.read(src, 1 << 20)
-        if not buf:
-            break
-        os.write(dst, buf)
+    out = FileWriter(dst)
+    out.method = stats.method  # what failed for an earlier file is not tried again
+    try:
+        out.copy(Span(src, 0, size, ""))
+    except ShortSource:
+        pass  # the file shrank while it was copied: what it had
+    except SourceError as e:
+        raise e.error from None
+    stats.method = out.method
 
 
 def _copy_sparse(src: int, dst: int, size: int) -> bool:
@@ -142,7 +131,7 @@ def copy_tree(src_path: str, dst_path: str) -> str:
 
     Depth first without recursion, both trees through :class:`~lamina.fs.ops.DirStack` (bounded fds, no
     path longer than a name), so any depth works. Returns the data-copy method that was used
-    (``reflink``, ``copy_file_range`` or ``read/write``).
+    (``reflink``, ``copy_file_range``, ``sendfile`` or ``read/write``).
     """
     stats = CopyStats()
     is_root = os.geteuid() == 0
