@@ -661,10 +661,18 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _force_delete(base: list[str], container_id: str) -> None:
+def _force_delete(base: list[str], container_id: str, timeout: float = 30) -> None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         subprocess.run([*base, "delete", "--force", container_id], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False)
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+
+
+def _kill(base: list[str], container_id: str) -> None:
+    """SIGKILL to the container's init (the end of its PID namespace): the runtime's foreground ``run``
+    then reaps it and removes the container itself, without the freeze that a forced delete may wait on."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        subprocess.run([*base, "kill", container_id, "KILL"], stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
 
 
 def run_bundle(bundle_dir: str, container_id: str, *, runtime: str = "runc", runtime_root: str | None = None,
@@ -702,11 +710,13 @@ def run_bundle(bundle_dir: str, container_id: str, *, runtime: str = "runc", run
         try:
             rc = proc.wait()
         except BaseException:
-            # Interrupted (Ctrl-C, ...): kill the container, then make sure the runtime goes too.
-            _force_delete(base, container_id)
+            # Interrupted (Ctrl-C, ...): kill the container and let the runtime finish; failing that, a
+            # forced delete, and the runtime goes too. (The forced delete in ``finally`` makes sure.)
+            _kill(base, container_id)
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
+                _force_delete(base, container_id)
                 proc.kill()
                 proc.wait()
             raise
