@@ -422,7 +422,8 @@ def ensure_workload(work: Path, name: str, rootfs_mode: str, rebuild: bool) -> t
     if not rebuild and tar.exists() and meta_path.exists():
         info = WorkloadInfo(**json.loads(meta_path.read_text()))
         wanted_ok = name != "rootfs" or rootfs_mode == "auto" or info.source == rootfs_mode
-        gz_ok = name != "rootfs" or (info.gz is not None and (work / info.gz).exists())
+        gz_ok = name != "rootfs" or (info.gz is not None and (work / info.gz).exists()
+                                     and (work / info.gz).stat().st_size == info.gz_bytes)  # not replaced since
         if info.version == BUILD_VERSION and wanted_ok and gz_ok:
             return info, False
     log(f"building workload {name!r} in {work}")
