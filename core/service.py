@@ -82,7 +82,10 @@ class ImageService:
         if store.db.labels_pending and not store.read_only:  # a store that schema 5 migrated: once
             from lamina.formats.oci import parse_config
 
-            store.images.record_labels(lambda raw: parse_config(raw).labels)
+            try:
+                store.images.record_labels(lambda raw: parse_config(raw).labels)
+            except LaminaError as e:  # (a full disk, a busy store): listings read the configs until next time
+                log.debug("labels not recorded yet: %s", e.message)
 
     # -- additional image stores ----------------------------------------------------------------------
     @property

@@ -323,7 +323,7 @@ class ImageStore:
         found: list[tuple[str, str]] = []
         for (image_id,) in self.db.query("SELECT id FROM images WHERE labels IS NULL"):
             try:
-                found.append((_dump_labels(labels_of(self.content.read(image_id))) or "{}", image_id))
+                found.append((json.dumps(dict(labels_of(self.content.read(image_id)))), image_id))
             except (OSError, LaminaError):
                 continue
         with self.db.tx() as db:
