@@ -493,8 +493,10 @@ def test_keyboard_interrupt_kills_container_and_deletes_state(runner: Runner) ->
     bundle = runner.bundle({"Cmd": ["sh", "-c", "echo ready; exec sleep 600"]})
     cid = runner.new_id()
     script = (
-        "import subprocess, sys\n"
+        "import signal, subprocess, sys\n"
         "from lamina.runtime import run_bundle\n"
+        # Ctrl-C raises KeyboardInterrupt even where this test runs with SIGINT ignored (a shell's background job)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "try:\n"
         "    run_bundle(sys.argv[1], sys.argv[2], runtime_root=sys.argv[3], stdin=subprocess.DEVNULL)\n"
         "except KeyboardInterrupt:\n"
