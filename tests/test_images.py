@@ -688,3 +688,17 @@ def test_load_docker_archive_without_end_blocks(tmp_path: Path, skopeo_images: S
     cut.write_bytes(body[:-100])
     with _open(tmp_path / "c", "vfs") as svc, pytest.raises(ArchiveError, match="truncated"):
         svc.load_image(cut)
+
+
+def test_an_image_removed_between_lookup_and_config_read_is_not_found(tmp_path: Path) -> None:
+    """A command that found an image which another process then removed (its config blob with it) says
+    the image is gone, not that a blob is missing (``tag`` racing ``rmi``)."""
+    from lamina.errors import ImageNotFound
+    from lamina.images import ops
+
+    with _open(tmp_path, "vfs") as svc:
+        _import(svc, "gone:1", b"g")
+        rec = ops.find(svc.image_store, "gone:1")
+        svc.image_delete("gone:1")
+        with pytest.raises(ImageNotFound, match="removed meanwhile"):
+            ops.load(svc.image_store, rec)

@@ -103,7 +103,13 @@ class ImageSummary:
 
 
 def load(store: ImageStore, record: ImageRecord) -> Image:
-    return Image(record, oci.parse_config(store.config_bytes(record.id)))
+    try:
+        raw = store.config_bytes(record.id)
+    except BlobNotFound:
+        if not store.exists(record.id):  # removed by another process since it was looked up
+            raise ImageNotFound(f"image {record.id.split(':', 1)[-1][:12]} was removed meanwhile") from None
+        raise
+    return Image(record, oci.parse_config(raw))
 
 
 # -- lookup ---------------------------------------------------------------------------------------------
