@@ -661,18 +661,21 @@ def _signal_name(number: int) -> str:
         return f"signal {number}"
 
 
-def _force_delete(base: list[str], container_id: str, timeout: float = 30) -> None:
+def _quietly(base: list[str], *args: str, timeout: float) -> None:
+    """Run a runtime subcommand for its effect alone: its output and failure are not ours to report."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run([*base, "delete", "--force", container_id], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+        subprocess.run([*base, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout, check=False)
+
+
+def _force_delete(base: list[str], container_id: str) -> None:
+    _quietly(base, "delete", "--force", container_id, timeout=30)
 
 
 def _kill(base: list[str], container_id: str) -> None:
     """SIGKILL to the container's init (the end of its PID namespace): the runtime's foreground ``run``
     then reaps it and removes the container itself, without the freeze that a forced delete may wait on."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        subprocess.run([*base, "kill", container_id, "KILL"], stdin=subprocess.DEVNULL,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10, check=False)
+    _quietly(base, "kill", container_id, "KILL", timeout=10)
 
 
 def run_bundle(bundle_dir: str, container_id: str, *, runtime: str = "runc", runtime_root: str | None = None,
