@@ -7,6 +7,8 @@
     root = "/var/lib/lamina"
     runroot = "/run/lamina"
     driver_priority = ["overlay", "vfs"]
+    image_store = ""                    # a directory for image layers and blobs apart from containers'
+                                        # layers (set when the store is made; the root keeps the rest)
     additional_image_stores = []        # other lamina stores' roots, used read-only (a shared filesystem)
     max_events = 10000                  # the newest events `lamina events` keeps (in the run root)
 
@@ -118,6 +120,7 @@ class Config:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     additional_image_stores: tuple[Path, ...] = ()  # roots of stores whose images are used read-only
     max_events: int = 10_000
+    image_store: Path | None = None  # where image layers and blobs live, apart from the root (None: the root)
 
     def __post_init__(self) -> None:
         # Accept plain strings from API callers; everything downstream works on absolute Paths.
@@ -126,6 +129,8 @@ class Config:
             object.__setattr__(self, name, value if value.is_absolute() else Path.cwd() / value)
         object.__setattr__(self, "driver_priority", tuple(self.driver_priority))
         object.__setattr__(self, "additional_image_stores", tuple(Path(p) for p in self.additional_image_stores))
+        if self.image_store is not None:
+            object.__setattr__(self, "image_store", Path(os.path.abspath(self.image_store)))
 
     def options_for(self, driver: str) -> dict[str, Any]:
         return dict(self.driver_options.get(driver, {}))
@@ -218,7 +223,7 @@ def parse_config(text: str, source: Path | None = None) -> dict[str, Any]:
     storage = data.get("storage", {})
     _expect(storage, dict, f"{where}: [storage]")
     known = {"driver", "root", "runroot", "driver_priority", "options", "limits", "additional_image_stores",
-             "max_events"}
+             "max_events", "image_store"}
     unknown = sorted(set(storage) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in [storage]: {', '.join(unknown)}")
@@ -241,6 +246,7 @@ def load_config(
     driver: str | None = None,
     root: str | os.PathLike[str] | None = None,
     runroot: str | os.PathLike[str] | None = None,
+    image_store: str | os.PathLike[str] | None = None,
 ) -> Config:
     """Build the effective configuration from file, environment and explicit overrides."""
     source = Path(path) if path is not None else find_config_file()
@@ -292,6 +298,19 @@ def load_config(
         if Path(entry) == root_p:
             raise ConfigError(f"{where}: storage.additional_image_stores names the store's own root {entry}")
 
+    # (--image-store, relative to the working directory like --root; the file's must be absolute)
+    images_v = os.path.abspath(image_store) if image_store else storage.get("image_store") or None
+    if images_v is not None:
+        _expect(images_v, str, f"{where}: storage.image_store")
+        if not images_v.startswith("/"):
+            raise ConfigError(f"{where}: storage.image_store {images_v!r} is not an absolute path")
+        image_p = Path(os.path.normpath(images_v))
+        if image_p == root_p or root_p in image_p.parents or image_p in root_p.parents:
+            raise ConfigError(f"{where}: storage.image_store {images_v} must lie apart from the root {root_p} "
+                              "(neither inside the other)")
+        if str(image_p) in {os.path.normpath(e) for e in shared}:
+            raise ConfigError(f"{where}: storage.image_store {images_v} is also an additional image store")
+
     limits_t = storage.get("limits", {})
     _expect(limits_t, dict, f"{where}: [storage.limits]")
     unknown = sorted(set(limits_t) - {"max_layer_bytes", "max_layer_entries"})
@@ -314,6 +333,7 @@ def load_config(
         registry=_registry_config(storage.get("registry", {})),
         additional_image_stores=tuple(Path(p) for p in dict.fromkeys(shared)),
         max_events=_positive(storage.get("max_events", 10_000), f"{where}: storage.max_events"),
+        image_store=Path(os.path.normpath(images_v)) if images_v else None,
     )
 
 

@@ -86,6 +86,12 @@ class Driver:
     # driver must not write to, whatever its filesystem allows (no stamps, probes or caches under ``home``;
     # ``runhome`` is this process's own)
     read_only: bool = False
+    # A driver that can keep image layers apart from containers' (``[storage] image_store``) says so here.
+    # lamina then sets ``image_home`` (before __init__ runs) to a directory of its own under the image
+    # store: layers created with ``rw=False`` (and adopted ones) go there, read-write layers under ``home``,
+    # and every hook finds a layer in either. ``image_home`` is None when the store keeps them together.
+    keeps_images_apart: ClassVar[bool] = False
+    image_home: Path | None = None
 
     def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
         self.home = home

@@ -55,6 +55,7 @@ __all__ = [
     "TreeDriver",
     "WhiteoutStrategy",
     "apply_tar",
+    "check_layer_id",
     "copy_tree",
     "diff_size",
     "diff_tar",

@@ -101,7 +101,7 @@ class ImageService:
             for path in self.config.additional_image_stores:
                 tag = hashlib.sha256(str(path).encode()).hexdigest()[:16]
                 cfg = dataclasses.replace(self.config, root=path, runroot=self.config.runroot / "shared" / tag,
-                                          driver=None, additional_image_stores=())
+                                          driver=None, additional_image_stores=(), image_store=None)
                 try:
                     self._shared.append(ImageService(Store(cfg, shared=True)))
                 except LaminaError as e:
@@ -157,17 +157,18 @@ class ImageService:
         driver: str | None = None,
         root: str | os.PathLike[str] | None = None,
         runroot: str | os.PathLike[str] | None = None,
+        image_store: str | os.PathLike[str] | None = None,
         catalog: DriverCatalog | None = None,
         recover: bool = True,
     ) -> ImageService:
         """Open (creating if needed) the store the configuration describes.
 
         ``config`` wins when given; otherwise the configuration file is looked up and ``driver``,
-        ``root`` and ``runroot`` override it. With ``recover=False`` what killed processes left is not
+        ``root``, ``runroot`` and ``image_store`` override it. With ``recover=False`` what killed processes left is not
         finished off on opening (for :meth:`check`, which reports it).
         """
         if config is None:
-            config = load_config(config_path, driver=driver, root=root, runroot=runroot)
+            config = load_config(config_path, driver=driver, root=root, runroot=runroot, image_store=image_store)
         return cls(Store(config, catalog=catalog, recover=recover))
 
     @staticmethod
@@ -231,6 +232,7 @@ class ImageService:
             ("Driver Source", st.driver.source),
             ("Root", str(st.root)),
             ("Run Root", str(st.runroot)),
+            *([("Image Store", str(self.store.image_root))] if self.store.image_root is not None else []),
             ("Layers", str(st.count())),
             ("Images", str(self.count_images())),
         ]

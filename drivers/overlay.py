@@ -18,6 +18,11 @@ On-disk layout under the driver's home::
                               directory of another store's overlay layer it uses in place, read-only
     mode                      how this store mounts: kernel, userxattr (user namespace) or fuse
 
+With an image store (``image_home``), image layers' ``<cache-id>/`` directories (and a copy of ``mode``)
+are under it instead; only containers' read-write layers, and every short link, stay under the home. A
+short link names its layer (``../<cache-id>/diff``) and is resolved by the driver, which looks for the
+layer in both places: moving either directory (a driver migration does) breaks no link.
+
 ``link`` and ``lower`` are written to a temporary file, synced and renamed, so a kill never leaves them
 empty. Whiteouts are character devices 0/0; opaque directories carry ``trusted.overlay.opaque=y`` (or
 ``user.overlay.opaque`` with ``userxattr``). Exported diffs use OCI whiteouts only.
@@ -134,12 +139,15 @@ class MountPlan:
 class OverlayDriver(Driver):
     name = "overlay"
     description = "Linux overlayfs snapshots: constant-time layer creation, native diffs"
+    keeps_images_apart = True
 
     def __init__(self, home: Path, runhome: Path, options: Mapping[str, Any]) -> None:
         super().__init__(home, runhome, options)
         if not self.read_only:
             (home / "l").mkdir(exist_ok=True, mode=0o700)
         self.mode = self._choose_mode()
+        if self.image_home is not None and not self.read_only and not (self.image_home / "mode").exists():
+            _write_atomic(self.image_home / "mode", self.mode + "\n", exclusive=True)  # what adopters read
         self.opaque_xattr = "user.overlay.opaque" if self.mode == "userxattr" else "trusted.overlay.opaque"
         self.extra_opts = [o for o in str(options.get("mountopt", "")).split(",") if o]
         self.features = self._features()
@@ -314,7 +322,20 @@ class OverlayDriver(Driver):
     def _dir(self, layer_id: str) -> Path:
         if not layer_id or "/" in layer_id or layer_id.startswith("."):
             raise LayerNotFound(f"bad layer id {layer_id!r}")
+        if self.image_home is not None:
+            mine = self.image_home / layer_id
+            if os.path.lexists(mine):
+                return mine
         return self.home / layer_id
+
+    def _homes(self) -> list[Path]:
+        return [self.home] if self.image_home is None else [self.home, self.image_home]
+
+    @staticmethod
+    def _link_owner(target: str) -> str | None:
+        """The layer a short link's target (``../<id>/diff``) names."""
+        parts = target.split("/")
+        return parts[1] if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff" else None
 
     def _diff(self, layer_id: str, *, check: bool = True) -> str:
         """The directory holding the layer's own content: its ``diff``, or, for a layer adopted from another
@@ -347,9 +368,9 @@ class OverlayDriver(Driver):
         out = []
         for short in self._lower_ids(layer_id):
             target = os.readlink(self.home / short)  # ../<id>/diff
-            parts = target.split("/")
-            if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff":
-                out.append(self._diff(parts[1]))
+            owner = self._link_owner(target)
+            if owner is not None:
+                out.append(self._diff(owner))
             else:
                 out.append(os.path.normpath(os.path.join(self.home / "l", target)))
         return out
@@ -492,7 +513,7 @@ class OverlayDriver(Driver):
         return True
 
     def _create(self, layer_id: str, parent: str | None, rw: bool, source: str | None) -> None:
-        d = self._dir(layer_id)
+        d = (self.home if rw or self.image_home is None else self.image_home) / self._dir(layer_id).name
         d.mkdir(mode=0o700)
         if source is None:
             (d / "diff").mkdir(mode=0o755)
@@ -509,7 +530,7 @@ class OverlayDriver(Driver):
             if not link.is_symlink():
                 break
         _write_atomic(d / "link", short + "\n")  # before the symlink: remove() can always find it
-        os.symlink(f"../{layer_id}/diff", link)
+        os.symlink(f"../{d.name}/diff", link)
         if parent is not None:
             pd = self._dir(parent)
             pshort = (pd / "link").read_text().strip()
@@ -644,15 +665,15 @@ class OverlayDriver(Driver):
                 target = os.readlink(e.path)
             except OSError:
                 continue
-            parts = target.split("/")
-            if len(parts) == 3 and parts[0] == ".." and parts[2] == "diff" and not (self.home / parts[1]).exists():
-                out[e.name] = parts[1]
+            owner = self._link_owner(target)
+            if owner is not None and not self._dir(owner).exists():
+                out[e.name] = owner
         return out
 
     @hookimpl
     def lamina_layers(self) -> list[str]:
         ids = {
-            e.name.removeprefix(".removing-") for e in os.scandir(self.home)
+            e.name.removeprefix(".removing-") for home in self._homes() for e in os.scandir(home)
             if e.name not in _FIXED_ENTRIES and (not e.name.startswith(".") or e.name.startswith(".removing-"))
         }
         return sorted(ids | set(self._dangling_links().values()))
@@ -660,7 +681,7 @@ class OverlayDriver(Driver):
     @hookimpl
     def lamina_remove(self, layer_id: str) -> bool:
         d = self._dir(layer_id)
-        trash = self.home / f".removing-{layer_id}"
+        trash = d.parent / f".removing-{layer_id}"
         if d.exists():
             self.lamina_unmount(layer_id)
             try:
@@ -674,8 +695,9 @@ class OverlayDriver(Driver):
             for short, owner in self._dangling_links().items():
                 if owner == layer_id:  # the directory went without lamina: its link goes now
                     (self.home / "l" / short).unlink(missing_ok=True)
-        if trash.exists():
-            rmtree(trash)
+        for home in self._homes():
+            if (home / trash.name).exists():
+                rmtree(home / trash.name)
         return True
 
     @hookimpl

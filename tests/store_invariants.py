@@ -74,8 +74,10 @@ def _export_sha256(root: Path, runroot: Path, driver: str, chain: str, out: Path
     return "sha256:" + h.hexdigest()
 
 
-def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str], str] | None = None) -> list[str]:
-    """Every problem found in the store at ``root`` (runroot ``runroot``, driver ``driver``); [] when sound.
+def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str], str] | None = None,
+                image_root: Path | None = None) -> list[str]:
+    """Every problem found in the store at ``root`` (runroot ``runroot``, driver ``driver``, image store
+    ``image_root``: image layers, blobs and records there, containers' layers under the root); [] when sound.
 
     The database and file checks run first, on the store as it was left; the layer exports (which open the
     store through the CLI, and so run its recovery) run last. ``export`` (ChainID -> sha256 of the layer's
@@ -129,7 +131,8 @@ def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str
     problems += [f"name {n} points at missing image {i}" for n, i in names if i not in image_ids]
 
     # -- images: their whole chain is stored and matches their config ------------------------------------
-    blobs_dir = root / "content" / "blobs"
+    images_at = image_root or root
+    blobs_dir = images_at / "content" / "blobs"
     wanted_chains: dict[str, str] = {}  # chain -> diff_id, every layer of every image
     for iid, top in images:
         cfg_path = blobs_dir / iid.replace(":", "/", 1)
@@ -197,7 +200,7 @@ def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str
     problems += [f"mounted: {m}" for m in _mounts_under(root, runroot)]
 
     # -- no orphans on disk -------------------------------------------------------------------------------
-    problems += _driver_orphans(root / driver, driver, layers)
+    problems += _driver_orphans(root / driver, driver, layers, None if image_root is None else image_root / driver)
     blob_files: set[str] = set()
     if blobs_dir.is_dir():
         for algo in os.listdir(blobs_dir):
@@ -205,7 +208,7 @@ def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str
                 blob_files.add(f"{algo}:{name}")
     problems += [f"blob {d} is named by no image" for d in sorted(blob_files - image_blobs)]
     problems += [f"image {iid}: config blob is missing" for iid in sorted(image_ids) if iid not in blob_files]
-    ingest = root / "content" / "ingest"
+    ingest = images_at / "content" / "ingest"
     if ingest.is_dir():
         problems += [f"partial blob left in ingest: {n}" for n in sorted(os.listdir(ingest))]
 
@@ -220,17 +223,31 @@ def check_store(root: Path, runroot: Path, driver: str, *, export: Callable[[str
     return problems
 
 
-def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]]) -> list[str]:
-    """Driver files without a layer row, and layer rows without their driver files."""
+def _listing(d: Path) -> set[str]:
+    return set(os.listdir(d)) if d.is_dir() else set()
+
+
+def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]],
+                    image_home: Path | None = None) -> list[str]:
+    """Driver files without a layer row, and layer rows without their driver files; with an image home,
+    also any layer that is not where it belongs (read-write layers in the home, the others in the image
+    home)."""
     problems: list[str] = []
     committed_ro = {lid for lid, r in layers.items() if not r[5] and r[4] == "committed"}
+    if image_home is not None:
+        sub = "dir" if driver == "vfs" else ""
+        rw_here, ro_here = _listing(home / sub), _listing(image_home / sub)
+        problems += [f"read-write layer {lid[:12]} is not in the home" for lid, r in layers.items()
+                     if r[5] and lid not in rw_here]
+        problems += [f"image layer {lid[:12]} is not in the image home" for lid, r in layers.items()
+                     if not r[5] and lid not in ro_here]
+    homes = [home] if image_home is None else [home, image_home]
     if driver == "vfs":
-        dirs = set(os.listdir(home / "dir")) if (home / "dir").is_dir() else set()
+        dirs = set().union(*(_listing(h / "dir") for h in homes))
         problems += [f"vfs directory {n} has no layer row" for n in sorted(dirs - set(layers))]
         problems += [f"layer {lid[:12]} has no vfs directory" for lid in sorted(set(layers) - dirs)]
     elif driver == "overlay":
-        entries = set(os.listdir(home)) if home.is_dir() else set()
-        dirs = entries - _OVERLAY_FIXED
+        dirs = set().union(*(_listing(h) for h in homes)) - _OVERLAY_FIXED
         problems += [f"overlay entry {n} has no layer row" for n in sorted(dirs - set(layers))]
         problems += [f"layer {lid[:12]} has no overlay directory" for lid in sorted(set(layers) - dirs)]
         links: dict[str, str] = {}
@@ -241,7 +258,7 @@ def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]])
             if len(parts) != 3 or parts[0] != ".." or parts[2] != "diff" or parts[1] not in layers:
                 problems.append(f"overlay link l/{short} -> {target} names no layer")
         for lid in sorted(set(layers) & dirs):
-            d = home / lid
+            d = home / lid if image_home is None or not (image_home / lid).exists() else image_home / lid
             try:
                 short = (d / "link").read_text().strip()
             except OSError:
@@ -253,7 +270,7 @@ def _driver_orphans(home: Path, driver: str, layers: dict[str, tuple[Any, ...]])
                 problems.append(f"overlay layer {lid[:12]}: rw marker does not match its row")
     else:
         problems.append(f"no orphan check for driver {driver!r}")
-    store_records = home.parent / "tar-split"
+    store_records = (home if image_home is None else image_home).parent / "tar-split"
     records = {n for n in os.listdir(store_records) if n.endswith(".tsr")} if store_records.is_dir() else set()
     expected = {f"{lid}.tsr" for lid in committed_ro}
     problems += [f"tar-split record {n} has no read-only layer row" for n in sorted(records - expected)]

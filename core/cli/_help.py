@@ -14,6 +14,9 @@ Options:
   --root DIR             Store root directory.
   --runroot DIR          Directory for volatile state (mount counts, timings,
                          events).
+  --image-store DIR      Directory for image layers and blobs, apart from
+                         containers' layers in the root (a store made with one
+                         keeps it).
   --driver NAME          Storage driver (also $LAMINA_DRIVER).
   --format [table|json]  Output format.  [default: table]
   --debug                Show tracebacks and debug logging.

@@ -29,12 +29,13 @@ class Globals:
     driver: str | None
     format: str
     debug: bool
+    image_store: str | None = None
 
     def open(self, *, recover: bool = True) -> ImageService:
         from lamina.service import ImageService
 
         return ImageService.open(config_path=self.config, driver=self.driver, root=self.root, runroot=self.runroot,
-                                 recover=recover)
+                                 image_store=self.image_store, recover=recover)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -284,15 +285,17 @@ class LaminaGroup(click.Group):
               "/etc/lamina/storage.toml, $XDG_CONFIG_HOME/lamina/storage.toml).")
 @click.option("--root", metavar="DIR", help="Store root directory.")
 @click.option("--runroot", metavar="DIR", help="Directory for volatile state (mount counts, timings, events).")
+@click.option("--image-store", metavar="DIR", help="Directory for image layers and blobs, apart from containers' "
+              "layers in the root (a store made with one keeps it).")
 @click.option("--driver", metavar="NAME", help="Storage driver (also $LAMINA_DRIVER).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True,
               help="Output format.")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, root: str | None, runroot: str | None, driver: str | None,
-        fmt: str, debug: bool) -> None:
+def cli(ctx: click.Context, config: str | None, root: str | None, runroot: str | None, image_store: str | None,
+        driver: str | None, fmt: str, debug: bool) -> None:
     """lamina: container image and layer storage with pluggable drivers."""
     import logging
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s: %(message)s")
-    ctx.obj = Globals(config, root, runroot, driver, fmt, debug)
+    ctx.obj = Globals(config, root, runroot, driver, fmt, debug, image_store)

@@ -60,7 +60,7 @@ def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
     from lamina.config import load_config
     from lamina.errors import StoreError
 
-    base = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot)
+    base = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot, image_store=g.image_store)
     root = Path(os.path.abspath(path))
     made = (root / "lamina.db").is_file()
     if existing and not made:
@@ -68,7 +68,7 @@ def _other_store(g: Globals, path: str, *, existing: bool) -> Config:
     runroot = base.runroot if root == base.root else \
         base.runroot / "stores" / hashlib.sha256(str(root).encode()).hexdigest()[:16]
     return dataclasses.replace(base, root=root, runroot=runroot, driver=None if made else base.driver,
-                               additional_image_stores=())
+                               additional_image_stores=(), image_store=base.image_store if root == base.root else None)
 
 
 @cli.command(name="copy")

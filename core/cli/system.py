@@ -101,7 +101,7 @@ def drivers(g: Globals) -> None:
     from lamina.config import load_config
     from lamina.service import ImageService
 
-    cfg = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot)
+    cfg = load_config(g.config, driver=g.driver, root=g.root, runroot=g.runroot, image_store=g.image_store)
     rows = ImageService.available_drivers(cfg)
 
     def findings(r: dict[str, Any]) -> str:

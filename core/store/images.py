@@ -92,7 +92,7 @@ class ImageStore:
         self.store = store
         self.db = store.db
         self.layers = store.layers
-        self.content = ContentStore(store.root, read_only=store.read_only)
+        self.content = ContentStore(store.image_root or store.root, read_only=store.read_only)
         if not store.db.labels_recorded:  # an additional image store of schema 4: its configs say
             self._COLS = self._COLS.replace("labels", "NULL AS labels")
             self._labels = "NULL"

@@ -11,12 +11,17 @@ registries) goes through these objects and never through SQL.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import sqlite3
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lamina.config import Config
 from lamina.contract import DriverInfo
-from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, write_failure
+from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, shown, write_failure
+from lamina.fs.ops import write_atomic
 from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_leases
@@ -66,10 +71,12 @@ class Store:
         self._starting = threading.Lock()
         try:
             stored = self.stored_driver()
+            # Where image layers and blobs live: the image store (``[storage] image_store``), else the root.
+            self.image_root: Path | None = self._image_root(stored)
             if stored and not self.read_only and (self.root / "migrate").is_dir():
                 from lamina.store.migrate import finish_switch
 
-                finish_switch(self.root, self.runroot, self.db, stored)  # a driver switch not yet finished
+                finish_switch(self.root, self.runroot, self.db, stored, self.image_root)  # a switch not yet finished
             wanted = self.config.driver
             if wanted and stored and wanted != stored:
                 raise DriverConflict(
@@ -150,8 +157,76 @@ class Store:
     def stored_driver(self) -> str | None:
         return self.db.get_meta("driver")
 
+    def _image_root(self, stored_driver: str | None) -> Path | None:
+        """The store's image store, which is sticky: recorded in the database when the store is made with
+        one (or when a store that holds no layer or image yet first opens with one), and used from then on, whether
+        the configuration names it or not. A store made without one keeps its images under the root."""
+        recorded = self.db.get_meta("image_store")
+        wanted = None if self.shared else self.config.image_store
+        if recorded is not None:
+            if wanted is not None and Path(recorded) != wanted:
+                raise StoreError(f"store {self.root} keeps its images in {recorded}, not {wanted}; "
+                                 f"set image_store to {recorded} or use another root")
+            self._claim_image_root(Path(recorded))
+            return Path(recorded)
+        if wanted is None:
+            return None
+        real, mine = os.path.realpath(wanted), os.path.realpath(self.root)
+        if real == mine or real.startswith(mine + "/") or mine.startswith(real + "/"):
+            raise StoreError(f"image_store {wanted} must lie apart from the store root {self.root}")
+        if self.read_only:
+            raise StoreError(f"store {self.root} takes no writes, so it cannot start keeping images in {wanted}")
+        self._refuse_claimed(wanted, _read_claim(wanted))
+        try:
+            wanted.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise write_failure(e, f"creating the image store {wanted}") from e
+        if stored_driver is not None:  # (a new store records it with its driver)
+            with self.db.tx() as db:
+                self._record_image_root(db, wanted)
+            self._claim_image_root(wanted)
+        return wanted
+
+    def _refuse_claimed(self, path: Path, claim: tuple[str, str] | None) -> None:
+        if claim is not None and claim[0] != self.db.get_meta("image_store_token"):
+            raise StoreError(f"image store {path} belongs to the store at {shown(claim[1])}, not {self.root}")
+
+    def _claim_image_root(self, path: Path) -> None:
+        """An image store serves one store: the store that records it leaves its token in it (the first to
+        do so wins), and any other store naming it is refused, whose checks would otherwise count the
+        first one's layers as leftovers."""
+        if self.shared:
+            return
+        claim = _read_claim(path)
+        if claim is None and not self.read_only:
+            token = self.db.get_meta("image_store_token")
+            try:
+                if token is not None and not write_atomic(path / CLAIM, f"{token} {self.root}\n".encode(),
+                                                          exclusive=True):
+                    claim = _read_claim(path)  # another store claimed it first
+            except OSError as e:
+                raise write_failure(e, f"claiming the image store {path}") from e
+        self._refuse_claimed(path, claim)
+
+    def _record_image_root(self, db: sqlite3.Connection, wanted: Path) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone()
+        if row is None:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ("layers", "images") if t in tables):
+                raise StoreError(f"store {self.root} keeps its images under its root; image_store can only "
+                                 "be set for a store that holds no layer or image yet")
+            db.execute("INSERT INTO meta VALUES ('image_store', ?)", (str(wanted),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('image_store_token', ?)", (secrets.token_hex(16),))
+        elif Path(row[0]) != wanted:
+            raise StoreError(f"store {self.root} was just made with image_store {row[0]}")
+
     def _probe(self, info: DriverInfo) -> None:
-        info.cls.probe(self.root / info.cls.name, self.config.options_for(info.cls.name))
+        options = self.config.options_for(info.cls.name)
+        info.cls.probe(self.root / info.cls.name, options)
+        if self.image_root is not None:
+            if not info.cls.keeps_images_apart:
+                raise DriverUnsupported("it cannot keep image layers apart from containers' (storage.image_store)")
+            info.cls.probe(self.image_root / info.cls.name, options)
 
     def _start_driver(self) -> ActiveDriver:
         from lamina.plugins.active import ActiveDriver
@@ -202,15 +277,22 @@ class Store:
         refused = self.db.refused()
         if existing is None and refused is not None:
             raise refused  # a new store cannot be made on a filesystem that takes no writes
+        image_home = None if self.image_root is None else self.image_root / name
+        if image_home is not None and not info.cls.keeps_images_apart:
+            raise DriverUnsupported(f"driver {name!r} cannot keep image layers apart from containers' "
+                                    "(storage.image_store)")
         try:
             if not self.shared:
                 home.mkdir(exist_ok=True, mode=0o700)
+                if image_home is not None:
+                    image_home.mkdir(exist_ok=True, mode=0o700)
             runhome.mkdir(parents=self.shared, exist_ok=True, mode=0o700)
         except OSError as e:
-            raise write_failure(e, f"creating the driver's directories under {self.root}") from e
+            raise write_failure(e, f"creating the driver's directories under {e.filename}") from e
         try:
             instance = info.cls.__new__(info.cls)
             instance.read_only = self.shared
+            instance.image_home = image_home
             instance.__init__(home, runhome, self.config.options_for(name))  # type: ignore[misc]
         except LaminaError:
             raise
@@ -223,6 +305,10 @@ class Store:
                     db.execute("INSERT INTO meta VALUES ('driver', ?)", (name,))
                 elif row[0] != name:
                     raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
+                if self.image_root is not None:
+                    self._record_image_root(db, self.image_root)
+            if self.image_root is not None:
+                self._claim_image_root(self.image_root)
         pm, observer = activate(info, instance, self.catalog.observers)
         observer.stats = self.timings
         return ActiveDriver(info, instance, pm, observer)
@@ -298,6 +384,19 @@ class Store:
         finally:
             self._closed = True
             self.db.close()
+
+
+CLAIM = "lamina-image-store"  # in an image store: "<token> <root>" of the store it serves
+
+
+def _read_claim(path: Path) -> tuple[str, str] | None:
+    try:
+        token, _, root = (path / CLAIM).read_text(encoding="utf-8").strip().partition(" ")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"cannot read {path / CLAIM}: {getattr(e, 'strerror', None) or e}") from e
+    return token, root
 
 
 def _short(digest: str) -> str:

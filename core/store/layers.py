@@ -99,7 +99,8 @@ class LayerStore:
         self.root = store.root
         self.runroot = store.runroot
         self.db = store.db
-        self.records = store.root / "tar-split"  # the exact-export records of tree drivers' layers
+        # the exact-export records of tree drivers' layers (image data: with the image store when there is one)
+        self.records = (store.image_root or store.root) / "tar-split"
         if not store.read_only:
             try:
                 self.records.mkdir(exist_ok=True, mode=0o700)

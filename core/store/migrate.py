@@ -131,7 +131,7 @@ def _flock(path: Path, *, wait: bool) -> Iterator[bool]:
 
 
 # -- D and E: finishing the switch ----------------------------------------------------------------------
-def finish_switch(root: Path, runroot: Path, db: Database, driver: str) -> None:
+def finish_switch(root: Path, runroot: Path, db: Database, driver: str, image_root: Path | None = None) -> None:
     """States D and E: move the new driver's layers into place, then remove what the old driver kept.
     Called on opening a store that has a staging store; does nothing unless the switch to ``driver`` (the
     store's driver now) was made (in state B, while the copy is under way, a read of ``state.json``)."""
@@ -143,16 +143,20 @@ def finish_switch(root: Path, runroot: Path, db: Database, driver: str) -> None:
         if not locked:
             return  # the staging store is gone: another process finished
         if (staging / driver).is_dir():
-            _move_into_place(root, driver)
-        cleanup(root, runroot, db, driver)
+            _move_into_place(root, driver, image_root)
+        cleanup(root, runroot, db, driver, image_root)
 
 
-def _move_into_place(root: Path, driver: str) -> None:
-    """State D: the staging store's records, then its driver home, become the store's."""
+def _move_into_place(root: Path, driver: str, image_root: Path | None) -> None:
+    """State D: the staging store's records, its image layers' home (with an image store), then its driver
+    home, become the store's."""
     staging = root / STAGING
     try:
-        records = staging / "tar-split"
-        dest = root / "tar-split"
+        if image_root is not None and (image_root / STAGING / driver).is_dir():
+            _remove_tree(image_root / driver)
+            os.rename(image_root / STAGING / driver, image_root / driver)
+        records = (staging if image_root is None else image_root / STAGING) / "tar-split"
+        dest = (image_root or root) / "tar-split"
         dest.mkdir(exist_ok=True, mode=0o700)
         if records.is_dir():
             for name in os.listdir(records):
@@ -164,7 +168,7 @@ def _move_into_place(root: Path, driver: str) -> None:
         raise write_failure(e, f"finishing the switch of {root} to driver {driver!r}") from e
 
 
-def cleanup(root: Path, runroot: Path, db: Database, driver: str) -> bool:
+def cleanup(root: Path, runroot: Path, db: Database, driver: str, image_root: Path | None = None) -> bool:
     """State E: remove the old driver's home, records no layer owns and the staging store. Returns whether
     there was a staging store. Failures are logged; what is left is removed by the next call."""
     staging = root / STAGING
@@ -174,14 +178,18 @@ def cleanup(root: Path, runroot: Path, db: Database, driver: str) -> bool:
     old = state.get("from")
     try:
         ids = {r[0] for r in db.query("SELECT id FROM layers")}
-        records = root / "tar-split"
+        records = (image_root or root) / "tar-split"
         for name in os.listdir(records) if records.is_dir() else []:
             if not name.startswith(".") and name.split(".", 1)[0] not in ids:
                 (records / name).unlink(missing_ok=True)
         if old and old != driver and "/" not in old and not old.startswith("."):
             _remove_tree(root / old)
             _remove_tree(runroot / old)
+            if image_root is not None:
+                _remove_tree(image_root / old)
         _remove_tree(runroot / STAGING)
+        if image_root is not None:
+            _remove_tree(image_root / STAGING)
         for entry in list(staging.iterdir()):
             if entry.name not in ("state.json", "lock"):
                 _remove_tree(entry)
@@ -199,18 +207,26 @@ def _open_staging(main: Store, driver: str) -> Store:
     if root.exists() and (state is None or state.get("to") != driver or state.get("from") != main.driver.name):
         _remove_tree(main.runroot / STAGING)
         _remove_tree(root)  # an abandoned migration to another driver
+        if main.image_root is not None:
+            _remove_tree(main.image_root / STAGING)
     try:
         root.mkdir(exist_ok=True, mode=0o700)
         _write_state(main.root, {"from": main.driver.name, "to": driver})
         _remove_tree(main.root / driver)  # not this store's: left by a probe or an earlier migration
+        if main.image_root is not None:
+            _remove_tree(main.image_root / driver)
     except OSError as e:
         raise write_failure(e, f"creating the staging store {root}") from e
-    config = dataclasses.replace(main.config, root=root, runroot=main.runroot / STAGING, driver=driver)
+    config = dataclasses.replace(main.config, root=root, runroot=main.runroot / STAGING, driver=driver,
+                                 image_store=None if main.image_root is None else main.image_root / STAGING,
+                                 additional_image_stores=())
     opened = type(main)  # the kernel's Store, which imports this module
     try:
         return opened(config)
     except DriverConflict:  # a staging store made for another driver and not yet marked
         _remove_tree(root)
+        if main.image_root is not None:
+            _remove_tree(main.image_root / STAGING)
         root.mkdir(mode=0o700)
         _write_state(main.root, {"from": main.driver.name, "to": driver})
         return opened(config)
@@ -392,7 +408,7 @@ def migrate(main: Store, driver: str, *, containers: bool = False, progress: Pro
                               "images": main.images.count(), "migrated": False}
     if old == driver:
         with _flock(main.root / STAGING / "run.lock", wait=False) as locked:
-            if locked and cleanup(main.root, main.runroot, main.db, driver):  # not another migration's
+            if locked and cleanup(main.root, main.runroot, main.db, driver, main.image_root):  # not another migration's
                 say("removed what an earlier migration left")
         main.close()
         return result

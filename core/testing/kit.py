@@ -359,6 +359,46 @@ class DriverConformance:
             export_bytes(svc, layer.chain_id)
 
 
+    def test_image_layers_kept_apart_from_containers_layers(self, svc: ImageService, caps: Capabilities,
+                                                            tmp_path: Path) -> None:
+        """``keeps_images_apart`` (optional): with ``[storage] image_store``, image layers live under the
+        driver's ``image_home`` and read-write layers under its ``home``; both export, mount and stack as in
+        a store that keeps them together, and removing them leaves neither place holding a layer."""
+        if not svc.layer_store.driver.info.cls.keeps_images_apart:
+            pytest.skip("driver does not keep image layers apart")
+        self.need_mount(caps)
+        apart = tmp_path / "apart"
+        cfg = dataclasses.replace(svc.config, root=apart / "root", runroot=apart / "run", image_store=apart / "images")
+        base_tar = TarBuilder().dir("a").file("a/old", b"1").file("gone", b"x").build()
+        child_tar = TarBuilder().dir("a").file("a/new", b"n").whiteout("gone").build()
+        together = [self.add(svc, base_tar)]
+        together.append(self.add(svc, child_tar, parent=together[0].chain_id))
+        with ImageService.open(cfg) as other:
+            home = other.layer_store.driver.instance.home
+            image_home = other.layer_store.driver.instance.image_home
+            assert image_home == apart / "images" / other.layer_store.driver.name
+            base = self.add(other, base_tar)
+            child = self.add(other, child_tar, parent=base.chain_id)
+            assert [export_bytes(other, c.chain_id) for c in (base, child)] == \
+                [export_bytes(svc, c.chain_id) for c in together]
+            other.import_image(io.BytesIO(TarBuilder().dir("a").file("a/new", b"n").file("a/old", b"1").build()),
+                               "example.com/apart:1")
+            c = other.create_container("example.com/apart:1")
+            path = other.mount(c.id)
+            try:
+                assert sorted(os.listdir(Path(path, "a"))) == ["new", "old"]
+                Path(path, "written-by-the-container").write_bytes(b"w")
+            finally:
+                other.unmount(c.id)
+            for where, mine in ((home, "written-by-the-container"), (image_home, "new")):
+                assert [p for p in where.rglob(mine) if p.is_file()], f"{mine} is not under {where}"
+            assert not list(image_home.rglob("written-by-the-container"))
+            other.remove_container(c.id)
+            other.image_delete("example.com/apart:1")
+            assert other.check().problems == []
+            assert [other.release_layer(c.chain_id) for c in (child, base)] == [[child.chain_id], [base.chain_id]]
+            assert other.layers() == [] and (other.layer_store.driver.layers() or []) == []
+
     def test_adopted_layers_read_the_other_store_in_place(self, svc: ImageService, caps: Capabilities,
                                                            tmp_path: Path) -> None:
         """``lamina_adopt`` (optional): layers of another store of this driver, opened only to be read (an
@@ -370,7 +410,7 @@ class DriverConformance:
         from lamina.store.kernel import Store
 
         other_root = tmp_path / "other"
-        cfg = dataclasses.replace(svc.config, root=other_root / "root", runroot=other_root / "run")
+        cfg = dataclasses.replace(svc.config, root=other_root / "root", runroot=other_root / "run", image_store=None)
         with ImageService.open(cfg) as writer:
             base = self.add(writer, TarBuilder().dir("a").file("a/old", b"1").file("gone", b"x").file("keep", b"k"))
             child = self.add(writer, TarBuilder().dir("a").file("a/new", b"n").opaque("a").whiteout("gone"),
