@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"kill {REPAIR!r} too: auto when `lamina system check` exists")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory, "
                     "stores on /dev/shm when it exists)")
+    ap.add_argument("--image-store", action="store_true",
+                    help="stores that keep their images apart (an image store beside each root)")
     ap.add_argument("-v", "--verbose", action="store_true", help="a line per trial")
     args = ap.parse_args(argv)
 
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 push_pulled_image(inputs, host)
             for driver in drivers:
                 where = base / driver if args.keep else scratch_dir(f"lamina-faults-{driver}-", base)
-                store = FaultStore(where, driver, inputs, host, system_check=repair)
+                store = FaultStore(where, driver, inputs, host, system_check=repair, image_store=args.image_store)
                 stores.append(store)
                 ops = [op for op in (args.ops or store.ops()) if op in store.ops()]
                 share = _spread(args.trials // len(drivers) + (drivers.index(driver) < args.trials % len(drivers)), ops)

@@ -345,7 +345,7 @@ def blob_problems(root: Path) -> list[str]:
 _VERIFIED_EXPORTS: dict[tuple[str, str], str] = {}  # (ChainID, fingerprint of its files) -> DiffID it exported to
 
 
-def layer_fingerprint(root: Path, driver: str, chain: str) -> str | None:
+def layer_fingerprint(root: Path, driver: str, chain: str, image_root: Path | None = None) -> str | None:
     """A digest of the lstat (inode, size, mode, mtime and ctime in ns) of every file lamina keeps for a layer:
     its tree in the driver and its tar-split record. Any write to them changes it (ctime cannot be set
     back), so a layer whose fingerprint is unchanged since it exported correctly exports the same bytes.
@@ -355,11 +355,12 @@ def layer_fingerprint(root: Path, driver: str, chain: str) -> str | None:
     if row is None:
         return None
     lid = str(row[0])
-    tree = root / "vfs" / "dir" / lid if driver == "vfs" else root / "overlay" / lid / "diff"
+    images_at = image_root or root  # image layers and their records (with an image store: there)
+    tree = images_at / "vfs" / "dir" / lid if driver == "vfs" else images_at / "overlay" / lid / "diff"
     if not tree.is_dir():
         return None
     h = hashlib.sha256(lid.encode())
-    for p in (root / "tar-split" / f"{lid}.tsr", root / "tar-split" / f"{lid}.tsr.sup"):
+    for p in (images_at / "tar-split" / f"{lid}.tsr", images_at / "tar-split" / f"{lid}.tsr.sup"):
         with contextlib.suppress(FileNotFoundError):
             st = p.stat()
             h.update(f"{p.name} {st.st_ino} {st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}\n".encode())
@@ -373,7 +374,8 @@ def layer_fingerprint(root: Path, driver: str, chain: str) -> str | None:
 
 
 @contextlib.contextmanager
-def in_process_exports(root: Path, runroot: Path, driver: str, config: Path) -> Iterator[Callable[[str], str]]:
+def in_process_exports(root: Path, runroot: Path, driver: str, config: Path,
+                       image_root: Path | None = None) -> Iterator[Callable[[str], str]]:
     """A function: ChainID -> sha256 of the layer's export through ImageService (or an error text).
 
     The store is opened at the first export, so that what runs before sees the store as the CLI left it. A
@@ -387,7 +389,7 @@ def in_process_exports(root: Path, runroot: Path, driver: str, config: Path) -> 
         opened: list[ImageService] = []
 
         def export(chain: str) -> str:
-            fingerprint = layer_fingerprint(root, driver, chain)
+            fingerprint = layer_fingerprint(root, driver, chain, image_root)
             if fingerprint is not None and (chain, fingerprint) in _VERIFIED_EXPORTS:
                 return _VERIFIED_EXPORTS[chain, fingerprint]
             if not opened:
@@ -401,7 +403,7 @@ def in_process_exports(root: Path, runroot: Path, driver: str, config: Path) -> 
             except LaminaError as e:
                 return f"error: {e.message}"
             got = "sha256:" + h.hexdigest()
-            if fingerprint is not None and layer_fingerprint(root, driver, chain) == fingerprint:
+            if fingerprint is not None and layer_fingerprint(root, driver, chain, image_root) == fingerprint:
                 _VERIFIED_EXPORTS[chain, fingerprint] = got  # the caller compares it with the DiffID
             return got
 
@@ -437,9 +439,10 @@ class FaultStore:
     """A store with the baseline, for one driver, and the commands that are killed on it."""
 
     def __init__(self, base: Path, driver: str, inputs: Inputs, registry_host: str | None,
-                 *, system_check: bool | None = None, quick_check: bool = False) -> None:
+                 *, system_check: bool | None = None, quick_check: bool = False, image_store: bool = False) -> None:
         self.base = base
         self.root = base / "root"
+        self.image_root = base / "images" if image_store else None  # the store keeps its images apart
         self.runroot = base / "run"
         self.driver = driver
         self.inputs = inputs
@@ -452,8 +455,9 @@ class FaultStore:
 
     # -- commands -------------------------------------------------------------------------------------
     def argv(self, *args: str) -> list[str]:
+        images = ["--image-store", str(self.image_root)] if self.image_root is not None else []
         return [sys.executable, "-m", "lamina", "--config", str(self.inputs.config), "--root", str(self.root),
-                "--runroot", str(self.runroot), "--driver", self.driver, *args]
+                "--runroot", str(self.runroot), "--driver", self.driver, *images, *args]
 
     def cli(self, *args: str, check: bool = True, timeout: float = CONTAINER_TIMEOUT) -> str:
         proc = subprocess.run(self.argv(*args), capture_output=True, text=True, timeout=timeout)
@@ -645,9 +649,9 @@ class FaultStore:
         if nxt.returncode != 0:
             return [f"the next command, lamina images, failed ({nxt.returncode}): {nxt.stderr.strip()}"]
         problems = judge(before, self.state(), self.expect(op))
-        with in_process_exports(self.root, self.runroot, self.driver, self.inputs.config) as export:
-            problems += check_store(self.root, self.runroot, self.driver, export=export)
-        problems += blob_problems(self.root)
+        with in_process_exports(self.root, self.runroot, self.driver, self.inputs.config, self.image_root) as export:
+            problems += check_store(self.root, self.runroot, self.driver, export=export, image_root=self.image_root)
+        problems += blob_problems(self.image_root or self.root)
         problems += self.own_check()
         return problems
 

@@ -45,6 +45,7 @@ class Store:
     driver: str
     work: Path
     tmp: Path
+    image_root: Path | None = None  # the store keeps its images there ([storage] image_store)
 
     def cli(self, *args: str, check: bool = True) -> str:
         out: str = cli(self.root, self.runroot, *args, check=check).stdout
@@ -57,7 +58,7 @@ class Store:
         return [r for worker in results for r in worker]
 
     def problems(self) -> list[str]:
-        found: list[str] = check_store(self.root, self.runroot, self.driver)
+        found: list[str] = check_store(self.root, self.runroot, self.driver, image_root=self.image_root)
         return found
 
 
@@ -197,6 +198,22 @@ def run_mixed(s: Store, w: Workload, procs: int, ops: int, seed: int) -> list[Op
 
 
 def test_mixed_workload_keeps_the_store_sound(store: Store) -> None:
+    _mixed_workload_keeps_sound(store)
+
+
+def test_mixed_workload_keeps_a_store_with_an_image_store_sound(tmp_path: Path) -> None:
+    """The same race on overlay with the images kept apart (the store records its image store when made:
+    the racing commands name none)."""
+    require_root()
+    s = Store(tmp_path / "root", tmp_path / "run", "overlay", tmp_path / "work", tmp_path, tmp_path / "images")
+    s.cli("--driver", "overlay", "--image-store", str(s.image_root), "info")
+    try:
+        _mixed_workload_keeps_sound(s)
+    finally:
+        _unmount_leftovers(s)
+
+
+def _mixed_workload_keeps_sound(store: Store) -> None:
     w = make_tars(store.tmp / "tars", 3)
     results = run_mixed(store, w, PROCS, OPS, SEED)
     problems = op_problems(results)

@@ -71,6 +71,24 @@ def test_kill_at_random_instants_keeps_the_store_consistent(
     assert sum(o.killed for o in trials) >= len(trials) // 2, [(o.op, o.delay, o.seconds) for o in trials]
 
 
+def test_kill_at_random_instants_keeps_a_store_with_an_image_store_consistent(
+    tmp_path: Path, fault_inputs: Inputs, fault_registry: str
+) -> None:
+    """The same sample on overlay with the images kept apart (``--image-store``): one trial per command."""
+    require_root()
+    store = FaultStore(scratch_dir("lamina-faults-apart-", tmp_path), "overlay", fault_inputs, fault_registry,
+                       quick_check=True, image_store=True)
+    try:
+        store.prepare()
+        assert store.image_root is not None and (store.image_root / "overlay").is_dir()
+        outcomes = run(store, SEED, dict.fromkeys(store.ops(), 1))
+    finally:
+        remove_scratch(store)
+    bad = [o.describe(SEED) for o in outcomes if o.problems]
+    assert bad == [], "\n".join(bad)
+    assert len([o for o in outcomes if o.trial >= 0]) == len(store.ops())
+
+
 # -- the windows the long run found, each killed at its exact instant ----------------------------------
 def _one_image(tmp_path: Path, driver: str, layers: int = 1) -> str:
     """A store with fault/one:1 (``layers`` small layers), loaded from a docker-archive; returns its ID."""
