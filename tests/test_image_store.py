@@ -215,3 +215,16 @@ def test_the_image_store_flag_makes_a_store_that_keeps_it(tmp_path: Path) -> Non
     assert f"Image Store: {tmp_path / 'imgs'}" in info
     other = lamina_cli("--image-store", str(tmp_path / "else"), "images", root=base, check=False)
     assert other.returncode != 0 and other.stderr.count(b"\n") == 1 and b"keeps its images in" in other.stderr
+
+
+def test_an_additional_store_whose_image_store_is_gone_is_left_out(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    made = Config(root=tmp_path / "src", runroot=tmp_path / "src-run", driver="vfs", image_store=tmp_path / "imgs")
+    with ImageService.open(made) as svc:
+        svc.import_image(io.BytesIO(TarBuilder().file("f", b"s").build()), "shared/one:1")
+    (tmp_path / "imgs").rename(tmp_path / "moved")
+    cfg = Config(root=tmp_path / "own", runroot=tmp_path / "own-run", driver="vfs",
+                 additional_image_stores=(tmp_path / "src",))
+    with ImageService.open(cfg) as svc:
+        assert svc.images() == []
+    assert f"keeps its images in {tmp_path / 'imgs'}, which cannot be reached" in caplog.text

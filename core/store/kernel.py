@@ -167,6 +167,9 @@ class Store:
             if wanted is not None and Path(recorded) != wanted:
                 raise StoreError(f"store {self.root} keeps its images in {recorded}, not {wanted}; "
                                  f"set image_store to {recorded} or use another root")
+            if self.shared and not os.path.isdir(recorded):
+                raise StoreError(f"additional image store {self.root} keeps its images in {recorded}, "
+                                 "which cannot be reached")
             self._claim_image_root(Path(recorded))
             return Path(recorded)
         if wanted is None:
