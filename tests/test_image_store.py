@@ -102,21 +102,37 @@ def test_the_image_store_is_sticky_and_checked_when_the_store_opens(tmp_path: Pa
         ImageService.open(Config(root=tmp_path / "second", runroot=tmp_path / "second-run", driver="vfs",
                                  image_store=images))
     assert sorted(p.name for p in images.iterdir()) == before and "lamina-image-store" in before
-    # a store that already keeps layers under its root cannot start keeping them apart
+    # a store made without one keeps its images under its root for good
     plain = Config(root=tmp_path / "plain", runroot=tmp_path / "plain-run", driver="vfs")
-    with ImageService.open(plain) as svc:
-        svc.import_image(io.BytesIO(TarBuilder().file("f", b"two").build()), "example.com/two:1")
-    with pytest.raises(StoreError, match="holds no layer or image yet"):
-        ImageService.open(Config(root=plain.root, runroot=plain.runroot, image_store=tmp_path / "later"))
-    # ... but one that holds none yet can
-    empty = Config(root=tmp_path / "empty", runroot=tmp_path / "empty-run", driver="vfs")
-    with ImageService.open(empty):
+    with ImageService.open(plain):
         pass
-    with ImageService.open(Config(root=empty.root, runroot=empty.runroot, image_store=tmp_path / "later")) as svc:
-        svc.import_image(io.BytesIO(TarBuilder().file("f", b"three").build()), "example.com/three:1")
-        assert _files_named(tmp_path / "later" / "vfs", "f")
-    with sqlite3.connect(empty.root / "lamina.db") as db:
-        assert db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone() == (str(tmp_path / "later"),)
+    with pytest.raises(StoreError, match="image_store is set when a store is made"):
+        ImageService.open(Config(root=plain.root, runroot=plain.runroot, image_store=tmp_path / "later"))
+    assert not (tmp_path / "later").exists()
+    # an image store that lost its mark (a disk not mounted at its mount point) is refused, not taken over
+    (images / "lamina-image-store").rename(tmp_path / "mark")
+    with pytest.raises(StoreError, match="bears no mark of it"):
+        ImageService.open(Config(root=tmp_path / "root", runroot=tmp_path / "run"))
+    (tmp_path / "mark").rename(images / "lamina-image-store")
+    with sqlite3.connect(tmp_path / "root" / "lamina.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone() == (str(images),)
+
+
+def test_a_mark_left_by_a_kill_while_the_store_was_made_is_taken_over(tmp_path: Path) -> None:
+    """Killed between marking the image store and the commit that records it: the store was not made; the
+    next command makes it and takes the mark over, since it names this root."""
+    images = tmp_path / "images"
+    argv = ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), "--driver", "vfs",
+            "--image-store", str(images), "images"]
+    killed = kill_at("lamina.store.kernel:Store._claim_image_root", argv, when="return")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    mark = (images / "lamina-image-store").read_text()
+    with sqlite3.connect(tmp_path / "root" / "lamina.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key IN ('driver', 'image_store')").fetchall() == []
+    lamina_cli("--driver", "vfs", "--image-store", str(images), "import", "-", "example.com/t:1",
+               input=TarBuilder().file("f", b"t").build(), root=tmp_path)
+    assert (images / "lamina-image-store").read_text() != mark
+    assert check_store(tmp_path / "root", tmp_path / "run", "vfs", image_root=images) == []
 
 
 def test_a_driver_that_cannot_keep_images_apart_and_bad_paths_are_one_line_errors(tmp_path: Path) -> None:
@@ -217,7 +233,7 @@ def test_the_image_store_flag_makes_a_store_that_keeps_it(tmp_path: Path) -> Non
     assert other.returncode != 0 and other.stderr.count(b"\n") == 1 and b"keeps its images in" in other.stderr
 
 
-def test_an_additional_store_whose_image_store_is_gone_is_left_out(tmp_path: Path,
+def test_an_additional_store_whose_image_store_is_gone_or_another_is_left_out(tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     made = Config(root=tmp_path / "src", runroot=tmp_path / "src-run", driver="vfs", image_store=tmp_path / "imgs")
     with ImageService.open(made) as svc:
@@ -227,4 +243,41 @@ def test_an_additional_store_whose_image_store_is_gone_is_left_out(tmp_path: Pat
                  additional_image_stores=(tmp_path / "src",))
     with ImageService.open(cfg) as svc:
         assert svc.images() == []
-    assert f"keeps its images in {tmp_path / 'imgs'}, which cannot be reached" in caplog.text
+    assert f"keeps its images in {tmp_path / 'imgs'}, which bears no mark of it" in caplog.text
+    # a host whose own image store sits at the same path (another store's mark there): left out too
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "lamina-image-store").write_text("0123 /elsewhere/root\n")
+    caplog.clear()
+    with ImageService.open(cfg) as svc:
+        assert svc.images() == []
+    assert "which belongs to the store at '/elsewhere/root'" in caplog.text
+
+
+@pytest.mark.parametrize("first_with_image_store", [False, True])
+def test_two_first_commands_that_disagree_on_the_image_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             first_with_image_store: bool) -> None:
+    """Two commands make the same new store at once, one naming an image store and one not: the one that
+    commits second sees the store the other made and is refused in one line (no layer or blob goes to the
+    wrong place); run again, it uses the store as made."""
+    from lamina.store.kernel import Store
+
+    apart = Config(root=tmp_path / "root", runroot=tmp_path / "run", driver="vfs", image_store=tmp_path / "images")
+    together = Config(root=apart.root, runroot=apart.runroot, driver="vfs")
+    first, second = (apart, together) if first_with_image_store else (together, apart)
+    original = Store._start_driver
+    raced: list[bool] = []
+
+    def racing(self: Store) -> object:
+        if not raced:  # the other command makes the store while this one is about to
+            raced.append(True)
+            Store(first).close()
+        return original(self)
+
+    monkeypatch.setattr(Store, "_start_driver", racing)
+    with pytest.raises(StoreError, match=r"was just made by another command.*run this one again"):
+        Store(second)
+    monkeypatch.setattr(Store, "_start_driver", original)
+    with ImageService.open(Config(root=apart.root, runroot=apart.runroot)) as svc:
+        assert svc.store.image_root == (apart.image_store if first_with_image_store else None)
+        svc.import_image(io.BytesIO(TarBuilder().file("f", b"r").build()), "example.com/r:1")
+        assert svc.check().problems == []

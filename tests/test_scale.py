@@ -25,6 +25,7 @@ from lamina import ImageService
 from lamina.cli.app import json_text
 from lamina.config import Config
 from lamina.formats.reference import familiar_stored, parse_normalized
+from lamina.store.db import SCHEMA_VERSION
 
 _OPENS: list[str] = []
 _WATCH: list[str] = []  # the directory whose opens are recorded, while a block of _opens_under runs
@@ -230,7 +231,7 @@ def test_a_version_4_store_gets_its_labels_recorded(tmp_path: Path) -> None:
 
     store = Store(config)  # migrated by the store alone (killed before the image layer's turn, say)
     try:
-        assert store.db.get_meta("schema") == "5" and store.db.get_meta("labels_pending") == "1"
+        assert store.db.get_meta("schema") == str(SCHEMA_VERSION) and store.db.get_meta("labels_pending") == "1"
         assert {r[0] for r in store.db.query("SELECT labels FROM images")} == {None}
     finally:
         store.close()

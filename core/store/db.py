@@ -35,7 +35,7 @@ from typing import Any
 
 from lamina.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
 
-SCHEMA_VERSION = 5  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
+SCHEMA_VERSION = 6  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
 BUSY_TIMEOUT_S = 60.0
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode, extended codes masked)
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
@@ -49,7 +49,9 @@ _ROOM_TO_OPEN = 1 << 20
 # of each blob an image needs (``image_blobs.size``, for the disk-usage accounting); version 5 records each
 # image's config labels (``images.labels``, JSON), so that listing images reads no config file, and an index
 # that covers the content store's totals (``image_blobs_sizes``), with partial indexes that find unfinished
-# layers and containers (every command's recovery check) without reading every row.
+# layers and containers (every command's recovery check) without reading every row; version 6 has the same
+# tables, and a store may keep its image layers, blobs and records in an image store (``meta.image_store``),
+# where an older lamina would not look for them.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -433,17 +435,18 @@ class Database:
                         mdb.execute(statement)
 
     def _check_shared_schema(self) -> None:
-        """An additional image store is read as it is: the present schema, or version 4 (whose images have no
-        recorded labels: its listings read the configs), which this lamina may not migrate there."""
+        """An additional image store is read as it is, which this lamina may not migrate there: the present
+        schema, version 5 (the same records, never an image store), or version 4 (whose images have no
+        recorded labels: its listings read the configs)."""
         version = self._version()
         if version is not None and int(version) == 4:
             self.labels_recorded = False
             return
-        if version is None or int(version) != SCHEMA_VERSION:
+        if version is None or int(version) not in (5, SCHEMA_VERSION):
             newer = version is not None and int(version) > SCHEMA_VERSION
             raise StoreError(
                 f"additional image store {self.root} has schema {version or 'none'}, this lamina reads "
-                f"{SCHEMA_VERSION}: "
+                f"4 to {SCHEMA_VERSION}: "
                 + ("update lamina" if newer else "open it once with this lamina where it is writable")
             )
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sqlite3
 import threading
 from pathlib import Path
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING
 from lamina.config import Config
 from lamina.contract import DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, shown, write_failure
-from lamina.fs.ops import write_atomic
 from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_leases
@@ -159,69 +157,67 @@ class Store:
 
     def _image_root(self, stored_driver: str | None) -> Path | None:
         """The store's image store, which is sticky: recorded in the database when the store is made with
-        one (or when a store that holds no layer or image yet first opens with one), and used from then on, whether
-        the configuration names it or not. A store made without one keeps its images under the root."""
+        one, and used from then on, whether the configuration names it or not (a store made without one
+        keeps its images under the root for good). It must bear this store's mark (:data:`CLAIM`): an
+        image store serves one store, and one that lost its mark (not mounted, say) is refused, so that no
+        check counts its layers as missing."""
         recorded = self.db.get_meta("image_store")
         wanted = None if self.shared else self.config.image_store
         if recorded is not None:
             if wanted is not None and Path(recorded) != wanted:
                 raise StoreError(f"store {self.root} keeps its images in {recorded}, not {wanted}; "
                                  f"set image_store to {recorded} or use another root")
-            if self.shared and not os.path.isdir(recorded):
-                raise StoreError(f"additional image store {self.root} keeps its images in {recorded}, "
-                                 "which cannot be reached")
-            self._claim_image_root(Path(recorded))
+            claim = _read_claim(Path(recorded))
+            if claim is None or claim[0] != self.db.get_meta("image_store_token"):
+                whose = "bears no mark of it (is it mounted?)" if claim is None else \
+                    f"belongs to the store at {shown(claim[1])}"
+                kind = "additional image store" if self.shared else "store"
+                raise StoreError(f"{kind} {self.root} keeps its images in {recorded}, which {whose}")
             return Path(recorded)
         if wanted is None:
             return None
+        if stored_driver is not None:
+            raise StoreError(f"store {self.root} keeps its images under its root; image_store is set when a "
+                             "store is made")
         real, mine = os.path.realpath(wanted), os.path.realpath(self.root)
         if real == mine or real.startswith(mine + "/") or mine.startswith(real + "/"):
             raise StoreError(f"image_store {wanted} must lie apart from the store root {self.root}")
-        if self.read_only:
-            raise StoreError(f"store {self.root} takes no writes, so it cannot start keeping images in {wanted}")
-        self._refuse_claimed(wanted, _read_claim(wanted))
+        self._refuse_claimed(wanted)
         try:
             wanted.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as e:
             raise write_failure(e, f"creating the image store {wanted}") from e
-        if stored_driver is not None:  # (a new store records it with its driver)
-            with self.db.tx() as db:
-                self._record_image_root(db, wanted)
-            self._claim_image_root(wanted)
-        return wanted
+        return wanted  # recorded with the driver, when the store is made (:meth:`_claim_image_root`)
 
-    def _refuse_claimed(self, path: Path, claim: tuple[str, str] | None) -> None:
-        if claim is not None and claim[0] != self.db.get_meta("image_store_token"):
+    def _same_image_root(self, recorded: tuple[str] | None) -> None:
+        if (recorded[0] if recorded else None) != (None if self.image_root is None else str(self.image_root)):
+            made = f"image_store {recorded[0]}" if recorded else "no image_store"
+            raise StoreError(f"store {self.root} was just made by another command, with {made}; run this one again")
+
+    def _refuse_claimed(self, path: Path) -> None:
+        """Refuse an image store that another store's mark names."""
+        claim = _read_claim(path)
+        if claim is not None and claim[1] != str(self.root):
             raise StoreError(f"image store {path} belongs to the store at {shown(claim[1])}, not {self.root}")
 
-    def _claim_image_root(self, path: Path) -> None:
-        """An image store serves one store: the store that records it leaves its token in it (the first to
-        do so wins), and any other store naming it is refused, whose checks would otherwise count the
-        first one's layers as leftovers."""
-        if self.shared:
-            return
-        claim = _read_claim(path)
-        if claim is None and not self.read_only:
-            token = self.db.get_meta("image_store_token")
-            try:
-                if token is not None and not write_atomic(path / CLAIM, f"{token} {self.root}\n".encode(),
-                                                          exclusive=True):
-                    claim = _read_claim(path)  # another store claimed it first
-            except OSError as e:
-                raise write_failure(e, f"claiming the image store {path}") from e
-        self._refuse_claimed(path, claim)
+    def _claim_image_root(self, db: sqlite3.Connection, path: Path) -> None:
+        """In the transaction that makes the store: mark the image store as this store's (created only, so
+        that of two stores naming it at once exactly one gets it) and record it. A mark naming this root is
+        a kill's leftover between the mark and the commit: it is taken over."""
+        import secrets
 
-    def _record_image_root(self, db: sqlite3.Connection, wanted: Path) -> None:
-        row = db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone()
-        if row is None:
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if any(db.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone() for t in ("layers", "images") if t in tables):
-                raise StoreError(f"store {self.root} keeps its images under its root; image_store can only "
-                                 "be set for a store that holds no layer or image yet")
-            db.execute("INSERT INTO meta VALUES ('image_store', ?)", (str(wanted),))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('image_store_token', ?)", (secrets.token_hex(16),))
-        elif Path(row[0]) != wanted:
-            raise StoreError(f"store {self.root} was just made with image_store {row[0]}")
+        from lamina.fs.ops import write_atomic
+
+        token = secrets.token_hex(16)
+        data = f"{token} {self.root}\n".encode()
+        try:
+            if not write_atomic(path / CLAIM, data, exclusive=True):
+                self._refuse_claimed(path)
+                write_atomic(path / CLAIM, data)
+        except OSError as e:
+            raise write_failure(e, f"marking the image store {path}") from e
+        db.execute("INSERT INTO meta VALUES ('image_store', ?)", (str(path),))
+        db.execute("INSERT INTO meta VALUES ('image_store_token', ?)", (token,))
 
     def _probe(self, info: DriverInfo) -> None:
         options = self.config.options_for(info.cls.name)
@@ -236,6 +232,8 @@ class Store:
         from lamina.plugins.discovery import activate, discover, lookup
 
         existing = self.stored_driver()
+        if existing is not None:  # (made by another command since this one opened it, maybe without one)
+            self._same_image_root(self.db.one("SELECT value FROM meta WHERE key='image_store'"))
         wanted = self.config.driver
         if wanted and existing and wanted != existing:
             raise DriverConflict(
@@ -306,12 +304,12 @@ class Store:
                 row = db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('driver', ?)", (name,))
-                elif row[0] != name:
-                    raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
-                if self.image_root is not None:
-                    self._record_image_root(db, self.image_root)
-            if self.image_root is not None:
-                self._claim_image_root(self.image_root)
+                    if self.image_root is not None:
+                        self._claim_image_root(db, self.image_root)
+                else:
+                    if row[0] != name:
+                        raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
+                    self._same_image_root(db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone())
         pm, observer = activate(info, instance, self.catalog.observers)
         observer.stats = self.timings
         return ActiveDriver(info, instance, pm, observer)

@@ -672,8 +672,8 @@ class LayerStore:
         hand). Paths are compared resolved; a mount below another one (a container's /proc) is that one's."""
         from lamina.fs.mounts import mountinfo
 
-        area = os.path.realpath(self.root / self.driver.name) + "/"
-        points = sorted(m.mountpoint for m in mountinfo() if m.mountpoint.startswith(area))
+        areas = [os.path.realpath(home) + "/" for home in self._driver_homes()]
+        points = sorted(m.mountpoint for m in mountinfo() if any(m.mountpoint.startswith(a) for a in areas))
         if not points:
             return []
         out: list[tuple[str, str]] = []
@@ -684,6 +684,7 @@ class LayerStore:
                 if any(point.startswith(p + "/") for p in seen):
                     continue  # below a mount already judged: it goes (or stays) with that one
                 seen.append(point)
+                area = next(a for a in areas if point.startswith(a))
                 lid = point[len(area):].split("/", 1)[0]
                 if lid in counted or lid.startswith(".") \
                         or self.db.one("SELECT 1 FROM layers WHERE id=?", (lid,)) is None:
@@ -700,11 +701,17 @@ class LayerStore:
             if self.mount_count(cache_id):
                 return False
             self.driver.unmount(cache_id)
-            base = os.path.realpath(self.root / self.driver.name / cache_id) + "/"
-            for point in sorted((m.mountpoint for m in mountinfo() if m.mountpoint.startswith(base)), reverse=True):
+            bases = [os.path.realpath(home / cache_id) + "/" for home in self._driver_homes()]
+            for point in sorted((m.mountpoint for m in mountinfo() if any(m.mountpoint.startswith(b) for b in bases)),
+                                reverse=True):
                 with contextlib.suppress(OSError):
                     umount(point)
         return True
+
+    def _driver_homes(self) -> list[Path]:
+        """The driver's areas: its home under the root, and under the image store when there is one."""
+        name = self.driver.name
+        return [self.root / name] + ([] if self.store.image_root is None else [self.store.image_root / name])
 
     # -- references and removal -----------------------------------------------------------------------
     def retain(self, chain: str) -> Layer:

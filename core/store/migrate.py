@@ -36,6 +36,11 @@ E. *Cleanup*, right after D by the same process: the records of the old layers, 
    open the store carries on with the cleanup. The records go first, so that a store in E has no file a
    check would count as an orphan but the old driver's home (which is no driver's of the store any more).
 
+A store that keeps its images apart (``image_store``) has its staging store keep them at
+``<image store>/migrate``: in D the staging image layers' home is renamed into ``<image store>/<new>``
+first (the records into ``<image store>/tar-split``), and E also removes ``<image store>/<old>`` and
+``<image store>/migrate``.
+
 A process that opened the store before the switch and still runs after it would make layers with the old
 driver: the layer store refuses to (it checks ``meta.driver`` in the transaction that starts a layer), so
 such a command fails with a one-line error and works when run again.
