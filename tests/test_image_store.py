@@ -281,3 +281,25 @@ def test_two_first_commands_that_disagree_on_the_image_store(tmp_path: Path, mon
         assert svc.store.image_root == (apart.image_store if first_with_image_store else None)
         svc.import_image(io.BytesIO(TarBuilder().file("f", b"r").build()), "example.com/r:1")
         assert svc.check().problems == []
+
+
+def test_a_stray_mount_of_an_image_layer_is_found_and_repaired(tmp_path: Path) -> None:
+    """overlay mounts an image layer (one with a parent) under the image store: ``system check`` finds it
+    there when nothing holds it, and its repair unmounts it."""
+    require_root()
+    from lamina.fs.mounts import is_mountpoint
+
+    cfg = Config(root=tmp_path / "root", runroot=tmp_path / "run", driver="overlay", image_store=tmp_path / "images")
+    with ImageService.open(cfg) as svc:
+        base = svc.register_layer(io.BytesIO(TarBuilder().file("a", b"a").build()), None)
+        top = svc.register_layer(io.BytesIO(TarBuilder().file("b", b"b").build()), base.chain_id)
+        target = svc.store.layers.mount(top.cache_id)
+        assert target.startswith(str(tmp_path / "images" / "overlay")) and is_mountpoint(target)
+    with sqlite3.connect(tmp_path / "run" / "mounts.db") as conn:
+        conn.execute("DELETE FROM mount_refs")  # as if made by hand, or by a process that counted nothing
+    with ImageService.open(cfg) as svc:
+        assert any("mounted under the store, but no lamina process holds it" in str(p)
+                   for p in svc.check(quick=True).problems)
+        svc.check(repair=True)
+        assert not is_mountpoint(target)
+        assert svc.check().problems == []
