@@ -24,7 +24,7 @@ from lamina.config import Config, load_config
 from lamina.contract import Capabilities, Change
 from lamina.errors import ContainerNotFound, ImageConflict, ImageError, ImageNotFound, LaminaError, LayerNotFound
 from lamina.plugins import OpStats
-from lamina.store.kernel import Store
+from lamina.store.kernel import Store, probe
 from lamina.store.layers import Layer, LayerStore
 
 if TYPE_CHECKING:
@@ -185,7 +185,7 @@ class ImageService:
             reason = ""
             details: list[tuple[str, str]] = []
             try:
-                info.cls.probe(cfg.root / name, cfg.options_for(name))
+                probe(info.cls, cfg.root, cfg.image_store, cfg.options_for(name))
                 ok = True
                 details = info.cls.probe_details(cfg.root / name, cfg.runroot / name, cfg.options_for(name))
             except DriverUnsupported as e:

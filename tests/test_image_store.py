@@ -303,3 +303,11 @@ def test_a_stray_mount_of_an_image_layer_is_found_and_repaired(tmp_path: Path) -
         svc.check(repair=True)
         assert not is_mountpoint(target)
         assert svc.check().problems == []
+
+
+def test_drivers_says_which_can_keep_images_apart(tmp_path: Path) -> None:
+    cfg = _write_config(tmp_path, tmp_path / "images")
+    rows = {r["name"]: r for r in json.loads(lamina_cli("--config", str(cfg), "--format", "json", "drivers",
+                                                          root=tmp_path / "s").stdout)}
+    assert rows["vfs"]["supported"] and not rows["tarball"]["supported"]
+    assert "cannot keep image layers apart" in rows["tarball"]["reason"]

@@ -15,10 +15,10 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lamina.config import Config
-from lamina.contract import DriverInfo
+from lamina.contract import Driver, DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, shown, write_failure
 from lamina.store.db import Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
@@ -220,12 +220,7 @@ class Store:
         db.execute("INSERT INTO meta VALUES ('image_store_token', ?)", (token,))
 
     def _probe(self, info: DriverInfo) -> None:
-        options = self.config.options_for(info.cls.name)
-        info.cls.probe(self.root / info.cls.name, options)
-        if self.image_root is not None:
-            if not info.cls.keeps_images_apart:
-                raise DriverUnsupported("it cannot keep image layers apart from containers' (storage.image_store)")
-            info.cls.probe(self.image_root / info.cls.name, options)
+        probe(info.cls, self.root, self.image_root, self.config.options_for(info.cls.name))
 
     def _start_driver(self) -> ActiveDriver:
         from lamina.plugins.active import ActiveDriver
@@ -385,6 +380,16 @@ class Store:
         finally:
             self._closed = True
             self.db.close()
+
+
+def probe(cls: type[Driver], root: Path, image_root: Path | None, options: dict[str, Any]) -> None:
+    """Raise DriverUnsupported when driver ``cls`` cannot work in a store at ``root`` that keeps its images
+    in ``image_root`` (None: under the root): its probe of each place, and whether it keeps them apart."""
+    cls.probe(root / cls.name, options)
+    if image_root is not None:
+        if not cls.keeps_images_apart:
+            raise DriverUnsupported("it cannot keep image layers apart from containers' (storage.image_store)")
+        cls.probe(image_root / cls.name, options)
 
 
 CLAIM = "lamina-image-store"  # in an image store: "<token> <root>" of the store it serves
