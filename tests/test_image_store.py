@@ -116,11 +116,22 @@ def test_the_image_store_is_sticky_and_checked_when_the_store_opens(tmp_path: Pa
     (tmp_path / "mark").rename(images / "lamina-image-store")
     with sqlite3.connect(tmp_path / "root" / "lamina.db") as db:
         assert db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone() == (str(images),)
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("6",)  # older lamina refuse it
+    with sqlite3.connect(plain.root / "lamina.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key='schema'").fetchone() == ("5",)  # others stay readable
+    # a mark naming this very root path but another token: another host's store at the same path
+    (tmp_path / "shared-images").mkdir()
+    (tmp_path / "shared-images" / "lamina-image-store").write_text(f"0123 {tmp_path / 'third'}\n")
+    with pytest.raises(StoreError, match="belongs to the store at"):
+        ImageService.open(Config(root=tmp_path / "third", runroot=tmp_path / "third-run", driver="vfs",
+                                 image_store=tmp_path / "shared-images"))
+    with sqlite3.connect(tmp_path / "third" / "lamina.db") as db:
+        assert db.execute("SELECT value FROM meta WHERE key IN ('driver', 'image_store')").fetchall() == []
 
 
 def test_a_mark_left_by_a_kill_while_the_store_was_made_is_taken_over(tmp_path: Path) -> None:
     """Killed between marking the image store and the commit that records it: the store was not made; the
-    next command makes it and takes the mark over, since it names this root."""
+    next command makes it with the same token (committed before the mark), so the mark is its own."""
     images = tmp_path / "images"
     argv = ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), "--driver", "vfs",
             "--image-store", str(images), "images"]
@@ -131,7 +142,7 @@ def test_a_mark_left_by_a_kill_while_the_store_was_made_is_taken_over(tmp_path: 
         assert db.execute("SELECT value FROM meta WHERE key IN ('driver', 'image_store')").fetchall() == []
     lamina_cli("--driver", "vfs", "--image-store", str(images), "import", "-", "example.com/t:1",
                input=TarBuilder().file("f", b"t").build(), root=tmp_path)
-    assert (images / "lamina-image-store").read_text() != mark
+    assert (images / "lamina-image-store").read_text() == mark
     assert check_store(tmp_path / "root", tmp_path / "run", "vfs", image_root=images) == []
 
 

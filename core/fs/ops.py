@@ -498,12 +498,14 @@ def rmtree(path: str | os.PathLike[str]) -> None:
         os.close(pfd)
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False, mode: int = 0o644) -> bool:
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, exclusive: bool = False, mode: int = 0o644,
+                 durable: bool = False) -> bool:
     """Write a small file whole or not at all: a temporary file beside it, unique to this write (so
     processes writing the same file at once never share one), synced, then renamed over ``path``.
 
     With ``exclusive`` the file is only created, never replaced (``link`` instead of ``rename``): returns
-    False when another writer created it first.
+    False when another writer created it first. With ``durable`` the directory is synced too, so that the
+    new name survives a power loss.
     """
     path = os.fspath(path)
     head, name = os.path.split(path)
@@ -519,15 +521,21 @@ def write_atomic(path: str | os.PathLike[str], data: bytes, *, exclusive: bool =
             os.close(fd)
         if not exclusive:
             os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+    if durable:
+        dfd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return True
 
 
 def remove_at(dir_fd: int, name: str, st: os.stat_result | None = None) -> bool:

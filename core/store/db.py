@@ -35,7 +35,8 @@ from typing import Any
 
 from lamina.errors import StoreError, StoreFull, StoreLocked, StoreReadOnly
 
-SCHEMA_VERSION = 6  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
+SCHEMA_VERSION = 5  # see _SCHEMA: an older lamina must not open a store whose records it would not keep
+IMAGE_STORE_SCHEMA = 6  # the same tables; only a store made with an image store has it (see _SCHEMA)
 BUSY_TIMEOUT_S = 60.0
 # SQLite's primary result codes (sqlite3.Error.sqlite_errorcode, extended codes masked)
 _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 5, 6, 8, 10, 13, 14
@@ -49,9 +50,9 @@ _ROOM_TO_OPEN = 1 << 20
 # of each blob an image needs (``image_blobs.size``, for the disk-usage accounting); version 5 records each
 # image's config labels (``images.labels``, JSON), so that listing images reads no config file, and an index
 # that covers the content store's totals (``image_blobs_sizes``), with partial indexes that find unfinished
-# layers and containers (every command's recovery check) without reading every row; version 6 has the same
-# tables, and a store may keep its image layers, blobs and records in an image store (``meta.image_store``),
-# where an older lamina would not look for them.
+# layers and containers (every command's recovery check) without reading every row. Version 6 has the same
+# tables and is given only to a store made with an image store (``meta.image_store``: its image layers, blobs
+# and records are there, where an older lamina would not look for them); every other store stays at 5.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
@@ -418,7 +419,7 @@ class Database:
     def _init_schema(self) -> None:
         """Create or migrate the schema. Cheap when the version matches: one read, no write lock."""
         row = self._version()
-        if row is not None and int(row) > SCHEMA_VERSION:
+        if row is not None and int(row) > IMAGE_STORE_SCHEMA:
             raise StoreError(f"store {self.root} was written by a newer lamina (schema {row})")
         if row is not None and int(row) < SCHEMA_VERSION and self.refusal is not None:
             raise StoreError(f"store {self.root} has schema {row}, this lamina needs {SCHEMA_VERSION}, and it takes "
@@ -436,25 +437,27 @@ class Database:
 
     def _check_shared_schema(self) -> None:
         """An additional image store is read as it is, which this lamina may not migrate there: the present
-        schema, version 5 (the same records, never an image store), or version 4 (whose images have no
-        recorded labels: its listings read the configs)."""
+        schema (5, or 6 with an image store), or version 4 (whose images have no recorded labels: its
+        listings read the configs)."""
         version = self._version()
         if version is not None and int(version) == 4:
             self.labels_recorded = False
             return
-        if version is None or int(version) not in (5, SCHEMA_VERSION):
-            newer = version is not None and int(version) > SCHEMA_VERSION
+        if version is None or int(version) not in (SCHEMA_VERSION, IMAGE_STORE_SCHEMA):
+            newer = version is not None and int(version) > IMAGE_STORE_SCHEMA
             raise StoreError(
                 f"additional image store {self.root} has schema {version or 'none'}, this lamina reads "
-                f"4 to {SCHEMA_VERSION}: "
+                f"4 to {IMAGE_STORE_SCHEMA}: "
                 + ("update lamina" if newer else "open it once with this lamina where it is writable")
             )
 
     def _create_schema(self) -> None:
         with self.tx() as db:
             version = self._version()
-            if version is not None and int(version) > SCHEMA_VERSION:
+            if version is not None and int(version) > IMAGE_STORE_SCHEMA:
                 raise StoreError(f"store {self.root} was written by a newer lamina (schema {version})")
+            if version is not None and int(version) >= SCHEMA_VERSION:
+                return  # another process made or migrated it meanwhile (6 must not become 5 again)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from lamina.config import Config
 from lamina.contract import Driver, DriverInfo
 from lamina.errors import DriverConflict, DriverUnsupported, LaminaError, StoreError, shown, write_failure
-from lamina.store.db import Database, counted_as_gone, owner_alive
+from lamina.store.db import IMAGE_STORE_SCHEMA, Database, counted_as_gone, owner_alive
 from lamina.store.layers import LayerStore
 from lamina.store.leases import Lease, end_leases
 
@@ -182,42 +181,40 @@ class Store:
         real, mine = os.path.realpath(wanted), os.path.realpath(self.root)
         if real == mine or real.startswith(mine + "/") or mine.startswith(real + "/"):
             raise StoreError(f"image_store {wanted} must lie apart from the store root {self.root}")
-        self._refuse_claimed(wanted)
-        try:
-            wanted.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise write_failure(e, f"creating the image store {wanted}") from e
-        return wanted  # recorded with the driver, when the store is made (:meth:`_claim_image_root`)
+        self._claim_image_root(wanted)
+        return wanted  # recorded with the driver, when the store is made
 
     def _same_image_root(self, recorded: tuple[str] | None) -> None:
         if (recorded[0] if recorded else None) != (None if self.image_root is None else str(self.image_root)):
             made = f"image_store {recorded[0]}" if recorded else "no image_store"
             raise StoreError(f"store {self.root} was just made by another command, with {made}; run this one again")
 
-    def _refuse_claimed(self, path: Path) -> None:
-        """Refuse an image store that another store's mark names."""
-        claim = _read_claim(path)
-        if claim is not None and claim[1] != str(self.root):
-            raise StoreError(f"image store {path} belongs to the store at {shown(claim[1])}, not {self.root}")
-
-    def _claim_image_root(self, db: sqlite3.Connection, path: Path) -> None:
-        """In the transaction that makes the store: mark the image store as this store's (created only, so
-        that of two stores naming it at once exactly one gets it) and record it. A mark naming this root is
-        a kill's leftover between the mark and the commit: it is taken over."""
+    def _claim_image_root(self, path: Path) -> None:
+        """Before a new store is made with an image store: give the store its token (committed first, so
+        that a kill at any later point leaves a mark the next attempt knows as its own), then mark the image
+        store with it, created only if absent: of two stores naming one image store, exactly one gets it, and
+        the other is refused before it records anything. The commands making this same store share the
+        token."""
         import secrets
 
         from lamina.fs.ops import write_atomic
 
-        token = secrets.token_hex(16)
-        data = f"{token} {self.root}\n".encode()
-        try:
-            if not write_atomic(path / CLAIM, data, exclusive=True):
-                self._refuse_claimed(path)
-                write_atomic(path / CLAIM, data)
-        except OSError as e:
-            raise write_failure(e, f"marking the image store {path}") from e
-        db.execute("INSERT INTO meta VALUES ('image_store', ?)", (str(path),))
-        db.execute("INSERT INTO meta VALUES ('image_store_token', ?)", (token,))
+        with self.db.tx() as db:  # (on a database that takes no writes: the refusal, before any directory)
+            row = db.execute("SELECT value FROM meta WHERE key='image_store_token'").fetchone()
+            token = row[0] if row else secrets.token_hex(16)
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('image_store_token', ?)", (token,))
+        claim = _read_claim(path)
+        if claim is None:
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                # (durable: the mark lasts as long as the commit that records the image store)
+                if not write_atomic(path / CLAIM, f"{token} {self.root}\n".encode(), exclusive=True, durable=True):
+                    claim = _read_claim(path)  # another store's, made this instant (or this store's)
+            except OSError as e:
+                raise write_failure(e, f"marking the image store {path}") from e
+        if claim is not None and claim[0] != token:
+            raise StoreError(f"image store {path} belongs to the store at {shown(claim[1])}, not {self.root}")
 
     def _probe(self, info: DriverInfo) -> None:
         probe(info.cls, self.root, self.image_root, self.config.options_for(info.cls.name))
@@ -299,8 +296,9 @@ class Store:
                 row = db.execute("SELECT value FROM meta WHERE key='driver'").fetchone()
                 if row is None:
                     db.execute("INSERT INTO meta VALUES ('driver', ?)", (name,))
-                    if self.image_root is not None:
-                        self._claim_image_root(db, self.image_root)
+                    if self.image_root is not None:  # (marked with this store's token by _image_root)
+                        db.execute("INSERT INTO meta VALUES ('image_store', ?)", (str(self.image_root),))
+                        db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(IMAGE_STORE_SCHEMA),))
                 else:
                     if row[0] != name:
                         raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
