@@ -150,7 +150,7 @@ def test_a_driver_that_cannot_keep_images_apart_and_bad_paths_are_one_line_error
     with pytest.raises(DriverUnsupported, match="cannot keep image layers apart"):
         ImageService.open(Config(root=tmp_path / "t", runroot=tmp_path / "t-run", driver="tarball",
                                  image_store=tmp_path / "t-images"))
-    assert not (tmp_path / "t-images" / "tarball").exists()
+    assert not (tmp_path / "t-images").exists()  # no mark, no directory: another driver may have it later
     with pytest.raises(StoreError, match="must lie apart from the store root"):
         ImageService.open(Config(root=tmp_path / "r", runroot=tmp_path / "r-run", driver="vfs",
                                  image_store=tmp_path / "r" / "images"))

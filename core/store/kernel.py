@@ -66,6 +66,8 @@ class Store:
         self._closed = False
         self._closing = False
         self._starting = threading.Lock()
+        self._catalog = catalog
+        self._partial = False
         try:
             stored = self.stored_driver()
             # Where image layers and blobs live: the image store (``[storage] image_store``), else the root.
@@ -80,8 +82,6 @@ class Store:
                     f"store {self.root} was created with driver {stored!r}, not {wanted!r}; "
                     f"use --driver {stored} or another --root"
                 )
-            self._catalog = catalog
-            self._partial = False
             # Hook timings of the driver and operation timings of the service, saved at close.
             self.timings: dict[str, OpStats] = {}
             self._driver: ActiveDriver | None = None
@@ -181,6 +181,10 @@ class Store:
         real, mine = os.path.realpath(wanted), os.path.realpath(self.root)
         if real == mine or real.startswith(mine + "/") or mine.startswith(real + "/"):
             raise StoreError(f"image_store {wanted} must lie apart from the store root {self.root}")
+        named = self.catalog.drivers.get(self.config.driver) if self.config.driver else None
+        if named is not None and not named.cls.keeps_images_apart:  # refused before it leaves a mark
+            raise DriverUnsupported(f"driver {self.config.driver!r} cannot keep image layers apart from "
+                                    "containers' (storage.image_store)")
         self._claim_image_root(wanted)
         return wanted  # recorded with the driver, when the store is made
 
