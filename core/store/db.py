@@ -513,6 +513,11 @@ class Database:
         row = self.one("SELECT value FROM meta WHERE key=?", (key,))
         return str(row[0]) if row else None
 
+    def get_metas(self, *keys: str) -> dict[str, str]:
+        """Those of ``keys`` the store records, in one read."""
+        marks = ", ".join("?" * len(keys))
+        return {str(k): str(v) for k, v in self.query(f"SELECT key, value FROM meta WHERE key IN ({marks})", keys)}
+
     def close(self) -> None:
         self.db.close()
         self.mdb.close()

@@ -69,9 +69,11 @@ class Store:
         self._catalog = catalog
         self._partial = False
         try:
-            stored = self.stored_driver()
+            meta = self.db.get_metas("driver", "image_store", "image_store_token")
+            stored = meta.get("driver")
             # Where image layers and blobs live: the image store (``[storage] image_store``), else the root.
-            self.image_root: Path | None = self._image_root(stored)
+            self.image_root: Path | None = self._image_root(stored, meta.get("image_store"),
+                                                            meta.get("image_store_token"))
             if stored and not self.read_only and (self.root / "migrate").is_dir():
                 from lamina.store.migrate import finish_switch
 
@@ -154,20 +156,19 @@ class Store:
     def stored_driver(self) -> str | None:
         return self.db.get_meta("driver")
 
-    def _image_root(self, stored_driver: str | None) -> Path | None:
+    def _image_root(self, stored_driver: str | None, recorded: str | None, token: str | None) -> Path | None:
         """The store's image store, which is sticky: recorded in the database when the store is made with
         one, and used from then on, whether the configuration names it or not (a store made without one
         keeps its images under the root for good). It must bear this store's mark (:data:`CLAIM`): an
         image store serves one store, and one that lost its mark (not mounted, say) is refused, so that no
         check counts its layers as missing."""
-        recorded = self.db.get_meta("image_store")
         wanted = None if self.shared else self.config.image_store
         if recorded is not None:
             if wanted is not None and Path(recorded) != wanted:
                 raise StoreError(f"store {self.root} keeps its images in {recorded}, not {wanted}; "
                                  f"set image_store to {recorded} or use another root")
             claim = _read_claim(Path(recorded))
-            if claim is None or claim[0] != self.db.get_meta("image_store_token"):
+            if claim is None or claim[0] != token:
                 whose = "bears no mark of it (is it mounted?)" if claim is None else \
                     f"belongs to the store at {shown(claim[1])}"
                 kind = "additional image store" if self.shared else "store"
@@ -183,14 +184,13 @@ class Store:
             raise StoreError(f"image_store {wanted} must lie apart from the store root {self.root}")
         named = self.catalog.drivers.get(self.config.driver) if self.config.driver else None
         if named is not None and not named.cls.keeps_images_apart:  # refused before it leaves a mark
-            raise DriverUnsupported(f"driver {self.config.driver!r} cannot keep image layers apart from "
-                                    "containers' (storage.image_store)")
+            raise _cannot_keep_apart(f"driver {self.config.driver!r}")
         self._claim_image_root(wanted)
         return wanted  # recorded with the driver, when the store is made
 
-    def _same_image_root(self, recorded: tuple[str] | None) -> None:
-        if (recorded[0] if recorded else None) != (None if self.image_root is None else str(self.image_root)):
-            made = f"image_store {recorded[0]}" if recorded else "no image_store"
+    def _same_image_root(self, recorded: str | None) -> None:
+        if recorded != (None if self.image_root is None else str(self.image_root)):
+            made = f"image_store {recorded}" if recorded else "no image_store"
             raise StoreError(f"store {self.root} was just made by another command, with {made}; run this one again")
 
     def _claim_image_root(self, path: Path) -> None:
@@ -227,9 +227,10 @@ class Store:
         from lamina.plugins.active import ActiveDriver
         from lamina.plugins.discovery import activate, discover, lookup
 
-        existing = self.stored_driver()
+        meta = self.db.get_metas("driver", "image_store")
+        existing = meta.get("driver")
         if existing is not None:  # (made by another command since this one opened it, maybe without one)
-            self._same_image_root(self.db.one("SELECT value FROM meta WHERE key='image_store'"))
+            self._same_image_root(meta.get("image_store"))
         wanted = self.config.driver
         if wanted and existing and wanted != existing:
             raise DriverConflict(
@@ -276,8 +277,7 @@ class Store:
             raise refused  # a new store cannot be made on a filesystem that takes no writes
         image_home = None if self.image_root is None else self.image_root / name
         if image_home is not None and not info.cls.keeps_images_apart:
-            raise DriverUnsupported(f"driver {name!r} cannot keep image layers apart from containers' "
-                                    "(storage.image_store)")
+            raise _cannot_keep_apart(f"driver {name!r}")
         try:
             if not self.shared:
                 home.mkdir(exist_ok=True, mode=0o700)
@@ -306,7 +306,8 @@ class Store:
                 else:
                     if row[0] != name:
                         raise DriverConflict(f"store {self.root} was just created with driver {row[0]!r}")
-                    self._same_image_root(db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone())
+                    theirs = db.execute("SELECT value FROM meta WHERE key='image_store'").fetchone()
+                    self._same_image_root(theirs[0] if theirs else None)
         pm, observer = activate(info, instance, self.catalog.observers)
         observer.stats = self.timings
         return ActiveDriver(info, instance, pm, observer)
@@ -390,8 +391,12 @@ def probe(cls: type[Driver], root: Path, image_root: Path | None, options: dict[
     cls.probe(root / cls.name, options)
     if image_root is not None:
         if not cls.keeps_images_apart:
-            raise DriverUnsupported("it cannot keep image layers apart from containers' (storage.image_store)")
+            raise _cannot_keep_apart("it")
         cls.probe(image_root / cls.name, options)
+
+
+def _cannot_keep_apart(who: str) -> DriverUnsupported:
+    return DriverUnsupported(f"{who} cannot keep image layers apart from containers' (storage.image_store)")
 
 
 CLAIM = "lamina-image-store"  # in an image store: "<token> <root>" of the store it serves
